@@ -1,0 +1,197 @@
+"""A concept as one safetensors file: owned B rows, A, trigger embeddings and validated metadata.
+
+This is the only thing that leaves a client. Loading checks everything the file claims against
+itself (shapes vs. its own slot and layout, finiteness) and, with `check_compatible`, against the
+federation or pipeline it is meant for; any failure raises `InvalidArtifact` and returns nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blocklora.config import AdapterConfig
+from blocklora.partition import row_block
+from blocklora.safefile import InvalidFile, read_safetensors, write_safetensors
+from blocklora.tokens import trigger_names
+
+FORMAT = "blocklora-concept"
+FORMAT_VERSION = 1
+MAX_ARTIFACT_BYTES = 512 * 1024 * 1024
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class InvalidArtifact(ValueError):
+    """The artifact is malformed or does not belong here; the message names the problem."""
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidArtifact(
+            f"concept name {name!r} is not allowed: use 1-64 ASCII letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class ConceptMeta:
+    """What a concept claims about itself; stored as JSON in the safetensors header."""
+
+    name: str
+    class_word: str
+    slot: int
+    adapter: AdapterConfig
+    base_fingerprint: str
+    layout: dict[str, tuple[int, int]]  # target key -> (m, n) of the base weight
+    triggers: tuple[str, ...]
+    train_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["format"] = FORMAT
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ConceptMeta":
+        try:
+            d = json.loads(text)
+            if d.pop("format", None) != FORMAT:
+                raise InvalidArtifact(f"not a blocklora concept (format is not {FORMAT!r})")
+            if d.get("format_version") != FORMAT_VERSION:
+                raise InvalidArtifact(f"format version {d.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+            d["adapter"] = AdapterConfig(**d["adapter"])
+            d["layout"] = {k: (int(v[0]), int(v[1])) for k, v in d["layout"].items()}
+            d["triggers"] = tuple(d["triggers"])
+            meta = cls(**d)
+        except InvalidArtifact:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            raise InvalidArtifact(f"metadata is malformed: {err}") from None
+        if not isinstance(meta.slot, int) or not 0 <= meta.slot < meta.adapter.num_slots:
+            raise InvalidArtifact(f"slot {meta.slot!r} is outside 0..{meta.adapter.num_slots - 1}")
+        check_name(meta.name)
+        if meta.triggers != tuple(trigger_names(meta.slot, meta.adapter.tokens_per_concept)):
+            raise InvalidArtifact(f"trigger tokens {meta.triggers} do not belong to slot {meta.slot}")
+        return meta
+
+
+@dataclass
+class ConceptArtifact:
+    meta: ConceptMeta
+    tensors: dict[str, torch.Tensor]  # "{key}.lora_A" (r, n), "{key}.lora_B" (|R|, r), "{component}.token_embeds" (t, d)
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    def rows(self, key: str) -> slice:
+        m = self.meta.layout[key][0]
+        return row_block(m, self.meta.adapter.num_slots, self.meta.slot) if self.meta.adapter.blockwise else slice(0, m)
+
+    def delta_rows(self, key: str) -> torch.Tensor:
+        """The non-zero rows of dW for `key`: B_R A, shape (|R|, n)."""
+        return self.tensors[f"{key}.lora_B"] @ self.tensors[f"{key}.lora_A"]
+
+    def delta(self, key: str) -> torch.Tensor:
+        """The exact dense dW = (M ⊙ B) A for `key`, shape (m, n)."""
+        m, n = self.meta.layout[key]
+        a = self.tensors[f"{key}.lora_A"]
+        dw = torch.zeros(m, n, dtype=a.dtype, device=a.device)
+        dw[self.rows(key)] = self.delta_rows(key)
+        return dw
+
+    def token_embeds(self) -> dict[str, torch.Tensor]:
+        suffix = ".token_embeds"
+        return {k[: -len(suffix)]: v for k, v in self.tensors.items() if k.endswith(suffix)}
+
+    def to_bytes(self) -> bytes:
+        return write_safetensors(self.tensors, {"blocklora": self.meta.to_json()})
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (tmp + rename): a reader never sees half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(self.to_bytes())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_bytes(cls, data: bytes, max_bytes: int = MAX_ARTIFACT_BYTES) -> "ConceptArtifact":
+        try:
+            tensors, header = read_safetensors(data, max_bytes)
+        except InvalidFile as err:
+            raise InvalidArtifact(str(err)) from None
+        if "blocklora" not in header:
+            raise InvalidArtifact("no blocklora metadata in the safetensors header: not a concept artifact")
+        art = cls(ConceptMeta.from_json(header["blocklora"]), tensors)
+        art._check_tensors()
+        return art
+
+    @classmethod
+    def load(cls, path: str | Path, max_bytes: int = MAX_ARTIFACT_BYTES) -> "ConceptArtifact":
+        path = Path(path)
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise InvalidArtifact(f"{path} is {size:,} bytes; the limit is {max_bytes:,}")
+        return cls.from_bytes(path.read_bytes(), max_bytes)
+
+    def _check_tensors(self) -> None:
+        """Every tensor the layout implies, with the right shape, finite; nothing else."""
+        r, t = self.meta.adapter.rank, self.meta.adapter.tokens_per_concept
+        expected: dict[str, tuple[int, ...] | None] = {}
+        for key, (m, n) in self.meta.layout.items():
+            try:
+                rows = self.rows(key)
+            except ValueError as err:
+                raise InvalidArtifact(f"{key}: {err}") from None
+            expected[f"{key}.lora_A"] = (r, n)
+            expected[f"{key}.lora_B"] = (rows.stop - rows.start, r)
+        embeds = [k for k in self.tensors if k.endswith(".token_embeds")]
+        if not embeds:
+            raise InvalidArtifact("the artifact carries no token embeddings for its trigger")
+        for k in embeds:
+            expected[k] = None  # (t, d); d is checked against the text encoder in check_compatible
+        missing = sorted(set(expected) - set(self.tensors))
+        extra = sorted(set(self.tensors) - set(expected))
+        if missing or extra:
+            raise InvalidArtifact(f"tensor set does not match the layout: missing {missing[:5]}, unexpected {extra[:5]}")
+        for k, shape in expected.items():
+            v = self.tensors[k]
+            got = tuple(v.shape)
+            if shape is not None and got != shape:
+                raise InvalidArtifact(f"{k} has shape {got}; slot {self.meta.slot} of this layout needs {shape}")
+            if shape is None and (v.dim() != 2 or got[0] != t):
+                raise InvalidArtifact(f"{k} has shape {got}; expected ({t}, hidden) for {t} trigger token(s)")
+            if not torch.isfinite(v).all():
+                raise InvalidArtifact(f"{k} contains NaN or Inf values")
+
+    def check_compatible(self, fingerprint: str, adapter: AdapterConfig,
+                         layout: dict[str, tuple[int, int]], hidden: dict[str, int]) -> None:
+        """Refuse an artifact made for another base, another federation shape or other targets."""
+        m = self.meta
+        if m.base_fingerprint != fingerprint:
+            raise InvalidArtifact(
+                f"concept {m.name!r} was trained on base {m.base_fingerprint[:12]}…, this is base {fingerprint[:12]}…"
+            )
+        mine = dataclasses.replace(m.adapter, erasure=adapter.erasure)  # λ is a training choice, free per concept
+        if mine != adapter:
+            raise InvalidArtifact(f"concept {m.name!r} has adapter {m.adapter}, this federation uses {adapter}")
+        if m.layout != layout:
+            diff = sorted(set(m.layout) ^ set(layout)) or [k for k in layout if m.layout[k] != layout[k]]
+            raise InvalidArtifact(f"concept {m.name!r} targets other layers or shapes than this base: {diff[:3]}")
+        for comp, v in self.token_embeds().items():
+            if comp not in hidden:
+                raise InvalidArtifact(f"token embeddings for {comp!r}, which this base does not have")
+            if v.shape[1] != hidden[comp]:
+                raise InvalidArtifact(f"{comp}.token_embeds has width {v.shape[1]}; the text encoder's is {hidden[comp]}")
+        if set(self.token_embeds()) != set(hidden):
+            raise InvalidArtifact(f"token embeddings for {sorted(self.token_embeds())}, base has {sorted(hidden)}")

@@ -1,0 +1,101 @@
+"""Instant, exact merging of any set of BlockLoRA concepts into a loaded pipeline.
+
+Because concepts own disjoint rows, merging concept i is W[R_i] = W0[R_i] + α_i B_i A_i: it reads
+and writes only i's rows, never depends on which other concepts are live or in what order they
+came, and removing i writes W0[R_i] back bit for bit (saved on add, never recomputed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from blocklora.artifact import ConceptArtifact, InvalidArtifact
+from blocklora.base import Base
+from blocklora.config import AdapterConfig
+from blocklora.inject import find_targets
+from blocklora.tokens import add_slot_tokens, token_ids
+
+
+@dataclass
+class _Live:
+    artifact: ConceptArtifact
+    scale: float
+    saved_rows: dict[str, torch.Tensor]  # target key -> W0 rows (and "{comp}.tokens" -> table rows)
+
+
+class LiveMerge:
+    """Owns the set of concepts merged into `base.pipe`; add/remove are O(concept), not O(set)."""
+
+    def __init__(self, base: Base, adapter: AdapterConfig) -> None:
+        if not adapter.blockwise:
+            raise ValueError("LiveMerge needs blockwise concepts (disjoint rows); plain LoRAs overlap — "
+                             "merge them with blocklora.baselines.merge_deltas instead")
+        self.base, self.adapter = base, adapter
+        add_slot_tokens(base, adapter.num_slots, adapter.tokens_per_concept)
+        self.targets = find_targets(base.pipe, adapter)
+        self.layout = {k: (lin.out_features, lin.in_features) for k, lin in self.targets.items()}
+        self.hidden = {comp: te.get_input_embeddings().weight.shape[1]
+                       for comp, te in zip(("text_encoder", "text_encoder_2"), base.text_encoders)}
+        self.live: dict[str, _Live] = {}
+
+    def check(self, art: ConceptArtifact) -> None:
+        """Everything `add` would refuse, without touching the pipeline."""
+        art.check_compatible(self.base.fingerprint, self.adapter, self.layout, self.hidden)
+        if art.name in self.live:
+            raise InvalidArtifact(f"concept {art.name!r} is already merged; remove it first")
+        taken = {lv.artifact.meta.slot: n for n, lv in self.live.items()}
+        if art.meta.slot in taken:
+            raise InvalidArtifact(f"slot {art.meta.slot} is already held by concept {taken[art.meta.slot]!r}")
+
+    @torch.no_grad()
+    def add(self, art: ConceptArtifact, scale: float = 1.0) -> None:
+        self.check(art)
+        if not torch.isfinite(torch.tensor(scale)):
+            raise ValueError(f"scale must be finite, got {scale}")
+        saved: dict[str, torch.Tensor] = {}
+        for key, lin in self.targets.items():
+            rows = art.rows(key)
+            saved[key] = lin.weight[rows].clone()
+            delta = art.delta_rows(key).to(lin.weight.device, torch.float32)
+            lin.weight[rows] = (saved[key].float() + scale * delta).to(lin.weight.dtype)
+        for (comp, vec), te, ids in zip(sorted(art.token_embeds().items()), self.base.text_encoders,
+                                        token_ids(self.base, art.meta.slot, self.adapter.tokens_per_concept)):
+            table = te.get_input_embeddings().weight
+            saved[f"{comp}.tokens"] = table[ids].clone()
+            table[ids] = vec.to(table.device, table.dtype)
+        self.live[art.name] = _Live(art, scale, saved)
+
+    @torch.no_grad()
+    def remove(self, name: str) -> ConceptArtifact:
+        if name not in self.live:
+            raise KeyError(f"concept {name!r} is not merged; merged: {sorted(self.live)}")
+        lv = self.live.pop(name)
+        for key, lin in self.targets.items():
+            lin.weight[lv.artifact.rows(key)] = lv.saved_rows[key]
+        for comp, te, ids in zip(sorted(lv.artifact.token_embeds()), self.base.text_encoders,
+                                 token_ids(self.base, lv.artifact.meta.slot, self.adapter.tokens_per_concept)):
+            te.get_input_embeddings().weight[ids] = lv.saved_rows[f"{comp}.tokens"]
+        return lv.artifact
+
+    def set(self, arts: list[ConceptArtifact], scales: list[float] | str | None = None) -> None:
+        """Make exactly `arts` live. scales: per-concept α (default 1.0 each), or "mean" for the
+        paper's Σα = 1 convention (α = 1/|S|, which rescales every live concept on a change)."""
+        if scales == "mean":
+            scales = [1.0 / len(arts)] * len(arts) if arts else []
+        scales = list(scales) if scales is not None else [1.0] * len(arts)
+        if len(scales) != len(arts):
+            raise ValueError(f"{len(arts)} concepts but {len(scales)} scales")
+        wanted = {a.name: (a, s) for a, s in zip(arts, scales)}
+        for name in [n for n, lv in self.live.items() if n not in wanted or lv.scale != wanted[n][1]
+                     or lv.artifact is not wanted[n][0]]:
+            self.remove(name)
+        for name, (art, s) in wanted.items():
+            if name not in self.live:
+                self.add(art, s)
+
+    def trigger_text(self, name: str) -> str:
+        """The tokens a prompt uses for a merged concept, e.g. '<blk3> dog'."""
+        meta = self.live[name].artifact.meta
+        return " ".join(meta.triggers) + f" {meta.class_word}"

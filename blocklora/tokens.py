@@ -1,0 +1,96 @@
+"""Concept trigger tokens: one fixed set per slot, so tokens of different concepts never collide.
+
+Every pipeline of a federation adds the same K x t tokens in the same order, so a trigger has the
+same id on every client and every serve replica; a concept only ever writes its own rows of the
+embedding table. During training the concept's vectors live in a small `TokenOverride` wrapper so
+that only they receive gradients (and their own learning rate).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from blocklora.base import Base
+
+
+def trigger_names(slot: int, tokens_per_concept: int) -> list[str]:
+    return [f"<blk{slot}>" if j == 0 else f"<blk{slot}_{j}>" for j in range(tokens_per_concept)]
+
+
+def add_slot_tokens(base: Base, num_slots: int, tokens_per_concept: int) -> None:
+    """Add every slot's trigger tokens to each tokenizer and grow each embedding table (idempotent)."""
+    names = [n for k in range(num_slots) for n in trigger_names(k, tokens_per_concept)]
+    for tok, te in zip(base.tokenizers, base.text_encoders):
+        missing = [n for n in names if n not in tok.get_vocab()]
+        if not missing:
+            continue
+        if len(missing) != len(names):
+            raise ValueError(f"tokenizer already holds some but not all slot tokens ({len(missing)} missing); "
+                             "it was prepared for a different slot count")
+        old = te.get_input_embeddings().weight.shape[0]
+        tok.add_tokens(names, special_tokens=False)
+        te.resize_token_embeddings(len(tok), mean_resizing=False)
+        with torch.no_grad():  # deterministic rows (resizing draws random ones): the table's mean
+            w = te.get_input_embeddings().weight
+            w[old:] = w[:old].mean(0)
+
+
+def token_ids(base: Base, slot: int, tokens_per_concept: int) -> list[list[int]]:
+    """Per text encoder, the ids of `slot`'s trigger tokens."""
+    names = trigger_names(slot, tokens_per_concept)
+    ids = [tok.convert_tokens_to_ids(names) for tok in base.tokenizers]
+    for tok, per_tok in zip(base.tokenizers, ids):
+        if any(i is None or i == tok.unk_token_id for i in per_tok):
+            raise KeyError(f"slot tokens {names} are not in the tokenizer; call add_slot_tokens first")
+    return ids
+
+
+def class_word_init(tokenizer, embedding: nn.Embedding, class_word: str, count: int) -> torch.Tensor:
+    """Start each trigger at the mean embedding of the class word's tokens (the DreamBooth prior)."""
+    ids = tokenizer(class_word, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"class word {class_word!r} tokenizes to nothing")
+    vec = embedding.weight[ids].mean(0)
+    return vec.detach().clone().unsqueeze(0).repeat(count, 1)  # (t, d)
+
+
+class TokenOverride(nn.Module):
+    """Wraps a token embedding: the concept's ids read trainable vectors, all others the frozen table."""
+
+    def __init__(self, base: nn.Embedding, ids: list[int], init: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=base.weight.device))
+        self.vectors = nn.Parameter(init.to(base.weight.device, base.weight.dtype))  # (t, d)
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads .weight of the input embeddings
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids)
+        for j in range(self.ids.numel()):
+            hit = (input_ids == self.ids[j]).unsqueeze(-1)  # (B, L, 1)
+            out = torch.where(hit, self.vectors[j].to(out.dtype), out)
+        return out
+
+
+def wrap_token_embeddings(base: Base, ids: list[list[int]], class_word: str) -> list[TokenOverride]:
+    """Install a TokenOverride on each text encoder, initialised from the class word."""
+    wrappers = []
+    for tok, te, te_ids in zip(base.tokenizers, base.text_encoders, ids):
+        emb = te.get_input_embeddings()
+        if isinstance(emb, TokenOverride):
+            raise RuntimeError("token embeddings are already wrapped")
+        w = TokenOverride(emb, te_ids, class_word_init(tok, emb, class_word, len(te_ids)))
+        te.set_input_embeddings(w)
+        wrappers.append(w)
+    return wrappers
+
+
+def unwrap_token_embeddings(base: Base) -> None:
+    for te in base.text_encoders:
+        emb = te.get_input_embeddings()
+        if isinstance(emb, TokenOverride):
+            te.set_input_embeddings(emb.base)

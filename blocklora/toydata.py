@@ -1,0 +1,203 @@
+"""Procedural captioned 64x64 pictures: the world the toy base is pretrained on.
+
+Each sample is a pure function of (seed, split, index), so the data set is unlimited, needs no
+download, and two machines draw the same pictures. A few (shape, colour) pairs never appear in the
+training split; the "heldout" split uses only those pairs, so evaluating on it measures whether a
+model composes words it has seen separately rather than recalling pictures it has seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# The diffusers folder of the base pretrained on this data by jobs/pretrain_base.py.
+TOY_BASE_DIR = Path(__file__).resolve().parents[1] / "models" / "toy-base"
+SIZE = 64  # output pixels per side
+_SS = 2  # supersampling factor: shapes are drawn at 128 px and downsampled for smooth edges
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "heart")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35), "orange": (245, 140, 25), "yellow": (240, 215, 35), "green": (40, 165, 65),
+    "blue": (40, 85, 215), "purple": (140, 55, 185), "white": (242, 242, 242), "black": (22, 22, 22),
+}
+COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
+SIZES: dict[str, tuple[float, float]] = {"small": (0.13, 0.17), "large": (0.26, 0.33)}  # radius / SIZE
+TEXTURES: tuple[str, ...] = ("plain", "striped", "dotted")
+SPLITS: tuple[str, ...] = ("train", "heldout")
+
+# One held-out colour per shape, each a different colour, so every word still occurs in training.
+HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
+    (shape, COLOUR_NAMES[(3 * i + 1) % len(COLOUR_NAMES)]) for i, shape in enumerate(SHAPES)
+)
+TRAIN_PAIRS: tuple[tuple[str, str], ...] = tuple(
+    (s, c) for s in SHAPES for c in COLOUR_NAMES if (s, c) not in HELDOUT_PAIRS
+)
+
+
+@dataclass(frozen=True)
+class ToyObject:
+    shape: str
+    colour: str
+    size: str  # "small" | "large"
+    x: float  # centre, in pixels
+    y: float
+    radius: float  # in pixels
+    angle: float  # rotation in radians (symmetric shapes look the same)
+
+
+@dataclass(frozen=True)
+class ToySample:
+    """One picture with its caption and the labels the caption was written from."""
+
+    image: Image.Image
+    caption: str
+    objects: tuple[ToyObject, ...]  # objects[0] is the main object (the larger one when two)
+    background: str  # colour name
+    texture: str  # "plain" | "striped" | "dotted"
+
+    @property
+    def main(self) -> ToyObject:
+        return self.objects[0]
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def object_phrase(obj: ToyObject, with_size: bool = True) -> str:
+    return _a(f"{obj.size} {obj.colour} {obj.shape}" if with_size else f"{obj.colour} {obj.shape}")
+
+
+def caption_for(objects: tuple[ToyObject, ...], background: str, texture: str,
+                with_size: bool = True, with_background: bool = True) -> str:
+    """The caption is written from labels only, so tests can check it names what was drawn."""
+    text = " and ".join(object_phrase(o, with_size) for o in objects)
+    if with_background:
+        pattern = "" if texture == "plain" else f"{texture} "
+        text += " on " + _a(f"{pattern}{background} background")
+    return text
+
+
+def _polygon(shape: str, x: float, y: float, r: float, angle: float) -> list[tuple[float, float]]:
+    """Outline of a non-circular shape as points, centred at (x, y), radius r."""
+    if shape == "square":
+        ts, rs = np.arange(4) * np.pi / 2 + np.pi / 4, np.full(4, r * 0.95)
+    elif shape == "triangle":
+        ts, rs = np.arange(3) * 2 * np.pi / 3 - np.pi / 2, np.full(3, r * 1.1)
+    elif shape == "star":
+        ts, rs = np.arange(10) * np.pi / 5 - np.pi / 2, np.where(np.arange(10) % 2 == 0, r * 1.1, r * 0.45)
+    elif shape == "cross":  # plus sign: 12 corners at arm half-width w
+        w = 0.33 * r
+        pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
+        ts = np.array([np.arctan2(py, px) for px, py in pts])
+        rs = np.array([np.hypot(px, py) for px, py in pts])
+    elif shape == "heart":  # the classic parametric heart, scaled to radius r
+        t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        hx, hy = 16 * np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        ts, rs = np.arctan2(hy + 2, hx), np.hypot(hx, hy + 2) * r / 16
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+    return [(x + rr * np.cos(t + angle), y + rr * np.sin(t + angle)) for t, rr in zip(ts, rs)]
+
+
+def _shade(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A visibly different tone of the same colour for a texture (lighter for dark, darker for light)."""
+    target = 255 if sum(rgb) < 384 else 0
+    return tuple(int(0.6 * c + 0.4 * target) for c in rgb)
+
+
+def _draw_background(draw: ImageDraw.ImageDraw, colour: str, texture: str, rng: np.random.Generator) -> None:
+    n = SIZE * _SS
+    base = COLOURS[colour]
+    draw.rectangle([0, 0, n, n], fill=base)
+    if texture == "striped":
+        period, vertical = int(rng.integers(6, 11)) * _SS, bool(rng.integers(2))
+        for k in range(0, n, period):
+            box = [k, 0, k + period // 2 - 1, n] if vertical else [0, k, n, k + period // 2 - 1]
+            draw.rectangle(box, fill=_shade(base))
+    elif texture == "dotted":
+        period, rad = int(rng.integers(7, 11)) * _SS, 1.5 * _SS
+        for i in range(period // 2, n, period):
+            for j in range(period // 2, n, period):
+                draw.ellipse([i - rad, j - rad, i + rad, j + rad], fill=_shade(base))
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: ToyObject) -> None:
+    x, y, r = obj.x * _SS, obj.y * _SS, obj.radius * _SS
+    if obj.shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=COLOURS[obj.colour])
+    else:
+        draw.polygon(_polygon(obj.shape, x, y, r, obj.angle), fill=COLOURS[obj.colour])
+
+
+def _pick_object(rng: np.random.Generator, pairs: tuple[tuple[str, str], ...], size: str,
+                 x_range: tuple[float, float]) -> ToyObject:
+    shape, colour = pairs[int(rng.integers(len(pairs)))]
+    radius = float(rng.uniform(*SIZES[size])) * SIZE
+    margin = radius * 1.1 + 1
+    x = float(rng.uniform(max(x_range[0], margin), min(x_range[1], SIZE - margin)))
+    y = float(rng.uniform(margin, SIZE - margin))
+    angle = float(rng.normal(0, 0.15))  # slight tilt; large turns would make a square a diamond
+    return ToyObject(shape, colour, size, x, y, radius, angle)
+
+
+def make_sample(index: int, seed: int = 0, split: str = "train", two_object_rate: float = 0.25) -> ToySample:
+    """Sample `index` of `split`: deterministic in (seed, split, index), independent of others.
+
+    Captions sometimes omit the size or the background (30% each) so short prompts such as
+    "a red star" are in distribution too; the labels always carry everything.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    main_pairs = TRAIN_PAIRS if split == "train" else tuple(sorted(HELDOUT_PAIRS))
+    if rng.random() < two_object_rate:  # the large one is main; they sit in opposite halves
+        left_main = bool(rng.integers(2))
+        halves = ((0.0, SIZE / 2), (SIZE / 2, float(SIZE)))
+        main = _pick_object(rng, main_pairs, "large", halves[0 if left_main else 1])
+        other = _pick_object(rng, TRAIN_PAIRS, "small", halves[1 if left_main else 0])
+        objects = (main, other)
+    else:
+        objects = (_pick_object(rng, main_pairs, str(rng.choice(list(SIZES))), (0.0, float(SIZE))),)
+    used = {o.colour for o in objects}
+    background = str(rng.choice([c for c in COLOUR_NAMES if c not in used]))
+    texture = str(rng.choice(TEXTURES, p=[0.7, 0.15, 0.15]))
+    canvas = Image.new("RGB", (SIZE * _SS, SIZE * _SS))
+    draw = ImageDraw.Draw(canvas)
+    _draw_background(draw, background, texture, rng)
+    for obj in reversed(objects):  # main drawn last, on top
+        _draw_object(draw, obj)
+    image = canvas.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+    caption = caption_for(objects, background, texture, with_size=rng.random() >= 0.3,
+                          with_background=rng.random() >= 0.3)
+    return ToySample(image, caption, objects, background, texture)
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> (B, 3, H, W) float in [-1, 1], the range the VAE and UNet are trained on."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+class ToyShapes(torch.utils.data.Dataset):
+    """A finite window [0, length) of the unlimited stream, as a map-style torch Dataset."""
+
+    def __init__(self, length: int, seed: int = 0, split: str = "train", offset: int = 0) -> None:
+        self.length, self.seed, self.split, self.offset = length, seed, split, offset
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        s = make_sample(self.offset + i, self.seed, self.split)
+        return {
+            "pixel_values": to_tensor([s.image])[0],
+            "caption": s.caption,
+            "shape": SHAPES.index(s.main.shape),
+            "colour": COLOUR_NAMES.index(s.main.colour),
+        }

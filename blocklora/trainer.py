@@ -1,0 +1,198 @@
+"""One client's training of one concept: BlockLoRA weights and trigger embeddings, jointly.
+
+`ConceptTrainer` is plain PyTorch: it injects the slot's layers into a base, takes optimizer steps
+on batches it is handed, checkpoints, and exports the artifact. `train_concept` drives it with a
+progress bar; the Ray Train job in `federation/` drives the very same object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from blocklora.artifact import ConceptArtifact, ConceptMeta, check_name
+from blocklora.base import Base
+from blocklora.config import AdapterConfig, TrainConfig
+from blocklora.conditioning import encode_prompts
+from blocklora.data import load_concept_images
+from blocklora.inject import eject, inject
+from blocklora.tokens import add_slot_tokens, token_ids, trigger_names, unwrap_token_embeddings, wrap_token_embeddings
+
+log = logging.getLogger(__name__)
+COMPONENT_NAMES = ("text_encoder", "text_encoder_2")
+
+
+class ConceptTrainer:
+    """Holds a base with one slot's BlockLoRA layers injected; `close()` gives the base back."""
+
+    def __init__(self, base: Base, adapter: AdapterConfig, train: TrainConfig, slot: int,
+                 name: str, class_word: str) -> None:
+        self.base, self.adapter, self.train_cfg = base, adapter, train
+        self.name, self.class_word, self.slot = check_name(name), class_word, slot
+        self.step_count = 0
+        torch.manual_seed(train.seed)  # erasure masks use the global RNG
+        self.gen = torch.Generator().manual_seed(train.seed)  # noise, timesteps, sampling, flips
+        add_slot_tokens(base, adapter.num_slots, adapter.tokens_per_concept)
+        self.triggers = trigger_names(slot, adapter.tokens_per_concept)
+        self.layers = inject(base.pipe, adapter, slot)
+        self.tokens = wrap_token_embeddings(base, token_ids(base, slot, adapter.tokens_per_concept), class_word)
+        self.noise_scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
+        lora = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B) if p.requires_grad]
+        groups = [{"params": lora, "lr": train.lr}]
+        if train.token_lr > 0:
+            groups.append({"params": [t.vectors for t in self.tokens], "lr": train.token_lr})
+        self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.base.pipe.unet.train()
+        for te in base.text_encoders:
+            te.train()
+
+    @property
+    def trigger_text(self) -> str:
+        return " ".join(self.triggers)
+
+    def instance_prompt(self, caption: str | None) -> str:
+        """A caption may say '{trigger}' where the concept goes; without one, the template is used."""
+        if caption:
+            return caption.replace("{trigger}", self.trigger_text)
+        return self.train_cfg.prompt_template.format(trigger=self.trigger_text, class_word=self.class_word)
+
+    def loss(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """DreamBooth denoising loss for a batch of [-1, 1] images and their prompts."""
+        pipe = self.base.pipe
+        dev = pipe.unet.device
+        with torch.no_grad():
+            latents = pipe.vae.encode(images.to(dev, pipe.vae.dtype)).latent_dist.sample(self.gen)
+            latents = latents * pipe.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=self.gen).to(dev, latents.dtype)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.gen).to(dev)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        cond, added = encode_prompts(self.base, prompts)
+        pred = pipe.unet(noisy, t, cond, added_cond_kwargs=added).sample
+        target = (self.noise_scheduler.get_velocity(latents, noise, t)
+                  if self.noise_scheduler.config.prediction_type == "v_prediction" else noise)
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def step(self, images: torch.Tensor, captions: list[str | None],
+             class_images: torch.Tensor | None = None) -> float:
+        """One optimizer step; with `class_images`, adds the prior-preservation loss."""
+        if self.train_cfg.flip:
+            flip = torch.rand(images.shape[0], generator=self.gen) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        prompts = [self.instance_prompt(c) for c in captions]
+        per_sample = self.loss(images, prompts)
+        loss = per_sample.mean()
+        if class_images is not None:
+            prior = self.loss(class_images, [f"a photo of {self.class_word}"] * class_images.shape[0])
+            loss = loss + self.train_cfg.prior_weight * prior.mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step_count += 1
+        return float(loss.detach())
+
+    def sample_batch(self, images: torch.Tensor, captions: list[str | None]) -> tuple[torch.Tensor, list[str | None]]:
+        idx = torch.randint(0, images.shape[0], (self.train_cfg.batch_size,), generator=self.gen)
+        return images[idx], [captions[i] for i in idx.tolist()]
+
+    def artifact(self) -> ConceptArtifact:
+        tensors: dict[str, torch.Tensor] = {}
+        for key, layer in self.layers.items():
+            tensors[f"{key}.lora_A"] = layer.lora_A.detach().float().cpu().clone()
+            tensors[f"{key}.lora_B"] = layer.lora_B.detach().float().cpu().clone()
+        for comp, tok in zip(COMPONENT_NAMES, self.tokens):
+            tensors[f"{comp}.token_embeds"] = tok.vectors.detach().float().cpu().clone()
+        layout = {k: (l.base.out_features, l.base.in_features) for k, l in self.layers.items()}
+        meta = ConceptMeta(name=self.name, class_word=self.class_word, slot=self.slot, adapter=self.adapter,
+                           base_fingerprint=self.base.fingerprint, layout=layout, triggers=tuple(self.triggers),
+                           train_config={**json.loads(json.dumps(self.train_cfg.__dict__)), "steps_done": self.step_count})
+        return ConceptArtifact(meta, tensors)
+
+    # -- resumable checkpoints: safetensors for tensors, JSON for the rest (local files, no pickle)
+    def save_checkpoint(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
+        for i, p in enumerate(params):
+            for k, v in self.opt.state.get(p, {}).items():
+                tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        tensors["rng.gen"] = self.gen.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        tmp = folder / ".checkpoint.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(folder / "checkpoint.safetensors")
+        (folder / "checkpoint.json").write_text(json.dumps({"step": self.step_count, "name": self.name, "slot": self.slot}))
+        return folder
+
+    def load_checkpoint(self, folder: str | Path) -> bool:
+        """Resume if `folder` holds a checkpoint of this concept; returns whether it did."""
+        folder = Path(folder)
+        if not (folder / "checkpoint.json").exists():
+            return False
+        info = json.loads((folder / "checkpoint.json").read_text())
+        if info["name"] != self.name or info["slot"] != self.slot:
+            raise ValueError(f"checkpoint in {folder} belongs to {info['name']!r} slot {info['slot']}, "
+                             f"not {self.name!r} slot {self.slot}")
+        tensors = load_file(str(folder / "checkpoint.safetensors"))
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(tensors[f"param.{i}"])
+                state = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+                if state:
+                    self.opt.state[p] = state
+        self.gen.set_state(tensors["rng.gen"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step_count = info["step"]
+        return True
+
+    def close(self) -> None:
+        """Remove the injected layers and token wrappers: the base is as it was loaded."""
+        eject(self.base.pipe)
+        unwrap_token_embeddings(self.base)
+        self.base.pipe.unet.eval()
+        for te in self.base.text_encoders:
+            te.eval()
+
+
+@torch.no_grad()
+def class_images(base: Base, class_word: str, count: int, seed: int, steps: int = 20) -> torch.Tensor:
+    """Prior-preservation images: what the base draws for 'a photo of {class_word}'."""
+    g = torch.Generator().manual_seed(seed)
+    out = base.pipe([f"a photo of {class_word}"] * count, num_inference_steps=steps, generator=g,
+                    output_type="pt", height=base.resolution, width=base.resolution).images
+    return out * 2 - 1  # (count, 3, H, W) in [-1, 1]
+
+
+def train_concept(base: Base, images_dir: str | Path, name: str, class_word: str, slot: int,
+                  adapter: AdapterConfig = AdapterConfig(), train: TrainConfig = TrainConfig(),
+                  checkpoint_dir: str | Path | None = None, progress: bool = True) -> ConceptArtifact:
+    """Folder of images + class word in, artifact out; resumes from `checkpoint_dir` if present."""
+    images, captions = load_concept_images(images_dir, train.resolution)
+    prior = class_images(base, class_word, train.num_class_images, train.seed) if train.prior_preservation else None
+    trainer = ConceptTrainer(base, adapter, train, slot, name, class_word)
+    try:
+        if checkpoint_dir and trainer.load_checkpoint(checkpoint_dir):
+            log.info("resumed %s from step %d", name, trainer.step_count)
+        bar = tqdm(total=train.steps, initial=trainer.step_count, desc=f"train {name}", disable=not progress)
+        while trainer.step_count < train.steps:
+            batch, caps = trainer.sample_batch(images, captions)
+            cls = None
+            if prior is not None:
+                cls = prior[torch.randint(0, prior.shape[0], (train.batch_size,), generator=trainer.gen)]
+            loss = trainer.step(batch, caps, cls)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if checkpoint_dir and train.checkpoint_every and trainer.step_count % train.checkpoint_every == 0:
+                trainer.save_checkpoint(checkpoint_dir)
+        bar.close()
+        return trainer.artifact()
+    finally:
+        trainer.close()
