@@ -250,9 +250,9 @@ def plot_loss(csv_path: Path, png: Path) -> dict[str, float]:
     return finals
 
 
-def write_card(out: Path, args: argparse.Namespace, run: Run, scale: float, finals: dict[str, float],
-               scores: str) -> None:
-    n_params = {name: sum(p.numel() for p in getattr(build_pipeline_from(out), name).parameters())
+def write_card(out: Path, pipe: StableDiffusionPipeline, args: argparse.Namespace, run: Run, scale: float,
+               finals: dict[str, float], scores: str) -> None:
+    n_params = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
                 for name in ("vae", "unet", "text_encoder")}
     grid_rows = "\n".join(f"{i + 1}. `{p}`" for i, p in enumerate(GRID_PROMPTS))
     (out / "README.md").write_text(f"""# toy-base: blocklora's own tiny text-to-image base
@@ -302,18 +302,14 @@ base = load_base(str(TOY_BASE_DIR))
 """)
 
 
-def build_pipeline_from(out: Path) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
-
-
-def judge_scores(out: Path, seed: int) -> str:
+def judge_scores(pipe: StableDiffusionPipeline, seed: int) -> str:
     """Markdown table of the judge on the exported base, or a note when no judge is trained yet."""
-    from blocklora.judge import JUDGE_DIR, load_judge, score_base
+    from blocklora.judge import JUDGE_DIR, JUDGE_FILE, load_judge, markdown, score_base
 
-    if not (JUDGE_DIR / "judge.safetensors").exists():
+    if not (JUDGE_DIR / JUDGE_FILE).exists():
         return "No judge trained yet (run `jobs/train_judge.py`, then re-run this script to fill this in)."
-    result = score_base(build_pipeline_from(out), load_judge(), seed=seed)
-    return result.markdown()
+    return ("Prompts `a large {colour} {shape}`, 8 seeds per pair, same sampler as above; the first two\n"
+            "rows are the judge on drawn pictures (its ceiling).\n\n" + markdown(score_base(pipe, load_judge(), seed=seed)))
 
 
 def main() -> None:
@@ -344,7 +340,7 @@ def main() -> None:
     pipe.save_pretrained(args.out, safe_serialization=True)
     finals = plot_loss(run.work / "loss.csv", args.out / "loss.png")
     sample_grid(pipe, args.out / "samples.png")
-    write_card(args.out, args, run, scale, finals, judge_scores(args.out, args.seed))
+    write_card(args.out, pipe, args, run, scale, finals, judge_scores(pipe, args.seed))
     print(f"exported to {args.out} ({run.state['wall_seconds'] / 60:.1f} min)")
 
 

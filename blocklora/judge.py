@@ -1,0 +1,173 @@
+"""A small CNN that names the shape and colour of a toy picture's main object.
+
+It turns "does the base draw what it is asked?" into a number: generate from a caption, classify
+the picture, compare with the caption's labels. It is trained on blocklora.toydata pictures from
+both splits (it is the examiner, not the examinee) with blur, noise and tint, because generated
+pictures are softer and less exact than drawn ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from blocklora.toydata import COLOUR_NAMES, HELDOUT_PAIRS, SHAPES, SIZE, TRAIN_PAIRS, make_sample, to_tensor
+
+JUDGE_DIR = Path(__file__).resolve().parents[1] / "models" / "judge"
+JUDGE_FILE = "judge.safetensors"
+
+
+class Judge(nn.Module):
+    """Four stride-2 conv blocks (64 -> 4 px), global average pool, one linear head per label."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        chans = [3, width, width * 2, width * 4, width * 4]
+        self.features = nn.Sequential(*[
+            nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), nn.GroupNorm(8, b), nn.SiLU())
+            for a, b in zip(chans, chans[1:])
+        ])
+        self.shape_head = nn.Linear(chans[-1], len(SHAPES))
+        self.colour_head = nn.Linear(chans[-1], len(COLOUR_NAMES))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, 3, 64, 64) in [-1, 1] -> (shape logits (B, 6), colour logits (B, 8))."""
+        h = self.features(x).mean(dim=(2, 3))  # (B, C)
+        return self.shape_head(h), self.colour_head(h)
+
+    @torch.no_grad()
+    def classify(self, images: list[Image.Image]) -> list[tuple[str, str]]:
+        """(shape, colour) names of each picture's main object; pictures are resized to 64 px."""
+        x = to_tensor([im.convert("RGB").resize((SIZE, SIZE)) for im in images])
+        shape_logits, colour_logits = self.eval()(x)
+        return [(SHAPES[s], COLOUR_NAMES[c]) for s, c in
+                zip(shape_logits.argmax(1).tolist(), colour_logits.argmax(1).tolist())]
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Blur (sigma up to 1.5 px), per-image tint and brightness, and pixel noise, in [-1, 1] space."""
+    b = x.shape[0]
+    sigma = torch.rand(b, generator=g) * 1.5
+    k = torch.arange(-3, 4, dtype=torch.float32)
+    kernels = torch.exp(-k[None] ** 2 / (2 * sigma[:, None].clamp_min(1e-3) ** 2))  # (B, 7)
+    kernels = kernels / kernels.sum(1, keepdim=True)
+    xb = x.reshape(1, b * 3, SIZE, SIZE)
+    w = kernels.repeat_interleave(3, 0)  # (B*3, 7): one kernel per image, shared by its channels
+    xb = F.conv2d(F.pad(xb, (3, 3, 0, 0), mode="replicate"), w[:, None, None, :], groups=b * 3)
+    xb = F.conv2d(F.pad(xb, (0, 0, 3, 3), mode="replicate"), w[:, None, :, None], groups=b * 3)
+    x = xb.reshape(b, 3, SIZE, SIZE)
+    x = x * (1 + 0.15 * torch.randn(b, 1, 1, 1, generator=g)) + 0.1 * torch.randn(b, 3, 1, 1, generator=g)
+    return (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+def _batch(step: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Half train split, half held-out split, so the judge knows every (shape, colour) pair."""
+    samples = [make_sample(step * size + j, seed, "train" if j % 2 else "heldout") for j in range(size)]
+    return (to_tensor([s.image for s in samples]),
+            torch.tensor([SHAPES.index(s.main.shape) for s in samples]),
+            torch.tensor([COLOUR_NAMES.index(s.main.colour) for s in samples]))
+
+
+def train_judge(steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, seed: int = 1000) -> Judge:
+    """Cross-entropy on both heads; the data seed differs from the base's so neither sees the other's."""
+    torch.manual_seed(seed)
+    judge, g = Judge(), torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(judge.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    for step in (bar := tqdm(range(steps), desc="judge")):
+        x, shape, colour = _batch(step, batch_size, seed)
+        shape_logits, colour_logits = judge.train()(_augment(x, g))
+        loss = F.cross_entropy(shape_logits, shape) + F.cross_entropy(colour_logits, colour)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return judge.eval()
+
+
+def save_judge(judge: Judge, folder: Path = JUDGE_DIR) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, folder / JUDGE_FILE)
+    return folder / JUDGE_FILE
+
+
+def load_judge(folder: Path | str = JUDGE_DIR) -> Judge:
+    """The committed judge (safetensors only), on CPU, in eval mode."""
+    path = Path(folder) / JUDGE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no judge at {path}; train one with `python jobs/train_judge.py`")
+    judge = Judge()
+    judge.load_state_dict(load_file(path))
+    return judge.eval()
+
+
+@dataclass(frozen=True)
+class Score:
+    """Accuracy of the judge's (shape, colour) against the labels each picture should show."""
+
+    name: str
+    n: int
+    shape_acc: float
+    colour_acc: float
+    both_acc: float
+
+    @staticmethod
+    def of(name: str, predicted: list[tuple[str, str]], wanted: list[tuple[str, str]]) -> "Score":
+        p, w = np.array(predicted), np.array(wanted)
+        return Score(name, len(w), float((p[:, 0] == w[:, 0]).mean()), float((p[:, 1] == w[:, 1]).mean()),
+                     float((p == w).all(1).mean()))
+
+
+def markdown(scores: list[Score]) -> str:
+    rows = [f"| {s.name} | {s.n} | {s.shape_acc:.0%} | {s.colour_acc:.0%} | {s.both_acc:.0%} |" for s in scores]
+    chance = (f"| chance | | {1 / len(SHAPES):.0%} | {1 / len(COLOUR_NAMES):.0%} | "
+              f"{1 / (len(SHAPES) * len(COLOUR_NAMES)):.0%} |")
+    return "\n".join(["| pictures | n | shape | colour | both |", "|---|---|---|---|---|", *rows, chance])
+
+
+def score_data(judge: Judge, n: int = 512, seed: int = 99) -> list[Score]:
+    """The judge's own accuracy on unseen drawn pictures: the ceiling for scoring a base."""
+    scores = []
+    for split in ("train", "heldout"):
+        samples = [make_sample(i, seed, split) for i in range(n)]
+        scores.append(Score.of(f"drawn, {split} split", judge.classify([s.image for s in samples]),
+                               [(s.main.shape, s.main.colour) for s in samples]))
+    return scores
+
+
+@torch.no_grad()
+def generate(pipe, pairs: list[tuple[str, str]], seeds: list[int], steps: int = 20,
+             guidance: float = 5.0, chunk: int = 16) -> list[Image.Image]:
+    """One picture per (pair, seed), prompt "a large {colour} {shape}", one generator per picture."""
+    jobs = [(f"a large {c} {s}", seed) for s, c in pairs for seed in seeds]
+    images = []
+    for i in range(0, len(jobs), chunk):
+        part = jobs[i:i + chunk]
+        images += pipe([p for p, _ in part], num_inference_steps=steps, guidance_scale=guidance,
+                       generator=[torch.Generator().manual_seed(s) for _, s in part],
+                       height=SIZE, width=SIZE).images
+    return images
+
+
+def score_pairs(pipe, judge: Judge, name: str, pairs: list[tuple[str, str]], seeds: list[int]) -> Score:
+    images = generate(pipe, pairs, seeds)
+    return Score.of(name, judge.classify(images), [p for p in pairs for _ in seeds])
+
+
+def score_base(pipe, judge: Judge, n_seeds: int = 8, seed: int = 0) -> list[Score]:
+    """The base on held-out pairs and on as many training pairs, after the judge's own ceiling."""
+    seeds = list(range(seed, seed + n_seeds))
+    heldout = sorted(HELDOUT_PAIRS)
+    seen = list(TRAIN_PAIRS[:: len(TRAIN_PAIRS) // len(heldout)][: len(heldout)])
+    return [*score_data(judge),
+            score_pairs(pipe, judge, "generated, held-out pairs", heldout, seeds),
+            score_pairs(pipe, judge, "generated, training pairs", seen, seeds)]
