@@ -95,7 +95,10 @@ class LiveMerge:
             if name not in self.live:
                 self.add(art, s)
 
-    def trigger_text(self, name: str) -> str:
-        """The tokens a prompt uses for a merged concept, e.g. '<blk3> dog'."""
-        meta = self.live[name].artifact.meta
-        return " ".join(meta.triggers) + f" {meta.class_word}"
+    def phrases(self) -> dict[str, str]:
+        """Concept name -> what `{name}` in a prompt expands to, e.g. '<blk3> dog'."""
+        return {n: phrase(lv.artifact) for n, lv in self.live.items()}
+
+
+def phrase(art: ConceptArtifact) -> str:
+    return " ".join(art.meta.triggers) + f" {art.meta.class_word}"

@@ -1,0 +1,3 @@
+from blocklora.cli import main
+
+main()

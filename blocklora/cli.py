@@ -1,0 +1,141 @@
+"""`python -m blocklora`: train a concept, merge a set, generate, export, inspect — no Ray needed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from blocklora.artifact import ConceptArtifact
+from blocklora.base import TINY, load_base
+from blocklora.config import UNET_TARGETS, AdapterConfig, GenerateConfig, TrainConfig
+
+
+def _adapter_args(p: argparse.ArgumentParser) -> None:
+    d = AdapterConfig()
+    p.add_argument("--slots", type=int, default=d.num_slots, help="K: row blocks per layer")
+    p.add_argument("--slot", type=int, default=0, help="which row block this concept owns")
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--erasure", type=float, default=d.erasure, help="λ, randomized output erasure rate")
+    p.add_argument("--targets", nargs="+", default=list(UNET_TARGETS), help="UNet module suffixes")
+    p.add_argument("--text-targets", nargs="*", default=[], help="text-encoder module suffixes (e.g. q_proj)")
+
+
+def _load(paths: list[str]) -> list[ConceptArtifact]:
+    return [ConceptArtifact.load(p) for p in paths]
+
+
+def _merged_base(args: argparse.Namespace):
+    """The base with the given concept files merged, and the {name} -> phrase table for prompts."""
+    from blocklora.merge import LiveMerge
+
+    base = load_base(args.base)
+    arts = _load(args.concepts)
+    lm = None
+    if arts:
+        lm = LiveMerge(base, arts[0].meta.adapter)
+        lm.set(arts, "mean" if args.mean else (args.scales or None))
+    return base, (lm.phrases() if lm else {})
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from blocklora.trainer import train_concept
+
+    base = load_base(args.base)
+    adapter = AdapterConfig(rank=args.rank, num_slots=args.slots, erasure=args.erasure,
+                            unet_targets=tuple(args.targets), text_targets=tuple(args.text_targets))
+    train = TrainConfig(steps=args.steps, seed=args.seed, resolution=args.resolution or base.resolution,
+                        prior_preservation=args.prior)
+    art = train_concept(base, args.images, args.name, args.class_word, args.slot, adapter, train,
+                        checkpoint_dir=args.checkpoint_dir)
+    path = art.save(args.out)
+    print(f"wrote {path} ({path.stat().st_size:,} bytes); prompt with {{{art.name}}} "
+          f"or '{' '.join(art.meta.triggers)} {art.meta.class_word}'")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from blocklora.generate import generate
+    from blocklora.prompts import expand
+
+    base, phrases = _merged_base(args)
+    cfg = GenerateConfig(steps=args.steps, seed=args.seed, guidance_scale=args.guidance,
+                         width=args.size or base.resolution, height=args.size or base.resolution)
+    images = generate(base, expand(args.prompt, phrases), cfg, args.num_images)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for j, img in enumerate(images):
+        p = out if len(images) == 1 else out.with_name(f"{out.stem}-{j}{out.suffix}")
+        img.save(p)
+        print(f"wrote {p}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from blocklora.export import export_lora
+
+    arts = _load(args.concepts)
+    scales = [1.0 / len(arts)] * len(arts) if args.mean else args.scales
+    paths = export_lora(arts, args.out, scales)
+    print(f"wrote diffusers LoRA {paths['lora']} (pipe.load_lora_weights('{args.out}')) and "
+          f"{len(paths) - 1} textual-inversion file(s)")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from blocklora.stats import pairwise_stats, summary
+
+    arts = _load(args.concepts)
+    for a in arts:
+        m = a.meta
+        print(json.dumps({"name": m.name, "slot": m.slot, "triggers": m.triggers, "class_word": m.class_word,
+                          "rank": m.adapter.rank, "slots": m.adapter.num_slots, "base": m.base_fingerprint[:16]}))
+    if len(arts) > 1:
+        pairs = pairwise_stats({a.name: {k: a.delta(k) for k in a.meta.layout} for a in arts})
+        print(json.dumps(summary(pairs)))
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="blocklora", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train one concept from a folder of images into an artifact")
+    t.add_argument("--base", default=TINY, help="'tiny', a diffusers folder, or a hub id")
+    t.add_argument("--images", required=True)
+    t.add_argument("--name", required=True)
+    t.add_argument("--class-word", required=True)
+    t.add_argument("--steps", type=int, default=TrainConfig().steps)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resolution", type=int, default=0, help="0: the base's native size")
+    t.add_argument("--prior", action="store_true", help="prior-preservation loss on class images")
+    t.add_argument("--checkpoint-dir", default=None, help="resume from / checkpoint into this folder")
+    t.add_argument("--out", required=True, help="artifact path (.safetensors)")
+    _adapter_args(t)
+    t.set_defaults(fn=cmd_train)
+
+    for name, fn, help_ in (("generate", cmd_generate, "merge concepts into the base and sample images"),
+                            ("merge", cmd_merge, "merge concepts into a standard diffusers LoRA file")):
+        g = sub.add_parser(name, help=help_)
+        g.add_argument("--concepts", nargs="*", default=[], help="artifact files")
+        g.add_argument("--scales", nargs="*", type=float, help="α per concept (default 1.0 each)")
+        g.add_argument("--mean", action="store_true", help="α = 1/N (the paper's Σα = 1 convention)")
+        g.add_argument("--out", required=True)
+        g.set_defaults(fn=fn)
+    gen = sub.choices["generate"]
+    gen.add_argument("--base", default=TINY)
+    gen.add_argument("--prompt", required=True, help="may name concepts as {name}")
+    gen.add_argument("--steps", type=int, default=GenerateConfig().steps)
+    gen.add_argument("--guidance", type=float, default=GenerateConfig().guidance_scale)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--size", type=int, default=0, help="0: the base's native size")
+    gen.add_argument("--num-images", type=int, default=1)
+
+    i = sub.add_parser("inspect", help="show artifacts' metadata and their pairwise weight statistics")
+    i.add_argument("concepts", nargs="+")
+    i.set_defaults(fn=cmd_inspect)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    args.fn(args)

@@ -1,0 +1,27 @@
+"""Random but well-formed concepts, for tests and benchmarks that need many of them fast."""
+
+from __future__ import annotations
+
+import torch
+
+from blocklora.artifact import ConceptArtifact, ConceptMeta
+from blocklora.config import AdapterConfig
+from blocklora.partition import row_block
+from blocklora.tokens import trigger_names
+
+
+def random_artifact(name: str, slot: int, adapter: AdapterConfig, fingerprint: str,
+                    layout: dict[str, tuple[int, int]], hidden: dict[str, int],
+                    seed: int = 0, b_scale: float = 0.05, class_word: str = "thing") -> ConceptArtifact:
+    """A concept with Gaussian A and (non-zero) B in `slot`'s rows: what training would ship."""
+    g = torch.Generator().manual_seed(seed * 1009 + slot)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, (m, n) in layout.items():
+        rows = row_block(m, adapter.num_slots, slot) if adapter.blockwise else slice(0, m)
+        tensors[f"{key}.lora_A"] = torch.randn(adapter.rank, n, generator=g) / n ** 0.5
+        tensors[f"{key}.lora_B"] = b_scale * torch.randn(rows.stop - rows.start, adapter.rank, generator=g)
+    for comp, d in hidden.items():
+        tensors[f"{comp}.token_embeds"] = torch.randn(adapter.tokens_per_concept, d, generator=g) * 0.02
+    meta = ConceptMeta(name=name, class_word=class_word, slot=slot, adapter=adapter, base_fingerprint=fingerprint,
+                       layout=dict(layout), triggers=tuple(trigger_names(slot, adapter.tokens_per_concept)))
+    return ConceptArtifact(meta, tensors)
