@@ -1,0 +1,34 @@
+"""Small builders shared by the core tests (importable, unlike conftest fixtures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from blocklora.base import Base
+from blocklora.config import AdapterConfig
+from blocklora.inject import layout
+from blocklora.synthetic import random_artifact
+
+
+def hidden_sizes(base: Base) -> dict[str, int]:
+    return {c: te.get_input_embeddings().weight.shape[1]
+            for c, te in zip(("text_encoder", "text_encoder_2"), base.text_encoders)}
+
+
+def make_artifact(base: Base, cfg: AdapterConfig, name: str, slot: int, seed: int = 0, **kw):
+    return random_artifact(name, slot, cfg, base.fingerprint, layout(base.pipe, cfg), hidden_sizes(base), seed, **kw)
+
+
+def write_images(folder: Path, n: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """A few distinct, deterministic pictures: coloured squares on noise."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        arr = (rng.random((size, size, 3)) * 80).astype(np.uint8)
+        lo, hi = size // 4, 3 * size // 4
+        arr[lo:hi, lo:hi] = rng.integers(100, 255, 3)
+        Image.fromarray(arr).save(folder / f"{i}.png")
+    return folder
