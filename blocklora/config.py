@@ -94,3 +94,18 @@ class GenerateConfig:
     width: int = 64
     height: int = 64
     negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Knobs of one federation's coordinator (the adapter shape is its AdapterConfig)."""
+
+    base: str = "tiny"  # base spec for blocklora.base.load_base: "tiny", a folder or a hub id
+    reservation_ttl_s: float = 3600.0  # a reserved slot with no submitted concept returns after this
+    max_artifact_bytes: int = 64 * 1024 * 1024  # submissions above this are refused before parsing
+
+    def __post_init__(self) -> None:
+        if self.reservation_ttl_s <= 0:
+            raise ValueError(f"reservation_ttl_s must be > 0 seconds, got {self.reservation_ttl_s}")
+        if self.max_artifact_bytes < 1:
+            raise ValueError(f"max_artifact_bytes must be >= 1, got {self.max_artifact_bytes}")
