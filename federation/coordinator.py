@@ -1,0 +1,112 @@
+"""The coordinator: a named, detached Ray actor that is a thin, persistent shell around `Registry`.
+
+It is pinned to the node that started it (its state folder is that node's disk), restarts on
+failure (`max_restarts`) and rebuilds itself from the state folder in `__init__`, so a restarted
+or brand-new coordinator on the same folder has every live concept and every token back.
+Serve replicas follow it with `state(since_version)`: artifacts travel through the object store
+(one `ray.put` per concept, cached), never through files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+import blocklora
+import federation
+from blocklora.base import load_base
+from blocklora.config import AdapterConfig, FederationConfig, from_dict
+from federation.registry import Registry
+from federation.store import StateStore
+
+DEFAULT_NAME = "blocklora-coordinator"
+DEFAULT_NAMESPACE = "blocklora"
+
+
+class Coordinator:
+    """Every public method is a remote call; errors are `federation.registry.FederationError`s."""
+
+    def __init__(self, state_dir: str, adapter: dict[str, Any], config: dict[str, Any],
+                 admin_token_sha256: str | None) -> None:
+        cfg = from_dict(FederationConfig, config)
+        base = load_base(cfg.base, device="cpu")  # only shapes and the fingerprint are needed
+        self.registry = Registry(base, from_dict(AdapterConfig, adapter), cfg, StateStore(state_dir),
+                                 admin_token_sha256)
+        self._refs: dict[str, ray.ObjectRef] = {}  # artifact sha256 -> its bytes in the object store
+
+    def info(self) -> dict[str, Any]:
+        return self.registry.info()
+
+    def version(self) -> int:
+        return self.registry.version
+
+    def register(self, client_name: str = "") -> dict[str, str]:
+        return self.registry.register(client_name)
+
+    def whoami(self, token: str) -> dict[str, Any]:
+        return self.registry.whoami(token)
+
+    def reserve(self, token: str, name: str, class_word: str) -> dict[str, Any]:
+        return self.registry.reserve(token, name, class_word)
+
+    def submit(self, token: str, data: bytes) -> dict[str, Any]:
+        return self.registry.submit(token, data)
+
+    def remove(self, token: str, name: str) -> dict[str, Any]:
+        return self.registry.remove(token, name)
+
+    def list_concepts(self) -> list[dict[str, Any]]:
+        return self.registry.list_concepts()
+
+    def state(self, since_version: int = -1) -> dict[str, Any]:
+        """{"version", "changed": version != since_version, "concepts": {name: {"slot", "triggers",
+        "class_word", "sha256", "artifact": ObjectRef of the artifact's bytes}}} (always complete)."""
+        version, live = self.registry.live()
+        self._refs = {c["sha256"]: self._refs.get(c["sha256"]) or ray.put(c["bytes"]) for c in live.values()}
+        concepts = {n: {"slot": c["slot"], "triggers": c["triggers"], "class_word": c["class_word"],
+                        "sha256": c["sha256"], "artifact": self._refs[c["sha256"]]} for n, c in live.items()}
+        return {"version": version, "changed": version != since_version, "concepts": concepts}
+
+    def merged_residual(self) -> dict[str, torch.Tensor]:
+        return self.registry.merged_residual()
+
+
+def start(state_dir: str | Path, adapter: AdapterConfig, config: FederationConfig,
+          admin_token_sha256: str | None, name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE,
+          max_restarts: int = -1, max_task_retries: int = 3) -> ray.actor.ActorHandle:
+    """Create the detached coordinator on this driver's node and wait until it has loaded its state.
+
+    The code travels as `py_modules` (blocklora + federation), so the actor can be restarted after
+    this driver has exited. Needs `ray.init` first; refuses to start a second one under `name`.
+    """
+    try:
+        ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        pass
+    else:
+        raise RuntimeError(f"a coordinator named {name!r} already runs in namespace {namespace!r}; stop it "
+                           "first (python jobs/stop_coordinator.py) or pick another --name")
+    node = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(Coordinator).options(
+        name=name, namespace=namespace, lifetime="detached", num_cpus=0,
+        max_restarts=max_restarts, max_task_retries=max_task_retries,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        runtime_env={"py_modules": [str(Path(m.__file__).parent) for m in (blocklora, federation)]},
+    ).remote(str(Path(state_dir).expanduser().resolve()), dataclasses.asdict(adapter),
+             dataclasses.asdict(config), admin_token_sha256)
+    ray.get(actor.info.remote())  # surfaces a failed __init__ (wrong base, foreign state folder) here
+    return actor
+
+
+def get(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> ray.actor.ActorHandle:
+    """The running coordinator, found by name; a clear error when there is none."""
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        raise RuntimeError(f"no coordinator named {name!r} in Ray namespace {namespace!r}; start one with "
+                           "python jobs/start_coordinator.py --state-dir DIR (same --namespace/--name)") from None

@@ -1,0 +1,373 @@
+"""The federation's whole state as one plain object: clients, slot reservations, live concepts and
+the merged residual. No Ray here, so every rule is tested in-process; the coordinator actor only
+wraps it.
+
+Every change is built as a new `_State`, persisted (artifact file first, manifest last) and only
+then swapped in, so a refused or failed call leaves memory and disk exactly as they were. A lock
+serialises calls, which keeps slot assignment collision-free even in a threaded or async actor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from blocklora.artifact import ConceptArtifact, InvalidArtifact, check_name
+from blocklora.base import Base
+from blocklora.config import AdapterConfig, FederationConfig, from_dict
+from blocklora.merge import LiveMerge
+from blocklora.tokens import trigger_names
+from federation.store import StateStore
+
+MANIFEST_FORMAT = "blocklora-federation"
+MANIFEST_VERSION = 1
+ADMIN = "admin"  # the principal of the admin token; client ids start with "c", so never collide
+MAX_CLASS_WORD = 64
+
+
+class FederationError(Exception):
+    """A request the federation refuses; the message says what was wrong and what to do."""
+
+
+class Unauthorized(FederationError):
+    """Unknown token, or a token that may not act on this concept."""
+
+
+class SlotUnavailable(FederationError):
+    """Every slot is taken, or the concept name is already live."""
+
+
+class ReservationError(FederationError):
+    """The request does not match a current reservation (missing, expired, another client's, other slot)."""
+
+
+class ArtifactRejected(FederationError):
+    """The submitted bytes are not an acceptable concept for this federation."""
+
+
+class UnknownConcept(FederationError):
+    """No live concept or reservation has this name."""
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class _Client:
+    name: str
+    token_sha256: str
+
+
+@dataclass(frozen=True)
+class _Reservation:
+    client: str
+    slot: int
+    class_word: str
+    expires_at: float  # wall-clock seconds, so expiry survives a coordinator restart
+
+
+@dataclass(frozen=True)
+class _Concept:
+    client: str
+    slot: int
+    class_word: str
+    triggers: tuple[str, ...]
+    file: str
+    sha256: str
+    version: int  # the federation version at which it went live
+
+
+@dataclass(frozen=True)
+class _State:
+    """Everything the manifest holds; replaced whole on each change, never mutated."""
+
+    version: int = 0
+    admin_sha256: str | None = None
+    clients: dict[str, _Client] = field(default_factory=dict)
+    reservations: dict[str, _Reservation] = field(default_factory=dict)
+    concepts: dict[str, _Concept] = field(default_factory=dict)
+
+
+class Registry:
+    """One federation: a base (fingerprint), an AdapterConfig (K slots, rank, targets), its concepts."""
+
+    def __init__(self, base: Base, adapter: AdapterConfig, config: FederationConfig = FederationConfig(),
+                 store: StateStore | None = None, admin_token_sha256: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        """Loads the state in `store` if there is one (it must be for the same base and adapter)."""
+        self.base, self.adapter, self.config, self.store, self.clock = base, adapter, config, store, clock
+        self._lock = threading.RLock()
+        self._compat = LiveMerge(base, adapter)  # used only for its layout / hidden-size checks
+        self._residual = {k: torch.zeros(m, n) for k, (m, n) in self._compat.layout.items()}  # (m, n) f32
+        self._artifacts: dict[str, tuple[ConceptArtifact, bytes]] = {}
+        self._s = _State(admin_sha256=admin_token_sha256)
+        manifest = store.read_manifest() if store else None
+        if manifest is None:
+            self._save(self._s)
+        else:
+            self._load(manifest, admin_token_sha256)
+
+    # -- clients -------------------------------------------------------------------------------
+    def register(self, client_name: str = "") -> dict[str, str]:
+        """A new client; the token is returned once and only its sha256 is kept."""
+        if not isinstance(client_name, str) or len(client_name) > 64:
+            raise FederationError(f"client name must be a string of at most 64 characters, got {client_name!r}")
+        with self._lock:
+            client_id = "c" + secrets.token_hex(8)
+            token = f"{client_id}.{new_token()}"
+            clients = {**self._s.clients, client_id: _Client(client_name or client_id, token_hash(token))}
+            self._commit(dataclasses.replace(self._s, clients=clients))
+            return {"client_id": client_id, "token": token}
+
+    def whoami(self, token: str) -> dict[str, Any]:
+        """Who a token authenticates as (a client's saved token is checked with this before reuse)."""
+        with self._lock:
+            who = self._authenticate(token)
+            name = "admin" if who == ADMIN else self._s.clients[who].name
+            return {"client_id": who, "name": name, "admin": who == ADMIN}
+
+    # -- slots -----------------------------------------------------------------------------------
+    def reserve(self, token: str, name: str, class_word: str) -> dict[str, Any]:
+        """Hold a free slot for concept `name` until the TTL; asking again renews the same slot."""
+        with self._lock:
+            client = self._client(token)
+            try:
+                check_name(name)
+            except InvalidArtifact as err:
+                raise ReservationError(str(err)) from None
+            if not isinstance(class_word, str) or not 0 < len(class_word.strip()) <= MAX_CLASS_WORD:
+                raise ReservationError(f"class word must be 1-{MAX_CLASS_WORD} characters, got {class_word!r}")
+            s = self._expired(self._s)
+            if name in s.concepts:
+                raise SlotUnavailable(f"concept {name!r} is already live in slot {s.concepts[name].slot}; "
+                                      "pick another name, or remove it first")
+            held = s.reservations.get(name)
+            if held is not None and held.client != client:
+                raise ReservationError(f"concept name {name!r} is reserved by another client until "
+                                       f"{time.ctime(held.expires_at)}; pick another name")
+            slot = held.slot if held else self._free_slot(s)
+            res = _Reservation(client, slot, class_word.strip(), self.clock() + self.config.reservation_ttl_s)
+            self._commit(dataclasses.replace(s, reservations={**s.reservations, name: res}))
+            return {"name": name, "slot": slot, "class_word": res.class_word,
+                    "triggers": trigger_names(slot, self.adapter.tokens_per_concept),
+                    "adapter": dataclasses.asdict(self.adapter), "base_spec": self.config.base,
+                    "base_fingerprint": self.base.fingerprint, "resolution": self.base.resolution,
+                    "expires_at": res.expires_at}
+
+    def _free_slot(self, s: _State) -> int:
+        used = {r.slot for r in s.reservations.values()} | {c.slot for c in s.concepts.values()}
+        for k in range(self.adapter.num_slots):
+            if k not in used:
+                return k
+        raise SlotUnavailable(
+            f"all {self.adapter.num_slots} slots are taken ({len(s.concepts)} live, {len(s.reservations)} "
+            f"reserved); retry after a reservation expires (TTL {self.config.reservation_ttl_s:.0f} s) or ask "
+            "the admin to remove a concept")
+
+    # -- concepts ------------------------------------------------------------------------------
+    def submit(self, token: str, data: bytes) -> dict[str, Any]:
+        """Validate an artifact against the caller's reservation and the federation; make it live."""
+        with self._lock:
+            client = self._client(token)
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise ArtifactRejected(f"an artifact is sent as bytes (ConceptArtifact.to_bytes()), got "
+                                       f"{type(data).__name__}")
+            data = bytes(data)
+            limit = self.config.max_artifact_bytes
+            if len(data) > limit:
+                raise ArtifactRejected(f"artifact is {len(data):,} bytes; this federation accepts at most "
+                                       f"{limit:,}. Lower the rank or the number of targets")
+            try:
+                art = ConceptArtifact.from_bytes(data, limit)
+            except InvalidArtifact as err:
+                raise ArtifactRejected(f"artifact refused: {err}") from None
+            s = self._expired(self._s)
+            held = s.reservations.get(art.name)
+            if held is None:
+                raise ReservationError(f"no reservation for concept {art.name!r} (never made, or expired after "
+                                       f"{self.config.reservation_ttl_s:.0f} s); reserve a slot and train for it")
+            if held.client != client:
+                raise ReservationError(f"concept {art.name!r} is reserved by another client; a client may only "
+                                       "submit the concepts it reserved")
+            if art.meta.slot != held.slot:
+                raise ReservationError(f"artifact {art.name!r} was trained for slot {art.meta.slot}, but the "
+                                       f"reservation is for slot {held.slot}; train again with the reserved slot")
+            try:
+                self._compat.check(art)
+            except InvalidArtifact as err:
+                raise ArtifactRejected(f"artifact refused: {err}") from None
+            rows = {key: art.delta_rows(key).float() for key in self._residual}  # (|R|, n) each
+            file, digest = self.store.write_concept(art.name, data) if self.store else ("", "")
+            concept = _Concept(client, art.meta.slot, art.meta.class_word, art.meta.triggers, file, digest,
+                               s.version + 1)
+            new = dataclasses.replace(s, version=s.version + 1, concepts={**s.concepts, art.name: concept},
+                                      reservations={n: r for n, r in s.reservations.items() if n != art.name})
+            try:
+                self._commit(new)
+            except BaseException:
+                if self.store:
+                    self.store.delete_concept(file)
+                raise
+            for key, delta in rows.items():
+                self._residual[key][art.rows(key)] = delta  # exact: the slot's rows held zeros
+            self._artifacts[art.name] = (art, data)
+            return {"name": art.name, "slot": art.meta.slot, "triggers": list(art.meta.triggers),
+                    "class_word": art.meta.class_word, "version": new.version}
+
+    def remove(self, token: str, name: str) -> dict[str, Any]:
+        """Take a live concept out (its rows of the residual become zero again) or cancel a
+        reservation; allowed to the owner and to the admin."""
+        with self._lock:
+            who = self._authenticate(token)
+            s = self._expired(self._s)
+            entry = s.concepts.get(name) or s.reservations.get(name)
+            if entry is None:
+                raise UnknownConcept(f"no live concept or reservation named {name!r}; live: {sorted(s.concepts)}")
+            if who != ADMIN and entry.client != who:
+                raise Unauthorized(f"concept {name!r} belongs to another client; only its owner or the admin "
+                                   "may remove it")
+            if name not in s.concepts:
+                self._commit(dataclasses.replace(
+                    s, reservations={n: r for n, r in s.reservations.items() if n != name}))
+                return {"name": name, "slot": entry.slot, "version": s.version, "removed": "reservation"}
+            new = dataclasses.replace(s, version=s.version + 1,
+                                      concepts={n: c for n, c in s.concepts.items() if n != name})
+            self._commit(new)
+            art, _ = self._artifacts.pop(name)
+            for key, res in self._residual.items():
+                res[art.rows(key)] = 0.0
+            if self.store:
+                self.store.delete_concept(entry.file)  # after the manifest: a crash leaves an orphan only
+            return {"name": name, "slot": entry.slot, "version": new.version, "removed": "concept"}
+
+    # -- reads -----------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """Counts changes of the live set (submit, remove): what a serving replica must follow."""
+        return self._s.version
+
+    def list_concepts(self) -> list[dict[str, Any]]:
+        """Live concepts and current reservations, in slot order (no tokens, no tensors)."""
+        with self._lock:
+            s = self._expired(self._s)
+            rows = [{"name": n, "owner": s.clients[c.client].name, "slot": c.slot, "triggers": list(c.triggers),
+                     "class_word": c.class_word, "status": "live", "version": c.version, "expires_at": None}
+                    for n, c in s.concepts.items()]
+            rows += [{"name": n, "owner": s.clients[r.client].name, "slot": r.slot,
+                      "triggers": trigger_names(r.slot, self.adapter.tokens_per_concept),
+                      "class_word": r.class_word, "status": "reserved", "version": None,
+                      "expires_at": r.expires_at} for n, r in s.reservations.items()]
+            return sorted(rows, key=lambda r: r["slot"])
+
+    def live(self) -> tuple[int, dict[str, dict[str, Any]]]:
+        """(version, name -> slot, triggers, class word, sha256 and the artifact's bytes)."""
+        with self._lock:
+            return self._s.version, {
+                n: {"slot": c.slot, "triggers": list(c.triggers), "class_word": c.class_word,
+                    "sha256": c.sha256, "bytes": self._artifacts[n][1]}
+                for n, c in self._s.concepts.items()}
+
+    def merged_residual(self) -> dict[str, torch.Tensor]:
+        """Target key -> Σ over live concepts of dW (m x n, float32); a copy."""
+        with self._lock:
+            return {k: v.clone() for k, v in self._residual.items()}
+
+    def info(self) -> dict[str, Any]:
+        with self._lock:
+            s = self._expired(self._s)
+            taken = len(s.concepts) + len(s.reservations)
+            return {"base_spec": self.config.base, "base_fingerprint": self.base.fingerprint,
+                    "resolution": self.base.resolution, "adapter": dataclasses.asdict(self.adapter),
+                    "num_slots": self.adapter.num_slots, "free_slots": self.adapter.num_slots - taken,
+                    "live": len(s.concepts), "reserved": len(s.reservations), "version": s.version,
+                    "max_artifact_bytes": self.config.max_artifact_bytes,
+                    "reservation_ttl_s": self.config.reservation_ttl_s,
+                    "state_dir": str(self.store.root) if self.store else None}
+
+    # -- internals -----------------------------------------------------------------------------
+    def _authenticate(self, token: str) -> str:
+        """The principal (client id or ADMIN) of a token; constant-time digest comparisons."""
+        if not isinstance(token, str) or not token:
+            raise Unauthorized("a token (string) is required; register to get one")
+        digest = token_hash(token)
+        admin = self._s.admin_sha256
+        if admin and hmac.compare_digest(digest, admin):
+            return ADMIN
+        client = self._s.clients.get(token.partition(".")[0])
+        if client is None or not hmac.compare_digest(digest, client.token_sha256):
+            raise Unauthorized("token not recognised by this federation; register again (a token from "
+                               "another federation or state folder is not valid here)")
+        return token.partition(".")[0]
+
+    def _client(self, token: str) -> str:
+        who = self._authenticate(token)
+        if who == ADMIN:
+            raise Unauthorized("the admin token cannot reserve or submit concepts; register a client")
+        return who
+
+    def _expired(self, s: _State) -> _State:
+        """`s` without the reservations whose TTL has passed (persisted by the caller's commit)."""
+        now = self.clock()
+        keep = {n: r for n, r in s.reservations.items() if r.expires_at > now}
+        if len(keep) == len(s.reservations):
+            return s
+        new = dataclasses.replace(s, reservations=keep)
+        self._commit(new)
+        return new
+
+    def _commit(self, new: _State) -> None:
+        self._save(new)
+        self._s = new
+
+    def _save(self, s: _State) -> None:
+        if self.store is None:
+            return
+        self.store.write_manifest({
+            "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "base_spec": self.config.base,
+            "base_fingerprint": self.base.fingerprint, "adapter": dataclasses.asdict(self.adapter),
+            "version": s.version, "admin_sha256": s.admin_sha256,
+            "clients": {k: dataclasses.asdict(v) for k, v in s.clients.items()},
+            "reservations": {k: dataclasses.asdict(v) for k, v in s.reservations.items()},
+            "concepts": {k: dataclasses.asdict(v) for k, v in s.concepts.items()},
+        })
+
+    def _load(self, m: dict[str, Any], admin_token_sha256: str | None) -> None:
+        """Rebuild from a manifest: every artifact re-read, re-validated and re-applied."""
+        where = self.store.manifest_path
+        if m.get("format") != MANIFEST_FORMAT or m.get("format_version") != MANIFEST_VERSION:
+            raise RuntimeError(f"{where} is not a {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest")
+        if m["base_fingerprint"] != self.base.fingerprint:
+            raise RuntimeError(f"{where} belongs to a federation on base {m['base_fingerprint'][:12]}… "
+                               f"({m['base_spec']!r}), not {self.base.fingerprint[:12]}… ({self.config.base!r}); "
+                               "start with that base or use another state folder")
+        stored = from_dict(AdapterConfig, m["adapter"])
+        if stored != self.adapter:
+            raise RuntimeError(f"{where} was created with {stored}, not {self.adapter}; start with the same "
+                               "slots/rank/targets or use another state folder")
+        s = _State(version=m["version"], admin_sha256=m["admin_sha256"] or admin_token_sha256,
+                   clients={k: _Client(**v) for k, v in m["clients"].items()},
+                   reservations={k: _Reservation(**v) for k, v in m["reservations"].items()},
+                   concepts={k: _Concept(**{**v, "triggers": tuple(v["triggers"])}) for k, v in m["concepts"].items()})
+        for name, c in s.concepts.items():
+            data = self.store.read_concept(c.file, c.sha256)
+            art = ConceptArtifact.from_bytes(data, max(self.config.max_artifact_bytes, len(data)))
+            self._compat.check(art)
+            for key, res in self._residual.items():
+                res[art.rows(key)] = art.delta_rows(key).float()
+            self._artifacts[name] = (art, data)
+        self.store.clean({c.file for c in s.concepts.values()})
+        self._commit(s)
+

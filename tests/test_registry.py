@@ -1,0 +1,231 @@
+"""The federation's rules on the plain Registry (no Ray): slots, expiry, validation, exact residual,
+persistence. Artifacts are random but well-formed (blocklora.synthetic) except where training is
+the point."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from blocklora.base import load_base
+from blocklora.config import AdapterConfig, FederationConfig, TrainConfig
+from blocklora.trainer import train_concept
+from core_helpers import make_artifact, write_images
+from federation.registry import (ArtifactRejected, Registry, ReservationError, SlotUnavailable, UnknownConcept,
+                                 Unauthorized, token_hash)
+from federation.store import StateStore
+
+ADAPTER = AdapterConfig(rank=2, num_slots=4)
+ADMIN = "admin-secret"
+
+
+class Clock:
+    """A hand-driven wall clock for reservation expiry."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base("tiny")  # the registry only reads shapes and the fingerprint: safe to share
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+def make_registry(base, tmp_path, clock, **cfg) -> Registry:
+    return Registry(base, ADAPTER, FederationConfig(reservation_ttl_s=60, **cfg), StateStore(tmp_path / "state"),
+                    token_hash(ADMIN), clock)
+
+
+@pytest.fixture
+def reg(base, tmp_path, clock):
+    return make_registry(base, tmp_path, clock)
+
+
+def snapshot(reg: Registry) -> tuple:
+    """Everything observable, to prove a refused call changed nothing (memory and disk)."""
+    return (reg.version, reg.list_concepts(), {k: v.clone() for k, v in reg.merged_residual().items()},
+            reg.store.manifest_path.read_bytes(), sorted(p.name for p in reg.store.concepts.iterdir()))
+
+
+def same(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and a[1] == b[1] and a[3:] == b[3:] and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+
+def submit_new(reg: Registry, base, token: str, name: str, seed: int = 0):
+    slot = reg.reserve(token, name, "dog")["slot"]
+    art = make_artifact(base, ADAPTER, name, slot, seed=seed)
+    return art, reg.submit(token, art.to_bytes())
+
+
+def expected_residual(arts) -> dict[str, torch.Tensor]:
+    keys = arts[0].meta.layout
+    return {k: sum((a.delta(k) for a in arts), torch.zeros(keys[k])) for k in keys}
+
+
+def test_slots_are_distinct_and_bounded(reg):
+    tok = reg.register("alice")["token"]
+    grants = [reg.reserve(tok, f"c{i}", "dog") for i in range(ADAPTER.num_slots)]
+    assert sorted(g["slot"] for g in grants) == list(range(ADAPTER.num_slots))
+    assert grants[2]["triggers"] == ["<blk2>"] and grants[0]["base_fingerprint"] == reg.base.fingerprint
+    assert reg.reserve(tok, "c1", "dog")["slot"] == grants[1]["slot"]  # asking again renews, same slot
+    before = snapshot(reg)
+    with pytest.raises(SlotUnavailable, match="all 4 slots are taken"):
+        reg.reserve(tok, "one-too-many", "dog")
+    assert same(before, snapshot(reg))
+
+
+def test_concurrent_reservations_never_collide(reg):
+    tokens = [reg.register(f"u{i}")["token"] for i in range(8)]
+    slots, errors = [], []
+
+    def ask(i: int) -> None:
+        try:
+            slots.append(reg.reserve(tokens[i], f"concept-{i}", "dog")["slot"])
+        except SlotUnavailable as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(slots) == list(range(ADAPTER.num_slots)) and len(errors) == 8 - ADAPTER.num_slots
+
+
+def test_reservation_expires_and_slot_returns(reg, base, clock):
+    tok = reg.register()["token"]
+    slot = reg.reserve(tok, "late", "dog")["slot"]
+    art = make_artifact(base, ADAPTER, "late", slot)
+    clock.now += 61
+    assert reg.info()["free_slots"] == ADAPTER.num_slots and reg.list_concepts() == []
+    with pytest.raises(ReservationError, match="no reservation"):
+        reg.submit(tok, art.to_bytes())
+    assert reg.reserve(reg.register()["token"], "other", "cat")["slot"] == slot
+
+
+def test_residual_is_exact_sum_and_remove_restores(reg, base):
+    alice, bob = reg.register("alice")["token"], reg.register("bob")["token"]
+    a, ra = submit_new(reg, base, alice, "dog-a", seed=1)
+    b, rb = submit_new(reg, base, bob, "dog-b", seed=2)
+    assert (ra["version"], rb["version"], reg.version) == (1, 2, 2) and a.meta.slot != b.meta.slot
+    res = reg.merged_residual()
+    for k, v in expected_residual([a, b]).items():
+        assert torch.equal(res[k], v), k
+    with pytest.raises(Unauthorized, match="another client"):
+        reg.remove(bob, "dog-a")
+    assert reg.remove(alice, "dog-a") == {"name": "dog-a", "slot": a.meta.slot, "version": 3, "removed": "concept"}
+    res = reg.merged_residual()
+    for k, v in expected_residual([b]).items():
+        assert torch.equal(res[k], v), k
+    assert reg.reserve(alice, "again", "dog")["slot"] == a.meta.slot  # the freed slot is handed out again
+    reg.remove(ADMIN, "dog-b")
+    assert all(torch.count_nonzero(v) == 0 for v in reg.merged_residual().values())
+    assert [c["status"] for c in reg.list_concepts()] == ["reserved"]
+    with pytest.raises(UnknownConcept):
+        reg.remove(ADMIN, "dog-b")
+
+
+def test_trained_artifact_goes_live(reg, base, tmp_path):
+    tok = reg.register()["token"]
+    grant = reg.reserve(tok, "trained", "dog")
+    adapter = AdapterConfig(**grant["adapter"])
+    art = train_concept(load_base("tiny"), write_images(tmp_path / "imgs", n=2), "trained", "dog", grant["slot"],
+                        adapter, TrainConfig(steps=2, batch_size=1, resolution=32), progress=False)
+    assert reg.submit(tok, art.to_bytes())["version"] == 1
+    for k, v in expected_residual([art]).items():
+        assert torch.equal(reg.merged_residual()[k], v)
+
+
+def _corrupt(name: str):
+    """Each case turns a good artifact (reserved by its owner) into bad bytes."""
+    def nan(art):
+        key = next(k for k in art.tensors if k.endswith("lora_B"))
+        art.tensors[key][0, 0] = float("nan")
+        return art.to_bytes()
+
+    def shapes(art):
+        key = next(k for k in art.tensors if k.endswith("lora_A"))
+        art.tensors[key] = art.tensors[key][:, :-1].contiguous()
+        return art.to_bytes()
+
+    def fingerprint(art):
+        return dataclasses.replace(art, meta=dataclasses.replace(art.meta, base_fingerprint="0" * 64)).to_bytes()
+
+    def other_slot(art):
+        return dataclasses.replace(art, meta=dataclasses.replace(
+            art.meta, slot=art.meta.slot + 1, triggers=(f"<blk{art.meta.slot + 1}>",))).to_bytes()
+
+    return {"nan": nan, "shapes": shapes, "fingerprint": fingerprint, "other_slot": other_slot,
+            "truncated": lambda art: art.to_bytes()[:-100], "not_bytes": lambda art: "text"}[name]
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("nan", ArtifactRejected, "NaN or Inf"),
+    ("shapes", ArtifactRejected, "shape"),
+    ("fingerprint", ArtifactRejected, "trained on base"),
+    ("other_slot", ReservationError, "reservation is for slot"),
+    ("truncated", ArtifactRejected, "truncated|trailing|runs past"),
+    ("not_bytes", ArtifactRejected, "sent as bytes"),
+])
+def test_bad_submissions_change_nothing(reg, base, case, error, message):
+    tok = reg.register()["token"]
+    submit_new(reg, base, tok, "kept")
+    slot = reg.reserve(tok, "bad", "dog")["slot"]
+    data = _corrupt(case)(make_artifact(base, ADAPTER, "bad", slot, seed=5))
+    before = snapshot(reg)
+    with pytest.raises(error, match=message):
+        reg.submit(tok, data)
+    assert same(before, snapshot(reg))
+
+
+def test_foreign_token_size_limit_and_wrong_token(base, tmp_path, clock):
+    reg = make_registry(base, tmp_path, clock, max_artifact_bytes=4096)
+    alice, mallory = reg.register("alice")["token"], reg.register("mallory")["token"]
+    slot = reg.reserve(alice, "alices", "dog")["slot"]
+    data = make_artifact(base, ADAPTER, "alices", slot).to_bytes()
+    before = snapshot(reg)
+    with pytest.raises(ArtifactRejected, match="at most 4,096"):
+        reg.submit(alice, data)
+    reg.config = dataclasses.replace(reg.config, max_artifact_bytes=len(data))
+    with pytest.raises(ReservationError, match="reserved by another client"):
+        reg.submit(mallory, data)
+    with pytest.raises(Unauthorized, match="not recognised"):
+        reg.submit(alice.split(".")[0] + ".forged", data)
+    with pytest.raises(Unauthorized, match="admin token cannot"):
+        reg.reserve(ADMIN, "x", "dog")
+    with pytest.raises(ReservationError, match="reserved by another client"):
+        reg.reserve(mallory, "alices", "dog")
+    assert same(before, snapshot(reg))
+
+
+def test_state_survives_a_new_registry(base, tmp_path, clock):
+    reg = make_registry(base, tmp_path, clock)
+    alice = reg.register("alice")["token"]
+    a, _ = submit_new(reg, base, alice, "a", seed=1)
+    b, _ = submit_new(reg, base, alice, "b", seed=2)
+    reg.remove(alice, "a")
+    c, _ = submit_new(reg, base, alice, "c", seed=3)
+    reg.reserve(alice, "pending", "cat")
+    (reg.store.concepts / ".half-written.safetensors.tmp").write_bytes(b"x")  # an interrupted write
+    (reg.store.concepts / "orphan-0123.safetensors").write_bytes(b"x")  # artifact written, manifest not
+    again = make_registry(base, tmp_path, clock)
+    assert again.version == reg.version == 4
+    assert again.list_concepts() == reg.list_concepts()
+    assert again.whoami(alice)["name"] == "alice" and again.whoami(ADMIN)["admin"]
+    for k, v in expected_residual([b, c]).items():
+        assert torch.equal(again.merged_residual()[k], v)
+    assert sorted(p.name for p in again.store.concepts.iterdir()) == sorted(
+        p.name for p in reg.store.concepts.iterdir() if p.name.startswith(("b-", "c-")))
+    with pytest.raises(RuntimeError, match="was created with"):
+        Registry(base, dataclasses.replace(ADAPTER, rank=3), FederationConfig(), StateStore(tmp_path / "state"))
