@@ -1,0 +1,122 @@
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+
+from blocklora.artifact import ConceptArtifact, InvalidArtifact
+from blocklora.config import AdapterConfig
+from blocklora.merge import LiveMerge
+from core_helpers import make_artifact
+
+CFG = AdapterConfig()
+
+
+@pytest.fixture
+def art(tiny_base):
+    return make_artifact(tiny_base, CFG, "my-dog", slot=3)
+
+
+def _header(data: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def _with_header(header: dict, payload: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + payload
+
+
+def _with_meta(art: ConceptArtifact, **changes) -> bytes:
+    header, payload = _header(art.to_bytes())
+    meta = json.loads(header["__metadata__"]["blocklora"])
+    meta.update(changes)
+    header["__metadata__"]["blocklora"] = json.dumps(meta)
+    return _with_header(header, payload)
+
+
+def test_round_trip_keeps_everything(art, tmp_path):
+    path = art.save(tmp_path / "c.safetensors")
+    back = ConceptArtifact.load(path)
+    assert back.meta == art.meta
+    assert all(torch.equal(back.tensors[k], v) for k, v in art.tensors.items())
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_holds_only_owned_rows(art):
+    key = next(iter(art.meta.layout))
+    m = art.meta.layout[key][0]
+    assert art.tensors[f"{key}.lora_B"].shape[0] == len(range(m)[art.rows(key)]) < m
+
+
+def _bit_flip(data: bytes) -> bytes:
+    b = bytearray(data)
+    b[20] ^= 0xFF
+    return bytes(b)
+
+
+def _nan(art: ConceptArtifact) -> bytes:
+    key = next(k for k in art.tensors if k.endswith("lora_B"))
+    t = dict(art.tensors)
+    t[key] = t[key].clone()
+    t[key][0, 0] = float("nan")
+    return ConceptArtifact(art.meta, t).to_bytes()
+
+
+def _drop_tensor(art: ConceptArtifact) -> bytes:
+    t = dict(art.tensors)
+    t.pop(next(iter(t)))
+    return ConceptArtifact(art.meta, t).to_bytes()
+
+
+def _wrong_dtype(art: ConceptArtifact) -> bytes:
+    header, payload = _header(art.to_bytes())
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["dtype"] = "I64"
+    return _with_header(header, payload)
+
+
+BAD = {
+    "empty": (lambda a: b"", "too short"),
+    "truncated": (lambda a: a.to_bytes()[:-100], "truncated"),
+    "bit-flipped header": (lambda a: _bit_flip(a.to_bytes()), "not valid JSON|malformed|corrupted"),
+    "huge declared header": (lambda a: struct.pack("<Q", 2**40) + b"{}", "exceeds"),
+    "pickle payload": (lambda a: pickle.dumps({"x": 1}), "header|too short|exceeds"),
+    "not ours": (lambda a: _with_header({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+                 "no blocklora metadata"),
+    "forged slot": (lambda a: _with_meta(a, slot=4), "do not belong to slot 4|needs"),
+    "slot beyond K": (lambda a: _with_meta(a, slot=99), "outside"),
+    "bad name": (lambda a: _with_meta(a, name="../../etc"), "not allowed"),
+    "future format": (lambda a: _with_meta(a, format_version=99), "not supported"),
+    "NaN": (_nan, "NaN or Inf"),
+    "missing tensor": (_drop_tensor, "missing"),
+    "int dtype": (_wrong_dtype, "dtype I64"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_files_are_refused_with_a_named_reason(art, case):
+    make, pattern = BAD[case]
+    with pytest.raises(InvalidArtifact, match=pattern):
+        ConceptArtifact.from_bytes(make(art))
+
+
+def test_size_limit_checked_before_parsing(art):
+    with pytest.raises(InvalidArtifact, match="the limit is 1,000"):
+        ConceptArtifact.from_bytes(art.to_bytes(), max_bytes=1000)
+
+
+def test_other_base_is_refused_and_nothing_changes(tiny_base, art):
+    lm = LiveMerge(tiny_base, CFG)
+    forged = ConceptArtifact.from_bytes(_with_meta(art, base_fingerprint="0" * 64))
+    w = {k: lin.weight.clone() for k, lin in lm.targets.items()}
+    with pytest.raises(InvalidArtifact, match="trained on base 000000000000"):
+        lm.add(forged)
+    assert lm.live == {} and all(torch.equal(lin.weight, w[k]) for k, lin in lm.targets.items())
+
+
+def test_other_federation_shape_is_refused(tiny_base, art):
+    lm = LiveMerge(tiny_base, AdapterConfig(rank=8))
+    with pytest.raises(InvalidArtifact, match="this federation uses"):
+        lm.add(art)

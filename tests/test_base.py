@@ -1,0 +1,25 @@
+import pytest
+
+from blocklora.base import load_base
+
+
+def test_tiny_fingerprint_is_stable_and_survives_a_save_load(tiny_base, tmp_path):
+    assert load_base("tiny").fingerprint == tiny_base.fingerprint
+    tiny_base.pipe.save_pretrained(tmp_path / "tiny")
+    assert load_base(str(tmp_path / "tiny")).fingerprint == tiny_base.fingerprint
+
+
+def test_tokenizer_matches_clip_ids(tiny_base):
+    # ids of OpenAI's CLIP tokenizer (as shipped with Stable Diffusion) for this sentence
+    assert tiny_base.pipe.tokenizer("a photo of a dog").input_ids == [49406, 320, 1125, 539, 320, 1929, 49407]
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
+        load_base(str(tmp_path / "nope"))
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE=1"):
+        load_base("nobody-here/no-such-model")

@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from blocklora.baselines import METHODS, merge_deltas
+from blocklora.config import AdapterConfig
+from blocklora.inject import eject, inject
+from blocklora.merge import LiveMerge
+from blocklora.stats import pairwise_stats, summary
+from core_helpers import make_artifact
+
+CFG = AdapterConfig(text_targets=("q_proj", "v_proj"))
+
+
+def _unet_out(base, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    ids = base.pipe.tokenizer(["a <blk3> dog", "a <blk7> cat"], padding="max_length", max_length=16,
+                              truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ctx = base.pipe.text_encoder(ids)[0]
+        return base.pipe.unet(x, torch.tensor([10, 500]), ctx).sample
+
+
+def test_merged_equals_unmerged_layers_active(tiny_base):
+    art = make_artifact(tiny_base, CFG, "a", slot=3, b_scale=0.5)
+    lm = LiveMerge(tiny_base, CFG)
+    # reference: the base with slot 3's BlockLoRA layers active, fed the artifact's parameters
+    layers = inject(tiny_base.pipe, CFG, slot=3)
+    with torch.no_grad():
+        for key, layer in layers.items():
+            layer.lora_A.copy_(art.tensors[f"{key}.lora_A"])
+            layer.lora_B.copy_(art.tensors[f"{key}.lora_B"])
+            layer.eval()
+        emb = tiny_base.pipe.text_encoder.get_input_embeddings().weight
+        tok = tiny_base.pipe.tokenizer.convert_tokens_to_ids("<blk3>")
+        saved = emb[tok].clone()
+        emb[tok] = art.tensors["text_encoder.token_embeds"][0]
+    reference = _unet_out(tiny_base)
+    with torch.no_grad():
+        emb[tok] = saved
+    eject(tiny_base.pipe)
+    base_out = _unet_out(tiny_base)
+    lm.add(art)
+    merged = _unet_out(tiny_base)
+    assert not torch.allclose(reference, base_out, atol=1e-3)  # the concept does something
+    torch.testing.assert_close(merged, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_two_concepts_rows_equal_single_merges_and_removal_is_exact(tiny_base):
+    a = make_artifact(tiny_base, CFG, "a", slot=2, seed=1)
+    b = make_artifact(tiny_base, CFG, "b", slot=9, seed=2)
+    lm = LiveMerge(tiny_base, CFG)
+    w0 = {k: lin.weight.clone() for k, lin in lm.targets.items()}
+    table0 = tiny_base.pipe.text_encoder.get_input_embeddings().weight.clone()
+    single = {}
+    for art in (a, b):
+        lm.add(art)
+        single[art.name] = {k: lin.weight.clone() for k, lin in lm.targets.items()}
+        lm.remove(art.name)
+    lm.set([b, a])  # order does not matter
+    for k, lin in lm.targets.items():
+        for art in (a, b):
+            rows = art.rows(k)
+            assert torch.equal(lin.weight[rows], single[art.name][k][rows])
+    lm.remove("a")
+    for k, lin in lm.targets.items():
+        assert torch.equal(lin.weight[a.rows(k)], w0[k][a.rows(k)])  # base rows back, bit for bit
+        assert torch.equal(lin.weight[b.rows(k)], single["b"][k][b.rows(k)])  # b untouched
+    lm.remove("b")
+    assert all(torch.equal(lin.weight, w0[k]) for k, lin in lm.targets.items())
+    assert torch.equal(tiny_base.pipe.text_encoder.get_input_embeddings().weight, table0)
+
+
+def test_scales_and_mean_convention(tiny_base):
+    arts = [make_artifact(tiny_base, CFG, n, slot=s, seed=s) for n, s in (("a", 0), ("b", 5), ("c", 11))]
+    lm = LiveMerge(tiny_base, CFG)
+    w0 = {k: lin.weight.clone() for k, lin in lm.targets.items()}
+    lm.set(arts, "mean")
+    expected = merge_deltas(arts, "mean")
+    for k, lin in lm.targets.items():
+        torch.testing.assert_close(lin.weight - w0[k], expected[k], rtol=1e-5, atol=1e-6)
+    lm.set(arts[:1], [0.5])
+    assert set(lm.live) == {"a"} and lm.live["a"].scale == 0.5
+
+
+def test_refusals_change_nothing(tiny_base):
+    lm = LiveMerge(tiny_base, CFG)
+    a = make_artifact(tiny_base, CFG, "a", slot=2)
+    lm.add(a)
+    snapshot = {k: lin.weight.clone() for k, lin in lm.targets.items()}
+    with pytest.raises(ValueError, match="already merged"):
+        lm.add(a)
+    with pytest.raises(ValueError, match="slot 2 is already held by concept 'a'"):
+        lm.add(make_artifact(tiny_base, CFG, "other", slot=2))
+    with pytest.raises(KeyError, match="'ghost' is not merged"):
+        lm.remove("ghost")
+    assert all(torch.equal(lin.weight, snapshot[k]) for k, lin in lm.targets.items())
+
+
+def test_weight_space_stats_zero_for_blocks_nonzero_for_plain_lora(tiny_base):
+    def deltas(cfg):
+        arts = [make_artifact(tiny_base, cfg, f"c{i}", slot=i, seed=i) for i in range(4)]
+        return {a.name: {k: a.delta(k) for k in a.meta.layout} for a in arts}
+
+    ours = summary(pairwise_stats(deltas(CFG)))
+    plain = summary(pairwise_stats(deltas(METHODS["lora-sum"].adapter_config(CFG))))
+    assert ours["max_abs_cosine"] == 0.0 and ours["mean_sign_conflict"] == 0.0
+    assert plain["mean_abs_cosine"] > 0 and plain["mean_sign_conflict"] > 0.2

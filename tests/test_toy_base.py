@@ -1,0 +1,61 @@
+"""The committed toy base: loads offline by any path, is what it claims, and draws what it is asked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may touch the network
+
+import pytest
+
+from blocklora.base import Base, load_base
+from blocklora.judge import Score, generate, load_judge
+from blocklora.toydata import HELDOUT_PAIRS, SHAPES, COLOUR_NAMES, TOY_BASE_DIR
+
+REPO = TOY_BASE_DIR.parents[1]
+PAIRS = [("circle", "red"), ("triangle", "green"), ("star", "white")]  # training pairs, fixed
+SEEDS = [0, 1, 2, 3]
+MAX_BYTES = 40 * 2**20
+
+
+@pytest.fixture(scope="module")
+def base() -> Base:
+    return load_base(str(TOY_BASE_DIR), device="cpu")
+
+
+def test_committed_weights_are_small_safetensors() -> None:
+    files = [p for p in (REPO / "models").rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl"}]
+    assert weights and all(p.suffix == ".safetensors" for p in weights), weights
+    assert sum(p.stat().st_size for p in weights) <= MAX_BYTES
+
+
+def test_architecture_fits_blocklora(base: Base) -> None:
+    pipe = base.pipe
+    assert base.resolution == 64
+    assert len(pipe.tokenizer) == 49408 and pipe.text_encoder.config.hidden_size >= 32
+    assert pipe.unet.config.cross_attention_dim >= 16
+    projections = [m for n, m in pipe.unet.named_modules() if n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    assert projections and min(m.out_features for m in projections) >= 16
+
+
+def test_fingerprint_same_across_loads_and_paths(base: Base) -> None:
+    """A second load in-process, and a fresh offline process loading by a relative path, agree."""
+    assert load_base(str(TOY_BASE_DIR), device="cpu").fingerprint == base.fingerprint
+    rel = os.path.relpath(TOY_BASE_DIR, REPO)
+    code = f"from blocklora.base import load_base; print(load_base({rel!r}, device='cpu').fingerprint)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == base.fingerprint
+
+
+def test_judge_finds_the_prompted_shape_and_colour(base: Base) -> None:
+    assert not set(PAIRS) & HELDOUT_PAIRS
+    images = generate(base.pipe, PAIRS, SEEDS)
+    score = Score.of("fixed prompts", load_judge().classify(images), [p for p in PAIRS for _ in SEEDS])
+    assert score.colour_acc > 2 / len(COLOUR_NAMES), score
+    assert score.shape_acc > 2 / len(SHAPES), score

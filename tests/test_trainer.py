@@ -1,0 +1,59 @@
+import torch
+
+from blocklora.artifact import ConceptArtifact
+from blocklora.config import AdapterConfig, TrainConfig
+from blocklora.inject import find_targets
+from blocklora.trainer import train_concept
+from core_helpers import write_images
+
+CFG = AdapterConfig(erasure=0.25)
+
+
+def _train(base, images, steps, **kw):
+    return train_concept(base, images, "pet", "dog", 4, CFG, TrainConfig(steps=steps, resolution=32, **kw),
+                         progress=False, checkpoint_dir=kw.pop("ckpt", None))
+
+
+def test_artifact_is_valid_and_base_is_left_untouched(tiny_base, tmp_path):
+    w0 = {k: lin.weight.clone() for k, lin in find_targets(tiny_base.pipe, CFG).items()}
+    art = _train(tiny_base, write_images(tmp_path / "img"), steps=3)
+    back = ConceptArtifact.from_bytes(art.to_bytes())
+    assert back.meta.slot == 4 and back.meta.triggers == ("<blk4>",) and back.meta.train_config["steps_done"] == 3
+    assert any(v.abs().sum() > 0 for k, v in art.tensors.items() if k.endswith("lora_B"))  # B learned
+    after = find_targets(tiny_base.pipe, CFG)
+    assert all(torch.equal(lin.weight, w0[k]) for k, lin in after.items())
+    assert type(tiny_base.pipe.text_encoder.get_input_embeddings()).__name__ == "Embedding"
+
+
+def test_deterministic_with_a_seed(tmp_path):
+    from blocklora.base import load_base
+
+    images = write_images(tmp_path / "img")
+    a, b = (_train(load_base("tiny"), images, steps=3) for _ in range(2))
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    from blocklora.base import load_base
+    from blocklora.trainer import ConceptTrainer
+    from blocklora.data import load_concept_images
+
+    images = write_images(tmp_path / "img")
+    full = _train(load_base("tiny"), images, steps=4)
+    # run 2 steps, checkpoint, throw the trainer away; a new process-like trainer resumes
+    cfg = TrainConfig(steps=4, resolution=32, checkpoint_every=2)
+    x, caps = load_concept_images(images, 32)
+    t = ConceptTrainer(load_base("tiny"), CFG, cfg, 4, "pet", "dog")
+    for _ in range(2):
+        t.step(*t.sample_batch(x, caps))
+    t.save_checkpoint(tmp_path / "ckpt")
+    t.close()
+    resumed = train_concept(load_base("tiny"), images, "pet", "dog", 4, CFG, cfg, checkpoint_dir=tmp_path / "ckpt",
+                            progress=False)
+    for k in full.tensors:
+        torch.testing.assert_close(resumed.tensors[k], full.tensors[k], rtol=0, atol=1e-6)
+
+
+def test_prior_preservation_runs(tiny_base, tmp_path):
+    art = _train(tiny_base, write_images(tmp_path / "img"), steps=2, prior_preservation=True, num_class_images=2)
+    assert art.meta.train_config["prior_preservation"] is True
