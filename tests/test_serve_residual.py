@@ -13,6 +13,7 @@ from blocklora.base import load_base
 from blocklora.conditioning import encode_prompts
 from blocklora.config import AdapterConfig
 from blocklora.merge import LiveMerge
+from blocklora.synthetic import random_artifact
 from serve.residual import ConceptBank
 from tests.core_helpers import make_artifact
 
@@ -106,7 +107,7 @@ def test_re_add_after_remove_and_slot_conflicts(setup):
     bank, live, _, arts = setup
     bank.remove("c")
     with pytest.raises(ValueError, match="slot 0 is already held by concept 'a'"):
-        bank.add(make_artifact(bank.base, bank.adapter, "other", 0))
+        bank.add(random_artifact("other", 0, bank.adapter, bank.base.fingerprint, bank.layout, bank.hidden))
     with pytest.raises(ValueError, match="already live"):
         bank.add(arts["a"])
     bank.add(arts["c"])

@@ -1,0 +1,253 @@
+"""Per-request subsets of live concepts without re-merging: W0 stays untouched, each sample adds
+only the residual rows of the concepts it asked for.
+
+Concepts own disjoint row blocks, so for a batch whose sample b asks for slots S_b with weights
+α_b, every target linear computes
+
+    h_b = W0 x_b + Σ_{k ∈ S_b} α_{b,k} (M_k ⊙ B_k) A_k x_b,
+
+which is exactly what a pipeline merged with W0 + Σ_{k∈S_b} α_{b,k} dW_k computes (up to float
+rounding), while samples with other subsets share the same forward pass. Each layer keeps every
+slot's factors stacked — A_all (K·r, n) and a block-structured B_all (m, K·r) whose column group k
+is non-zero only on slot k's rows — and a batch only multiplies by the columns of the slots some
+sample in it uses, so the extra cost is |∪S_b|·r·(n + m) per token, not K·r·(n + m).
+
+Nothing here knows about Ray; `serve/generator.py` drives a `ConceptBank` from a replica.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from blocklora.artifact import ConceptArtifact, InvalidArtifact
+from blocklora.base import Base
+from blocklora.config import AdapterConfig
+from blocklora.inject import _set_module, find_targets
+from blocklora.merge import phrase
+from blocklora.tokens import add_slot_tokens, token_ids
+
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+
+
+class SlotWeights:
+    """The per-sample slot weights α (batch, K) of the forward pass in flight, shared by every
+    `SlotResidualLinear` of one pipeline. `epoch` changes whenever α or any slot's factors change,
+    so each layer rebuilds its gathered factors once per batch, not once per call."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.alpha: torch.Tensor | None = None  # (B, K); None: no residual at all
+        self.active: torch.Tensor = torch.zeros(0, dtype=torch.long)  # slots with any non-zero α
+        self.epoch = 0
+
+    def set(self, alpha: torch.Tensor | None) -> None:
+        if alpha is not None:
+            if alpha.dim() != 2 or alpha.shape[1] != self.num_slots:
+                raise ValueError(f"slot weights must be (batch, {self.num_slots}), got {tuple(alpha.shape)}")
+            active = alpha.ne(0).any(0).nonzero().flatten()
+            if active.numel() == 0:
+                alpha = None
+            else:
+                self.active = active
+        self.alpha = alpha
+        self.epoch += 1
+
+
+class SlotResidualLinear(nn.Module):
+    """A frozen `nn.Linear` plus every live slot's residual, each sample weighted by its own α.
+
+    The batch of a call may be a multiple of α's batch: with classifier-free guidance the UNet runs
+    [uncond; cond], and both halves carry the concepts (as a merged pipeline's weights would), so α
+    is tiled to the call's batch.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, num_slots: int, weights: SlotWeights) -> None:
+        super().__init__()
+        self.base, self.rank, self.weights = base, rank, weights
+        m, n = base.out_features, base.in_features
+        dev = base.weight.device
+        self.register_buffer("A_all", torch.zeros(num_slots * rank, n, device=dev), persistent=False)  # (K·r, n)
+        self.register_buffer("B_all", torch.zeros(m, num_slots * rank, device=dev), persistent=False)  # (m, K·r)
+        self._epoch = -1
+        self._gathered: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # diffusers and transformers read .weight / .bias of projections
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @torch.no_grad()
+    def set_slot(self, slot: int, rows: slice, a: torch.Tensor, b_rows: torch.Tensor) -> None:
+        """Install slot's A (r, n) and owned rows of B (|R|, r); touches only that slot's block."""
+        cols = slice(slot * self.rank, (slot + 1) * self.rank)
+        self.A_all[cols] = a.to(self.A_all)
+        self.B_all[:, cols] = 0
+        self.B_all[rows, cols] = b_rows.to(self.B_all)
+        self._epoch = -1
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        cols = slice(slot * self.rank, (slot + 1) * self.rank)
+        self.A_all[cols] = 0
+        self.B_all[:, cols] = 0
+        self._epoch = -1
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A_S (|S|·r, n), B_S (m, |S|·r), α_S (B, |S|·r)) for the active slots S of this batch."""
+        if self._epoch != self.weights.epoch or self._gathered is None:
+            w = self.weights
+            cols = (w.active[:, None] * self.rank + torch.arange(self.rank)).flatten().to(self.A_all.device)
+            alpha = w.alpha[:, w.active].repeat_interleave(self.rank, dim=1)  # (B, |S|·r)
+            self._gathered = (self.A_all[cols], self.B_all[:, cols].contiguous(), alpha.to(self.A_all))
+            self._epoch = w.epoch
+        return self._gathered
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.weights.alpha is None:
+            return out
+        a, b, alpha = self._factors()
+        n = x.shape[0]
+        if n % alpha.shape[0]:
+            raise RuntimeError(f"a batch of {n} cannot carry slot weights set for {alpha.shape[0]} samples")
+        alpha = alpha.repeat(n // alpha.shape[0], 1).view(n, *([1] * (x.dim() - 2)), -1)  # (N, 1.., |S|·r)
+        u = (x.to(a.dtype) @ a.T) * alpha  # (..., |S|·r)
+        return out + (u @ b.T).to(out.dtype)  # (..., m): zero outside the active slots' rows
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, slots={self.A_all.shape[0] // self.rank}"
+
+
+class SlotTokenEmbedding(nn.Module):
+    """A token embedding whose slot trigger ids read the concept's vectors only in the samples that
+    asked for the concept; everywhere else they read the base table, as in a pipeline merged
+    without it. The table itself is never written, so no request sees another's triggers."""
+
+    def __init__(self, base: nn.Embedding, ids: list[list[int]], weights: SlotWeights) -> None:
+        super().__init__()
+        self.base, self.weights = base, weights
+        dev = base.weight.device
+        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=dev), persistent=False)  # (K, t)
+        self.register_buffer("vectors", torch.zeros(*self.ids.shape, base.weight.shape[1], device=dev,
+                                                    dtype=base.weight.dtype), persistent=False)  # (K, t, d)
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads .weight of the input embeddings
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids)
+        if self.weights.alpha is None:
+            return out
+        alpha = self.weights.alpha
+        if input_ids.shape[0] % alpha.shape[0]:
+            raise RuntimeError(f"a batch of {input_ids.shape[0]} prompts cannot carry slot weights "
+                               f"set for {alpha.shape[0]} samples")
+        alpha = alpha.repeat(input_ids.shape[0] // alpha.shape[0], 1).to(input_ids.device)
+        for k in self.weights.active.tolist():
+            wants = alpha[:, k].ne(0)[:, None, None]  # (B, 1, 1)
+            for j, tok in enumerate(self.ids[k].tolist()):
+                hit = (input_ids == tok).unsqueeze(-1) & wants  # (B, L, 1)
+                out = torch.where(hit, self.vectors[k, j].to(out.dtype), out)
+        return out
+
+
+class ConceptBank:
+    """Every live concept's factors and trigger vectors installed in a pipeline's serving layers,
+    addressable per sample.
+
+    `add`/`remove` touch one concept's slot (its factor columns and trigger vectors): the base is
+    loaded once, and no other concept is re-merged when the set changes.
+    """
+
+    def __init__(self, base: Base, adapter: AdapterConfig) -> None:
+        if not adapter.blockwise:
+            raise ValueError("ConceptBank needs blockwise concepts (disjoint rows); plain LoRAs overlap")
+        self.base, self.adapter = base, adapter
+        add_slot_tokens(base, adapter.num_slots, adapter.tokens_per_concept)
+        self.weights = SlotWeights(adapter.num_slots)
+        targets = find_targets(base.pipe, adapter)
+        self.layout = {k: (lin.out_features, lin.in_features) for k, lin in targets.items()}
+        self.hidden = {comp: te.get_input_embeddings().weight.shape[1]
+                       for comp, te in zip(TEXT_COMPONENTS, base.text_encoders)}
+        self.embeddings: list[SlotTokenEmbedding] = []
+        for te, ids in zip(base.text_encoders, self._slot_ids()):
+            emb = SlotTokenEmbedding(te.get_input_embeddings(), ids, self.weights)
+            te.set_input_embeddings(emb)
+            self.embeddings.append(emb)
+        self.layers: dict[str, SlotResidualLinear] = {}
+        for key, lin in targets.items():
+            layer = SlotResidualLinear(lin, adapter.rank, adapter.num_slots, self.weights)
+            _set_module(base.pipe, key, layer)
+            self.layers[key] = layer
+        self.live: dict[str, ConceptArtifact] = {}
+
+    def _slot_ids(self) -> list[list[list[int]]]:
+        """Per text encoder, (K, t) trigger ids: slot k's tokens in row k."""
+        per_slot = [token_ids(self.base, k, self.adapter.tokens_per_concept) for k in range(self.adapter.num_slots)]
+        return [[ids[e] for ids in per_slot] for e in range(len(self.base.text_encoders))]
+
+    def slot_of(self, name: str) -> int:
+        if name not in self.live:
+            raise KeyError(name)
+        return self.live[name].meta.slot
+
+    def check(self, art: ConceptArtifact) -> None:
+        """Everything `add` would refuse, without touching the pipeline."""
+        art.check_compatible(self.base.fingerprint, self.adapter, self.layout, self.hidden)
+        if art.name in self.live:
+            raise InvalidArtifact(f"concept {art.name!r} is already live; remove it first")
+        taken = {a.meta.slot: n for n, a in self.live.items()}
+        if art.meta.slot in taken:
+            raise InvalidArtifact(f"slot {art.meta.slot} is already held by concept {taken[art.meta.slot]!r}")
+
+    @torch.no_grad()
+    def add(self, art: ConceptArtifact) -> None:
+        self.check(art)
+        slot = art.meta.slot
+        for key, layer in self.layers.items():
+            layer.set_slot(slot, art.rows(key), art.tensors[f"{key}.lora_A"], art.tensors[f"{key}.lora_B"])
+        for (_, vec), emb in zip(sorted(art.token_embeds().items()), self.embeddings):
+            emb.vectors[slot] = vec.to(emb.vectors)
+        self.live[art.name] = art
+        self.weights.epoch += 1
+
+    @torch.no_grad()
+    def remove(self, name: str) -> ConceptArtifact:
+        if name not in self.live:
+            raise KeyError(f"concept {name!r} is not live; live: {sorted(self.live)}")
+        art = self.live.pop(name)
+        for layer in self.layers.values():
+            layer.clear_slot(art.meta.slot)
+        for emb in self.embeddings:
+            emb.vectors[art.meta.slot] = 0
+        self.weights.epoch += 1
+        return art
+
+    def alpha(self, subsets: list[Mapping[str, float]]) -> torch.Tensor:
+        """(B, K) slot weights for one subset {name: α} per sample; unknown names raise KeyError."""
+        alpha = torch.zeros(len(subsets), self.adapter.num_slots)
+        for b, subset in enumerate(subsets):
+            for name, w in subset.items():
+                alpha[b, self.slot_of(name)] = float(w)
+        return alpha
+
+    @contextmanager
+    def subsets(self, subsets: list[Mapping[str, float]]) -> Iterator[None]:
+        """Run the pipeline for one batch, sample b carrying exactly the concepts of subsets[b]."""
+        self.weights.set(self.alpha(subsets))
+        try:
+            yield
+        finally:
+            self.weights.set(None)
+
+    def phrases(self) -> dict[str, str]:
+        """Concept name -> what `{name}` in a prompt expands to, e.g. '<blk3> dog'."""
+        return {n: phrase(a) for n, a in self.live.items()}
