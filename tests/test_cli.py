@@ -1,0 +1,41 @@
+"""The documented CLI, run as a user would: separate processes, files in between."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from core_helpers import write_images
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "blocklora", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_help_lists_the_commands():
+    text = _cli("--help")
+    for cmd in ("train", "merge", "generate", "inspect"):
+        assert cmd in text
+
+
+def test_train_generate_merge_inspect(tmp_path):
+    images = write_images(tmp_path / "img")
+    for name, slot in (("a", 1), ("b", 2)):
+        _cli("train", "--images", str(images), "--name", name, "--class-word", "dog", "--slot", str(slot),
+             "--steps", "2", "--out", str(tmp_path / f"{name}.safetensors"))
+    _cli("generate", "--concepts", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+         "--prompt", "{a} and {b}", "--steps", "2", "--out", str(tmp_path / "img.png"))
+    assert Image.open(tmp_path / "img.png").size == (32, 32)
+    _cli("merge", "--concepts", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+         "--out", str(tmp_path / "lora"))
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
+    lines = _cli("inspect", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")).splitlines()
+    assert json.loads(lines[0])["slot"] == 1
+    assert json.loads(lines[-1])["max_abs_cosine"] == 0.0
