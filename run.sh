@@ -12,9 +12,10 @@ stamp=$venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   echo "== setting up $venv (first run: installs torch, diffusers, ray; a few minutes) =="
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --upgrade pip
-  "$venv/bin/pip" install -q torch torchvision   # pip takes the local wheels where the machine has them
-  "$venv/bin/pip" install -q -e ".[dev]"
+  log=$venv/install.log
+  { "$venv/bin/pip" install --upgrade pip &&
+    "$venv/bin/pip" install torch torchvision &&   # pip takes the local wheels where the machine has them
+    "$venv/bin/pip" install -e ".[dev]"; } > "$log" 2>&1 || { tail -40 "$log"; echo "install failed: see $log" >&2; exit 1; }
   rm -f "$venv"/.installed-* && touch "$stamp"
 fi
 export PATH="$PWD/$venv/bin:$PATH"
