@@ -15,7 +15,7 @@ from blocklora.config import AdapterConfig
 from blocklora.merge import LiveMerge
 from blocklora.synthetic import random_artifact
 from serve.residual import ConceptBank
-from tests.core_helpers import make_artifact
+from core_helpers import make_artifact
 
 ADAPTERS = {
     "unet-only": AdapterConfig(rank=4, num_slots=4),

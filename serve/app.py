@@ -1,0 +1,29 @@
+"""The application: the generator deployment bound into the ingress, from typed arguments.
+
+    serve run --working-dir . serve.app:build coordinator=blocklora-coordinator namespace=blocklora
+or `python jobs/serve_up.py`, which also pins the HTTP host and port and ships the code.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+from ray.serve import Application
+
+from federation.coordinator import DEFAULT_NAME, DEFAULT_NAMESPACE
+from serve.generator import Generator
+from serve.ingress import Ingress
+
+
+class AppArgs(BaseModel):
+    coordinator: str = Field(DEFAULT_NAME, description="name of the coordinator actor to follow")
+    namespace: str = Field(DEFAULT_NAMESPACE, description="its Ray namespace")
+    api_key: str | None = Field(None, description="if set, /v1/generate needs 'Authorization: Bearer <key>'")
+    replicas: int = Field(1, ge=1, description="generator replicas, each with its own copy of the base")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per generator replica")
+    device: str | None = Field(None, description="torch device of the replicas; default CUDA if present")
+
+
+def build(args: AppArgs) -> Application:
+    generator = Generator.options(num_replicas=args.replicas, ray_actor_options={"num_cpus": args.num_cpus})
+    return Ingress.bind(generator.bind(args.coordinator, args.namespace, args.device),
+                        args.coordinator, args.namespace, args.api_key)

@@ -1,0 +1,140 @@
+"""The model deployment: one base pipeline per replica, following the coordinator's live concepts.
+
+A replica loads the base once, wraps its target layers in a `ConceptBank`, and before every batch
+brings the bank to the coordinator's version by adding or removing only the concepts that changed.
+Requests with different subsets of concepts, prompts and seeds share one denoising loop; only
+requests with the same steps, guidance and size can share it, so a batch runs one loop per group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import serve
+
+from blocklora.artifact import ConceptArtifact
+from blocklora.base import load_base
+from blocklora.config import AdapterConfig, from_dict
+from blocklora.prompts import concept_refs, expand
+from serve.residual import ConceptBank
+from serve.schemas import GenerateRequest
+
+
+class ConceptUnavailable(KeyError):
+    """A request names a concept that is not live at the version the replica generated with."""
+
+    def __init__(self, names: list[str], version: int) -> None:
+        super().__init__(names, version)
+        self.names, self.version = names, version
+
+    def __str__(self) -> str:
+        return f"concept(s) {self.names} are not live (federation version {self.version})"
+
+
+@dataclass
+class Images:
+    version: int  # the federation version whose concepts drew them
+    seeds: list[int]
+    pixels: np.ndarray  # (num_images, H, W, 3) uint8
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16,
+                  user_config={"max_batch_size": 4, "batch_wait_timeout_s": 0.05})
+class Generator:
+    """Follows the coordinator named `coordinator` in `namespace`; `device` None: CUDA if present."""
+
+    def __init__(self, coordinator: str, namespace: str, device: str | None = None) -> None:
+        self.coordinator = ray.get_actor(coordinator, namespace=namespace)
+        info = ray.get(self.coordinator.info.remote())
+        base = load_base(info["base_spec"], device=device)
+        if base.fingerprint != info["base_fingerprint"]:
+            raise RuntimeError(f"base {info['base_spec']!r} loaded here has fingerprint {base.fingerprint[:12]}…, "
+                               f"the federation's is {info['base_fingerprint'][:12]}…; replicas need the same weights")
+        self.bank = ConceptBank(base, from_dict(AdapterConfig, info["adapter"]))
+        self.version = -1
+        self.digests: dict[str, str] = {}  # live name -> artifact sha256, to see a re-upload under a name
+        self.lock = asyncio.Lock()  # the bank changes only between batches, never under one
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Runtime knobs (Serve's user_config): batch size and how long a batch waits to fill."""
+        self._batched.set_max_batch_size(int(config["max_batch_size"]))
+        self._batched.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+
+    async def _sync(self) -> None:
+        """Apply only what changed since our version: removed concepts first (their slots free up)."""
+        state = await self.coordinator.state.remote(self.version)
+        if not state["changed"]:
+            return
+        live = state["concepts"]
+        for name in [n for n, d in self.digests.items() if live.get(n, {}).get("sha256") != d]:
+            self.bank.remove(name)
+            del self.digests[name]
+        for name, c in live.items():
+            if name not in self.digests:
+                self.bank.add(ConceptArtifact.from_bytes(await c["artifact"]))
+                self.digests[name] = c["sha256"]
+        self.version = state["version"]
+
+    async def concepts(self) -> dict[str, Any]:
+        async with self.lock:
+            await self._sync()
+            return {"version": self.version, "concepts": {
+                n: {"slot": a.meta.slot, "triggers": list(a.meta.triggers), "class_word": a.meta.class_word}
+                for n, a in self.bank.live.items()}}
+
+    async def generate(self, request: GenerateRequest) -> Images:
+        """Images for one request; raises ConceptUnavailable naming concepts that are not live."""
+        result = await self._batched(request)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def _batched(self, requests: list[GenerateRequest]) -> list[Images | Exception]:
+        async with self.lock:
+            await self._sync()
+            results: list[Images | Exception | None] = [None] * len(requests)
+            runnable = []
+            for i, req in enumerate(requests):
+                missing = [n for n in {**req.weights(), **dict.fromkeys(concept_refs(req.prompt))}
+                           if n not in self.bank.live]
+                if missing:
+                    results[i] = ConceptUnavailable(missing, self.version)
+                else:
+                    runnable.append(i)
+            key = lambda i: (requests[i].steps, requests[i].guidance_scale, requests[i].width, requests[i].height)  # noqa: E731
+            for _, group in itertools.groupby(sorted(runnable, key=key), key=key):
+                group = list(group)
+                pixels = await asyncio.to_thread(self._run, [requests[i] for i in group])
+                for i, px in zip(group, pixels):
+                    seeds = [requests[i].seed + j for j in range(requests[i].num_images)]
+                    results[i] = Images(self.version, seeds, px)
+            return results
+
+    @torch.no_grad()
+    def _run(self, requests: list[GenerateRequest]) -> list[np.ndarray]:
+        """One denoising loop for requests of equal steps/guidance/size; image j of a request is
+        drawn from its own generator seeded `seed + j`, so it does not depend on its batch mates."""
+        phrases = self.bank.phrases()
+        prompts, negatives, subsets, gens = [], [], [], []
+        for req in requests:
+            weights = {**dict.fromkeys(concept_refs(req.prompt), 1.0), **req.weights()}
+            for j in range(req.num_images):
+                prompts.append(expand(req.prompt, phrases))
+                negatives.append(req.negative_prompt)
+                subsets.append(weights)
+                gens.append(torch.Generator(device="cpu").manual_seed(req.seed + j))
+        first, res = requests[0], self.bank.base.resolution
+        with self.bank.subsets(subsets):
+            out = self.bank.base.pipe(prompts, negative_prompt=negatives, num_inference_steps=first.steps,
+                                      guidance_scale=first.guidance_scale, width=first.width or res,
+                                      height=first.height or res, generator=gens, output_type="np").images
+        pixels = (out * 255).round().clip(0, 255).astype(np.uint8)  # as diffusers' numpy_to_pil
+        bounds = np.cumsum([0] + [r.num_images for r in requests])
+        return [pixels[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -1,0 +1,155 @@
+"""The HTTP front: validation, the concept check against the coordinator, PNG encoding, admin calls.
+
+Every /v1/generate first reads the coordinator's version (one small actor call); when it moved, the
+live concept list is re-read, so a removed concept is refused here at once, before a replica is
+even asked. Admin calls go to the coordinator with the caller's bearer token: the coordinator
+decides who may submit or remove what, the ingress holds no secret of its own.
+
+(No `from __future__ import annotations` here: Serve's class-based views hand FastAPI the route
+signatures, and string annotations would turn the request body into a query parameter.)
+"""
+
+
+import base64
+import email.parser
+import email.policy
+import io
+import json
+import secrets
+
+import ray
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from blocklora.prompts import concept_refs
+from federation.registry import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable,
+                                 Unauthorized, UnknownConcept)
+from serve.generator import ConceptUnavailable
+from serve.schemas import Concept, Concepts, GenerateRequest, Images
+
+app = FastAPI(title="blocklora", summary="Stable Diffusion with any live subset of a federation's concepts",
+              docs_url="/v1/docs", openapi_url="/v1/openapi.json", redoc_url=None)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Malformed JSON is a 400 (the body could not be read at all); broken bounds stay a 422."""
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return JSONResponse(status_code=400, content={"detail": f"request body is not valid JSON: "
+                                                                f"{errors[0].get('ctx', {}).get('error', '')}"})
+    return JSONResponse(status_code=422, content={"detail": json.loads(json.dumps(errors, default=str))})
+
+
+# federation errors -> HTTP status; the coordinator's message is passed through as the detail
+STATUS = ((Unauthorized, 403), (UnknownConcept, 404), (ArtifactRejected, 422), (ReservationError, 409),
+          (SlotUnavailable, 409), (FederationError, 400))
+
+
+def _bearer(authorization: str | None) -> str:
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HTTPException(401, "send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
+    return token.strip()
+
+
+def _png(pixels) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _multipart_file(content_type: str, body: bytes) -> bytes:
+    """The first file part of a multipart/form-data body (stdlib parser: no extra dependency)."""
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    for part in msg.iter_parts() if msg.is_multipart() else ():
+        if part.get_filename() is not None or part.get_param("name", header="content-disposition") == "artifact":
+            return part.get_payload(decode=True) or b""
+    raise HTTPException(400, "multipart body has no file part; send the artifact as field 'artifact' "
+                             "(curl -F artifact=@concept.safetensors) or as the raw request body")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+@serve.ingress(app)
+class Ingress:
+    """`api_key` None: /v1/generate is open; otherwise it needs 'Authorization: Bearer <api_key>'."""
+
+    def __init__(self, generator: DeploymentHandle, coordinator: str, namespace: str,
+                 api_key: str | None = None) -> None:
+        self.generator, self.api_key = generator, api_key
+        self.coordinator = ray.get_actor(coordinator, namespace=namespace)
+        self.max_upload = ray.get(self.coordinator.info.remote())["max_artifact_bytes"]
+        self.version, self.live = -1, {}
+
+    async def _live(self) -> tuple[int, dict[str, dict]]:
+        """(version, name -> concept row), re-read only when the coordinator's version moved."""
+        version = await self.coordinator.version.remote()
+        if version != self.version:
+            rows = await self.coordinator.list_concepts.remote()
+            self.version, self.live = version, {r["name"]: r for r in rows if r["status"] == "live"}
+        return self.version, self.live
+
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self.coordinator, method).remote(*args)
+        except FederationError as err:
+            raise HTTPException(next(s for cls, s in STATUS if isinstance(err, cls)), str(err)) from None
+
+    @app.post("/v1/generate", response_model=Images,
+              responses={200: {"content": {"image/png": {}},
+                               "description": "image/png for one image (version in X-BlockLoRA-Version), "
+                                              "JSON with base64 PNGs for several"},
+                         404: {"description": "a named concept is not live"}})
+    async def generate(self, req: GenerateRequest, authorization: str | None = Header(None)) -> Response:
+        if self.api_key is not None and not secrets.compare_digest(_bearer(authorization), self.api_key):
+            raise HTTPException(403, "API key not accepted")
+        version, live = await self._live()
+        missing = [n for n in {**req.weights(), **dict.fromkeys(concept_refs(req.prompt))} if n not in live]
+        if missing:
+            raise HTTPException(404, f"concept(s) {missing} are not live (version {version}); "
+                                     f"live: {sorted(live)} — see GET /v1/concepts")
+        try:
+            out = await self.generator.generate.remote(req)
+        except ConceptUnavailable as err:  # removed between our check and the replica's sync
+            raise HTTPException(404, str(err)) from None
+        if req.num_images == 1:
+            return Response(_png(out.pixels[0]), media_type="image/png",
+                            headers={"X-BlockLoRA-Version": str(out.version), "X-BlockLoRA-Seed": str(out.seeds[0])})
+        return JSONResponse(Images(version=out.version, seeds=out.seeds,
+                                   images=[base64.b64encode(_png(p)).decode() for p in out.pixels]).model_dump())
+
+    @app.get("/v1/concepts", response_model=Concepts)
+    async def concepts(self) -> Concepts:
+        version, live = await self._live()
+        return Concepts(version=version, concepts=[Concept(**{k: r[k] for k in Concept.model_fields})
+                                                   for r in sorted(live.values(), key=lambda r: r["slot"])])
+
+    @app.get("/v1/healthz")
+    async def healthz(self) -> dict:
+        version, live = await self._live()
+        return {"status": "ok", "version": version, "live": len(live)}
+
+    @app.post("/v1/concepts", status_code=201)
+    async def upload(self, request: Request, authorization: str | None = Header(None)) -> dict:
+        """Submit an artifact (raw body, or multipart field 'artifact') with the token of the client
+        that reserved its slot; the coordinator validates it and makes it live."""
+        token = _bearer(authorization)
+        size = int(request.headers.get("content-length") or 0)
+        if size > self.max_upload:
+            raise HTTPException(413, f"artifact is {size:,} bytes; this federation accepts at most {self.max_upload:,}")
+        body = await request.body()
+        ctype = request.headers.get("content-type", "")
+        data = _multipart_file(ctype, body) if ctype.startswith("multipart/form-data") else body
+        if not data:
+            raise HTTPException(400, "empty upload: send the artifact's bytes (ConceptArtifact.save file)")
+        return await self._call("submit", token, data)
+
+    @app.delete("/v1/concepts/{name}")
+    async def remove(self, name: str, authorization: str | None = Header(None)) -> dict:
+        """Take a live concept out (owner or admin token); replicas drop its slot on their next batch."""
+        return await self._call("remove", _bearer(authorization), name)

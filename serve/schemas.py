@@ -1,0 +1,81 @@
+"""The HTTP API's request and response bodies, with every bound a client can hit spelled out.
+
+Bounds live on the fields so that FastAPI's 422 names the bound that was broken ("Input should be
+less than or equal to 50") and the OpenAPI docs show it before anyone sends a request.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from blocklora.config import GenerateConfig
+
+MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens; longer text only costs tokenizer time
+MAX_STEPS = 100
+MAX_SIDE = 1024  # pixels; a multiple of 8 so the VAE's latent grid is whole
+MIN_SIDE = 16
+MAX_IMAGES = 4  # per request; each image is a sample of the batched denoising loop
+MAX_CONCEPT_WEIGHT = 4.0  # |α|; merged concepts past a few units only produce noise
+_DEFAULTS = GenerateConfig()
+
+
+class ConceptWeight(BaseModel):
+    """A live concept and its weight α in W0 + Σ α_i dW_i."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    weight: float = Field(1.0, ge=-MAX_CONCEPT_WEIGHT, le=MAX_CONCEPT_WEIGHT)
+
+
+class GenerateRequest(BaseModel):
+    """One prompt, any subset of the live concepts; `{name}` in the prompt also adds `name`."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"prompt": "a photo of {my-dog} on a beach", "concepts": [{"name": "my-dog", "weight": 1.0}],
+         "steps": 20, "seed": 7}]})
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    concepts: list[str | ConceptWeight] = Field(default_factory=list, max_length=64)
+    negative_prompt: str = Field(_DEFAULTS.negative_prompt, max_length=MAX_PROMPT_CHARS)
+    steps: int = Field(_DEFAULTS.steps, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(_DEFAULTS.guidance_scale, ge=0.0, le=30.0)
+    seed: int = Field(_DEFAULTS.seed, ge=0, le=2**63 - 1, description="image j uses seed + j")
+    width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8,
+                              description="pixels; default: the base's native resolution")
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8,
+                               description="pixels; default: the base's native resolution")
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES)
+
+    @model_validator(mode="after")
+    def _no_duplicate_concepts(self) -> "GenerateRequest":
+        names = [c if isinstance(c, str) else c.name for c in self.concepts]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"concept(s) {twice} listed more than once; list each concept once with its weight")
+        if self.seed + self.num_images - 1 > 2**63 - 1:
+            raise ValueError(f"seed + num_images - 1 must be <= {2**63 - 1}")
+        return self
+
+    def weights(self) -> dict[str, float]:
+        """name -> α for the listed concepts (a bare name weighs 1.0)."""
+        return {c: 1.0 for c in self.concepts if isinstance(c, str)} | {
+            c.name: c.weight for c in self.concepts if isinstance(c, ConceptWeight)}
+
+
+class Images(BaseModel):
+    """Several images of one request, and the federation version whose concepts drew them."""
+
+    version: int
+    seeds: list[int]
+    images: list[str] = Field(description="base64-encoded PNGs, in seed order")
+
+
+class Concept(BaseModel):
+    name: str
+    slot: int
+    triggers: list[str]
+    class_word: str
+
+
+class Concepts(BaseModel):
+    version: int
+    concepts: list[Concept]

@@ -1,0 +1,180 @@
+"""Serving end to end: a real Ray cluster, the real coordinator, the app started by jobs/serve_up.py on
+127.0.0.1, and real HTTP. Images are checked against the in-process LiveMerge pipeline.
+
+The tests of this module run in order and share one deployment.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import dataclasses
+import io
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+
+from blocklora.base import load_base
+from blocklora.config import AdapterConfig, GenerateConfig
+from blocklora.generate import generate
+from blocklora.merge import LiveMerge, phrase
+from conftest import REPO, free_port
+from core_helpers import make_artifact
+from federation import coordinator
+
+pytestmark = pytest.mark.slow
+
+NAMESPACE, NAME = "blocklora-serve-test", "coordinator-serve-test"
+ADAPTER = AdapterConfig(rank=2, num_slots=3)
+ADMIN = "serve-test-admin-token"
+SAMPLING = {"steps": 3, "guidance_scale": 4.0, "seed": 11}
+
+
+@pytest.fixture(scope="module")
+def srv(ray_head, tmp_path_factory):
+    """Coordinator + two live concepts uploaded over HTTP + the app; yields what the tests need."""
+    root = tmp_path_factory.mktemp("serve")
+    subprocess.run([sys.executable, "jobs/start_coordinator.py", "--base-model", "tiny", "--slots",
+                    str(ADAPTER.num_slots), "--rank", str(ADAPTER.rank), "--state-dir", str(root / "state"),
+                    "--address", ray_head.address, "--namespace", NAMESPACE, "--name", NAME],
+                   cwd=REPO, env={**ray_head.env, "BLOCKLORA_ADMIN_TOKEN": ADMIN}, check=True, timeout=180)
+    port = free_port()
+    subprocess.run([sys.executable, "jobs/serve_up.py", "--address", ray_head.address, "--host", "127.0.0.1",
+                    "--port", str(port), "--namespace", NAMESPACE, "--coordinator", NAME],
+                   cwd=REPO, env=ray_head.env, check=True, timeout=300)
+    ray.init(address=ray_head.address, namespace=NAMESPACE, log_to_driver=False)
+    actor = coordinator.get(NAME, NAMESPACE)
+    token = ray.get(actor.register.remote("serve-test"))["token"]
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    base = load_base("tiny")
+    arts = {}
+    for i, name in enumerate(("a", "b")):
+        slot = ray.get(actor.reserve.remote(token, name, "dog"))["slot"]
+        arts[name] = make_artifact(base, ADAPTER, name, slot, seed=i + 1, b_scale=0.5)
+        r = client.post("/v1/concepts", files={"artifact": (f"{name}.safetensors", arts[name].to_bytes())},
+                        headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 201, r.text
+    yield dataclasses.make_dataclass("Srv", ["client", "actor", "token", "arts", "base"])(
+        client, actor, token, arts, base)
+    client.close()
+    from ray import serve
+    serve.delete("blocklora")
+    ray.kill(actor, no_restart=True)
+    ray.shutdown()
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def reference(srv, names: list[str], prompt: str) -> np.ndarray:
+    """The image of the single-process pipeline merged with `names` (LiveMerge), same seed."""
+    merged = LiveMerge(srv.base, ADAPTER)
+    merged.set([srv.arts[n] for n in names])
+    text = prompt.format(**{n: phrase(srv.arts[n]) for n in names})
+    image = generate(srv.base, text, GenerateConfig(width=32, height=32, **SAMPLING))[0]
+    merged.set([])
+    return np.asarray(image, dtype=np.int16)
+
+
+def post(srv, **body) -> httpx.Response:
+    return srv.client.post("/v1/generate", json={**SAMPLING, **body})
+
+
+@pytest.mark.parametrize("names", [[], ["a"], ["a", "b"]], ids=["none", "a", "a+b"])
+def test_generate_equals_merged_pipeline(srv, names):
+    prompt = "a photo of " + " and ".join("{%s}" % n for n in names) if names else "a photo of a dog"
+    r = post(srv, prompt=prompt)  # {name} in the prompt adds the concept
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png" and int(r.headers["x-blocklora-version"]) >= 2
+    got, want = pixels(r.content), reference(srv, names, prompt.replace("{", "{").replace("}", "}"))
+    assert np.abs(got - want).max() <= 2
+    assert post(srv, prompt=prompt).content == r.content  # same request, version and seed: same bytes
+
+
+def test_concepts_listed_and_weights_matter(srv):
+    listed = srv.client.get("/v1/concepts").json()
+    assert {c["name"]: c["slot"] for c in listed["concepts"]} == {n: a.meta.slot for n, a in srv.arts.items()}
+    assert srv.client.get("/v1/healthz").json()["status"] == "ok"
+    full = post(srv, prompt="a photo of a dog", concepts=["a"]).content
+    zero = post(srv, prompt="a photo of a dog", concepts=[{"name": "a", "weight": 0.0}]).content
+    none = post(srv, prompt="a photo of a dog").content
+    assert zero == none and full != none
+
+
+def test_several_images_and_mixed_batch(srv):
+    r = post(srv, prompt="a photo of {a}", num_images=2)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["seeds"] == [11, 12] and body["version"] >= 2
+    first = base64.b64decode(body["images"][0])
+    assert np.abs(pixels(first) - pixels(post(srv, prompt="a photo of {a}").content)).max() <= 2
+    prompts = ["a photo of {a}", "a photo of {b}", "a photo of a dog", "{a} and {b}"]
+    alone = [pixels(post(srv, prompt=p).content) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:  # batched together by @serve.batch
+        together = list(pool.map(lambda p: post(srv, prompt=p), prompts))
+    for r, a in zip(together, alone):
+        assert r.status_code == 200 and np.abs(pixels(r.content) - a).max() <= 2
+
+
+BAD = [  # (body or raw bytes, status, text the message must contain)
+    ({"prompt": "x", "concepts": ["ghost"]}, 404, "ghost"),
+    ({"prompt": "a {phantom} here"}, 404, "phantom"),
+    ({"prompt": "x", "steps": 0}, 422, "greater than or equal to 1"),
+    ({"prompt": "x", "steps": 101}, 422, "less than or equal to 100"),
+    ({"prompt": "x", "width": 2048}, 422, "less than or equal to 1024"),
+    ({"prompt": "x", "height": 36}, 422, "multiple of 8"),
+    ({"prompt": "x", "num_images": 5}, 422, "less than or equal to 4"),
+    ({"prompt": "x" * 1001}, 422, "at most 1000 characters"),
+    ({"prompt": ""}, 422, "at least 1 character"),
+    ({"prompt": "x", "concepts": ["a", "a"]}, 422, "more than once"),
+    ({"prompt": "x", "colour": "red"}, 422, "Extra inputs"),
+    (b'{"prompt": "x",', 400, "not valid JSON"),
+]
+
+
+def test_bad_input_gets_its_status_and_does_not_disturb_others(srv):
+    def send(case):
+        body, _, _ = case
+        if isinstance(body, bytes):
+            return srv.client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+        return post(srv, **body)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        good = pool.submit(post, srv, prompt="a photo of {a}")
+        results = list(pool.map(send, BAD))
+    for (body, status, text), r in zip(BAD, results):
+        assert r.status_code == status, (body, r.text)
+        assert text in r.text, (body, r.text)
+    assert good.result().status_code == 200
+    admin = [("delete", "/v1/concepts/a", {}, 401), ("delete", "/v1/concepts/a", {"Authorization": "Bearer nope"}, 403),
+             ("post", "/v1/concepts", {"Authorization": "Bearer nope"}, 403),
+             ("delete", "/v1/concepts/ghost", {"Authorization": f"Bearer {ADMIN}"}, 404)]
+    for method, path, headers, status in admin:
+        r = srv.client.request(method, path, headers=headers, content=b"x" * 64)
+        assert r.status_code == status, (method, path, r.text)
+    r = srv.client.post("/v1/concepts", content=b"not a safetensors file", headers={"Authorization": f"Bearer {srv.token}"})
+    assert r.status_code == 422 and "artifact refused" in r.text
+
+
+def test_removed_concept_refused_within_a_second_then_served_again(srv):
+    before = post(srv, prompt="a photo of {a}").content
+    r = srv.client.delete("/v1/concepts/a", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200, r.text
+    removed_at = time.monotonic()
+    r = post(srv, prompt="a photo of {a}")
+    assert r.status_code == 404 and "'a'" in r.text and time.monotonic() - removed_at < 1.0
+    assert post(srv, prompt="a photo of {b}").status_code == 200  # the others stay live
+    assert srv.client.get("/v1/concepts").json()["concepts"][0]["name"] == "b"
+    slot = ray.get(srv.actor.reserve.remote(srv.token, "a", "dog"))["slot"]
+    assert slot == srv.arts["a"].meta.slot  # the lowest free slot is the one it left
+    r = srv.client.post("/v1/concepts", content=srv.arts["a"].to_bytes(), headers={"Authorization": f"Bearer {srv.token}"})
+    assert r.status_code == 201, r.text
+    again = post(srv, prompt="a photo of {a}")
+    assert again.status_code == 200 and again.content == before
