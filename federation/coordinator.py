@@ -76,13 +76,21 @@ class Coordinator:
         return self.registry.merged_residual()
 
 
+def connect(address: str = "auto", namespace: str = DEFAULT_NAMESPACE) -> None:
+    """`ray.init` for a driver that starts the coordinator: blocklora and federation travel as
+    `py_modules` of this job, which the detached actor keeps, so it can be restarted (and import
+    them) after this driver has exited, on a cluster that has no copy of the repo."""
+    ray.init(address=address, namespace=namespace, log_to_driver=False,
+             runtime_env={"py_modules": [str(Path(m.__file__).parent) for m in (blocklora, federation)]})
+
+
 def start(state_dir: str | Path, adapter: AdapterConfig, config: FederationConfig,
           admin_token_sha256: str | None, name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE,
           max_restarts: int = -1, max_task_retries: int = 3) -> ray.actor.ActorHandle:
     """Create the detached coordinator on this driver's node and wait until it has loaded its state.
 
-    The code travels as `py_modules` (blocklora + federation), so the actor can be restarted after
-    this driver has exited. Needs `ray.init` first; refuses to start a second one under `name`.
+    Needs `connect` first (the code the actor runs comes with it); refuses to start a second
+    coordinator under `name`.
     """
     try:
         ray.get_actor(name, namespace=namespace)
@@ -96,7 +104,6 @@ def start(state_dir: str | Path, adapter: AdapterConfig, config: FederationConfi
         name=name, namespace=namespace, lifetime="detached", num_cpus=0,
         max_restarts=max_restarts, max_task_retries=max_task_retries,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        runtime_env={"py_modules": [str(Path(m.__file__).parent) for m in (blocklora, federation)]},
     ).remote(str(Path(state_dir).expanduser().resolve()), dataclasses.asdict(adapter),
              dataclasses.asdict(config), admin_token_sha256)
     ray.get(actor.info.remote())  # surfaces a failed __init__ (wrong base, foreign state folder) here
@@ -105,6 +112,8 @@ def start(state_dir: str | Path, adapter: AdapterConfig, config: FederationConfi
 
 def get(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> ray.actor.ActorHandle:
     """The running coordinator, found by name; a clear error when there is none."""
+    if not ray.is_initialized():  # ray.get_actor would quietly start a new, empty local cluster
+        raise RuntimeError("not connected to a Ray cluster: call ray.init(address=...) first")
     try:
         return ray.get_actor(name, namespace=namespace)
     except ValueError:

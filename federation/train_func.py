@@ -1,0 +1,100 @@
+"""The per-worker Ray Train function: plain PyTorch driving `blocklora.trainer.ConceptTrainer`.
+
+The Ray lines are marked `# Ray`. Data parallel without DDP wrapping: ConceptTrainer calls the
+UNet itself, so instead of `prepare_model` every worker all-reduces the trainable gradients
+(LoRA A, owned B rows, trigger vectors) in a fixed order just before the optimizer step. All
+workers start from rank 0's parameters and draw different batches and noise, so with N workers
+one step sees N x batch_size images. Rank 0 alone writes checkpoints; every worker reports.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train  # Ray
+import ray.train.torch  # Ray
+import torch
+import torch.distributed as dist
+
+from blocklora.base import load_base
+from blocklora.config import AdapterConfig, TrainConfig, from_dict
+from blocklora.trainer import ConceptTrainer, class_images
+
+ARTIFACT_FILE = "artifact.safetensors"  # in the final checkpoint: the only thing the client uploads
+
+
+def shard_tensors(shard) -> tuple[torch.Tensor, list[str | None]]:
+    """All of a (small) concept dataset as (N, 3, res, res) images and captions."""
+    rows = list(shard.iter_rows())
+    if not rows:
+        raise ValueError("the training dataset reached this worker empty; check the images folder")
+    images = torch.from_numpy(np.stack([r["image"] for r in rows]))
+    return images, [r["caption"] or None for r in rows]
+
+
+def _all_reduce_grads(opt: torch.optim.Optimizer, world: int) -> None:
+    """Average every trainable gradient over the workers (same order on every rank)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world
+
+
+def _sync_workers(trainer: ConceptTrainer, rank: int, world: int) -> None:
+    """Same starting parameters everywhere, gradient averaging, and a different random stream
+    per rank (rank 0 keeps the trainer's own, so one worker reproduces train_concept)."""
+    for group in trainer.opt.param_groups:
+        for p in group["params"]:
+            dist.broadcast(p.data, src=0)
+    trainer.opt.register_step_pre_hook(lambda opt, args, kwargs: _all_reduce_grads(opt, world))
+    if rank > 0:
+        seed = trainer.train_cfg.seed + 100_003 * rank + trainer.step_count
+        trainer.gen.manual_seed(seed)
+        torch.manual_seed(seed)  # erasure masks
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """config: base_spec, base_fingerprint, adapter (dict), train (dict), slot, name, class_word."""
+    adapter = from_dict(AdapterConfig, config["adapter"])
+    train = from_dict(TrainConfig, config["train"])
+    ctx = ray.train.get_context()  # Ray
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()  # Ray
+    base = load_base(config["base_spec"], device=ray.train.torch.get_device())  # Ray: this worker's device
+    if base.fingerprint != config["base_fingerprint"]:
+        raise RuntimeError(f"base {config['base_spec']!r} loads as {base.fingerprint[:12]}… on this worker, but "
+                           f"the federation's is {config['base_fingerprint'][:12]}…; use the same base files")
+    images, captions = shard_tensors(ray.train.get_dataset_shard("train"))  # Ray
+    prior = class_images(base, config["class_word"], train.num_class_images, train.seed) if train.prior_preservation else None
+    trainer = ConceptTrainer(base, adapter, train, config["slot"], config["name"], config["class_word"])
+    checkpoint = ray.train.get_checkpoint()  # Ray: set when this run is a retry or a resumed run
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            trainer.load_checkpoint(folder)
+    if world > 1:
+        _sync_workers(trainer, rank, world)
+    try:
+        while trainer.step_count < train.steps:
+            batch, caps = trainer.sample_batch(images, captions)
+            cls = None
+            if prior is not None:
+                cls = prior[torch.randint(0, prior.shape[0], (train.batch_size,), generator=trainer.gen)]
+            loss = trainer.step(batch, caps, cls)
+            step, last = trainer.step_count, trainer.step_count == train.steps
+            metrics = {"loss": loss, "step": step}
+            if rank == 0:
+                print(f"[{config['name']}] step {step}/{train.steps} loss {loss:.4f}", flush=True)
+            if rank == 0 and (last or (train.checkpoint_every and step % train.checkpoint_every == 0)):
+                with tempfile.TemporaryDirectory() as folder:
+                    trainer.save_checkpoint(folder)
+                    if last:
+                        (Path(folder) / ARTIFACT_FILE).write_bytes(trainer.artifact().to_bytes())
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))  # Ray
+            else:
+                ray.train.report(metrics)  # Ray: every worker reports each step
+    finally:
+        trainer.close()

@@ -1,0 +1,59 @@
+"""Train one concept for a federation and upload it; meant to run as a Ray job on the client's node.
+
+    ray job submit --working-dir . -- python jobs/client_train.py --images /data/my-dog \
+        --class-word dog --name my-dog [--steps 200] [--workers 1] [--use-gpu] [--token-file PATH]
+
+--images is a folder on the node the job runs on. The client token is kept in --token-file
+(created with mode 0600 on first use, reused afterwards). Prints the trigger and the new version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a plain script
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import ray  # noqa: E402
+
+from blocklora.config import TrainConfig  # noqa: E402
+from federation import coordinator  # noqa: E402
+from federation.client import load_or_register, train_and_submit  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", required=True, help="folder of the concept's pictures (on this node)")
+    p.add_argument("--class-word", required=True, help="what the concept is, e.g. 'dog'")
+    p.add_argument("--name", required=True, help="the concept's name in the federation")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--token-file", default="~/.blocklora/client_token")
+    p.add_argument("--client-name", default="", help="shown as the owner in list_concepts")
+    p.add_argument("--storage-path", default="~/blocklora-train", help="checkpoints (on this node)")
+    p.add_argument("--address", default="auto")
+    p.add_argument("--namespace", default=coordinator.DEFAULT_NAMESPACE)
+    p.add_argument("--coordinator", default=coordinator.DEFAULT_NAME)
+    args = p.parse_args()
+
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                        checkpoint_every=args.checkpoint_every)
+    ray.init(address=args.address, namespace=args.namespace)
+    coord = coordinator.get(args.coordinator, args.namespace)
+    token = load_or_register(coord, args.token_file, args.client_name)
+    live = train_and_submit(coord, token, args.images, args.name, args.class_word, train, args.workers,
+                            args.use_gpu, args.storage_path)
+    print(f"concept {live['name']!r} is live in slot {live['slot']}: prompt with "
+          f"'{' '.join(live['triggers'])} {live['class_word']}'; federation version {live['version']}")
+
+
+if __name__ == "__main__":
+    main()

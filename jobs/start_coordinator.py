@@ -1,0 +1,74 @@
+"""Start a federation's coordinator: a detached, named Ray actor that outlives this script.
+
+    python jobs/start_coordinator.py --base-model tiny --slots 16 --rank 4 --state-dir ~/federation \
+        [--address auto] [--namespace blocklora] [--name blocklora-coordinator]
+
+The admin token comes from BLOCKLORA_ADMIN_TOKEN or is generated and written to
+STATE_DIR/admin_token (mode 0600); it is never printed. On a state folder that already holds a
+federation, the stored admin token and every concept are kept, and the other flags must match it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a plain script
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import ray  # noqa: E402
+
+from blocklora.config import UNET_TARGETS, AdapterConfig, FederationConfig  # noqa: E402
+from federation import coordinator  # noqa: E402
+from federation.registry import new_token, token_hash  # noqa: E402
+from federation.store import MANIFEST, atomic_write  # noqa: E402
+
+
+def admin_token_sha256(state_dir: Path) -> str | None:
+    """The admin token's hash for a new federation (None: the state folder already has one)."""
+    if (state_dir / MANIFEST).exists():
+        print("existing federation state found: its admin token stays valid")
+        return None
+    token = os.environ.get("BLOCKLORA_ADMIN_TOKEN") or new_token()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(state_dir / "admin_token", token.encode(), 0o600)
+    print(f"admin token written to {state_dir / 'admin_token'} (mode 0600)")
+    return token_hash(token)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base-model", default="tiny", help="'tiny', a diffusers folder or a hub id")
+    p.add_argument("--slots", type=int, default=16, help="K: concepts that can be live at once")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank r of every concept")
+    p.add_argument("--targets", default=",".join(UNET_TARGETS), help="UNet module-name suffixes, comma-separated")
+    p.add_argument("--text-targets", default="", help="text-encoder module-name suffixes, comma-separated")
+    p.add_argument("--tokens-per-concept", type=int, default=1)
+    p.add_argument("--state-dir", required=True, help="folder on this node that holds the federation's state")
+    p.add_argument("--reservation-ttl", type=float, default=3600.0, help="seconds before an unused slot returns")
+    p.add_argument("--max-artifact-mb", type=float, default=64.0)
+    p.add_argument("--max-restarts", type=int, default=-1, help="-1: restart the actor forever")
+    p.add_argument("--address", default="auto")
+    p.add_argument("--namespace", default=coordinator.DEFAULT_NAMESPACE)
+    p.add_argument("--name", default=coordinator.DEFAULT_NAME)
+    args = p.parse_args()
+
+    split = lambda s: tuple(x for x in s.split(",") if x)  # noqa: E731
+    adapter = AdapterConfig(rank=args.rank, num_slots=args.slots, unet_targets=split(args.targets),
+                            text_targets=split(args.text_targets), tokens_per_concept=args.tokens_per_concept)
+    config = FederationConfig(base=args.base_model, reservation_ttl_s=args.reservation_ttl,
+                              max_artifact_bytes=int(args.max_artifact_mb * 1024 * 1024))
+    state_dir = Path(args.state_dir).expanduser().resolve()
+    coordinator.connect(args.address, args.namespace)
+    actor = coordinator.start(state_dir, adapter, config, admin_token_sha256(state_dir), args.name,
+                              args.namespace, args.max_restarts)
+    info = ray.get(actor.info.remote())
+    print(f"coordinator {args.name!r} (namespace {args.namespace!r}) is up: base {info['base_spec']} "
+          f"{info['base_fingerprint'][:12]}…, {info['num_slots']} slots, {info['live']} live concept(s), "
+          f"version {info['version']}, state in {state_dir}")
+
+
+if __name__ == "__main__":
+    main()

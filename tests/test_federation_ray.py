@@ -1,0 +1,196 @@
+"""The federation end to end on a real Ray cluster: the coordinator started by jobs/start_coordinator.py,
+two concurrent `ray job submit` client trainings, exact residual, removal, rejections, and state
+surviving an actor restart and a brand-new coordinator on the same folder.
+
+The tests of this module run in order and share one federation (one cluster for the session).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+import torch
+
+from blocklora.artifact import ConceptArtifact
+from blocklora.base import load_base
+from blocklora.config import AdapterConfig
+from conftest import REPO, VENV_BIN
+from core_helpers import make_artifact, write_images
+from federation import coordinator
+from federation.registry import ArtifactRejected, ReservationError, SlotUnavailable, Unauthorized
+
+pytestmark = pytest.mark.slow
+
+NAMESPACE, NAME = "blocklora-test", "coordinator-test"
+SLOTS, RANK = 3, 2
+ADMIN_TOKEN = "test-admin-token"
+
+
+def start_coordinator(head, state_dir) -> ray.actor.ActorHandle:
+    """Run the real start script, then find the actor by name as every other part does."""
+    subprocess.run([sys.executable, "jobs/start_coordinator.py", "--base-model", "tiny", "--slots", str(SLOTS),
+                    "--rank", str(RANK), "--state-dir", str(state_dir), "--address", head.address,
+                    "--namespace", NAMESPACE, "--name", NAME],
+                   cwd=REPO, env={**head.env, "BLOCKLORA_ADMIN_TOKEN": ADMIN_TOKEN}, check=True, timeout=180)
+    return coordinator.get(NAME, NAMESPACE)
+
+
+@pytest.fixture(scope="module")
+def fed(ray_head, tmp_path_factory):
+    """The shared federation: cluster, coordinator, a driver connection, the tiny base, a scratch dir."""
+    root = tmp_path_factory.mktemp("federation")
+    ray.init(address=ray_head.address, namespace=NAMESPACE, log_to_driver=False)
+    actor = start_coordinator(ray_head, root / "state")
+    yield dataclasses.make_dataclass("Fed", ["head", "root", "actor", "base", "clients"])(
+        ray_head, root, actor, load_base("tiny"), {})
+    ray.kill(coordinator.get(NAME, NAMESPACE), no_restart=True)
+    ray.shutdown()
+
+
+def submit_job(fed, name: str, seed: int) -> subprocess.Popen:
+    images = write_images(fed.root / f"images-{name}", n=3, seed=seed)
+    cmd = [str(VENV_BIN / "ray"), "job", "submit",
+           "--address", fed.head.dashboard_url, "--working-dir", str(REPO), "--",
+           "python", "jobs/client_train.py", "--images", str(images), "--class-word", "dog", "--name", name,
+           "--steps", "3", "--batch-size", "1", "--seed", str(seed), "--workers", "1",
+           "--token-file", str(fed.root / f"{name}.token"), "--client-name", f"owner-{name}",
+           "--storage-path", str(fed.root / "train"), "--address", fed.head.address, "--namespace", NAMESPACE,
+           "--coordinator", NAME]
+    return subprocess.Popen(cmd, cwd=REPO, env=fed.head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def live_artifacts(actor) -> dict[str, ConceptArtifact]:
+    """What a serve replica sees: the live set through `state`, artifacts via the object store."""
+    state = ray.get(actor.state.remote(-1))
+    return {n: ConceptArtifact.from_bytes(ray.get(c["artifact"])) for n, c in state["concepts"].items()}
+
+
+def assert_residual_is_sum(actor) -> None:
+    arts = list(live_artifacts(actor).values())
+    residual = ray.get(actor.merged_residual.remote())
+    for key, value in residual.items():
+        expected = torch.zeros_like(value)
+        for art in arts:
+            expected += art.delta(key)
+        assert torch.equal(value, expected), key
+
+
+def observable(actor) -> tuple:
+    return ray.get([actor.version.remote(), actor.list_concepts.remote(), actor.info.remote()])
+
+
+def test_two_concurrent_client_jobs(fed):
+    jobs = {name: submit_job(fed, name, seed) for name, seed in (("dog-a", 1), ("dog-b", 2))}
+    for name, job in jobs.items():
+        out, _ = job.communicate(timeout=540)
+        assert job.returncode == 0, out[-4000:]
+        assert f"concept '{name}' is live in slot" in out and "step 3/3" in out, out[-4000:]
+        fed.clients[name] = (fed.root / f"{name}.token").read_text().strip()
+    concepts = ray.get(fed.actor.list_concepts.remote())
+    assert [c["status"] for c in concepts] == ["live", "live"]
+    assert len({c["slot"] for c in concepts}) == 2 and {c["owner"] for c in concepts} == {"owner-dog-a", "owner-dog-b"}
+    assert ray.get(fed.actor.version.remote()) == 2
+    arts = live_artifacts(fed.actor)
+    assert all(a.meta.train_config["steps_done"] == 3 for a in arts.values())
+    assert_residual_is_sum(fed.actor)
+
+
+def test_rejections_change_nothing(fed):
+    actor, base, token = fed.actor, fed.base, fed.clients["dog-b"]
+    adapter = AdapterConfig(**ray.get(actor.info.remote())["adapter"])
+    other = ray.get(actor.register.remote("other"))["token"]
+    grant = ray.get(actor.reserve.remote(token, "bad", "cat"))
+    good = make_artifact(base, adapter, "bad", grant["slot"], seed=9)
+    before = observable(actor)
+    nan = make_artifact(base, adapter, "bad", grant["slot"], seed=9)
+    nan.tensors[next(k for k in nan.tensors if k.endswith("lora_A"))][0, 0] = float("inf")
+    foreign = dataclasses.replace(good, meta=dataclasses.replace(good.meta, base_fingerprint="f" * 64))
+    shapes = make_artifact(base, dataclasses.replace(adapter, rank=RANK + 1), "bad", grant["slot"])
+    cases = [
+        (Unauthorized, "not recognised", "c0.wrong", good.to_bytes()),
+        (ReservationError, "another client", other, good.to_bytes()),
+        (ArtifactRejected, "trained on base", token, foreign.to_bytes()),
+        (ArtifactRejected, "adapter", token, shapes.to_bytes()),
+        (ArtifactRejected, "NaN or Inf", token, nan.to_bytes()),
+        (ArtifactRejected, "truncated|runs past|trailing", token, good.to_bytes()[:-64]),
+        (ArtifactRejected, "accepts at most", token, good.to_bytes() + b"\0" * (64 * 1024 * 1024)),
+    ]
+    for error, message, who, data in cases:
+        with pytest.raises(error, match=message):
+            ray.get(actor.submit.remote(who, data))
+    with pytest.raises(SlotUnavailable, match=f"all {SLOTS} slots are taken"):
+        ray.get(actor.reserve.remote(other, "one-too-many", "cat"))
+    assert observable(actor) == before
+    ray.get(actor.remove.remote(token, "bad"))  # cancel the reservation: its slot is free again
+
+
+def test_remove_updates_residual_and_frees_slot(fed):
+    actor = fed.actor
+    slot_a = next(c["slot"] for c in ray.get(actor.list_concepts.remote()) if c["name"] == "dog-a")
+    with pytest.raises(Unauthorized, match="another client"):
+        ray.get(actor.remove.remote(fed.clients["dog-b"], "dog-a"))
+    done = ray.get(actor.remove.remote(fed.clients["dog-a"], "dog-a"))
+    assert done["version"] == 3 and done["slot"] == slot_a
+    assert set(live_artifacts(actor)) == {"dog-b"}
+    assert_residual_is_sum(actor)
+    grant = ray.get(actor.reserve.remote(fed.clients["dog-a"], "dog-a2", "dog"))
+    assert grant["slot"] == slot_a
+    art = make_artifact(fed.base, AdapterConfig(**grant["adapter"]), "dog-a2", slot_a, seed=4)
+    assert ray.get(actor.submit.remote(fed.clients["dog-a"], art.to_bytes()))["version"] == 4
+    assert_residual_is_sum(actor)
+
+
+def wait_until_up(get_actor, timeout: float = 120) -> ray.actor.ActorHandle:
+    """Poll (bounded) until the coordinator answers again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            actor = get_actor()
+            ray.get(actor.version.remote(), timeout=10)
+            return actor
+        except (ray.exceptions.RayError, RuntimeError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def test_restarted_actor_has_everything(fed):
+    before = observable(fed.actor)
+    residual = ray.get(fed.actor.merged_residual.remote())
+    ray.kill(fed.actor, no_restart=False)
+    actor = wait_until_up(lambda: coordinator.get(NAME, NAMESPACE))
+    assert observable(actor) == before
+    after = ray.get(actor.merged_residual.remote())
+    assert all(torch.equal(after[k], v) for k, v in residual.items())
+    assert_residual_is_sum(actor)
+    assert ray.get(actor.whoami.remote(fed.clients["dog-b"]))["name"] == "owner-dog-b"
+
+
+def test_fresh_coordinator_on_same_state_dir(fed):
+    actor = coordinator.get(NAME, NAMESPACE)
+    before = observable(actor)
+    residual = ray.get(actor.merged_residual.remote())
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the name is released once the actor is dead
+        try:
+            coordinator.get(NAME, NAMESPACE)
+            time.sleep(0.5)
+        except RuntimeError:
+            break
+    actor = start_coordinator(fed.head, fed.root / "state")
+    assert observable(actor) == before
+    after = ray.get(actor.merged_residual.remote())
+    assert all(torch.equal(after[k], v) for k, v in residual.items())
+    assert ray.get(actor.whoami.remote(fed.clients["dog-a"]))["name"] == "owner-dog-a"
+    assert ray.get(actor.whoami.remote(ADMIN_TOKEN))["admin"]
+    assert (fed.root / "state" / "admin_token").stat().st_mode & 0o077 == 0
+    ray.get(actor.remove.remote(ADMIN_TOKEN, "dog-b"))
+    assert set(live_artifacts(actor)) == {"dog-a2"}
+    assert_residual_is_sum(actor)
