@@ -25,22 +25,30 @@ JUDGE_DIR = Path(__file__).resolve().parents[1] / "models" / "judge"
 JUDGE_FILE = "judge.safetensors"
 
 
-class Judge(nn.Module):
-    """Four stride-2 conv blocks (64 -> 4 px), global average pool, one linear head per label."""
+def _block(a: int, b: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(a, b, 3, stride=stride, padding=1), nn.GroupNorm(8, b), nn.SiLU())
 
-    def __init__(self, width: int = 32) -> None:
+
+class Judge(nn.Module):
+    """A full-resolution stem, four stride-2 stages (64 -> 4 px), then mean and max pooling.
+
+    Max pooling lets a small object win over a large background; mean pooling keeps the context
+    that tells object from background.
+    """
+
+    def __init__(self, width: int = 16) -> None:
         super().__init__()
-        chans = [3, width, width * 2, width * 4, width * 4]
-        self.features = nn.Sequential(*[
-            nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), nn.GroupNorm(8, b), nn.SiLU())
-            for a, b in zip(chans, chans[1:])
-        ])
-        self.shape_head = nn.Linear(chans[-1], len(SHAPES))
-        self.colour_head = nn.Linear(chans[-1], len(COLOUR_NAMES))
+        chans = [width, width * 2, width * 4, width * 8, width * 8]
+        self.features = nn.Sequential(_block(3, width, 1), _block(width, chans[1], 2), *[
+            nn.Sequential(_block(a, a, 1), _block(a, b, 2)) for a, b in zip(chans[1:], chans[2:])
+        ])  # no second conv at 64 px: it would double the cost for little gain
+        self.shape_head = nn.Linear(2 * chans[-1], len(SHAPES))
+        self.colour_head = nn.Linear(2 * chans[-1], len(COLOUR_NAMES))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, 3, 64, 64) in [-1, 1] -> (shape logits (B, 6), colour logits (B, 8))."""
-        h = self.features(x).mean(dim=(2, 3))  # (B, C)
+        f = self.features(x)  # (B, C, 4, 4)
+        h = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)  # (B, 2C)
         return self.shape_head(h), self.colour_head(h)
 
     @torch.no_grad()
@@ -76,7 +84,7 @@ def _batch(step: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor,
             torch.tensor([COLOUR_NAMES.index(s.main.colour) for s in samples]))
 
 
-def train_judge(steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, seed: int = 1000) -> Judge:
+def train_judge(steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, seed: int = 1000) -> Judge:
     """Cross-entropy on both heads; the data seed differs from the base's so neither sees the other's."""
     torch.manual_seed(seed)
     judge, g = Judge(), torch.Generator().manual_seed(seed)
@@ -85,12 +93,12 @@ def train_judge(steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, seed:
     for step in (bar := tqdm(range(steps), desc="judge")):
         x, shape, colour = _batch(step, batch_size, seed)
         shape_logits, colour_logits = judge.train()(_augment(x, g))
-        loss = F.cross_entropy(shape_logits, shape) + F.cross_entropy(colour_logits, colour)
+        shape_loss, colour_loss = F.cross_entropy(shape_logits, shape), F.cross_entropy(colour_logits, colour)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (shape_loss + colour_loss).backward()
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(shape=f"{shape_loss.item():.3f}", colour=f"{colour_loss.item():.3f}")
     return judge.eval()
 
 

@@ -47,10 +47,14 @@ SAMPLE_STEPS, GUIDANCE = 20, 5.0
 
 
 def build_vae() -> AutoencoderKL:
-    """4x downscale (64 px -> 16x16x4 latents): flat-coloured shapes need little detail."""
+    """4x downscale (64 px -> 16x16x4 latents): flat-coloured shapes need little detail.
+
+    One norm group: with one channel per group, GroupNorm is instance norm, which erases a flat
+    picture's colour; the VAE then paints blob artifacts to smuggle it past the norm.
+    """
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32, 64), norm_num_groups=16, sample_size=SIZE,
+        block_out_channels=(16, 32, 64), norm_num_groups=1, sample_size=SIZE,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
     )
 
@@ -59,7 +63,7 @@ def build_unet() -> UNet2DConditionModel:
     """Cross-attention at every level; the narrowest projection still has 32 >= 16 rows for slots."""
     return UNet2DConditionModel(
         sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64, 128), norm_num_groups=16, attention_head_dim=8,
+        block_out_channels=(32, 64, 128), norm_num_groups=8, attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=64,
     )
@@ -114,6 +118,15 @@ class Run:
         self.state = json.loads(state_path.read_text()) if state_path.exists() else {
             "vae_step": 0, "unet_step": 0, "wall_seconds": 0.0}
         self._t0 = time.time()
+        self._forget_uncheckpointed_losses()
+
+    def _forget_uncheckpointed_losses(self) -> None:
+        """Drop log rows past the last checkpoint: a resumed run logs those steps again."""
+        path = self.work / "loss.csv"
+        if path.exists():
+            lines = path.read_text().splitlines(keepends=True)
+            keep = [ln for ln in lines[1:] if int(ln.split(",")[1]) < self.state[ln.split(",")[0] + "_step"]]
+            path.write_text("".join(lines[:1] + keep))
 
     def checkpoint(self, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer, stage: str) -> None:
         for name, mod in modules.items():
@@ -188,8 +201,9 @@ def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_si
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     run.restore({"unet": unet, "text_encoder": te}, opt, "unet")
+    unet.train()
+    te.train()
     for step in tqdm(range(run.state["unet_step"], steps), desc="unet", initial=run.state["unet_step"], total=steps):
-        unet.train(), te.train()
         cosine_lr(opt, lr, step, steps)
         g = torch.Generator().manual_seed(seed * 100003 + step)
         x, captions = batch(step, batch_size, seed)
@@ -212,8 +226,9 @@ def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_si
         if (step + 1) % every == 0 or step + 1 == steps:
             run.checkpoint({"unet": unet, "text_encoder": te}, opt, "unet")
         if (step + 1) % sample_every == 0:
-            sample_grid(pipe, run.work / f"samples_{step + 1:06d}.png")
-    unet.eval(), te.eval()
+            sample_grid(pipe, run.work / f"samples_{step + 1:06d}.png")  # no dropout/BN: mode is moot
+    unet.eval()
+    te.eval()
 
 
 @torch.no_grad()
@@ -276,7 +291,7 @@ pairs are held out of training (`blocklora.toydata.HELDOUT_PAIRS`).
 
 Wall time: {run.state['wall_seconds'] / 60:.1f} min in total. Latent scaling factor {scale:.4f}.
 Parameters: VAE {n_params['vae'] / 1e6:.2f} M, UNet {n_params['unet'] / 1e6:.2f} M, text encoder
-{n_params['text_encoder'] / 1e6:.2f} M (of which {VOCAB_SIZE * 64 / 1e6:.2f} M token embeddings).
+{n_params['text_encoder'] / 1e6:.2f} M (of which {pipe.text_encoder.get_input_embeddings().weight.numel() / 1e6:.2f} M token embeddings).
 
 ![loss](loss.png)
 

@@ -16,7 +16,7 @@ from blocklora.judge import JUDGE_DIR, markdown, save_judge, score_data, train_j
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=1500, help="optimizer steps")
-    ap.add_argument("--batch", type=int, default=64, help="pictures per step")
+    ap.add_argument("--batch", type=int, default=32, help="pictures per step")
     ap.add_argument("--seed", type=int, default=1000, help="weights and data stream")
     ap.add_argument("--out", type=Path, default=JUDGE_DIR, help="folder for judge.safetensors")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
