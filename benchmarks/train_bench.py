@@ -1,0 +1,148 @@
+"""Training cost: one BlockLoRA client step vs one peft LoRA step, and the upload per concept.
+
+    python -m benchmarks.train_bench            # tiny base and SD1.5 shapes, rank 4 (~5 min)
+    python -m benchmarks.train_bench --quick    # fewer timed steps (< 3 min)
+
+Both arms run the very same `ConceptTrainer.step` (flip, VAE encode, prompt encode with the
+trainable trigger embedding, UNet, MSE, backward, AdamW): for the peft arm the BlockLoRA layers
+are ejected and peft's LoRA (same target modules, same rank) takes their place in the UNet and
+the optimizer. Only the adapter differs, so the difference in time and memory is the adapter's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save as safetensors_bytes
+
+from benchmarks.common import (RESULTS_DIR, emit, environment, line_plot, peak_rss, saved_activation_bytes,
+                               sd15_base, timed, write_csv)
+from blocklora.base import Base, load_base
+from blocklora.config import AdapterConfig, TrainConfig
+from blocklora.inject import eject
+from blocklora.trainer import ConceptTrainer
+
+ARMS = ("blocklora", "peft-lora")
+PEFT_ADAPTER = "bench"
+
+
+def make_trainer(base: Base, arm: str, adapter: AdapterConfig, train: TrainConfig) -> ConceptTrainer:
+    """A trainer for slot 0 whose UNet adapter is BlockLoRA or, for "peft-lora", peft's LoRA."""
+    trainer = ConceptTrainer(base, adapter, train, slot=0, name="bench", class_word="dog")
+    if arm == "peft-lora":
+        eject(base.pipe)
+        base.pipe.unet.add_adapter(LoraConfig(r=adapter.rank, lora_alpha=adapter.rank,
+                                              target_modules=list(adapter.unet_targets)), PEFT_ADAPTER)
+        lora = [p for n, p in base.pipe.unet.named_parameters() if ".lora_" in n]
+        groups = [{"params": lora, "lr": train.lr},
+                  {"params": [t.vectors for t in trainer.tokens], "lr": train.token_lr}]
+        trainer.opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    return trainer
+
+
+def upload_bytes(base: Base, arm: str, trainer: ConceptTrainer) -> int:
+    """What a client sends: the artifact for BlockLoRA; for peft, the LoRA file diffusers writes
+    (A and the full B of every target, safetensors) — without any trigger embedding."""
+    if arm == "blocklora":
+        return len(trainer.artifact().to_bytes())
+    state = get_peft_model_state_dict(base.pipe.unet, adapter_name=PEFT_ADAPTER)
+    return len(safetensors_bytes({k: v.contiguous() for k, v in state.items()}))
+
+
+def close(base: Base, arm: str, trainer: ConceptTrainer) -> None:
+    if arm == "peft-lora":
+        base.pipe.unet.unload_lora()
+    trainer.close()
+
+
+def measure_arm(base: Base, arm: str, adapter: AdapterConfig, train: TrainConfig, images: torch.Tensor,
+                warmup: int, steps: int) -> dict:
+    trainer = make_trainer(base, arm, adapter, train)
+    try:
+        captions: list[str | None] = [None] * images.shape[0]
+        trainable = [p for g in trainer.opt.param_groups for p in g["params"]]
+        for _ in range(warmup):
+            trainer.step(images, captions)
+        frozen = [p for p in base.pipe.unet.parameters() if not p.requires_grad]
+        frozen += [p for te in base.text_encoders for p in te.parameters() if not p.requires_grad]
+        activations = saved_activation_bytes(lambda: trainer.step(images, captions), frozen)
+        with peak_rss() as mem:
+            times = [timed(lambda: trainer.step(images, captions)) for _ in range(steps)]
+        n_train = sum(p.numel() for p in trainable)
+        return {"arm": arm, "step_times": times, "trainable_params": n_train,
+                "adapter_params": n_train - sum(t.vectors.numel() for t in trainer.tokens),
+                "activation_bytes": activations,
+                "optimizer_state_bytes": 3 * sum(p.nbytes for p in trainable),  # grad + 2 Adam moments
+                "peak_rss_extra_bytes": mem["extra"], "upload_bytes": upload_bytes(base, arm, trainer)}
+    finally:
+        close(base, arm, trainer)
+
+
+def bench_model(name: str, base: Base, rank: int, batch: int, image_size: int, rounds: int,
+                steps: int) -> list[dict]:
+    """Alternate the arms `rounds` times so a noisy neighbour slows both alike; medians of all steps."""
+    adapter = AdapterConfig(rank=rank, text_targets=())
+    train = TrainConfig(batch_size=batch, resolution=image_size, seed=0)
+    images = torch.rand(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    for _ in range(rounds):
+        for arm in ARMS:
+            runs[arm].append(measure_arm(base, arm, adapter, train, images, warmup=1, steps=steps))
+    rows = []
+    for arm, rs in runs.items():
+        times = [t for r in rs for t in r.pop("step_times")]
+        rows.append({"model": name, "arm": arm, "rank": rank, "batch": batch,
+                     "latent": image_size // base.pipe.vae_scale_factor, "step_s_median": statistics.median(times),
+                     "step_s_min": min(times), "timed_steps": len(times),
+                     **{k: v for k, v in rs[0].items() if k != "arm"},
+                     "peak_rss_extra_bytes": max(r["peak_rss_extra_bytes"] for r in rs)})
+    return rows
+
+
+def run(rounds: int, steps: int, rank: int, out: Path) -> dict:
+    rows = bench_model("tiny", load_base("tiny", device="cpu"), rank, batch=2, image_size=32,
+                       rounds=rounds, steps=steps)
+    rows += bench_model("sd15-shaped", sd15_base(), rank, batch=1, image_size=32, rounds=rounds,
+                        steps=max(2, steps // 3))
+    write_csv(out / "train_cost.csv", rows)
+    get = {(r["model"], r["arm"]): r for r in rows}
+    summary = {}
+    for model in ("tiny", "sd15-shaped"):
+        ours, theirs = get[model, "blocklora"], get[model, "peft-lora"]
+        summary[model] = {
+            "step_time_ratio": ours["step_s_median"] / theirs["step_s_median"],  # < 1: ours faster
+            "adapter_param_ratio": ours["adapter_params"] / theirs["adapter_params"],
+            "activation_bytes_ratio": ours["activation_bytes"] / theirs["activation_bytes"],
+            "upload_bytes_ratio": ours["upload_bytes"] / theirs["upload_bytes"],
+        }
+    series = {arm: (["tiny", "sd15-shaped"], [get[m, arm]["step_s_median"] for m in ("tiny", "sd15-shaped")])
+              for arm in ARMS}
+    line_plot(out / "train_step.png", series, "model", "seconds per step (median)",
+              f"one training step, rank {rank}", logy=True)
+    return {"benchmark": "train", "env": environment("cpu", torch.float32), "rank": rank, "rounds": rounds,
+            "summary": summary, "rows": rows}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer rounds and timed steps")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "train", help="folder for CSV and PNG")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 by default: on a shared machine, idle-waiting OpenMP threads "
+                        "of an oversubscribed CPU make small ops erratic")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rounds, steps = (1, 3) if args.quick else (3, 10)
+    result = run(rounds, steps, args.rank, args.out)
+    result["quick"] = args.quick
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The benchmark scripts in --quick mode: JSON shape and the invariants that must hold exactly
+(never timings, which belong to the benchmark reports, not to tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.common import plain_lora_state_dict, random_artifact, saved_activation_bytes
+from blocklora.artifact import ConceptArtifact
+from blocklora.baselines import METHODS
+from blocklora.base import load_base
+from blocklora.config import AdapterConfig
+from blocklora.inject import layout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_quick(module: str, out: Path, *extra: str) -> dict:
+    """Run `python -m benchmarks.<module> --quick` and parse its last stdout line."""
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick", "--out", str(out), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["quick"] is True
+    assert {"device", "dtype", "torch"} <= set(result["env"])
+    return result
+
+
+def test_plain_lora_export_applies_the_same_delta():
+    base = load_base("tiny", device="cpu")
+    cfg = AdapterConfig(rank=2, text_targets=())
+    lay = layout(base.pipe, cfg)
+    art = random_artifact(base, cfg, lay, slot=3, seed=0)
+    ConceptArtifact.from_bytes(art.to_bytes())  # a valid artifact by the loader's own checks
+    sd = plain_lora_state_dict(art)
+    for key in lay:
+        dense = sd[f"{key}.lora_B.weight"] @ sd[f"{key}.lora_A.weight"]
+        assert torch.equal(dense, art.delta(key))
+
+
+def test_saved_activation_bytes_counts_what_autograd_keeps():
+    a, b = torch.randn(100, requires_grad=True), torch.randn(100)
+    assert saved_activation_bytes(lambda: a * b, exclude=[]) == b.nbytes  # d(a*b)/da needs b only
+    assert saved_activation_bytes(lambda: a * b, exclude=[b]) == 0
+
+
+@pytest.mark.slow
+def test_merge_bench_quick_is_exact(tmp_path):
+    r = run_quick("merge_bench", tmp_path)
+    ours, theirs = r["exactness"]["r4"]["blocklora"], r["exactness"]["r4"]["diffusers-peft"]
+    assert ours["max_abs_diff_vs_dense"] == 0.0
+    assert ours["max_abs_diff_vs_fresh"] == 0.0
+    assert ours["restore_max_abs_diff"] == 0.0
+    assert theirs["max_abs_diff_vs_dense"] >= 0.0
+    assert {(row["method"], row["N"]) for row in r["rows"]} == {(m, n) for m in ("blocklora", "diffusers-peft")
+                                                                 for n in r["N"]}
+    assert all(row["add_s"] > 0 and row["extra_bytes_torch"] > 0 for row in r["rows"])
+    assert {"ours_add_growth", "speedup_add_at_max_N"} <= set(r["summary"]["r4"])
+    assert (tmp_path / "merge_speed.csv").exists() and (tmp_path / "merge_add.png").exists()
+
+
+@pytest.mark.slow
+def test_train_bench_quick_reports_both_arms(tmp_path):
+    r = run_quick("train_bench", tmp_path)
+    rows = {(row["model"], row["arm"]): row for row in r["rows"]}
+    assert set(rows) == {(m, a) for m in ("tiny", "sd15-shaped") for a in ("blocklora", "peft-lora")}
+    for model in ("tiny", "sd15-shaped"):
+        ours, theirs = rows[model, "blocklora"], rows[model, "peft-lora"]
+        assert ours["adapter_params"] < theirs["adapter_params"]  # owned rows of B only
+        assert ours["step_s_median"] > 0 and theirs["activation_bytes"] > 0
+        assert ours["upload_bytes"] > 0 and theirs["upload_bytes"] > 0
+    assert (tmp_path / "train_cost.csv").exists() and (tmp_path / "train_step.png").exists()
+
+
+@pytest.mark.slow
+def test_retention_quick_covers_every_method(tmp_path):
+    r = run_quick("retention", tmp_path / "out", "--cache", str(tmp_path / "cache"))
+    assert set(METHODS) <= set(r["methods"])
+    assert [s["lambda"] for s in r["lambda_sweep"]] == [0.0, 0.1, 0.25, 0.5]
+    for name, m in r["methods"].items():
+        if m["blockwise"]:  # disjoint rows: no overlap in weight space, by construction
+            assert m["max_abs_cosine"] == 0.0 and m["mean_sign_conflict"] == 0.0, name
+        assert -1e9 < m["retention_at_M"] <= 1.0 + 1e-6
+    curve = (tmp_path / "out" / "retention_curve.csv").read_text().splitlines()
+    first = [line.split(",") for line in curve[1:] if line.split(",")[1] == "1"]
+    assert all(float(row[2]) == 1.0 for row in first if row[0].startswith("blocklora"))
+    for name in ("retention_mean_vs_N.png", "lambda_sweep.png", "methods.csv", "retention_per_concept.csv"):
+        assert (tmp_path / "out" / name).exists()
