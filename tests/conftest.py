@@ -75,7 +75,8 @@ def ray_head():
     temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are length-limited
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1",
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` in job entrypoints
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           "RAY_ADDRESS": f"127.0.0.1:{port}"}  # "auto" inside this cluster means this cluster, not another one
     log = temp_dir / "ray-start.log"
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={port}", "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -96,7 +97,7 @@ def ray_head():
             except ProcessLookupError:
                 break
             try:
-                proc.wait(30)
+                proc.wait(10)
             except subprocess.TimeoutExpired:
                 pass
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -52,12 +52,12 @@ def fed(ray_head, tmp_path_factory):
     ray.shutdown()
 
 
-def submit_job(fed, name: str, seed: int) -> subprocess.Popen:
+def submit_job(fed, name: str, seed: int, workers: int) -> subprocess.Popen:
     images = write_images(fed.root / f"images-{name}", n=3, seed=seed)
     cmd = [str(VENV_BIN / "ray"), "job", "submit",
            "--address", fed.head.dashboard_url, "--working-dir", str(REPO), "--",
            "python", "jobs/client_train.py", "--images", str(images), "--class-word", "dog", "--name", name,
-           "--steps", "3", "--batch-size", "1", "--seed", str(seed), "--workers", "1",
+           "--steps", "3", "--batch-size", "1", "--seed", str(seed), "--workers", str(workers),
            "--token-file", str(fed.root / f"{name}.token"), "--client-name", f"owner-{name}",
            "--storage-path", str(fed.root / "train"), "--address", fed.head.address, "--namespace", NAMESPACE,
            "--coordinator", NAME]
@@ -86,7 +86,9 @@ def observable(actor) -> tuple:
 
 
 def test_two_concurrent_client_jobs(fed):
-    jobs = {name: submit_job(fed, name, seed) for name, seed in (("dog-a", 1), ("dog-b", 2))}
+    # dog-b trains data-parallel on 2 workers (gradients all-reduced), so on this 2-CPU cluster it
+    # reserves alongside dog-a but trains once dog-a's worker is done
+    jobs = {name: submit_job(fed, name, seed, workers) for name, seed, workers in (("dog-a", 1, 1), ("dog-b", 2, 2))}
     for name, job in jobs.items():
         out, _ = job.communicate(timeout=540)
         assert job.returncode == 0, out[-4000:]
