@@ -23,6 +23,8 @@ from blocklora.data import image_files, to_tensor
 from federation.registry import Unauthorized
 from federation.train_func import ARTIFACT_FILE, train_func
 
+DEFAULT_STORAGE = "~/blocklora-train"  # Ray Train run folders (checkpoints) on the client's node
+
 
 def load_or_register(coordinator, token_file: str | Path, client_name: str = "") -> str:
     """Reuse the token saved in `token_file`, or register and save a new one there (mode 0600)."""
@@ -62,7 +64,7 @@ def concept_dataset(images_dir: str | Path, resolution: int) -> ray.data.Dataset
 
 
 def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainConfig, workers: int = 1,
-                   use_gpu: bool = False, storage_path: str | Path = "~/blocklora-train") -> bytes:
+                   use_gpu: bool = False, storage_path: str | Path = DEFAULT_STORAGE) -> bytes:
     """Train the concept for a reservation (`grant` from `reserve`) and return the artifact's bytes.
 
     A run re-submitted for the same concept, slot and base resumes from its latest checkpoint
@@ -91,7 +93,7 @@ def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainCo
 
 def train_and_submit(coordinator, token: str, images_dir: str | Path, name: str, class_word: str,
                      train: TrainConfig, workers: int = 1, use_gpu: bool = False,
-                     storage_path: str | Path = "~/blocklora-train") -> dict[str, Any]:
+                     storage_path: str | Path = DEFAULT_STORAGE) -> dict[str, Any]:
     """Reserve a slot, train for it at the base's resolution, submit: the live concept's record."""
     grant = ray.get(coordinator.reserve.remote(token, name, class_word))
     print(f"reserved slot {grant['slot']} for {name!r} (trigger {' '.join(grant['triggers'])}); "

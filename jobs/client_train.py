@@ -21,7 +21,7 @@ import ray  # noqa: E402
 
 from blocklora.config import TrainConfig  # noqa: E402
 from federation import coordinator  # noqa: E402
-from federation.client import load_or_register, train_and_submit  # noqa: E402
+from federation.client import DEFAULT_STORAGE, load_or_register, train_and_submit  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--token-file", default="~/.blocklora/client_token")
     p.add_argument("--client-name", default="", help="shown as the owner in list_concepts")
-    p.add_argument("--storage-path", default="~/blocklora-train", help="checkpoints (on this node)")
+    p.add_argument("--storage-path", default=DEFAULT_STORAGE, help="checkpoints (on this node)")
     p.add_argument("--address", default="auto")
     p.add_argument("--namespace", default=coordinator.DEFAULT_NAMESPACE)
     p.add_argument("--coordinator", default=coordinator.DEFAULT_NAME)
