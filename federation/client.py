@@ -67,8 +67,9 @@ def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainCo
                    use_gpu: bool = False, storage_path: str | Path = DEFAULT_STORAGE) -> bytes:
     """Train the concept for a reservation (`grant` from `reserve`) and return the artifact's bytes.
 
-    A run re-submitted for the same concept, slot and base resumes from its latest checkpoint
-    under `storage_path` (Ray Train restores a run of the same name); worker failures retry."""
+    The run is named after the reservation, so a client job re-submitted for the same reservation
+    resumes from its latest checkpoint under `storage_path` (Ray Train restores a run of the same
+    name), while a new reservation trains from scratch; worker failures retry from checkpoints."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     node = ray.get_runtime_context().get_node_id()
@@ -82,7 +83,7 @@ def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainCo
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                label_selector={"ray.io/node-id": node}),
         run_config=ray.train.RunConfig(
-            name=f"{grant['name']}-slot{grant['slot']}-{grant['base_fingerprint'][:12]}",
+            name=f"{grant['name']}-slot{grant['slot']}-{grant['reservation_id']}",
             storage_path=str(Path(storage_path).expanduser().resolve()),
             failure_config=ray.train.FailureConfig(max_failures=2)),
     )

@@ -77,6 +77,7 @@ class _Reservation:
     slot: int
     class_word: str
     expires_at: float  # wall-clock seconds, so expiry survives a coordinator restart
+    id: str  # kept across renewals: names the client's training run, so only a retry of it resumes
 
 
 @dataclass(frozen=True)
@@ -159,13 +160,14 @@ class Registry:
                 raise ReservationError(f"concept name {name!r} is reserved by another client until "
                                        f"{time.ctime(held.expires_at)}; pick another name")
             slot = held.slot if held else self._free_slot(s)
-            res = _Reservation(client, slot, class_word.strip(), self.clock() + self.config.reservation_ttl_s)
+            res = _Reservation(client, slot, class_word.strip(), self.clock() + self.config.reservation_ttl_s,
+                               held.id if held else secrets.token_hex(6))
             self._commit(dataclasses.replace(s, reservations={**s.reservations, name: res}))
             return {"name": name, "slot": slot, "class_word": res.class_word,
                     "triggers": trigger_names(slot, self.adapter.tokens_per_concept),
                     "adapter": dataclasses.asdict(self.adapter), "base_spec": self.config.base,
                     "base_fingerprint": self.base.fingerprint, "resolution": self.base.resolution,
-                    "expires_at": res.expires_at}
+                    "expires_at": res.expires_at, "reservation_id": res.id}
 
     def _free_slot(self, s: _State) -> int:
         used = {r.slot for r in s.reservations.values()} | {c.slot for c in s.concepts.values()}

@@ -78,7 +78,8 @@ def test_slots_are_distinct_and_bounded(reg):
     grants = [reg.reserve(tok, f"c{i}", "dog") for i in range(ADAPTER.num_slots)]
     assert sorted(g["slot"] for g in grants) == list(range(ADAPTER.num_slots))
     assert grants[2]["triggers"] == ["<blk2>"] and grants[0]["base_fingerprint"] == reg.base.fingerprint
-    assert reg.reserve(tok, "c1", "dog")["slot"] == grants[1]["slot"]  # asking again renews, same slot
+    again = reg.reserve(tok, "c1", "dog")  # asking again renews: same slot, same reservation (training run)
+    assert (again["slot"], again["reservation_id"]) == (grants[1]["slot"], grants[1]["reservation_id"])
     before = snapshot(reg)
     with pytest.raises(SlotUnavailable, match="all 4 slots are taken"):
         reg.reserve(tok, "one-too-many", "dog")
