@@ -20,6 +20,7 @@ from blocklora.tokenizer import VOCAB_SIZE, clip_tokenizer
 
 TINY = "tiny"  # the random tiny SD-architecture pipeline, built from config with a fixed seed
 TINY_SEED = 1234
+TOY_BASE_DIR = Path(__file__).resolve().parents[1] / "models" / "toy-base"  # pretrained by jobs/pretrain_base.py
 
 
 @dataclass
@@ -42,6 +43,11 @@ class Base:
     @property
     def tokenizers(self) -> list:
         return [t for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)) if t is not None]
+
+
+def default_base_spec() -> str:
+    """The project's pretrained toy base when this checkout has it, else the random tiny one."""
+    return str(TOY_BASE_DIR) if (TOY_BASE_DIR / "model_index.json").is_file() else TINY
 
 
 def default_device() -> torch.device:

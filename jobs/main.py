@@ -1,9 +1,234 @@
-"""The main job on the embedded default. (Being extended to the full federated run: see README.)"""
+"""The main job: the whole federated flow on one machine, from an empty cluster to a contact sheet.
+
+    python jobs/main.py [--out outputs/main] [--steps 120] [--keep]
+
+Starts a Ray head on 127.0.0.1 (token authentication on), the coordinator and the Serve app;
+submits one `ray job submit` client training job per bundled example concept, concurrently; waits
+until they are live; asks the HTTP API for several subsets (none, each alone, pairs, all, and a
+prompt naming two); removes one concept at runtime and shows it is refused; writes
+`contact_sheet.png` and `report.json` to --out; stops the cluster (unless --keep).
+"""
 
 from __future__ import annotations
 
-import runpy
+import argparse
+import base64
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from blocklora.base import default_base_spec  # noqa: E402
+from blocklora.generate import contact_sheet  # noqa: E402
+from federation.local_cluster import LocalCluster, free_port  # noqa: E402
+
+EXAMPLES = REPO / "examples" / "concepts"
+
+
+class Stage:
+    """Prints a numbered stage with its duration, and records the duration for the report."""
+
+    def __init__(self, timings: dict[str, float], total: int) -> None:
+        self.timings, self.total, self.n = timings, total, 0
+
+    def __call__(self, name: str) -> "Stage":
+        self.n += 1
+        self.name, self.t0 = name, time.monotonic()
+        print(f"[{self.n}/{self.total}] {name} ...", flush=True)
+        return self
+
+    def __enter__(self) -> "Stage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        dt = time.monotonic() - self.t0
+        self.timings[self.name] = round(dt, 1)
+        if exc[0] is None:
+            print(f"      done in {dt:.1f} s", flush=True)
+
+
+def run(cmd: list[str], env: dict, timeout: float = 600) -> str:
+    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} … failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return out.stdout
+
+
+def concepts_to_train(limit: int) -> list[dict]:
+    infos = [json.loads((d / "concept.json").read_text()) | {"dir": d} for d in sorted(EXAMPLES.iterdir())
+             if (d / "concept.json").exists()]
+    if len(infos) < limit:
+        raise SystemExit(f"need {limit} example concepts under {EXAMPLES}, found {len(infos)}")
+    return infos[:limit]
+
+
+def submit_clients(cluster: LocalCluster, concepts: list[dict], steps: int, out: Path) -> dict[str, str]:
+    """One `ray job submit --no-wait` per concept; returns concept name -> Ray job id."""
+    jobs = {}
+    for c in concepts:
+        job_id = f"client-{c['name']}-{int(time.time())}"
+        run(["ray", "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO),
+             "--submission-id", job_id, "--no-wait", "--",
+             "python", "jobs/client_train.py", "--images", str(c["dir"].relative_to(REPO)),
+             "--class-word", c["class_word"], "--name", c["name"], "--steps", str(steps),
+             "--client-name", f"user-{c['name']}", "--token-file", str(out / "clients" / f"{c['name']}.token"),
+             "--storage-path", str(out / "clients" / "runs")], cluster.env)
+        jobs[c["name"]] = job_id
+        print(f"      submitted {job_id}", flush=True)
+    return jobs
+
+
+def wait_jobs(cluster: LocalCluster, jobs: dict[str, str], timeout: float) -> dict[str, str]:
+    """Poll until every job ends; prints each job's latest log line as progress."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard_url)
+    deadline = time.monotonic() + timeout
+    status: dict[str, str] = {}
+    shown: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        for name, job_id in jobs.items():
+            st = client.get_job_status(job_id)
+            status[name] = str(st.value if hasattr(st, "value") else st)
+            logs = [ln for ln in client.get_job_logs(job_id).splitlines() if ln.strip() and "WARNING" not in ln]
+            line = f"{status[name]} | {logs[-1][-100:] if logs else ''}"
+            if shown.get(name) != line:  # progress: each job's newest log line, when it changes
+                print(f"      {name}: {line}", flush=True)
+                shown[name] = line
+        if all(JobStatus(s).is_terminal() for s in status.values()):
+            failed = {n: s for n, s in status.items() if s != "SUCCEEDED"}
+            if failed:
+                tails = {n: client.get_job_logs(jobs[n])[-3000:] for n in failed}
+                raise RuntimeError(f"client job(s) failed: {failed}\n" + "\n".join(f"--- {n}\n{t}" for n, t in tails.items()))
+            return status
+        time.sleep(10)
+    raise TimeoutError(f"client jobs not done after {timeout:.0f} s: {status}")
+
+
+def generate(http: httpx.Client, body: dict) -> tuple[int, list[Image.Image], dict]:
+    r = http.post("/v1/generate", json=body)
+    if r.status_code != 200:
+        return r.status_code, [], {"detail": r.json().get("detail")}
+    if r.headers["content-type"].startswith("image/png"):
+        return 200, [Image.open(io.BytesIO(r.content))], {"version": int(r.headers["x-blocklora-version"])}
+    data = r.json()
+    return 200, [Image.open(io.BytesIO(base64.b64decode(s))) for s in data["images"]], {"version": data["version"]}
+
+
+def query_subsets(http: httpx.Client, names: list[str], classes: dict[str, str], out: Path,
+                  num_images: int, steps: int) -> tuple[list[dict], list[tuple[str, list[Image.Image]]]]:
+    """None, each alone, every pair, all of them, and one prompt that names two concepts."""
+    subsets = [[]] + [[n] for n in names] + [list(p) for p in itertools.combinations(names, 2)] + [names]
+    requests = []
+    for s in subsets:
+        prompt = ("a photo of " + " and ".join(f"{{{n}}}" for n in s)) if s else "a photo of " + " and ".join(classes.values())
+        requests.append({"prompt": prompt, "concepts": s})
+    a, b = names[:2]
+    requests.append({"prompt": f"{{{a}}} next to {{{b}}}, a picture", "concepts": []})  # named in the prompt only
+    results, rows = [], []
+    for i, body in enumerate(requests):
+        body |= {"seed": 100, "steps": steps, "num_images": num_images}
+        code, images, extra = generate(http, body)
+        paths = []
+        for j, img in enumerate(images):
+            p = out / "images" / f"{i:02d}-{j}.png"
+            img.save(p)
+            paths.append(str(p.relative_to(out)))
+        results.append({"prompt": body["prompt"], "concepts": body["concepts"], "status": code, "images": paths, **extra})
+        rows.append((f"{body['prompt']}  [{', '.join(body['concepts']) or 'no concepts'}]", images))
+        print(f"      {code} {body['prompt']!r} concepts={body['concepts']} -> {len(images)} image(s)", flush=True)
+    return results, rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="outputs/main", help="report, contact sheet and state go here")
+    ap.add_argument("--base-model", default=None, help="default: the project's pretrained toy base (else 'tiny')")
+    ap.add_argument("--concepts", type=int, default=3, help="how many bundled example concepts to train")
+    ap.add_argument("--steps", type=int, default=120, help="training steps per client")
+    ap.add_argument("--gen-steps", type=int, default=20, help="denoising steps per generated image")
+    ap.add_argument("--num-images", type=int, default=2, help="images per request")
+    ap.add_argument("--num-cpus", type=int, default=4, help="CPUs the local Ray head advertises")
+    ap.add_argument("--keep", action="store_true", help="leave the cluster, coordinator and HTTP app running")
+    args = ap.parse_args()
+
+    out = Path(args.out).resolve()
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    base = args.base_model or default_base_spec()
+    concepts = concepts_to_train(args.concepts)
+    names = [c["name"] for c in concepts]
+    timings: dict[str, float] = {}
+    stage = Stage(timings, total=8)
+    t_start = time.monotonic()
+    report: dict = {"base_model": base, "steps": args.steps, "timings_s": timings}
+
+    with stage("start a Ray head on 127.0.0.1 (token auth on)"):
+        cluster = LocalCluster(num_cpus=args.num_cpus, auth_token_path=out / "state" / "ray_auth_token", cwd=REPO).start()
+        os.environ.update(cluster.auth_env)  # this process talks to the job API too
+    try:
+        with stage(f"start the coordinator (base {base}, 16 slots)"):
+            run([sys.executable, "jobs/start_coordinator.py", "--base-model", base, "--slots", "16",
+                 "--state-dir", str(out / "state"), "--address", cluster.address], cluster.env)
+        port = free_port()
+        with stage(f"start the Serve app on http://127.0.0.1:{port}/v1"):
+            run([sys.executable, "jobs/serve_up.py", "--address", cluster.address, "--port", str(port)], cluster.env)
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
+        admin = {"Authorization": f"Bearer {(out / 'state' / 'admin_token').read_text().strip()}"}
+
+        with stage(f"train {len(names)} concepts concurrently with `ray job submit` ({args.steps} steps each)"):
+            jobs = submit_clients(cluster, concepts, args.steps, out)
+            report["jobs"] = wait_jobs(cluster, jobs, timeout=3600)
+
+        with stage("wait until every concept is live over HTTP"):
+            deadline = time.monotonic() + 60
+            while set(names) - {c["name"] for c in http.get("/v1/concepts").json()["concepts"]}:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("concepts did not go live")
+                time.sleep(0.5)
+            live = http.get("/v1/concepts").json()
+            report["concepts"], report["version_after_training"] = live["concepts"], live["version"]
+            for c in live["concepts"]:
+                print(f"      {c['name']}: slot {c['slot']}, trigger {' '.join(c['triggers'])} {c['class_word']}")
+
+        with stage("generate for every subset over HTTP"):
+            classes = {c["name"]: c["class_word"] for c in concepts}
+            report["requests"], rows = query_subsets(http, names, classes, out, args.num_images, args.gen_steps)
+
+        removed = names[-1]
+        with stage(f"remove {removed!r} at runtime and ask for it again"):
+            r = http.delete(f"/v1/concepts/{removed}", headers=admin)
+            r.raise_for_status()
+            t0 = time.monotonic()
+            code, _, extra = generate(http, {"prompt": f"a photo of {{{removed}}}", "steps": 1})
+            report["removal"] = {"name": removed, "delete_status": r.status_code, "version": r.json().get("version"),
+                                 "generate_after_removal_status": code, "detail": extra.get("detail"),
+                                 "refused_after_s": round(time.monotonic() - t0, 3),
+                                 "live_after": [c["name"] for c in http.get("/v1/concepts").json()["concepts"]]}
+            print(f"      DELETE -> {r.status_code}; /v1/generate with {{{removed}}} -> {code}: {extra.get('detail')}")
+
+        with stage("write the contact sheet and the report"):
+            contact_sheet(rows).save(out / "contact_sheet.png")
+            timings["total"] = round(time.monotonic() - t_start, 1)
+            (out / "report.json").write_text(json.dumps(report, indent=2))
+    finally:
+        if args.keep:
+            print(f"cluster kept running: RAY_ADDRESS={cluster.address}, dashboard {cluster.dashboard_url}, "
+                  f"token in {out / 'state' / 'ray_auth_token'}; stop it with: kill -- -{cluster.proc.pid}")
+        else:
+            cluster.stop()
+    print(f"\nreport:        {out / 'report.json'}\ncontact sheet: {out / 'contact_sheet.png'}\n"
+          f"total:         {timings['total']:.0f} s")
+
+
 if __name__ == "__main__":
-    runpy.run_path(str(Path(__file__).with_name("local_demo.py")), run_name="__main__")
+    main()
