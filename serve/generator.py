@@ -21,7 +21,7 @@ from ray import serve
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig, from_dict
-from blocklora.prompts import concept_refs, expand
+from blocklora.prompts import expand
 from serve.residual import ConceptBank
 from serve.schemas import GenerateRequest
 
@@ -81,12 +81,11 @@ class Generator:
                 self.digests[name] = c["sha256"]
         self.version = state["version"]
 
-    async def concepts(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
+        """This replica after a sync: the version it serves and its live concepts' slots."""
         async with self.lock:
             await self._sync()
-            return {"version": self.version, "concepts": {
-                n: {"slot": a.meta.slot, "triggers": list(a.meta.triggers), "class_word": a.meta.class_word}
-                for n, a in self.bank.live.items()}}
+            return {"version": self.version, "slots": {n: a.meta.slot for n, a in self.bank.live.items()}}
 
     async def generate(self, request: GenerateRequest) -> Images:
         """Images for one request; raises ConceptUnavailable naming concepts that are not live."""
@@ -102,13 +101,14 @@ class Generator:
             results: list[Images | Exception | None] = [None] * len(requests)
             runnable = []
             for i, req in enumerate(requests):
-                missing = [n for n in {**req.weights(), **dict.fromkeys(concept_refs(req.prompt))}
-                           if n not in self.bank.live]
+                missing = [n for n in req.subset() if n not in self.bank.live]
                 if missing:
                     results[i] = ConceptUnavailable(missing, self.version)
                 else:
                     runnable.append(i)
-            key = lambda i: (requests[i].steps, requests[i].guidance_scale, requests[i].width, requests[i].height)  # noqa: E731
+            res = self.bank.base.resolution
+            key = lambda i: (requests[i].steps, requests[i].guidance_scale,  # noqa: E731
+                             requests[i].width or res, requests[i].height or res)
             for _, group in itertools.groupby(sorted(runnable, key=key), key=key):
                 group = list(group)
                 pixels = await asyncio.to_thread(self._run, [requests[i] for i in group])
@@ -124,11 +124,11 @@ class Generator:
         phrases = self.bank.phrases()
         prompts, negatives, subsets, gens = [], [], [], []
         for req in requests:
-            weights = {**dict.fromkeys(concept_refs(req.prompt), 1.0), **req.weights()}
+            prompt, subset = expand(req.prompt, phrases), req.subset()
             for j in range(req.num_images):
-                prompts.append(expand(req.prompt, phrases))
+                prompts.append(prompt)
                 negatives.append(req.negative_prompt)
-                subsets.append(weights)
+                subsets.append(subset)
                 gens.append(torch.Generator(device="cpu").manual_seed(req.seed + j))
         first, res = requests[0], self.bank.base.resolution
         with self.bank.subsets(subsets):

@@ -25,7 +25,6 @@ from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from blocklora.prompts import concept_refs
 from federation.registry import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable,
                                  Unauthorized, UnknownConcept)
 from serve.generator import ConceptUnavailable
@@ -109,7 +108,7 @@ class Ingress:
         if self.api_key is not None and not secrets.compare_digest(_bearer(authorization), self.api_key):
             raise HTTPException(403, "API key not accepted")
         version, live = await self._live()
-        missing = [n for n in {**req.weights(), **dict.fromkeys(concept_refs(req.prompt))} if n not in live]
+        missing = [n for n in req.subset() if n not in live]
         if missing:
             raise HTTPException(404, f"concept(s) {missing} are not live (version {version}); "
                                      f"live: {sorted(live)} — see GET /v1/concepts")
@@ -131,8 +130,10 @@ class Ingress:
 
     @app.get("/v1/healthz")
     async def healthz(self) -> dict:
+        """Coordinator reachable and a generator replica synced to it (it loads the base once)."""
         version, live = await self._live()
-        return {"status": "ok", "version": version, "live": len(live)}
+        replica = await self.generator.status.remote()
+        return {"status": "ok", "version": version, "live": len(live), "replica_version": replica["version"]}
 
     @app.post("/v1/concepts", status_code=201)
     async def upload(self, request: Request, authorization: str | None = Header(None)) -> dict:

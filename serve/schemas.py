@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from blocklora.config import GenerateConfig
+from blocklora.prompts import concept_refs
 
 MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens; longer text only costs tokenizer time
 MAX_STEPS = 100
@@ -55,10 +56,11 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"seed + num_images - 1 must be <= {2**63 - 1}")
         return self
 
-    def weights(self) -> dict[str, float]:
-        """name -> α for the listed concepts (a bare name weighs 1.0)."""
-        return {c: 1.0 for c in self.concepts if isinstance(c, str)} | {
-            c.name: c.weight for c in self.concepts if isinstance(c, ConceptWeight)}
+    def subset(self) -> dict[str, float]:
+        """name -> α of every concept the request uses: those listed (a bare name weighs 1.0) and
+        those named as {name} in the prompt (1.0 unless listed with another weight)."""
+        listed = {c if isinstance(c, str) else c.name: 1.0 if isinstance(c, str) else c.weight for c in self.concepts}
+        return dict.fromkeys(concept_refs(self.prompt), 1.0) | listed
 
 
 class Images(BaseModel):

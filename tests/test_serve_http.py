@@ -101,7 +101,8 @@ def test_generate_equals_merged_pipeline(srv, names):
 def test_concepts_listed_and_weights_matter(srv):
     listed = srv.client.get("/v1/concepts").json()
     assert {c["name"]: c["slot"] for c in listed["concepts"]} == {n: a.meta.slot for n, a in srv.arts.items()}
-    assert srv.client.get("/v1/healthz").json()["status"] == "ok"
+    health = srv.client.get("/v1/healthz").json()
+    assert health["status"] == "ok" and health["replica_version"] == listed["version"]
     full = post(srv, prompt="a photo of a dog", concepts=["a"]).content
     zero = post(srv, prompt="a photo of a dog", concepts=[{"name": "a", "weight": 0.0}]).content
     none = post(srv, prompt="a photo of a dog").content
@@ -115,12 +116,14 @@ def test_several_images_and_mixed_batch(srv):
     assert body["seeds"] == [11, 12] and body["version"] >= 2
     first = base64.b64decode(body["images"][0])
     assert np.abs(pixels(first) - pixels(post(srv, prompt="a photo of {a}").content)).max() <= 2
-    prompts = ["a photo of {a}", "a photo of {b}", "a photo of a dog", "{a} and {b}"]
-    alone = [pixels(post(srv, prompt=p).content) for p in prompts]
-    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:  # batched together by @serve.batch
-        together = list(pool.map(lambda p: post(srv, prompt=p), prompts))
+    bodies = [{"prompt": "a photo of {a}"}, {"prompt": "a photo of {b}", "width": 32},
+              {"prompt": "a photo of a dog"}, {"prompt": "{a} and {b}", "width": 48, "height": 40}]
+    alone = [pixels(post(srv, **b).content) for b in bodies]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:  # batched together by @serve.batch
+        together = list(pool.map(lambda b: post(srv, **b), bodies))
     for r, a in zip(together, alone):
         assert r.status_code == 200 and np.abs(pixels(r.content) - a).max() <= 2
+    assert alone[3].shape == (40, 48, 3)
 
 
 BAD = [  # (body or raw bytes, status, text the message must contain)
