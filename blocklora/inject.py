@@ -45,7 +45,8 @@ def layout(pipe, cfg: AdapterConfig) -> dict[str, tuple[int, int]]:
     return {k: (lin.out_features, lin.in_features) for k, lin in find_targets(pipe, cfg).items()}
 
 
-def _set_module(pipe, key: str, new: nn.Module) -> None:
+def set_module(pipe, key: str, new: nn.Module) -> None:
+    """Put `new` where the component-qualified `key` points (e.g. a wrapper around that linear)."""
     comp, _, path = key.partition(".")
     parent_name, _, child = path.rpartition(".")
     parent = getattr(pipe, comp).get_submodule(parent_name) if parent_name else getattr(pipe, comp)
@@ -74,7 +75,7 @@ def inject(pipe, cfg: AdapterConfig, slot: int) -> dict[str, BlockLoRALinear]:
         frozen = (orthogonal_a(key, lin.in_features, cfg.rank, slot, cfg.num_slots)
                   if cfg.freeze_a == "orthogonal" else None)
         layer = BlockLoRALinear(lin, cfg.rank, cfg.num_slots, slot, cfg.erasure, cfg.blockwise, frozen)
-        _set_module(pipe, key, layer)
+        set_module(pipe, key, layer)
         layers[key] = layer
     return layers
 
@@ -88,7 +89,7 @@ def eject(pipe) -> dict[str, BlockLoRALinear]:
             continue
         for name, mod in list(model.named_modules()):
             if isinstance(mod, BlockLoRALinear):
-                _set_module(pipe, f"{comp}.{name}", mod.base)
+                set_module(pipe, f"{comp}.{name}", mod.base)
                 removed[f"{comp}.{name}"] = mod
     return removed
 

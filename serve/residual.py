@@ -26,7 +26,7 @@ from torch import nn
 from blocklora.artifact import ConceptArtifact, InvalidArtifact
 from blocklora.base import Base
 from blocklora.config import AdapterConfig
-from blocklora.inject import _set_module, find_targets
+from blocklora.inject import set_module, find_targets
 from blocklora.merge import phrase
 from blocklora.tokens import add_slot_tokens, token_ids
 
@@ -185,7 +185,7 @@ class ConceptBank:
         self.layers: dict[str, SlotResidualLinear] = {}
         for key, lin in targets.items():
             layer = SlotResidualLinear(lin, adapter.rank, adapter.num_slots, self.weights)
-            _set_module(base.pipe, key, layer)
+            set_module(base.pipe, key, layer)
             self.layers[key] = layer
         self.live: dict[str, ConceptArtifact] = {}
 
