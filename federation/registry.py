@@ -181,7 +181,9 @@ class Registry:
 
     # -- concepts ------------------------------------------------------------------------------
     def submit(self, token: str, data: bytes) -> dict[str, Any]:
-        """Validate an artifact against the caller's reservation and the federation; make it live."""
+        """Validate an artifact against the caller's reservation and the federation; make it live.
+
+        Idempotent: the same bytes from the same owner, already live, return the live record."""
         with self._lock:
             client = self._client(token)
             if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -197,6 +199,11 @@ class Registry:
             except InvalidArtifact as err:
                 raise ArtifactRejected(f"artifact refused: {err}") from None
             s = self._expired(self._s)
+            live = s.concepts.get(art.name)
+            if live is not None and live.client == client and live.sha256 == hashlib.sha256(data).hexdigest():
+                # a retry of a submit that already went live (e.g. the reply was lost in a restart)
+                return {"name": art.name, "slot": live.slot, "triggers": list(live.triggers),
+                        "class_word": live.class_word, "version": live.version}
             held = s.reservations.get(art.name)
             if held is None:
                 raise ReservationError(f"no reservation for concept {art.name!r} (never made, or expired after "

@@ -230,3 +230,19 @@ def test_state_survives_a_new_registry(base, tmp_path, clock):
         p.name for p in reg.store.concepts.iterdir() if p.name.startswith(("b-", "c-")))
     with pytest.raises(RuntimeError, match="was created with"):
         Registry(base, dataclasses.replace(ADAPTER, rank=3), FederationConfig(), StateStore(tmp_path / "state"))
+
+
+def test_retried_submit_is_idempotent(reg, base):
+    """A submit whose reply was lost (coordinator crash) is retried: the same owner and bytes get the
+    live record back, nothing changes; anyone else, or other bytes, is still refused."""
+    tok, other = reg.register("alice")["token"], reg.register("bob")["token"]
+    art, first = submit_new(reg, base, tok, "dog")
+    before = snapshot(reg)
+    assert reg.submit(tok, art.to_bytes()) == first
+    assert same(snapshot(reg), before)
+    with pytest.raises(ReservationError, match="no reservation"):
+        reg.submit(other, art.to_bytes())
+    changed = make_artifact(base, ADAPTER, "dog", art.meta.slot, seed=5)
+    with pytest.raises(ReservationError, match="no reservation"):
+        reg.submit(tok, changed.to_bytes())
+    assert same(snapshot(reg), before)
