@@ -101,6 +101,14 @@ class ConceptTrainer:
         idx = torch.randint(0, images.shape[0], (self.train_cfg.batch_size,), generator=self.gen)
         return images[idx], [captions[i] for i in idx.tolist()]
 
+    def next_step(self, images: torch.Tensor, captions: list[str | None], prior: torch.Tensor | None = None) -> float:
+        """Draw a batch (and prior images, if any) from the concept's pool and take one step."""
+        batch, caps = self.sample_batch(images, captions)
+        cls = None
+        if prior is not None:
+            cls = prior[torch.randint(0, prior.shape[0], (self.train_cfg.batch_size,), generator=self.gen)]
+        return self.step(batch, caps, cls)
+
     def artifact(self) -> ConceptArtifact:
         tensors: dict[str, torch.Tensor] = {}
         for key, layer in self.layers.items():
@@ -183,11 +191,7 @@ def train_concept(base: Base, images_dir: str | Path, name: str, class_word: str
             log.info("resumed %s from step %d", name, trainer.step_count)
         bar = tqdm(total=train.steps, initial=trainer.step_count, desc=f"train {name}", disable=not progress)
         while trainer.step_count < train.steps:
-            batch, caps = trainer.sample_batch(images, captions)
-            cls = None
-            if prior is not None:
-                cls = prior[torch.randint(0, prior.shape[0], (train.batch_size,), generator=trainer.gen)]
-            loss = trainer.step(batch, caps, cls)
+            loss = trainer.next_step(images, captions, prior)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if checkpoint_dir and train.checkpoint_every and trainer.step_count % train.checkpoint_every == 0:

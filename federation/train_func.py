@@ -79,11 +79,7 @@ def train_func(config: dict[str, Any]) -> None:
         _sync_workers(trainer, rank, world)
     try:
         while trainer.step_count < train.steps:
-            batch, caps = trainer.sample_batch(images, captions)
-            cls = None
-            if prior is not None:
-                cls = prior[torch.randint(0, prior.shape[0], (train.batch_size,), generator=trainer.gen)]
-            loss = trainer.step(batch, caps, cls)
+            loss = trainer.next_step(images, captions, prior)
             step, last = trainer.step_count, trainer.step_count == train.steps
             metrics = {"loss": loss, "step": step}
             if rank == 0:
