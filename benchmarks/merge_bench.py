@@ -183,6 +183,7 @@ def bench_diffusers(base: Base, adapter: AdapterConfig, arts: list[ConceptArtifa
              "max_abs_diff_vs_dense": max_abs_diff(targets, dense_reference(w0, live_arts))}
     cycled = {k: lin.weight.clone() for k, lin in targets.items()}
     path.set([])
+    exact["restore_max_abs_diff"] = max_abs_diff(targets, w0)  # unfuse subtracts: W0 may not come back
     with torch.no_grad():
         for k, lin in targets.items():
             lin.weight.copy_(w0[k])
@@ -259,7 +260,7 @@ def main() -> None:
     if args.quick:
         result = run([4], [1, 4], repeats=5, diffusers_repeats=1, cycles=100, diffusers_cycles=4, out=args.out)
     else:
-        result = run([4, 8], [1, 5, 10, 15], repeats=20, diffusers_repeats=2, cycles=100,
+        result = run([4, 8], [1, 5, 10, 15], repeats=20, diffusers_repeats=1, cycles=100,
                      diffusers_cycles=args.diffusers_cycles, out=args.out)
     result["quick"] = args.quick
     emit(result)

@@ -1,7 +1,7 @@
 """Identity retention under merging (the paper's Figures 4, 5 and Table 3, on a small base).
 
     python -m benchmarks.retention --quick                      # M = 4, few steps (< 5 min)
-    nohup python -m benchmarks.retention --steps 100 &          # M = 15 on the embedded tiny base
+    nohup python -m benchmarks.retention &                      # M = 15 on the embedded tiny base
     python -m benchmarks.retention --base models/toy-base       # on the pretrained toy base
     python -m benchmarks.retention --clip-pretrained PATH       # adds CLIP alignment (open_clip weights)
 
@@ -289,7 +289,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="M = 4, 8 steps, 2 sampling steps")
     p.add_argument("--base", default="tiny", help="'tiny' or a diffusers folder such as models/toy-base")
     p.add_argument("--concepts", type=int, default=15, help="M, at most --slots")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=40, help="training steps per concept")
+    p.add_argument("--batch", type=int, default=1, help="images per training step")
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--rank", type=int, default=2, help="rank 2 x 16 slots fits orthogonal A in 32-wide layers")
     p.add_argument("--slots", type=int, default=16)
@@ -305,7 +306,7 @@ def main() -> None:
     if args.quick:
         args.concepts, args.steps, args.gen_steps = 4, 8, 2
     out = args.out or RESULTS_DIR / ("retention" if args.base == "tiny" else f"retention-{Path(args.base).name}")
-    train = TrainConfig(steps=args.steps, batch_size=2, lr=args.lr, seed=0, checkpoint_every=0)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, seed=0, checkpoint_every=0)
     study = AdapterConfig(rank=args.rank, num_slots=args.slots, erasure=0.1)
     clip = (args.clip_model, args.clip_pretrained) if args.clip_pretrained else None
     result = run(args.base, args.concepts, train, study, args.gen_steps, out, args.cache, clip)
