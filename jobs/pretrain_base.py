@@ -289,7 +289,9 @@ pairs are held out of training (`blocklora.toydata.HELDOUT_PAIRS`).
 | VAE (L1+MSE+1e-6 KL) | {args.vae_steps} | {args.vae_batch} | {finals['vae']:.4f} |
 | UNet + text encoder (epsilon MSE) | {args.steps} | {args.batch} | {finals['unet']:.4f} |
 
-Wall time: {run.state['wall_seconds'] / 60:.1f} min in total. Latent scaling factor {scale:.4f}.
+Wall time: {run.state['wall_seconds'] / 60:.1f} min, summed over the run's segments up to their last
+checkpoints, on a 2-core machine shared with other jobs. Latent scaling factor {scale:.4f}.
+{args.note}
 Parameters: VAE {n_params['vae'] / 1e6:.2f} M, UNet {n_params['unet'] / 1e6:.2f} M, text encoder
 {n_params['text_encoder'] / 1e6:.2f} M (of which {pipe.text_encoder.get_input_embeddings().weight.numel() / 1e6:.2f} M token embeddings).
 
@@ -340,6 +342,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     ap.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     ap.add_argument("--sample-every", type=int, default=500, help="denoiser steps between sample grids")
+    ap.add_argument("--note", default="", help="text for the model card, e.g. what changed when a run was resumed")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
