@@ -137,7 +137,7 @@ class Registry:
         """Who a token authenticates as (a client's saved token is checked with this before reuse)."""
         with self._lock:
             who = self._authenticate(token)
-            name = "admin" if who == ADMIN else self._s.clients[who].name
+            name = self._owner_name(self._s, who)
             return {"client_id": who, "name": name, "admin": who == ADMIN}
 
     # -- slots -----------------------------------------------------------------------------------
@@ -169,6 +169,19 @@ class Registry:
                     "base_fingerprint": self.base.fingerprint, "resolution": self.base.resolution,
                     "expires_at": res.expires_at, "reservation_id": res.id}
 
+    def _admin_claim(self, s: _State, art: ConceptArtifact) -> _Reservation:
+        """A reservation the admin takes on the spot for an upload: the artifact's own slot, if free."""
+        if art.name in s.concepts:
+            raise SlotUnavailable(f"concept {art.name!r} is already live; remove it first to replace it")
+        taken = {r.slot: n for n, r in s.reservations.items()} | {c.slot: n for n, c in s.concepts.items()}
+        if art.meta.slot in taken:
+            raise SlotUnavailable(f"slot {art.meta.slot} of artifact {art.name!r} is held by {taken[art.meta.slot]!r}")
+        return _Reservation(ADMIN, art.meta.slot, art.meta.class_word, self.clock() + self.config.reservation_ttl_s,
+                            secrets.token_hex(6))
+
+    def _owner_name(self, s: _State, client: str) -> str:
+        return "admin" if client == ADMIN else s.clients[client].name
+
     def _free_slot(self, s: _State) -> int:
         used = {r.slot for r in s.reservations.values()} | {c.slot for c in s.concepts.values()}
         for k in range(self.adapter.num_slots):
@@ -183,9 +196,11 @@ class Registry:
     def submit(self, token: str, data: bytes) -> dict[str, Any]:
         """Validate an artifact against the caller's reservation and the federation; make it live.
 
-        Idempotent: the same bytes from the same owner, already live, return the live record."""
+        The admin may also add an artifact without a reservation, into its own slot if that slot is
+        free (runtime add of a concept trained elsewhere). Idempotent: the same bytes from the same
+        owner, already live, return the live record."""
         with self._lock:
-            client = self._client(token)
+            client = self._authenticate(token)
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise ArtifactRejected(f"an artifact is sent as bytes (ConceptArtifact.to_bytes()), got "
                                        f"{type(data).__name__}")
@@ -205,6 +220,8 @@ class Registry:
                 return {"name": art.name, "slot": live.slot, "triggers": list(live.triggers),
                         "class_word": live.class_word, "version": live.version}
             held = s.reservations.get(art.name)
+            if held is None and client == ADMIN:
+                held = self._admin_claim(s, art)
             if held is None:
                 raise ReservationError(f"no reservation for concept {art.name!r} (never made, or expired after "
                                        f"{self.config.reservation_ttl_s:.0f} s); reserve a slot and train for it")
@@ -272,10 +289,10 @@ class Registry:
         """Live concepts and current reservations, in slot order (no tokens, no tensors)."""
         with self._lock:
             s = self._expired(self._s)
-            rows = [{"name": n, "owner": s.clients[c.client].name, "slot": c.slot, "triggers": list(c.triggers),
+            rows = [{"name": n, "owner": self._owner_name(s, c.client), "slot": c.slot, "triggers": list(c.triggers),
                      "class_word": c.class_word, "status": "live", "version": c.version, "expires_at": None}
                     for n, c in s.concepts.items()]
-            rows += [{"name": n, "owner": s.clients[r.client].name, "slot": r.slot,
+            rows += [{"name": n, "owner": self._owner_name(s, r.client), "slot": r.slot,
                       "triggers": trigger_names(r.slot, self.adapter.tokens_per_concept),
                       "class_word": r.class_word, "status": "reserved", "version": None,
                       "expires_at": r.expires_at} for n, r in s.reservations.items()]
@@ -324,7 +341,8 @@ class Registry:
     def _client(self, token: str) -> str:
         who = self._authenticate(token)
         if who == ADMIN:
-            raise Unauthorized("the admin token cannot reserve or submit concepts; register a client")
+            raise Unauthorized("the admin token cannot reserve slots; register a client (the admin may upload a "
+                               "finished artifact into its own free slot)")
         return who
 
     def _expired(self, s: _State) -> _State:

@@ -246,3 +246,18 @@ def test_retried_submit_is_idempotent(reg, base):
     with pytest.raises(ReservationError, match="no reservation"):
         reg.submit(tok, changed.to_bytes())
     assert same(snapshot(reg), before)
+
+
+def test_admin_uploads_into_a_free_slot_without_reservation(base, tmp_path, clock):
+    reg = make_registry(base, tmp_path, clock)
+    alice = reg.register("alice")["token"]
+    held = reg.reserve(alice, "alices", "dog")["slot"]
+    before = snapshot(reg)
+    with pytest.raises(SlotUnavailable, match=f"slot {held} of artifact 'other' is held by 'alices'"):
+        reg.submit(ADMIN, make_artifact(base, ADAPTER, "other", held).to_bytes())
+    assert same(before, snapshot(reg))
+    free = (held + 1) % ADAPTER.num_slots
+    out = reg.submit(ADMIN, make_artifact(base, ADAPTER, "by-admin", free).to_bytes())
+    assert out["slot"] == free and out["version"] == before[0] + 1
+    assert {c["name"]: c["owner"] for c in reg.list_concepts()}["by-admin"] == "admin"
+    reg.remove(ADMIN, "by-admin")
