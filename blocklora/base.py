@@ -141,7 +141,7 @@ def _from_pretrained(spec: str, dtype: torch.dtype) -> DiffusionPipeline:
             f"'stable-diffusion-v1-5/stable-diffusion-v1-5'"
         )
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else spec, torch_dtype=dtype,
+        pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else spec, dtype=dtype,
                                                  safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -14,10 +14,12 @@ import argparse
 import csv
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a plain script
 
 import matplotlib
 import numpy as np
