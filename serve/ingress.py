@@ -41,7 +41,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     if any(e.get("type") == "json_invalid" for e in errors):
         return JSONResponse(status_code=400, content={"detail": f"request body is not valid JSON: "
                                                                 f"{errors[0].get('ctx', {}).get('error', '')}"})
-    return JSONResponse(status_code=422, content={"detail": json.loads(json.dumps(errors, default=str))})
+    # NaN/Infinity in the body (Python's JSON reader accepts them) come back as strings: JSON has no such numbers
+    return JSONResponse(status_code=422, content={"detail": json.loads(json.dumps(errors, default=str),
+                                                                       parse_constant=str)})
 
 
 # federation errors -> HTTP status; the coordinator's message is passed through as the detail
@@ -54,6 +56,12 @@ def _bearer(authorization: str | None) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise HTTPException(401, "send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
     return token.strip()
+
+
+def _message(err: Exception) -> str:
+    """The remote error's own message: str() of Ray's wrapper would add the remote traceback
+    (file paths, code lines) to what an HTTP client sees."""
+    return str(getattr(err, "cause", None) or err)
 
 
 def _png(pixels) -> bytes:
@@ -97,7 +105,7 @@ class Ingress:
         try:
             return await getattr(self.coordinator, method).remote(*args)
         except FederationError as err:
-            raise HTTPException(next(s for cls, s in STATUS if isinstance(err, cls)), str(err)) from None
+            raise HTTPException(next(s for cls, s in STATUS if isinstance(err, cls)), _message(err)) from None
 
     @app.post("/v1/generate", response_model=Images,
               responses={200: {"content": {"image/png": {}},
@@ -115,7 +123,7 @@ class Ingress:
         try:
             out = await self.generator.generate.remote(req)
         except ConceptUnavailable as err:  # removed between our check and the replica's sync
-            raise HTTPException(404, str(err)) from None
+            raise HTTPException(404, _message(err)) from None
         if req.num_images == 1:
             return Response(_png(out.pixels[0]), media_type="image/png",
                             headers={"X-BlockLoRA-Version": str(out.version), "X-BlockLoRA-Seed": str(out.seeds[0])})

@@ -6,6 +6,8 @@ less than or equal to 50") and the OpenAPI docs show it before anyone sends a re
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from blocklora.config import GenerateConfig
@@ -18,13 +20,14 @@ MIN_SIDE = 16
 MAX_IMAGES = 4  # per request; each image is a sample of the batched denoising loop
 MAX_CONCEPT_WEIGHT = 4.0  # |α|; merged concepts past a few units only produce noise
 _DEFAULTS = GenerateConfig()
+ConceptName = Annotated[str, Field(min_length=1, max_length=64)]  # as blocklora.artifact.NAME_RE allows
 
 
 class ConceptWeight(BaseModel):
     """A live concept and its weight α in W0 + Σ α_i dW_i."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=64)
+    name: ConceptName
     weight: float = Field(1.0, ge=-MAX_CONCEPT_WEIGHT, le=MAX_CONCEPT_WEIGHT)
 
 
@@ -35,7 +38,7 @@ class GenerateRequest(BaseModel):
         {"prompt": "a photo of {my-dog} on a beach", "concepts": [{"name": "my-dog", "weight": 1.0}],
          "steps": 20, "seed": 7}]})
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    concepts: list[str | ConceptWeight] = Field(default_factory=list, max_length=64)
+    concepts: list[ConceptName | ConceptWeight] = Field(default_factory=list, max_length=64)
     negative_prompt: str = Field(_DEFAULTS.negative_prompt, max_length=MAX_PROMPT_CHARS)
     steps: int = Field(_DEFAULTS.steps, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(_DEFAULTS.guidance_scale, ge=0.0, le=30.0)
