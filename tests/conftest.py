@@ -107,3 +107,10 @@ def ray_head():
 def ray_cluster(ray_head) -> str:
     """The GCS address ("127.0.0.1:PORT") of the session's Ray cluster; see `ray_head` for the rest."""
     return ray_head.address
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_head) -> int:
+    """The HTTP port of Serve on the session cluster. Serve's proxy keeps the port it first started
+    on for the cluster's life, so every module that runs jobs/serve_up.py must pass this one."""
+    return free_port()

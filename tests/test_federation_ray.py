@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
-import sys
 import time
 
 import pytest
@@ -23,6 +22,7 @@ from conftest import REPO, VENV_BIN
 from core_helpers import make_artifact, write_images
 from federation import coordinator
 from federation.registry import ArtifactRejected, ReservationError, SlotUnavailable, Unauthorized
+from serve_helpers import start_coordinator as start_script
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +32,8 @@ ADMIN_TOKEN = "test-admin-token"
 
 
 def start_coordinator(head, state_dir) -> ray.actor.ActorHandle:
-    """Run the real start script, then find the actor by name as every other part does."""
-    subprocess.run([sys.executable, "jobs/start_coordinator.py", "--base-model", "tiny", "--slots", str(SLOTS),
-                    "--rank", str(RANK), "--state-dir", str(state_dir), "--address", head.address,
-                    "--namespace", NAMESPACE, "--name", NAME],
-                   cwd=REPO, env={**head.env, "BLOCKLORA_ADMIN_TOKEN": ADMIN_TOKEN}, check=True, timeout=180)
-    return coordinator.get(NAME, NAMESPACE)
+    return start_script(head, state_dir, NAMESPACE, NAME, AdapterConfig(rank=RANK, num_slots=SLOTS),
+                        ADMIN_TOKEN)
 
 
 @pytest.fixture(scope="module")

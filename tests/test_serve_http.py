@@ -10,8 +10,6 @@ import base64
 import concurrent.futures
 import dataclasses
 import io
-import subprocess
-import sys
 import time
 
 import httpx
@@ -24,9 +22,8 @@ from blocklora.base import load_base
 from blocklora.config import AdapterConfig, GenerateConfig
 from blocklora.generate import generate
 from blocklora.merge import LiveMerge, phrase
-from conftest import REPO, free_port
 from core_helpers import make_artifact
-from federation import coordinator
+from serve_helpers import serve_up, start_coordinator, stop_app
 
 pytestmark = pytest.mark.slow
 
@@ -37,21 +34,13 @@ SAMPLING = {"steps": 3, "guidance_scale": 4.0, "seed": 11}
 
 
 @pytest.fixture(scope="module")
-def srv(ray_head, tmp_path_factory):
+def srv(ray_head, serve_port, tmp_path_factory):
     """Coordinator + two live concepts uploaded over HTTP + the app; yields what the tests need."""
     root = tmp_path_factory.mktemp("serve")
-    subprocess.run([sys.executable, "jobs/start_coordinator.py", "--base-model", "tiny", "--slots",
-                    str(ADAPTER.num_slots), "--rank", str(ADAPTER.rank), "--state-dir", str(root / "state"),
-                    "--address", ray_head.address, "--namespace", NAMESPACE, "--name", NAME],
-                   cwd=REPO, env={**ray_head.env, "BLOCKLORA_ADMIN_TOKEN": ADMIN}, check=True, timeout=180)
-    port = free_port()
-    subprocess.run([sys.executable, "jobs/serve_up.py", "--address", ray_head.address, "--host", "127.0.0.1",
-                    "--port", str(port), "--namespace", NAMESPACE, "--coordinator", NAME],
-                   cwd=REPO, env=ray_head.env, check=True, timeout=300)
     ray.init(address=ray_head.address, namespace=NAMESPACE, log_to_driver=False)
-    actor = coordinator.get(NAME, NAMESPACE)
+    actor = start_coordinator(ray_head, root / "state", NAMESPACE, NAME, ADAPTER, ADMIN)
+    client = serve_up(ray_head, serve_port, NAMESPACE, NAME)
     token = ray.get(actor.register.remote("serve-test"))["token"]
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     base = load_base("tiny")
     arts = {}
     for i, name in enumerate(("a", "b")):
@@ -63,9 +52,7 @@ def srv(ray_head, tmp_path_factory):
     yield dataclasses.make_dataclass("Srv", ["client", "actor", "token", "arts", "base"])(
         client, actor, token, arts, base)
     client.close()
-    from ray import serve
-    serve.delete("blocklora")
-    ray.kill(actor, no_restart=True)
+    stop_app(actor)
     ray.shutdown()
 
 
