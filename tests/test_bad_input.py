@@ -1,0 +1,309 @@
+"""The bad-input corpus: one table of malformed inputs across the coordinator's rules (the plain
+Registry), the artifact loader and the HTTP API. Each must be refused with a clear error (its type or
+status and a fragment of its message), and leave the state exactly as it was: registry version,
+concept list, merged residual and manifest; over HTTP, /v1/concepts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import re
+import struct
+from typing import Any, Callable
+
+import httpx
+import pytest
+import ray
+import torch
+
+from blocklora.artifact import ConceptArtifact, InvalidArtifact
+from blocklora.base import load_base
+from blocklora.config import AdapterConfig, FederationConfig
+from blocklora.safefile import write_safetensors
+from core_helpers import make_artifact
+from federation.registry import (ArtifactRejected, FederationError, Registry, ReservationError, SlotUnavailable,
+                                 Unauthorized, UnknownConcept, token_hash)
+from federation.store import StateStore
+from serve_helpers import start_in_process, stop_app
+
+ADAPTER = AdapterConfig(rank=2, num_slots=4)
+ADMIN = "bad-input-admin-token"
+NAMESPACE, NAME = "blocklora-bad-input", "coordinator-bad-input"
+
+
+@dataclasses.dataclass
+class Ctx:
+    """A federation with `pet` live (alice's) and `held` reserved by alice (`good` fits it)."""
+
+    base: Any
+    alice: str
+    bob: str
+    good: ConceptArtifact  # a valid artifact for the `held` reservation
+    pet: ConceptArtifact
+    reg: Registry | None = None
+    http: httpx.Client | None = None
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base("tiny")
+
+
+@pytest.fixture(scope="module")
+def reg_ctx(base, tmp_path_factory) -> Ctx:
+    reg = Registry(base, ADAPTER, FederationConfig(max_artifact_bytes=4 * 1024 * 1024),
+                   StateStore(tmp_path_factory.mktemp("bad") / "state"), token_hash(ADMIN))
+    alice, bob = (reg.register(n)["token"] for n in ("alice", "bob"))
+    pet = make_artifact(base, ADAPTER, "pet", reg.reserve(alice, "pet", "dog")["slot"], seed=1)
+    reg.submit(alice, pet.to_bytes())
+    good = make_artifact(base, ADAPTER, "held", reg.reserve(alice, "held", "cat")["slot"], seed=2)
+    return Ctx(base, alice, bob, good, pet, reg=reg)
+
+
+@pytest.fixture(scope="module")
+def http_ctx(ray_head, serve_port, base, tmp_path_factory) -> Ctx:
+    """The same starting state behind the real app (its own coordinator on the session cluster)."""
+    actor, client = start_in_process(ray_head, tmp_path_factory.mktemp("bad-http") / "state", NAMESPACE, NAME,
+                                     ADAPTER, ADMIN, serve_port)
+    alice, bob = (ray.get(actor.register.remote(n))["token"] for n in ("alice", "bob"))
+    pet = make_artifact(base, ADAPTER, "pet", ray.get(actor.reserve.remote(alice, "pet", "dog"))["slot"], seed=1)
+    assert client.post("/v1/concepts", content=pet.to_bytes(), headers=auth(alice)).status_code == 201
+    good = make_artifact(base, ADAPTER, "held", ray.get(actor.reserve.remote(alice, "held", "cat"))["slot"], seed=2)
+    yield Ctx(base, alice, bob, good, pet, http=client)
+    client.close()
+    stop_app(actor)
+    ray.shutdown()
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# -- builders of malformed artifacts -----------------------------------------------------------------
+def with_meta(art: ConceptArtifact, **changes) -> bytes:
+    return ConceptArtifact(dataclasses.replace(art.meta, **changes), art.tensors).to_bytes()
+
+
+def with_tensors(art: ConceptArtifact, change: Callable[[dict], None]) -> bytes:
+    tensors = {k: v.clone() for k, v in art.tensors.items()}
+    change(tensors)
+    return ConceptArtifact(art.meta, tensors).to_bytes()
+
+
+def first(tensors: dict, suffix: str) -> str:
+    return next(k for k in sorted(tensors) if k.endswith(suffix))
+
+
+def poke(key_suffix: str, value: float) -> Callable[[dict], None]:
+    def change(t: dict) -> None:
+        t[first(t, key_suffix)][0, 0] = value
+    return change
+
+
+def retype(dtype: torch.dtype) -> Callable[[dict], None]:
+    def change(t: dict) -> None:
+        k = first(t, "lora_A")
+        t[k] = t[k].to(dtype)
+    return change
+
+
+def flip(data: bytes, index: int, bit: int = 0x40) -> bytes:
+    b = bytearray(data)
+    b[index] ^= bit
+    return bytes(b)
+
+
+def forge(header: dict, payload: bytes = b"\0" * 8) -> bytes:
+    """A safetensors-shaped file with a hand-written header."""
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + payload
+
+
+def raw_meta(art: ConceptArtifact, edit: Callable[[dict], None]) -> bytes:
+    """The artifact with its metadata JSON edited as a dict (for values the dataclass would not hold)."""
+    d = json.loads(art.meta.to_json())
+    edit(d)
+    return write_safetensors(art.tensors, {"blocklora": json.dumps(d)})
+
+
+F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+# -- the actions -------------------------------------------------------------------------------------
+def submit(who: str, data: Callable[[Ctx], bytes]):
+    def act(c: Ctx):
+        token = getattr(c, who) if who in ("alice", "bob") else who
+        if c.reg is not None:
+            return c.reg.submit(token, data(c))
+        return c.http.post("/v1/concepts", content=data(c), headers=auth(token))
+    return act
+
+
+def reserve(who: str, name: str, class_word: str = "dog"):
+    return lambda c: c.reg.reserve(getattr(c, who) if who in ("alice", "bob") else who, name, class_word)
+
+
+def remove(who: str, name: str):
+    def act(c: Ctx):
+        token = getattr(c, who) if who in ("alice", "bob") else who
+        if c.reg is not None:
+            return c.reg.remove(token, name)
+        return c.http.delete(f"/v1/concepts/{name}", headers=auth(token))
+    return act
+
+
+def load(data: Callable[[Ctx], bytes]):
+    return lambda c: ConceptArtifact.from_bytes(data(c), max_bytes=4 * 1024 * 1024)
+
+
+def generate(body: dict | bytes):
+    def act(c: Ctx):
+        if isinstance(body, bytes):
+            return c.http.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+        return c.http.post("/v1/generate", json={"steps": 1, **body})
+    return act
+
+
+def race_reserve(c: Ctx):
+    """Eight clients reserve the same free name at once: one wins, the others are told it is taken;
+    the winner then cancels, so the race leaves nothing behind."""
+    tokens = [c.reg.register(f"racer{i}")["token"] for i in range(8)]
+    before = c.reg.list_concepts()
+
+    def one(t: str):
+        try:
+            return t, c.reg.reserve(t, "contested", "dog")
+        except FederationError as err:
+            return t, err
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, tokens))
+    winners = [t for t, r in results if isinstance(r, dict)]
+    assert len(winners) == 1, results
+    c.reg.remove(winners[0], "contested")
+    assert c.reg.list_concepts() == before
+    raise next(r for _, r in results if isinstance(r, Exception))
+
+
+def race_add_remove(c: Ctx):
+    """The owner re-submits `pet` (idempotent) while another client tries to remove it, from eight
+    threads at once: the submits return the live record, every removal is refused."""
+    data = c.pet.to_bytes()
+
+    def one(i: int):
+        try:
+            return c.reg.submit(c.alice, data) if i % 2 else c.reg.remove(c.bob, "pet")
+        except FederationError as err:
+            return err
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert all(r["name"] == "pet" for r in results[1::2]), results
+    raise results[0]
+
+
+# (id, where, action, expected exception or HTTP status, message fragment (regex))
+CASES = [
+    # artifact bytes, through the coordinator's submit
+    ("truncated", "reg", submit("alice", lambda c: c.good.to_bytes()[:-100]), ArtifactRejected, "truncated|runs past|trailing"),
+    ("truncated-to-4-bytes", "reg", submit("alice", lambda c: c.good.to_bytes()[:4]), ArtifactRejected, "too short"),
+    ("empty", "reg", submit("alice", lambda c: b""), ArtifactRejected, "too short"),
+    ("bitflip-header-json", "reg", submit("alice", lambda c: flip(c.good.to_bytes(), 8)), ArtifactRejected, "not valid JSON"),
+    ("bitflip-header-length", "reg", submit("alice", lambda c: flip(c.good.to_bytes(), 6, 0x01)), ArtifactRejected, "header"),
+    ("bitflip-payload-to-inf", "reg", submit("alice", lambda c: with_tensors(c.good, poke("lora_B", float("inf")))), ArtifactRejected, "NaN or Inf"),
+    ("nan-in-A", "reg", submit("alice", lambda c: with_tensors(c.good, poke("lora_A", float("nan")))), ArtifactRejected, "NaN or Inf"),
+    ("inf-in-trigger", "reg", submit("alice", lambda c: with_tensors(c.good, poke("token_embeds", float("-inf")))), ArtifactRejected, "NaN or Inf"),
+    ("dtype-f64", "reg", submit("alice", lambda c: with_tensors(c.good, retype(torch.float64))), ArtifactRejected, "dtype F64"),
+    ("dtype-int64", "reg", submit("alice", lambda c: with_tensors(c.good, retype(torch.int64))), ArtifactRejected, "dtype I64"),
+    ("extra-tensor", "reg", submit("alice", lambda c: with_tensors(c.good, lambda t: t.update(smuggled=torch.zeros(2)))), ArtifactRejected, "unexpected \\['smuggled'\\]"),
+    ("missing-tensor", "reg", submit("alice", lambda c: with_tensors(c.good, lambda t: t.pop(first(t, "lora_B")))), ArtifactRejected, "missing"),
+    ("wrong-shape", "reg", submit("alice", lambda c: with_tensors(c.good, lambda t: t.update({first(t, "lora_A"): torch.zeros(3, 3)}))), ArtifactRejected, "has shape"),
+    ("slot-forged-to-owned-slot", "reg", submit("alice", lambda c: make_artifact(c.base, ADAPTER, "held", c.pet.meta.slot, seed=3).to_bytes()), ReservationError, "trained for slot"),
+    ("slot-out-of-range", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(slot=99))), ArtifactRejected, "outside 0..3"),
+    ("slot-negative", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(slot=-1))), ArtifactRejected, "outside 0..3"),
+    ("slot-huge-int", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(slot=2**70))), ArtifactRejected, "outside 0..3"),
+    ("triggers-of-another-slot", "reg", submit("alice", lambda c: with_meta(c.good, triggers=("<blk0>",) if c.good.meta.slot else ("<blk1>",))), ArtifactRejected, "do not belong"),
+    ("foreign-base", "reg", submit("alice", lambda c: with_meta(c.good, base_fingerprint="0" * 64)), ArtifactRejected, "trained on base"),
+    ("format-version-2", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(format_version=2))), ArtifactRejected, "format version 2"),
+    ("unicode-artifact-name", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(name="hëld"))), ArtifactRejected, "not allowed"),
+    ("name-collision-new-bytes", "reg", submit("alice", lambda c: make_artifact(c.base, ADAPTER, "pet", c.pet.meta.slot, seed=9).to_bytes()), ReservationError, "no reservation"),
+    ("other-clients-reservation", "reg", submit("bob", lambda c: c.good.to_bytes()), ReservationError, "another client"),
+    ("not-bytes", "reg", lambda c: c.reg.submit(c.alice, c.good.to_bytes().decode("latin-1")), ArtifactRejected, "as bytes"),
+    ("over-size-limit", "reg", submit("alice", lambda c: c.good.to_bytes() + b"\0" * (4 * 1024 * 1024)), ArtifactRejected, "accepts at most"),
+    ("forged-token", "reg", submit("c0123456789abcdef.forged", lambda c: c.good.to_bytes()), Unauthorized, "not recognised"),
+    ("no-token", "reg", lambda c: c.reg.submit(None, c.good.to_bytes()), Unauthorized, "a token"),
+    # names, class words, client names, removals
+    ("reserve-live-name", "reg", reserve("bob", "pet"), SlotUnavailable, "already live"),
+    ("reserve-others-reservation", "reg", reserve("bob", "held"), ReservationError, "reserved by another client"),
+    ("unicode-name", "reg", reserve("bob", "pét"), ReservationError, "not allowed"),
+    ("long-name", "reg", reserve("bob", "n" * 65), ReservationError, "not allowed"),
+    ("path-traversal-name", "reg", reserve("bob", "../../etc/passwd"), ReservationError, "not allowed"),
+    ("empty-class-word", "reg", reserve("bob", "fine", "   "), ReservationError, "class word"),
+    ("long-class-word", "reg", reserve("bob", "fine", "w" * 65), ReservationError, "class word"),
+    ("long-client-name", "reg", lambda c: c.reg.register("x" * 65), FederationError, "at most 64"),
+    ("client-name-not-str", "reg", lambda c: c.reg.register(12345), FederationError, "must be a string"),
+    ("remove-unknown", "reg", remove("alice", "ghost"), UnknownConcept, "no live concept"),
+    ("remove-others", "reg", remove("bob", "pet"), Unauthorized, "owner or the admin"),
+    ("race-reserve-same-name", "reg", race_reserve, ReservationError, "reserved by another client"),
+    ("race-resubmit-vs-foreign-remove", "reg", race_add_remove, Unauthorized, "owner or the admin"),
+    # the loader alone: forged headers
+    ("negative-offsets", "load", load(lambda c: forge({"t": {**F32, "data_offsets": [-8, 0]}})), InvalidArtifact, "offsets"),
+    ("negative-shape", "load", load(lambda c: forge({"t": {**F32, "shape": [-2]}})), InvalidArtifact, "invalid shape"),
+    ("overlapping-tensors", "load", load(lambda c: forge({"t": F32, "u": F32})), InvalidArtifact, "overlap"),
+    ("trailing-bytes", "load", load(lambda c: forge({"t": F32}, b"\0" * 12)), InvalidArtifact, "trailing"),
+    ("metadata-not-strings", "load", load(lambda c: forge({"__metadata__": {"blocklora": 1}, "t": F32})), InvalidArtifact, "strings"),
+    ("no-blocklora-metadata", "load", load(lambda c: forge({"t": F32})), InvalidArtifact, "no blocklora metadata"),
+    ("header-not-object", "load", load(lambda c: forge([1, 2])), InvalidArtifact, "not a JSON object"),
+    ("malformed-entry", "load", load(lambda c: forge({"t": {"dtype": "F32"}})), InvalidArtifact, "malformed entry"),
+    ("huge-declared-header", "load", load(lambda c: struct.pack("<Q", 2**63) + b"{}"), InvalidArtifact, "exceeds"),
+    # over HTTP
+    ("http-truncated-upload", "http", submit("alice", lambda c: c.good.to_bytes()[:-100]), 422, "artifact refused"),
+    ("http-nan-upload", "http", submit("alice", lambda c: with_tensors(c.good, poke("lora_A", float("nan")))), 422, "NaN or Inf"),
+    ("http-slot-forgery", "http", submit("alice", lambda c: make_artifact(c.base, ADAPTER, "held", c.pet.meta.slot, seed=3).to_bytes()), 409, "trained for slot"),
+    ("http-upload-for-others-reservation", "http", submit("bob", lambda c: c.good.to_bytes()), 409, "another client"),
+    ("http-remove-others", "http", remove("bob", "pet"), 403, "owner or the admin"),
+    ("http-remove-unicode-name", "http", remove(ADMIN, "pét-ü"), 404, "no live concept"),
+    ("http-unicode-concept", "http", generate({"prompt": "a photo", "concepts": ["pét"]}), 404, "not live"),
+    ("http-long-concept-name", "http", generate({"prompt": "a photo", "concepts": ["n" * 65]}), 422, "at most 64"),
+    ("http-long-unicode-prompt", "http", generate({"prompt": "ü" * 1001}), 422, "at most 1000"),
+    ("http-negative-steps", "http", generate({"prompt": "x", "steps": -1}), 422, "greater than or equal to 1"),
+    ("http-huge-seed", "http", generate({"prompt": "x", "seed": 2**64}), 422, "less than or equal to"),
+    ("http-negative-seed", "http", generate({"prompt": "x", "seed": -5}), 422, "greater than or equal to 0"),
+    ("http-huge-width", "http", generate({"prompt": "x", "width": 2**31}), 422, "less than or equal to 1024"),
+    ("http-huge-weight", "http", generate({"prompt": "x", "concepts": [{"name": "pet", "weight": 1e308}]}), 422, "less than or equal to 4"),
+    ("http-nan-guidance", "http", generate(b'{"prompt": "x", "guidance_scale": NaN}'), 422, "less than or equal to 30"),
+    ("http-infinite-weight", "http", generate(b'{"prompt": "x", "concepts": [{"name": "pet", "weight": -Infinity}]}'), 422, "-Infinity"),
+    ("http-body-is-array", "http", generate(b'["x"]'), 422, "valid dictionary"),
+    ("http-not-json", "http", generate(b"\xff\xfe garbage"), 400, "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=[pytest.mark.slow] if c[1] == "http" else [])
+                                  for c in CASES])
+def test_bad_input_is_refused_and_changes_nothing(case, request):
+    name, where, action, expected, fragment = case
+    if where == "load":
+        with pytest.raises(expected, match=fragment):
+            action(None)
+        return
+    ctx: Ctx = request.getfixturevalue("reg_ctx" if where == "reg" else "http_ctx")
+    if where == "http":
+        before = ctx.http.get("/v1/concepts").json()
+        r = action(ctx)
+        assert r.status_code == expected and re.search(fragment, r.text), (name, r.status_code, r.text[:400])
+        assert ctx.http.get("/v1/concepts").json() == before
+        return
+    reg = ctx.reg
+    before = (reg.version, reg.list_concepts(), reg.merged_residual(), reg.store.manifest_path.read_bytes())
+    with pytest.raises(expected, match=fragment):
+        action(ctx)
+    after = (reg.version, reg.list_concepts(), reg.merged_residual(), reg.store.manifest_path.read_bytes())
+    assert after[:2] == before[:2]
+    assert all(torch.equal(after[2][k], v) for k, v in before[2].items())
+    if not name.startswith("race-reserve"):  # the race registers its eight clients
+        assert after[3] == before[3]
+
+
+def test_corpus_is_large_and_covers_every_surface():
+    assert len(CASES) >= 30 and {c[1] for c in CASES} == {"reg", "load", "http"}
+    assert len({c[0] for c in CASES}) == len(CASES)
