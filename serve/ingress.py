@@ -46,6 +46,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
                                                                        parse_constant=str)})
 
 
+MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and part headers around the artifact
+
 # federation errors -> HTTP status; the coordinator's message is passed through as the detail
 STATUS = ((Unauthorized, 403), (UnknownConcept, 404), (ArtifactRejected, 422), (ReservationError, 409),
           (SlotUnavailable, 409), (FederationError, 400))
@@ -151,7 +153,12 @@ class Ingress:
         size = int(request.headers.get("content-length") or 0)
         if size > self.max_upload:
             raise HTTPException(413, f"artifact is {size:,} bytes; this federation accepts at most {self.max_upload:,}")
-        body = await request.body()
+        body = bytearray()
+        async for chunk in request.stream():  # a chunked body declares no length: count while reading
+            body += chunk
+            if len(body) > self.max_upload + MULTIPART_SLACK:
+                raise HTTPException(413, f"upload exceeds {self.max_upload:,} bytes, the most this federation accepts")
+        body = bytes(body)
         ctype = request.headers.get("content-type", "")
         data = _multipart_file(ctype, body) if ctype.startswith("multipart/form-data") else body
         if not data:
