@@ -252,7 +252,7 @@ def main() -> None:
             ray.shutdown()
             if cluster is not None:
                 cluster.stop()
-    result = {"benchmark": "load_test", "command": "python -m benchmarks.load_test " + " ".join(sys.argv[1:]),
+    result = {"benchmark": "load_test", "command": " ".join(["python -m benchmarks.load_test", *sys.argv[1:]]),
               "quick": args.quick, "duration_s": duration, "clients": args.clients, "base": "tiny",
               "adapter": {"rank": ADAPTER.rank, "num_slots": ADAPTER.num_slots}, "sampling": SAMPLING,
               "tolerance_uint8": TOLERANCE, **result, "env": environment("cpu", torch.float32)}

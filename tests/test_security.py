@@ -153,6 +153,12 @@ def test_http_keys_and_tokens(srv):
         assert r.status_code == 422 and "artifact refused" in r.text, (kind, r.text)
     r = srv.client.post("/v1/concepts", content=b"\0" * (64 * 1024 * 1024 + 1), headers=bearer(srv.owner))
     assert r.status_code == 413 and "at most" in r.text
+
+    def chunks():  # no Content-Length: the limit must hold while the body streams in
+        for _ in range(65):
+            yield b"\0" * (1024 * 1024)
+    r = srv.client.post("/v1/concepts", content=chunks(), headers=bearer(srv.owner))
+    assert r.status_code == 413 and "the most this federation accepts" in r.text
     assert srv.client.get("/v1/concepts").json() == before
 
 
