@@ -16,7 +16,7 @@ from blocklora.judge import Score, generate, load_judge
 from blocklora.toydata import COLOUR_NAMES, HELDOUT_PAIRS, SHAPES, TOY_BASE_DIR
 
 REPO = TOY_BASE_DIR.parents[1]
-# held-out pairs (never captioned together in training), fixed; the model card has the full evaluation
+# fixed pairs, two of them held out of training (never captioned together); the model card has the full evaluation
 PAIRS = [("square", "blue"), ("circle", "yellow"), ("heart", "red")]
 SEEDS = list(range(8))
 MAX_BYTES = 40 * 2**20
@@ -57,7 +57,7 @@ def test_fingerprint_same_across_loads_and_paths(base: Base) -> None:
 def test_judge_finds_the_prompted_colour(base: Base) -> None:
     """The base follows the colour in its prompt, at more than twice chance. Shape is not asserted:
     after 3000 denoiser steps it is still near chance (models/toy-base/README.md reports both)."""
-    assert set(PAIRS) <= HELDOUT_PAIRS
+    assert len(set(PAIRS) & HELDOUT_PAIRS) == 2
     images = generate(base.pipe, PAIRS, SEEDS)
     score = Score.of("fixed prompts", load_judge().classify(images), [p for p in PAIRS for _ in SEEDS])
     assert score.colour_acc > 2 / len(COLOUR_NAMES), score
