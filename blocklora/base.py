@@ -17,10 +17,10 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDi
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from blocklora.tokenizer import VOCAB_SIZE, clip_tokenizer
+from blocklora.toybase import TOY_BASE_DIR
 
 TINY = "tiny"  # the random tiny SD-architecture pipeline, built from config with a fixed seed
 TINY_SEED = 1234
-TOY_BASE_DIR = Path(__file__).resolve().parents[1] / "models" / "toy-base"  # pretrained by jobs/pretrain_base.py
 
 
 @dataclass

@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from blocklora.toybase import draw
 from blocklora.toydata import COLOUR_NAMES, HELDOUT_PAIRS, SHAPES, SIZE, TRAIN_PAIRS, make_sample, to_tensor
 
 JUDGE_DIR = Path(__file__).resolve().parents[1] / "models" / "judge"
@@ -152,18 +153,9 @@ def score_data(judge: Judge, n: int = 512, seed: int = 99) -> list[Score]:
     return scores
 
 
-@torch.no_grad()
-def generate(pipe, pairs: list[tuple[str, str]], seeds: list[int], steps: int = 20,
-             guidance: float = 5.0, chunk: int = 16) -> list[Image.Image]:
-    """One picture per (pair, seed), prompt "a large {colour} {shape}", one generator per picture."""
-    jobs = [(f"a large {c} {s}", seed) for s, c in pairs for seed in seeds]
-    images = []
-    for i in range(0, len(jobs), chunk):
-        part = jobs[i:i + chunk]
-        images += pipe([p for p, _ in part], num_inference_steps=steps, guidance_scale=guidance,
-                       generator=[torch.Generator().manual_seed(s) for _, s in part],
-                       height=SIZE, width=SIZE).images
-    return images
+def generate(pipe, pairs: list[tuple[str, str]], seeds: list[int]) -> list[Image.Image]:
+    """One picture per (pair, seed) from the prompt "a large {colour} {shape}", with the card's sampler."""
+    return draw(pipe, [(f"a large {c} {s}", seed) for s, c in pairs for seed in seeds])
 
 
 def score_pairs(pipe, judge: Judge, name: str, pairs: list[tuple[str, str]], seeds: list[int]) -> Score:

@@ -9,14 +9,11 @@ model composes words it has seen separately rather than recalling pictures it ha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-# The diffusers folder of the base pretrained on this data by jobs/pretrain_base.py.
-TOY_BASE_DIR = Path(__file__).resolve().parents[1] / "models" / "toy-base"
 SIZE = 64  # output pixels per side
 _SS = 2  # supersampling factor: shapes are drawn at 128 px and downsampled for smooth edges
 

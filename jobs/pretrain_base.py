@@ -5,7 +5,7 @@ denoiser and text encoder then learn on its latents. Every checkpoint is safeten
 state, and data and noise are drawn from (seed, step), so a killed run resumes where it stopped and
 re-running a finished run only re-exports the pipeline and rewrites the model card.
 
-    python jobs/pretrain_base.py --steps 3000 --work-dir /tmp/toy-base-work --threads 1
+    python jobs/pretrain_base.py --work-dir /tmp/toy-base-work
 """
 
 from __future__ import annotations
@@ -27,25 +27,18 @@ import torch
 import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from blocklora.tokenizer import VOCAB_SIZE, clip_tokenizer
-from blocklora.toydata import SIZE, TOY_BASE_DIR, make_sample, to_tensor
+from blocklora.toybase import GRID_PROMPTS, GRID_SEEDS, GUIDANCE, SAMPLE_STEPS, SAMPLES_FILE, TOY_BASE_DIR, sample_grid
+from blocklora.toydata import SIZE, make_sample, to_tensor
 
 matplotlib.use("Agg")
 
 SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 DROP_CAPTION = 0.1  # share of empty captions, so classifier-free guidance has an unconditional model
-# The grid in the model card: prompts x seeds; the last two pairs are held out of training.
-GRID_PROMPTS = ("a large red circle on a white background", "a small blue square on a yellow background",
-                "a large green triangle", "a large white star on a dotted black background",
-                "a large yellow cross on a purple background", "a large purple heart",
-                "a large orange circle", "a large blue square")
-GRID_SEEDS = (0, 1, 2, 3)
-SAMPLE_STEPS, GUIDANCE = 20, 5.0
 
 
 def build_vae() -> AutoencoderKL:
@@ -195,8 +188,21 @@ def set_latent_scale(vae: AutoencoderKL, seed: int, n: int = 512) -> float:
     return 1.0 / std
 
 
+def min_snr_weights(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al., 2023): min(SNR, gamma) / SNR.
+
+    Nearly clean timesteps (high SNR) are easy and dominate an unweighted loss, yet layout, shape
+    and colour are decided at the noisy end; capping their weight spends the few CPU steps there.
+    """
+    if gamma <= 0:
+        return torch.ones(len(t))
+    ac = sched.alphas_cumprod[t]
+    snr = ac / (1 - ac)
+    return snr.clamp(max=gamma) / snr
+
+
 def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_size: int, lr: float,
-                   seed: int, every: int, sample_every: int) -> None:
+                   seed: int, every: int, sample_every: int, snr_gamma: float) -> None:
     """Epsilon prediction with the SD noise schedule; text encoder trained jointly from scratch."""
     unet, te, tok, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
     noise_sched = DDPMScheduler(**SCHEDULE)
@@ -218,7 +224,8 @@ def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_si
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=g)
         pred = unet(noise_sched.add_noise(latents, noise, t), t, te(ids).last_hidden_state).sample
-        loss = F.mse_loss(pred, noise)
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (min_snr_weights(noise_sched, t, snr_gamma) * per_sample).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -228,22 +235,9 @@ def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_si
         if (step + 1) % every == 0 or step + 1 == steps:
             run.checkpoint({"unet": unet, "text_encoder": te}, opt, "unet")
         if (step + 1) % sample_every == 0:
-            sample_grid(pipe, run.work / f"samples_{step + 1:06d}.png")  # no dropout/BN: mode is moot
+            sample_grid(pipe).save(run.work / f"samples_{step + 1:06d}.png")  # no dropout/BN: mode is moot
     unet.eval()
     te.eval()
-
-
-@torch.no_grad()
-def sample_grid(pipe: StableDiffusionPipeline, path: Path) -> None:
-    """One row per prompt in GRID_PROMPTS, one column per seed in GRID_SEEDS."""
-    prompts = [p for p in GRID_PROMPTS for _ in GRID_SEEDS]
-    gens = [torch.Generator().manual_seed(s) for _ in GRID_PROMPTS for s in GRID_SEEDS]
-    images = pipe(prompts, num_inference_steps=SAMPLE_STEPS, guidance_scale=GUIDANCE, generator=gens,
-                  height=SIZE, width=SIZE).images
-    grid = Image.new("RGB", (SIZE * len(GRID_SEEDS), SIZE * len(GRID_PROMPTS)))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % len(GRID_SEEDS)) * SIZE, (i // len(GRID_SEEDS)) * SIZE))
-    grid.save(path)
 
 
 def plot_loss(csv_path: Path, png: Path) -> dict[str, float]:
@@ -289,7 +283,7 @@ pairs are held out of training (`blocklora.toydata.HELDOUT_PAIRS`).
 | stage | steps | batch | final loss (50-step mean) |
 |---|---|---|---|
 | VAE (L1+MSE+1e-6 KL) | {args.vae_steps} | {args.vae_batch} | {finals['vae']:.4f} |
-| UNet + text encoder (epsilon MSE) | {args.steps} | {args.batch} | {finals['unet']:.4f} |
+| UNet + text encoder (epsilon MSE, min-SNR-{args.snr_gamma:g} weighted) | {args.steps} | {args.batch} | {finals['unet']:.4f} |
 
 Wall time: {run.state['wall_seconds'] / 60:.1f} min, summed over the run's segments up to their last
 checkpoints, on a 2-core machine shared with other jobs. Latent scaling factor {scale:.4f}.
@@ -315,35 +309,38 @@ Rows 7 and 8 (orange circle, blue square) are held-out pairs, never seen in trai
 ## Load
 ```python
 from blocklora.base import load_base
-from blocklora.toydata import TOY_BASE_DIR
+from blocklora.toybase import TOY_BASE_DIR
 base = load_base(str(TOY_BASE_DIR))
 ```
 """)
 
 
-def judge_scores(pipe: StableDiffusionPipeline, seed: int) -> str:
+def judge_scores(pipe: StableDiffusionPipeline, n_seeds: int, seed: int) -> str:
     """Markdown table of the judge on the exported base, or a note when no judge is trained yet."""
     from blocklora.judge import JUDGE_DIR, JUDGE_FILE, load_judge, markdown, score_base
 
     if not (JUDGE_DIR / JUDGE_FILE).exists():
         return "No judge trained yet (run `jobs/train_judge.py`, then re-run this script to fill this in)."
-    return ("Prompts `a large {colour} {shape}`, 8 seeds per pair, same sampler as above; the first two\n"
-            "rows are the judge on drawn pictures (its ceiling).\n\n" + markdown(score_base(pipe, load_judge(), seed=seed)))
+    return (f"Prompts `a large {{colour}} {{shape}}`, {n_seeds} seeds per pair, same sampler as above; the first\n"
+            "two rows are the judge on drawn pictures (its ceiling).\n\n"
+            + markdown(score_base(pipe, load_judge(), n_seeds=n_seeds, seed=seed)))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=3000, help="UNet + text encoder optimizer steps")
-    ap.add_argument("--batch", type=int, default=32, help="denoiser batch size")
+    ap.add_argument("--steps", type=int, default=9000, help="UNet + text encoder optimizer steps")
+    ap.add_argument("--batch", type=int, default=16, help="denoiser batch size")
     ap.add_argument("--lr", type=float, default=1e-3, help="denoiser peak learning rate")
-    ap.add_argument("--vae-steps", type=int, default=600, help="VAE optimizer steps (stage 1)")
+    ap.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR loss weighting cap (0: plain MSE)")
+    ap.add_argument("--vae-steps", type=int, default=1500, help="VAE optimizer steps (stage 1)")
     ap.add_argument("--vae-batch", type=int, default=32, help="VAE batch size")
     ap.add_argument("--out", type=Path, default=TOY_BASE_DIR, help="diffusers folder to export to")
     ap.add_argument("--work-dir", type=Path, default=Path("work/toy-base"), help="checkpoints and logs")
     ap.add_argument("--seed", type=int, default=0, help="weights, data stream and noise all derive from it")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     ap.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
-    ap.add_argument("--sample-every", type=int, default=500, help="denoiser steps between sample grids")
+    ap.add_argument("--sample-every", type=int, default=1000, help="denoiser steps between sample grids")
+    ap.add_argument("--eval-seeds", type=int, default=8, help="judge pictures per (shape, colour) pair in the card")
     ap.add_argument("--note", default="", help="text for the model card, e.g. what changed when a run was resumed")
     args = ap.parse_args()
 
@@ -354,13 +351,14 @@ def main() -> None:
     train_vae(run, vae, args.vae_steps, args.vae_batch, args.seed, args.checkpoint_every)
     scale = set_latent_scale(vae, args.seed)
     pipe = build_pipeline(vae, unet, te)
-    train_denoiser(run, pipe, args.steps, args.batch, args.lr, args.seed, args.checkpoint_every, args.sample_every)
+    train_denoiser(run, pipe, args.steps, args.batch, args.lr, args.seed, args.checkpoint_every, args.sample_every,
+                   args.snr_gamma)
 
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(args.out, safe_serialization=True)
     finals = plot_loss(run.work / "loss.csv", args.out / "loss.png")
-    sample_grid(pipe, args.out / "samples.png")
-    write_card(args.out, pipe, args, run, scale, finals, judge_scores(pipe, args.seed))
+    sample_grid(pipe).save(args.out / SAMPLES_FILE)
+    write_card(args.out, pipe, args, run, scale, finals, judge_scores(pipe, args.eval_seeds, args.seed))
     print(f"exported to {args.out} ({run.state['wall_seconds'] / 60:.1f} min)")
 
 

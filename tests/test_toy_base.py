@@ -9,11 +9,14 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may touch the network
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from blocklora.base import Base, load_base
 from blocklora.judge import Score, generate, load_judge
-from blocklora.toydata import COLOUR_NAMES, HELDOUT_PAIRS, SHAPES, TOY_BASE_DIR
+from blocklora.toybase import GRID_PROMPTS, SAMPLES_FILE, TOY_BASE_DIR, sample_grid
+from blocklora.toydata import COLOUR_NAMES, HELDOUT_PAIRS, SHAPES
 
 REPO = TOY_BASE_DIR.parents[1]
 # fixed pairs, two of them held out of training (never captioned together); the model card has the full evaluation
@@ -61,3 +64,18 @@ def test_judge_finds_the_prompted_colour(base: Base) -> None:
     images = generate(base.pipe, PAIRS, SEEDS)
     score = Score.of("fixed prompts", load_judge().classify(images), [p for p in PAIRS for _ in SEEDS])
     assert score.colour_acc > 2 / len(COLOUR_NAMES), score
+
+
+def test_card_sample_grid_redraws_from_its_prompts_and_seeds(base: Base) -> None:
+    """The committed samples.png is what the committed weights draw from the card's prompts and seeds.
+
+    Tolerances allow for float reassociation on other CPUs (20 DDIM steps can amplify last-bit
+    differences); a different base or sampler moves the mean by tens of levels.
+    """
+    card = (TOY_BASE_DIR / "README.md").read_text()
+    assert all(f"`{p}`" in card for p in GRID_PROMPTS)
+    committed = np.asarray(Image.open(TOY_BASE_DIR / SAMPLES_FILE).convert("RGB"), dtype=np.float32)
+    redrawn = np.asarray(sample_grid(base.pipe), dtype=np.float32)
+    assert redrawn.shape == committed.shape
+    diff = np.abs(redrawn - committed)
+    assert diff.mean() < 1.0 and np.percentile(diff, 99) < 8, (diff.mean(), np.percentile(diff, 99))
