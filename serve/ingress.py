@@ -27,11 +27,13 @@ from ray.serve.handle import DeploymentHandle
 
 from federation.registry import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable,
                                  Unauthorized, UnknownConcept)
+from serve.body_limit import BodyLimit
 from serve.generator import ConceptUnavailable
-from serve.schemas import Concept, Concepts, GenerateRequest, Images
+from serve.schemas import MAX_BODY_BYTES, Concept, Concepts, GenerateRequest, Images
 
 app = FastAPI(title="blocklora", summary="Stable Diffusion with any live subset of a federation's concepts",
               docs_url="/v1/docs", openapi_url="/v1/openapi.json", redoc_url=None)
+app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, exempt=(("POST", "/v1/concepts"),))  # uploads cap themselves
 
 
 @app.exception_handler(RequestValidationError)

@@ -18,6 +18,7 @@ MAX_STEPS = 100
 MAX_SIDE = 1024  # pixels; a multiple of 8 so the VAE's latent grid is whole
 MIN_SIDE = 16
 MAX_IMAGES = 4  # per request; each image is a sample of the batched denoising loop
+MAX_BODY_BYTES = 64 * 1024  # JSON bodies: a request at every bound below, all \u-escaped, is ~40 kB
 MAX_CONCEPT_WEIGHT = 4.0  # |α|; merged concepts past a few units only produce noise
 _DEFAULTS = GenerateConfig()
 ConceptName = Annotated[str, Field(min_length=1, max_length=64)]  # as blocklora.artifact.NAME_RE allows

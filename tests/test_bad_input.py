@@ -275,6 +275,10 @@ CASES = [
     ("http-infinite-weight", "http", generate(b'{"prompt": "x", "concepts": [{"name": "pet", "weight": -Infinity}]}'), 422, "-Infinity"),
     ("http-body-is-array", "http", generate(b'["x"]'), 422, "valid dictionary"),
     ("http-not-json", "http", generate(b"\xff\xfe garbage"), 400, "not valid JSON"),
+    ("http-oversized-body", "http", generate(b'{"prompt": "' + b"x" * 70_000 + b'"}'), 413, "at most 65,536 bytes"),
+    ("http-oversized-chunked-body", "http", lambda c: c.http.post(
+        "/v1/generate", content=iter([b'{"prompt": "', b"x" * 70_000, b'"}']),
+        headers={"content-type": "application/json"}), 413, "exceeds the limit"),
 ]
 
 
