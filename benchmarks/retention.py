@@ -14,6 +14,9 @@ N = 1..M. For every concept i of a merged set S:
   mean E||ε_i - ε_0||² of the set's concepts: how far unrelated prompts move, in units of a
   concept's own effect.
 - image MAE = mean |x_S - x_i| in [0, 1] between same-seed generations of S and of i alone.
+- judge identity = cosine between the features the toy judge (blocklora.judge) extracts from i's
+  generation in S and the mean features of i's training images: an image-space identity score
+  like the paper's DINO / CLIP-I, with `judge_identity_without_concepts` as its floor.
 And for the M trained concepts: pairwise cosine and sign conflicts of dW (weight space), and
 fit = 1 - denoising loss of i alone / loss of the base on i's images (did the concept learn?).
 """
@@ -37,9 +40,10 @@ from PIL import Image
 from benchmarks.common import RESULTS_DIR, emit, environment, line_plot, write_csv
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import Base, load_base
-from blocklora.baselines import METHODS, merge_deltas, residual_applied
+from blocklora.baselines import METHODS, input_grams, merge_deltas, residual_applied
 from blocklora.conditioning import encode_prompts
 from blocklora.config import AdapterConfig, TrainConfig, to_json
+from blocklora.judge import Judge, load_judge
 from blocklora.stats import pairwise_stats, summary
 from blocklora.trainer import train_concept
 
@@ -49,6 +53,7 @@ PALETTE = ((220, 40, 40), (245, 150, 30), (235, 220, 40), (40, 170, 70),
 PATTERNS = ("hstripes", "vstripes", "checker", "diagonal", "disc", "ring", "cross", "dots")
 LAMBDAS = (0.0, 0.1, 0.25, 0.5)
 EVAL_TIMESTEPS = (200, 600)  # each image is noised once per timestep
+FUSION_TIMESTEPS = (400, 800)  # where Mix-of-Show's fusion gathers layer inputs: not the probe's
 
 
 @dataclass(frozen=True)
@@ -139,23 +144,51 @@ class Probe:
     class_t: torch.Tensor  # (C,)
 
 
+def reference_images(i: int, size: int) -> torch.Tensor:
+    """Concept i's training images as (4, 3, size, size) in [0, 1]."""
+    return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
+                        for im in concept_images(i, size)])
+
+
+@torch.no_grad()
+def noisy_latents(base: Base, i: int, timesteps: tuple[int, ...], g: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concept i's images encoded and noised once per timestep: (noisy, noise, t), 4 x len(timesteps) each."""
+    pipe = base.pipe
+    t = torch.tensor([tt for tt in timesteps for _ in range(4)])
+    x = reference_images(i, base.resolution) * 2 - 1
+    lat = pipe.vae.encode(x).latent_dist.mean.repeat(len(timesteps), 1, 1, 1) * pipe.vae.config.scaling_factor
+    noise = torch.randn(lat.shape, generator=g)
+    return pipe.scheduler.add_noise(lat, noise, t), noise, t
+
+
+def fusion_grams(base: Base, adapter: AdapterConfig, arts: list[ConceptArtifact]) -> list[dict[str, torch.Tensor]]:
+    """Each concept's layer-input statistics for gradient fusion, gathered on its own images at
+    timesteps and noise the probes never use, so fusion is not fitted to what it is scored on."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i, a in enumerate(arts):
+        noisy, _, t = noisy_latents(base, i, FUSION_TIMESTEPS, g)
+        out.append(input_grams(base, adapter, a, noisy, t, [prompt_of(a)] * len(t)))
+    return out
+
+
+def prompt_of(art: ConceptArtifact) -> str:
+    return f"a photo of {' '.join(art.meta.triggers)} {art.meta.class_word}"
+
+
 @torch.no_grad()
 def make_probe(base: Base, arts: list[ConceptArtifact], seed: int = 0) -> Probe:
-    pipe, g = base.pipe, torch.Generator().manual_seed(seed)
-    sched = pipe.scheduler
+    g = torch.Generator().manual_seed(seed)
     noisy, noises = [], []
-    t = torch.tensor([tt for tt in EVAL_TIMESTEPS for _ in range(4)])
-    for i, art in enumerate(arts):
-        x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-                         for im in concept_images(i, base.resolution)])
-        lat = pipe.vae.encode(x).latent_dist.mean.repeat(len(EVAL_TIMESTEPS), 1, 1, 1) * pipe.vae.config.scaling_factor
-        noise = torch.randn(lat.shape, generator=g)
-        noisy.append(sched.add_noise(lat, noise, t))
+    for i in range(len(arts)):
+        x, noise, t = noisy_latents(base, i, EVAL_TIMESTEPS, g)
+        noisy.append(x)
         noises.append(noise)
     words = sorted({a.meta.class_word for a in arts})
     class_prompts = [f"a photo of {w}" for w in words for _ in EVAL_TIMESTEPS]
     shape = noisy[0].shape[1:]
-    return Probe([f"a photo of {' '.join(a.meta.triggers)} {a.meta.class_word}" for a in arts],
+    return Probe([prompt_of(a) for a in arts],
                  torch.stack(noisy), torch.stack(noises), t, class_prompts,
                  torch.randn((len(class_prompts), *shape), generator=g),
                  torch.tensor(list(EVAL_TIMESTEPS) * len(words)))
@@ -194,9 +227,11 @@ def sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(base: Base, v: Variant, arts: list[ConceptArtifact], probe: Probe, gen_steps: int,
-             eps0: tuple[torch.Tensor, torch.Tensor], scorer=None) -> tuple[list[dict], list[dict], dict]:
+             eps0: tuple[torch.Tensor, torch.Tensor], judge: Judge, scorer=None) -> tuple[list[dict], list[dict], dict]:
     m = len(arts)
     idx = list(range(m))
+    grams = fusion_grams(base, v.adapter, arts) if v.rule == "fusion" else None
+    refs = [reference_images(i, base.resolution) for i in idx]
     base_own, base_cls = eps0
     single = [eps(base, v.adapter, merge_deltas([a], "sum"), [a], probe, [i]) for i, a in enumerate(arts)]
     own = torch.cat([s[0] for s in single])  # (M, L, ...): ε_i on i's probe
@@ -207,22 +242,28 @@ def evaluate(base: Base, v: Variant, arts: list[ConceptArtifact], probe: Probe, 
     curve, per_concept = [], []
     for n in range(1, m + 1):
         members = idx[:n]
-        residual = merge_deltas(arts[:n], v.rule)
+        residual = merge_deltas(arts[:n], v.rule, grams=grams[:n] if grams else None)
         merged_own, merged_cls = eps(base, v.adapter, residual, arts[:n], probe, members)
         retention = 1 - sq(merged_own, own[:n]) / effect[:n]
         drift = float(sq(merged_cls, base_cls).mean() / effect[:n].mean())
         imgs = generate(base, v.adapter, residual, arts[:n], probe, members, gen_steps)
         mae = (imgs - single_img[:n]).abs().flatten(1).mean(1)
+        ident = torch.stack([judge.similarity(imgs[i:i + 1], refs[i])[0] for i in members])
         curve.append({"method": v.name, "N": n, "retention_mean": float(retention.mean()),
                       "retention_min": float(retention.min()), "prior_drift": drift,
-                      "image_mae_mean": float(mae.mean())})
+                      "image_mae_mean": float(mae.mean()),
+                      "judge_identity_mean": float(ident.mean())})
         per_concept += [{"method": v.name, "N": n, "concept": arts[i].name, "retention": float(retention[i]),
-                         "image_mae": float(mae[i])} for i in members]
+                         "image_mae": float(mae[i]), "judge_identity": float(ident[i])}
+                        for i in members]
     stats = summary(pairwise_stats({a.name: {k: a.delta(k) for k in a.meta.layout} for a in arts}))
     row = {"method": v.name, "erasure": v.adapter.erasure, "blockwise": v.adapter.blockwise, "rule": v.rule,
            "fit_mean": float(fit.mean()), "retention_at_M": curve[-1]["retention_mean"],
            "retention_area": statistics.mean(c["retention_mean"] for c in curve),
            "prior_drift_at_M": curve[-1]["prior_drift"], "image_mae_at_M": curve[-1]["image_mae_mean"], **stats}
+    row["judge_identity_single"] = float(torch.stack([judge.similarity(single_img[i:i + 1], refs[i])[0]
+                                                      for i in idx]).mean())
+    row["judge_identity_at_M"] = curve[-1]["judge_identity_mean"]
     if scorer is not None:
         row.update(clip_scores(scorer, arts, probe, single_img, imgs))
     return curve, per_concept, row
@@ -251,13 +292,17 @@ def run(spec: str, m: int, train: TrainConfig, study: AdapterConfig, gen_steps: 
     train_s = time.perf_counter() - t0
     probe = make_probe(base, trained[vs[0].name])
     eps0 = eps(base, study, {}, [], probe, list(range(m)))
+    judge = load_judge()
+    base_imgs = generate(base, study, {}, [], probe, list(range(m)), gen_steps)  # the prompts, no concept
+    judge_floor = float(torch.stack([judge.similarity(base_imgs[i:i + 1], reference_images(i, base.resolution))[0]
+                                     for i in range(m)]).mean())
     scorer = None
     if clip is not None:
         from blocklora.evaluation import ClipScorer
         scorer = ClipScorer(clip[0], clip[1])
     curves, per_concept, rows = [], [], []
     for v in vs:
-        c, p, r = evaluate(base, v, trained[v.name], probe, gen_steps, eps0, scorer)
+        c, p, r = evaluate(base, v, trained[v.name], probe, gen_steps, eps0, judge, scorer)
         curves += c
         per_concept += p
         rows.append(r)
@@ -266,7 +311,8 @@ def run(spec: str, m: int, train: TrainConfig, study: AdapterConfig, gen_steps: 
     write_csv(out / "methods.csv", rows)
     names = [v.name for v in vs if not v.name.startswith("blocklora-lambda")]
     for metric, label in (("retention_mean", "retention (mean over the set)"), ("prior_drift", "prior drift"),
-                          ("image_mae_mean", "image MAE vs. concept alone")):
+                          ("image_mae_mean", "image MAE vs. concept alone"),
+                          ("judge_identity_mean", "judge identity (cosine to the concept's images)")):
         series = {n: ([c["N"] for c in curves if c["method"] == n], [c[metric] for c in curves if c["method"] == n])
                   for n in names}
         line_plot(out / f"{metric}_vs_N.png", series, "concepts merged (N)", label, f"{spec} base, M={m}")
@@ -279,7 +325,7 @@ def run(spec: str, m: int, train: TrainConfig, study: AdapterConfig, gen_steps: 
               "erasure rate λ", "score", "BlockLoRA: erasure rate sweep")
     return {"benchmark": "retention", "env": environment("cpu", torch.float32), "base": spec, "M": m,
             "train": dataclasses.asdict(train), "adapter": dataclasses.asdict(study), "gen_steps": gen_steps,
-            "train_seconds": train_s, "methods": {r["method"]: {k: v for k, v in r.items() if k != "method"} for r in rows},
+            "train_seconds": train_s, "judge_identity_without_concepts": judge_floor, "methods": {r["method"]: {k: v for k, v in r.items() if k != "method"} for r in rows},
             "lambda_sweep": sweep, "lambda_best_retention": max(sweep, key=lambda s: s["retention_area"])["lambda"],
             "clip": {"model": clip[0], "pretrained": clip[1]} if clip else None}
 

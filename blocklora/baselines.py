@@ -1,18 +1,21 @@
 """The peers, behind the same interface: plain LoRA (averaged or summed), Orthogonal Adaptation,
-TIES merging, and BlockLoRA's own ablations. Each is an adapter shape for training plus a merge
-rule that turns a set of artifacts into one residual per target layer."""
+TIES merging, Mix-of-Show's gradient fusion, and BlockLoRA's own ablations. Each is an adapter
+shape for training plus a merge rule that turns a set of artifacts into one residual per target
+layer."""
 
 from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator
 
 import torch
 
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import Base
+from blocklora.conditioning import encode_prompts
 from blocklora.config import AdapterConfig
 from blocklora.inject import find_targets
 from blocklora.tokens import add_slot_tokens, token_ids
@@ -24,7 +27,7 @@ class Method:
 
     name: str
     adapter: dict  # overrides applied to the federation's AdapterConfig
-    merge: str  # "sum" (α = 1), "mean" (α = 1/N) or "ties"
+    merge: str  # "sum" (α = 1), "mean" (α = 1/N), "ties" or "fusion" (needs input_grams)
 
     def adapter_config(self, base_cfg: AdapterConfig) -> AdapterConfig:
         return dataclasses.replace(base_cfg, **self.adapter)
@@ -38,6 +41,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("lora-sum", {"blockwise": False, "erasure": 0.0}, "sum"),
     Method("orthogonal", {"blockwise": False, "erasure": 0.0, "freeze_a": "orthogonal"}, "sum"),
     Method("ties", {"blockwise": False, "erasure": 0.0}, "ties"),
+    Method("mix-of-show", {"blockwise": False, "erasure": 0.0}, "fusion"),
 ]}
 
 
@@ -55,16 +59,59 @@ def ties(deltas: list[torch.Tensor], density: float = 0.2, lam: float = 1.0) -> 
     return (lam * merged).reshape(stacked.shape[1:])
 
 
-def merge_deltas(arts: list[ConceptArtifact], rule: str, scales: list[float] | None = None) -> dict[str, torch.Tensor]:
-    """One dense residual per target key for the set `arts` under `rule`."""
+def gradient_fusion(deltas: list[torch.Tensor], grams: list[torch.Tensor], ridge: float = 1e-4) -> torch.Tensor:
+    """Mix-of-Show's gradient fusion (Gu et al. 2023) for one layer, solved exactly.
+
+    The fused dW minimises sum_i ||(W0 + dW_i) X_i - (W0 + dW) X_i||^2: every concept keeps its
+    layer outputs on its own inputs X_i as far as the others allow. Mix-of-Show descends that
+    objective with gradient steps; its optimum is dW = (sum_i dW_i C_i)(sum_i C_i + eps I)^-1 with
+    C_i = X_i^T X_i, so we solve for it directly (`ridge` scales eps to the mean input energy).
+    """
+    total = sum(g.double() for g in grams)
+    total = total + ridge * total.diagonal().mean().clamp_min(1e-12) * torch.eye(total.shape[0], dtype=total.dtype)
+    rhs = sum(d.double() @ g.double() for d, g in zip(deltas, grams))  # (m, n)
+    return torch.linalg.solve(total, rhs.T).T.float()  # total is symmetric: X total = rhs <=> total X^T = rhs^T
+
+
+@torch.no_grad()
+def input_grams(base: Base, adapter: AdapterConfig, art: ConceptArtifact, latents: torch.Tensor,
+                t: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """C_i = X_i^T X_i of every target layer's inputs while `art` alone denoises `latents` at
+    timesteps `t` under `prompts`: the per-concept statistics gradient fusion needs."""
+    targets = find_targets(base.pipe, adapter)
+    grams: dict[str, torch.Tensor] = {}
+
+    def record(key: str, _mod: torch.nn.Module, inputs: tuple, _out: torch.Tensor) -> None:
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+        grams[key] = grams.get(key, 0) + x.T @ x
+
+    hooks = [lin.register_forward_hook(partial(record, k)) for k, lin in targets.items() if k in art.meta.layout]
+    try:
+        with residual_applied(base, adapter, {k: art.delta(k) for k in art.meta.layout}, [art]):
+            cond, added = encode_prompts(base, prompts)
+            base.pipe.unet(latents, t, cond, added_cond_kwargs=added)
+    finally:
+        for h in hooks:
+            h.remove()
+    return grams
+
+
+def merge_deltas(arts: list[ConceptArtifact], rule: str, scales: list[float] | None = None,
+                 grams: list[dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """One dense residual per target key for the set `arts` under `rule`; "fusion" needs each
+    concept's `input_grams`, in the order of `arts`."""
     if not arts:
         return {}
     if rule == "ties":
         return {k: ties([a.delta(k) for a in arts]) for k in arts[0].meta.layout}
+    if rule == "fusion":
+        if grams is None or len(grams) != len(arts):
+            raise ValueError("the 'fusion' rule needs one input_grams(...) per concept, in the order of the concepts")
+        return {k: gradient_fusion([a.delta(k) for a in arts], [g[k] for g in grams]) for k in arts[0].meta.layout}
+    if rule not in ("sum", "mean"):
+        raise ValueError(f"unknown merge rule {rule!r}; use 'sum', 'mean', 'ties' or 'fusion'")
     if scales is None:
         scales = [1.0 / len(arts) if rule == "mean" else 1.0] * len(arts)
-    elif rule not in ("sum", "mean"):
-        raise ValueError(f"unknown merge rule {rule!r}; use 'sum', 'mean' or 'ties'")
     return {k: sum(s * a.delta(k).float() for a, s in zip(arts, scales)) for k in arts[0].meta.layout}
 
 

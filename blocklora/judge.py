@@ -46,11 +46,24 @@ class Judge(nn.Module):
         self.shape_head = nn.Linear(2 * chans[-1], len(SHAPES))
         self.colour_head = nn.Linear(2 * chans[-1], len(COLOUR_NAMES))
 
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, 64, 64) in [-1, 1] -> the (B, 2C) features both heads read."""
+        f = self.features(x)  # (B, C, 4, 4)
+        return torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, 3, 64, 64) in [-1, 1] -> (shape logits (B, 6), colour logits (B, 8))."""
-        f = self.features(x)  # (B, C, 4, 4)
-        h = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)  # (B, 2C)
+        h = self.pooled(x)
         return self.shape_head(h), self.colour_head(h)
+
+    @torch.no_grad()
+    def similarity(self, images: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+        """Cosine of each image's features to the mean features of `refs` (both (B, 3, H, W) in [0, 1]):
+        an image-space identity score in the spirit of the DINO / CLIP-I scores, for toy pictures."""
+        def feats(x: torch.Tensor) -> torch.Tensor:
+            x = F.interpolate(x.float(), size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
+            return F.normalize(self.eval().pooled(x * 2 - 1), dim=1)
+        return feats(images) @ F.normalize(feats(refs).mean(0), dim=0)
 
     @torch.no_grad()
     def classify(self, images: list[Image.Image]) -> list[tuple[str, str]]:

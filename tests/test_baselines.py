@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from blocklora.baselines import METHODS, merge_deltas, residual_applied, ties
+from blocklora.baselines import METHODS, gradient_fusion, input_grams, merge_deltas, residual_applied, ties
 from blocklora.config import AdapterConfig
 from blocklora.inject import find_targets, inject, eject
 
@@ -37,3 +38,38 @@ def test_residual_applied_restores_the_base(tiny_base):
         k = next(iter(targets))
         torch.testing.assert_close(targets[k].weight, w0[k] + res[k])
     assert all(torch.equal(lin.weight, w0[k]) for k, lin in targets.items())
+
+
+def test_gradient_fusion_keeps_each_concept_on_its_own_inputs():
+    """Concepts whose inputs live in different subspaces are fused without loss: (W0 + dW) X_i =
+    (W0 + dW_i) X_i for each i, where summing would add dW_j X_i and averaging would halve dW_i X_i."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 8, generator=g)).Q
+    xs = [torch.randn(20, 4, generator=g) @ basis[:, :4].T, torch.randn(20, 4, generator=g) @ basis[:, 4:].T]
+    deltas = [torch.randn(6, 8, generator=g) for _ in xs]
+    fused = gradient_fusion(deltas, [x.T @ x for x in xs], ridge=1e-9)
+    for x, d in zip(xs, deltas):
+        torch.testing.assert_close(x @ fused.T, x @ d.T, atol=1e-4, rtol=1e-4)
+    assert (xs[0] @ (deltas[0] + deltas[1]).T - xs[0] @ deltas[0].T).abs().max() > 0.1
+
+
+def test_fusion_merge_uses_grams_from_the_real_unet(tiny_base):
+    from core_helpers import make_artifact
+
+    cfg = METHODS["mix-of-show"].adapter_config(AdapterConfig())
+    arts = [make_artifact(tiny_base, cfg, f"c{i}", i, seed=i) for i in range(2)]
+    latents, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([300, 700])
+    grams = [input_grams(tiny_base, cfg, a, latents, t, [f"a photo of {' '.join(a.meta.triggers)} dog"] * 2) for a in arts]
+    assert set(grams[0]) == set(arts[0].meta.layout)
+    for key, c in grams[0].items():
+        assert c.shape == (arts[0].meta.layout[key][1],) * 2 and torch.linalg.eigvalsh(c).min() > -1e-6 * c.abs().max()
+    fused = merge_deltas(arts, "fusion", grams=grams)
+    assert fused.keys() == grams[0].keys() and all(torch.isfinite(v).all() for v in fused.values())
+    alone = merge_deltas(arts[:1], "fusion", grams=grams[:1])  # one concept, fused with nobody
+    for key, d in alone.items():
+        x = grams[0][key].float()
+        torch.testing.assert_close(d @ x, arts[0].delta(key) @ x, atol=1e-3 * x.abs().max(), rtol=1e-3)
+    with pytest.raises(ValueError, match="needs one input_grams"):
+        merge_deltas(arts, "fusion")
+    with pytest.raises(ValueError, match="unknown merge rule 'bogus'"):
+        merge_deltas(arts, "bogus")

@@ -92,5 +92,9 @@ def test_retention_quick_covers_every_method(tmp_path):
     curve = (tmp_path / "out" / "retention_curve.csv").read_text().splitlines()
     first = [line.split(",") for line in curve[1:] if line.split(",")[1] == "1"]
     assert all(float(row[2]) == 1.0 for row in first if row[0].startswith("blocklora"))
-    for name in ("retention_mean_vs_N.png", "lambda_sweep.png", "methods.csv", "retention_per_concept.csv"):
+    assert all(float(row[2]) > 0.95 for row in first if row[0] == "mix-of-show")  # fused with nobody: itself
+    for m in r["methods"].values():
+        assert -1 <= m["judge_identity_at_M"] <= 1 and -1 <= m["judge_identity_single"] <= 1
+    for name in ("retention_mean_vs_N.png", "lambda_sweep.png", "methods.csv", "retention_per_concept.csv",
+                 "judge_identity_mean_vs_N.png"):
         assert (tmp_path / "out" / name).exists()
