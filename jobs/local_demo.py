@@ -11,10 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+from PIL import Image
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blocklora.base import load_base  # noqa: E402
 from blocklora.config import AdapterConfig, GenerateConfig, TrainConfig  # noqa: E402
+from blocklora.data import image_files  # noqa: E402
 from blocklora.generate import contact_sheet, generate  # noqa: E402
 from blocklora.merge import LiveMerge  # noqa: E402
 from blocklora.prompts import expand  # noqa: E402
@@ -51,7 +54,9 @@ def main() -> None:
     lm = LiveMerge(base, adapter)
     lm.add(art)
     after = generate(base, expand(prompt, lm.phrases()), cfg, 4)
-    sheet = contact_sheet([(f"base: a photo of {info['class_word']}", before), (f"merged: {prompt}", after)])
+    shown = [Image.open(f).convert("RGB") for f in image_files(folder)[:4]]
+    sheet = contact_sheet([(f"training images of {art.name}", shown), (f"base: a photo of {info['class_word']}", before),
+                           (f"merged: {prompt}", after)])
     sheet.save(out / "contact_sheet.png")
     print(f"[3/3] wrote {out / 'contact_sheet.png'} in {time.time() - t0:.0f} s total")
 

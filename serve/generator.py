@@ -82,10 +82,11 @@ class Generator:
         self.version = state["version"]
 
     async def status(self) -> dict[str, Any]:
-        """This replica after a sync: the version it serves and its live concepts' slots."""
+        """This replica after a sync: who it is, the version it serves and its live concepts' slots."""
         async with self.lock:
             await self._sync()
-            return {"version": self.version, "slots": {n: a.meta.slot for n, a in self.bank.live.items()}}
+            return {"replica": serve.get_replica_context().replica_id.unique_id, "version": self.version,
+                    "slots": {n: a.meta.slot for n, a in self.bank.live.items()}}
 
     async def generate(self, request: GenerateRequest) -> Images:
         """Images for one request; raises ConceptUnavailable naming concepts that are not live."""

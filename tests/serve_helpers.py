@@ -4,13 +4,16 @@ with the same library calls and none of the scripts' start-up time; and teardown
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import ray
+from PIL import Image
 
 import blocklora
 import federation
@@ -44,15 +47,22 @@ def serve_up(head, port: int, namespace: str, name: str, api_key_file: Path | No
 
 
 def start_in_process(head, state_dir: Path, namespace: str, name: str, adapter: AdapterConfig, admin_token: str,
-                     port: int, api_key: str | None = None) -> tuple[ray.actor.ActorHandle, httpx.Client]:
+                     port: int, api_key: str | None = None, replicas: int = 1,
+                     num_cpus: float = 1.0) -> tuple[ray.actor.ActorHandle, httpx.Client]:
     """What the two scripts do, from this process (connects it, with the code as py_modules)."""
     from ray import serve
     ray.init(address=head.address, namespace=namespace, log_to_driver=False, runtime_env={"py_modules": CODE})
     actor = coordinator.start(state_dir, adapter, FederationConfig(), token_hash(admin_token), name, namespace)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(AppArgs(coordinator=name, namespace=namespace, api_key=api_key)), name="blocklora",
+    serve.run(build(AppArgs(coordinator=name, namespace=namespace, api_key=api_key, replicas=replicas,
+                            num_cpus=num_cpus)), name="blocklora",
               route_prefix="/")
     return actor, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+
+
+def pixels(png: bytes) -> np.ndarray:
+    """A PNG response body as (H, W, 3) int16, so differences of two images do not wrap."""
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
 def stop_app(actor: ray.actor.ActorHandle) -> None:

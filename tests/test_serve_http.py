@@ -9,21 +9,19 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import dataclasses
-import io
 import time
 
 import httpx
 import numpy as np
 import pytest
 import ray
-from PIL import Image
 
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig, GenerateConfig
 from blocklora.generate import generate
 from blocklora.merge import LiveMerge, phrase
 from core_helpers import make_artifact
-from serve_helpers import serve_up, start_coordinator, stop_app
+from serve_helpers import pixels, serve_up, start_coordinator, stop_app
 
 pytestmark = pytest.mark.slow
 
@@ -54,10 +52,6 @@ def srv(ray_head, serve_port, tmp_path_factory):
     client.close()
     stop_app(actor)
     ray.shutdown()
-
-
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
 def reference(srv, names: list[str], prompt: str) -> np.ndarray:
