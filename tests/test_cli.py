@@ -39,3 +39,14 @@ def test_train_generate_merge_inspect(tmp_path):
     lines = _cli("inspect", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")).splitlines()
     assert json.loads(lines[0])["slot"] == 1
     assert json.loads(lines[-1])["max_abs_cosine"] == 0.0
+
+
+def test_local_demo_writes_a_three_row_sheet(tmp_path):
+    """jobs/local_demo.py (the docs' before/after grids): training images, base, merged."""
+    out = subprocess.run([sys.executable, "jobs/local_demo.py", "--base", "tiny", "--concept", "swirl", "--steps", "2",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "trained 'swirl' in slot 0" in out.stdout
+    sheet = Image.open(tmp_path / "contact_sheet.png")
+    assert sheet.height >= 3 * 128 and sheet.width >= 4 * 128
+    assert (tmp_path / "swirl.safetensors").stat().st_size > 0

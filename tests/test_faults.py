@@ -1,6 +1,6 @@
 """Faults survived with nothing lost, on real Ray: a whole local cluster restarted on the same state
-folder, the coordinator's process SIGKILLed in the middle of uploads and removals, and a generator
-replica SIGKILLed under HTTP traffic.
+folder, the coordinator's process SIGKILLed in the middle of uploads and removals, a generator
+replica SIGKILLed under HTTP traffic, and a Ray Train worker SIGKILLed in the middle of training.
 
 After every fault: each concept is fully live or fully absent, the merged residual is exactly the sum
 of the live concepts' dW, the state folder holds no tmp or orphan file, tokens still work, and HTTP
@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import signal
@@ -29,13 +28,14 @@ from ray.util.state import list_actors
 
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import load_base
-from blocklora.config import AdapterConfig, FederationConfig
+from blocklora.config import AdapterConfig, FederationConfig, TrainConfig
 from conftest import REPO
 from core_helpers import make_artifact
 from federation import coordinator
 from federation.local_cluster import LocalCluster
+from federation.client import train_artifact
 from federation.registry import FederationError, token_hash
-from serve_helpers import start_in_process, stop_app, wait_until
+from serve_helpers import pixels, start_in_process, stop_app, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -172,10 +172,6 @@ def test_coordinator_killed_mid_upload_and_removal(fed):
     print("outcomes of the interrupted (submit, remove) calls:", seen)
 
 
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
-
-
 def test_generator_replica_killed_under_traffic(fed):
     app = fed.http
     version = app.get("/v1/concepts").json()["version"]
@@ -223,3 +219,29 @@ def test_generator_replica_killed_under_traffic(fed):
             assert np.abs(pixels(content) - expected[i]).max() <= 2, (bodies[i], "a wrong image")
     print(f"replica kill: {len(results)} requests, statuses {sorted(set(statuses))}, "
           f"{sum(s != 200 for s in statuses)} clean 5xx")
+
+
+def test_training_worker_killed_resumes_from_its_checkpoint(fed, tmp_path):
+    """Ray Train restarts the worker from the run's latest checkpoint (FailureConfig), and the
+    artifact is the one an uninterrupted run produces: the checkpoint carries every RNG state."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), (60 * i, 90, 200 - 50 * i), np.uint8)).save(images / f"{i}.png")
+    grant = {"base_spec": "tiny", "base_fingerprint": fed.base.fingerprint, "adapter": dataclasses.asdict(ADAPTER),
+             "slot": 3, "name": "resumed", "class_word": "dog"}
+    train = TrainConfig(steps=40, batch_size=1, resolution=32, checkpoint_every=5, seed=4)
+    reference = train_artifact(grant | {"reservation_id": "straight"}, images, train, storage_path=tmp_path / "runs")
+
+    run = tmp_path / "runs" / "resumed-slot3-killed"
+    is_worker = lambda a: "TrainWorker" in (a.class_name or "")  # noqa: E731
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        job = pool.submit(train_artifact, grant | {"reservation_id": "killed"}, images, train, 1, False, tmp_path / "runs")
+        wait_until(lambda: any(run.glob("checkpoint_*")), 180, "the first checkpoint")
+        victims = alive_pids(fed.head, is_worker)
+        assert len(victims) == 1 and not job.done()
+        os.kill(victims.pop(), signal.SIGKILL)
+        resumed = job.result(timeout=600)
+    assert ConceptArtifact.from_bytes(resumed).tensors.keys() == ConceptArtifact.from_bytes(reference).tensors.keys()
+    for key, value in ConceptArtifact.from_bytes(reference).tensors.items():
+        torch.testing.assert_close(ConceptArtifact.from_bytes(resumed).tensors[key], value, rtol=0, atol=1e-6)
