@@ -240,6 +240,25 @@ def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_si
     te.eval()
 
 
+def progress_strip(work: Path, png: Path) -> int:
+    """Seed 0 of every grid prompt at each saved sample grid, side by side: how drawing emerged.
+    Returns how many grids there were (0: nothing written)."""
+    from PIL import Image, ImageDraw
+
+    grids = sorted(work.glob("samples_*.png"))
+    if not grids:
+        return 0
+    cell, top = SIZE, 12
+    strip = Image.new("RGB", (len(grids) * (cell + 2), top + cell * len(GRID_PROMPTS)), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, path in enumerate(grids):
+        column = Image.open(path).convert("RGB").crop((0, 0, cell, cell * len(GRID_PROMPTS)))
+        strip.paste(column, (i * (cell + 2), top))
+        draw.text((i * (cell + 2) + 2, 0), str(int(path.stem.split("_")[1])), fill="black")
+    strip.save(png)
+    return len(grids)
+
+
 def plot_loss(csv_path: Path, png: Path) -> dict[str, float]:
     """Loss curves of both stages (smoothed over 50 steps); returns each stage's final smoothed loss."""
     import matplotlib.pyplot as plt
@@ -262,10 +281,13 @@ def plot_loss(csv_path: Path, png: Path) -> dict[str, float]:
 
 
 def write_card(out: Path, pipe: StableDiffusionPipeline, args: argparse.Namespace, run: Run, scale: float,
-               finals: dict[str, float], scores: str) -> None:
+               finals: dict[str, float], scores: str, grids: int) -> None:
     n_params = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
                 for name in ("vae", "unet", "text_encoder")}
     grid_rows = "\n".join(f"{i + 1}. `{p}`" for i, p in enumerate(GRID_PROMPTS))
+    progress = (f"\nDuring training (`progress.png`): seed 0 of the same prompts after every {args.sample_every}"
+                f" denoiser steps ({grids} grids), labelled with the step.\n\n![progress](progress.png)\n"
+                if grids else "")
     (out / "README.md").write_text(f"""# toy-base: blocklora's own tiny text-to-image base
 
 Stable-Diffusion-shaped (AutoencoderKL + UNet2DConditionModel with cross-attention + CLIPTextModel with
@@ -302,7 +324,7 @@ Parameters: VAE {n_params['vae'] / 1e6:.2f} M, UNet {n_params['unet'] / 1e6:.2f}
 Rows 7 and 8 (orange circle, blue square) are held-out pairs, never seen in training.
 
 ![samples](samples.png)
-
+{progress}
 ## Judge scores
 {scores}
 
@@ -358,7 +380,8 @@ def main() -> None:
     pipe.save_pretrained(args.out, safe_serialization=True)
     finals = plot_loss(run.work / "loss.csv", args.out / "loss.png")
     sample_grid(pipe).save(args.out / SAMPLES_FILE)
-    write_card(args.out, pipe, args, run, scale, finals, judge_scores(pipe, args.eval_seeds, args.seed))
+    grids = progress_strip(run.work, args.out / "progress.png")
+    write_card(args.out, pipe, args, run, scale, finals, judge_scores(pipe, args.eval_seeds, args.seed), grids)
     print(f"exported to {args.out} ({run.state['wall_seconds'] / 60:.1f} min)")
 
 
