@@ -280,6 +280,12 @@ def plot_loss(csv_path: Path, png: Path) -> dict[str, float]:
     return finals
 
 
+def command(args: argparse.Namespace) -> str:
+    """The flags that decide the weights, as they were set: what to type to train this base again."""
+    keys = ("steps", "batch", "lr", "snr_gamma", "vae_steps", "vae_batch", "seed", "threads")
+    return " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in keys)
+
+
 def write_card(out: Path, pipe: StableDiffusionPipeline, args: argparse.Namespace, run: Run, scale: float,
                finals: dict[str, float], scores: str, grids: int) -> None:
     n_params = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
@@ -306,6 +312,8 @@ pairs are held out of training (`blocklora.toydata.HELDOUT_PAIRS`).
 |---|---|---|---|
 | VAE (L1+MSE+1e-6 KL) | {args.vae_steps} | {args.vae_batch} | {finals['vae']:.4f} |
 | UNet + text encoder (epsilon MSE, min-SNR-{args.snr_gamma:g} weighted) | {args.steps} | {args.batch} | {finals['unet']:.4f} |
+
+Command: `python jobs/pretrain_base.py {command(args)} --work-dir <dir>`
 
 Wall time: {run.state['wall_seconds'] / 60:.1f} min, summed over the run's segments up to their last
 checkpoints, on a 2-core machine shared with other jobs. Latent scaling factor {scale:.4f}.

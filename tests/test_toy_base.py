@@ -16,7 +16,7 @@ from PIL import Image
 from blocklora.base import Base, load_base
 from blocklora.judge import Score, generate, load_judge
 from blocklora.toybase import GRID_PROMPTS, SAMPLES_FILE, TOY_BASE_DIR, sample_grid
-from blocklora.toydata import COLOUR_NAMES, HELDOUT_PAIRS, SHAPES
+from blocklora.toydata import HELDOUT_PAIRS, SHAPES
 
 REPO = TOY_BASE_DIR.parents[1]
 # fixed pairs, two of them held out of training (never captioned together); the model card has the full evaluation
@@ -57,13 +57,14 @@ def test_fingerprint_same_across_loads_and_paths(base: Base) -> None:
     assert out.stdout.strip().splitlines()[-1] == base.fingerprint
 
 
-def test_judge_finds_the_prompted_colour(base: Base) -> None:
-    """The base follows the colour in its prompt, at more than twice chance. Shape is not asserted:
-    after 3000 denoiser steps it is still near chance (models/toy-base/README.md reports both)."""
+def test_judge_finds_the_prompted_colour_and_beats_chance_on_shape(base: Base) -> None:
+    """Colour at the issue's aim (>= 80%), shape above chance (1/6). Shape is the weak part: the base
+    draws most shapes as rounded blobs, which the judge calls circles, so the circle prompt carries
+    the shape score (models/toy-base/README.md has the full evaluation)."""
     assert len(set(PAIRS) & HELDOUT_PAIRS) == 2
     images = generate(base.pipe, PAIRS, SEEDS)
     score = Score.of("fixed prompts", load_judge().classify(images), [p for p in PAIRS for _ in SEEDS])
-    assert score.colour_acc > 2 / len(COLOUR_NAMES), score
+    assert score.colour_acc >= 0.8 and score.shape_acc > 1 / len(SHAPES), score
 
 
 def test_card_sample_grid_redraws_from_its_prompts_and_seeds(base: Base) -> None:
