@@ -230,7 +230,7 @@ def test_training_worker_killed_resumes_from_its_checkpoint(fed, tmp_path):
         Image.fromarray(np.full((32, 32, 3), (60 * i, 90, 200 - 50 * i), np.uint8)).save(images / f"{i}.png")
     grant = {"base_spec": "tiny", "base_fingerprint": fed.base.fingerprint, "adapter": dataclasses.asdict(ADAPTER),
              "slot": 3, "name": "resumed", "class_word": "dog"}
-    train = TrainConfig(steps=40, batch_size=1, resolution=32, checkpoint_every=5, seed=4)
+    train = TrainConfig(steps=24, batch_size=1, resolution=32, checkpoint_every=4, seed=4)
     reference = train_artifact(grant | {"reservation_id": "straight"}, images, train, storage_path=tmp_path / "runs")
 
     run = tmp_path / "runs" / "resumed-slot3-killed"
