@@ -31,7 +31,8 @@ def main() -> None:
     p.add_argument("--name", required=True, help="the concept's name in the federation")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="learning rate of A and the owned rows of B")
+    p.add_argument("--token-lr", type=float, default=TrainConfig.token_lr, help="learning rate of the trigger embedding")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
@@ -44,7 +45,7 @@ def main() -> None:
     p.add_argument("--coordinator", default=coordinator.DEFAULT_NAME)
     args = p.parse_args()
 
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, token_lr=args.token_lr, seed=args.seed,
                         checkpoint_every=args.checkpoint_every)
     ray.init(address=args.address, namespace=args.namespace)
     coord = coordinator.get(args.coordinator, args.namespace)

@@ -1,6 +1,6 @@
 """The main job: the whole federated flow on one machine, from an empty cluster to a contact sheet.
 
-    python jobs/main.py [--out outputs/main] [--steps 120] [--keep]
+    python jobs/main.py [--out outputs/main] [--steps 300] [--keep]
 
 Starts a Ray head on 127.0.0.1 (token authentication on), the coordinator and the Serve app;
 submits one `ray job submit` client training job per bundled example concept, concurrently; waits
@@ -72,7 +72,7 @@ def concepts_to_train(limit: int) -> list[dict]:
     return infos[:limit]
 
 
-def submit_clients(cluster: LocalCluster, concepts: list[dict], steps: int, out: Path) -> dict[str, str]:
+def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: list[str], out: Path) -> dict[str, str]:
     """One `ray job submit --no-wait` per concept; returns concept name -> Ray job id."""
     jobs = {}
     for c in concepts:
@@ -80,7 +80,7 @@ def submit_clients(cluster: LocalCluster, concepts: list[dict], steps: int, out:
         run(["ray", "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO),
              "--submission-id", job_id, "--no-wait", "--",
              "python", "jobs/client_train.py", "--images", str(c["dir"].relative_to(REPO)),
-             "--class-word", c["class_word"], "--name", c["name"], "--steps", str(steps),
+             "--class-word", c["class_word"], "--name", c["name"], *train_flags,
              "--client-name", f"user-{c['name']}", "--token-file", str(out / "clients" / f"{c['name']}.token"),
              "--storage-path", str(out / "clients" / "runs")], cluster.env)
         jobs[c["name"]] = job_id
@@ -126,7 +126,7 @@ def generate(http: httpx.Client, body: dict) -> tuple[int, list[Image.Image], di
 
 
 def query_subsets(http: httpx.Client, names: list[str], classes: dict[str, str], out: Path,
-                  num_images: int, steps: int) -> tuple[list[dict], list[tuple[str, list[Image.Image]]]]:
+                  num_images: int, steps: int, guidance: float) -> tuple[list[dict], list[tuple[str, list[Image.Image]]]]:
     """None, each alone, every pair, all of them, and one prompt that names two concepts."""
     subsets = [[]] + [[n] for n in names] + [list(p) for p in itertools.combinations(names, 2)] + [names]
     requests = []
@@ -137,7 +137,7 @@ def query_subsets(http: httpx.Client, names: list[str], classes: dict[str, str],
     requests.append({"prompt": f"{{{a}}} next to {{{b}}}, a picture", "concepts": []})  # named in the prompt only
     results, rows = [], []
     for i, body in enumerate(requests):
-        body |= {"seed": 100, "steps": steps, "num_images": num_images}
+        body |= {"seed": 100, "steps": steps, "num_images": num_images, "guidance_scale": guidance}
         code, images, extra = generate(http, body)
         paths = []
         for j, img in enumerate(images):
@@ -155,7 +155,11 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/main", help="report, contact sheet and state go here")
     ap.add_argument("--base-model", default=None, help="default: the project's pretrained toy base (else 'tiny')")
     ap.add_argument("--concepts", type=int, default=3, help="how many bundled example concepts to train")
-    ap.add_argument("--steps", type=int, default=120, help="training steps per client")
+    # training and sampling defaults as measured on the toy base (docs/results/toy-base-concepts)
+    ap.add_argument("--steps", type=int, default=300, help="training steps per client")
+    ap.add_argument("--lr", type=float, default=5e-3, help="learning rate of A and the owned rows of B")
+    ap.add_argument("--token-lr", type=float, default=1e-2, help="learning rate of the trigger embeddings")
+    ap.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance of the HTTP requests")
     ap.add_argument("--gen-steps", type=int, default=20, help="denoising steps per generated image")
     ap.add_argument("--num-images", type=int, default=2, help="images per request")
     ap.add_argument("--num-cpus", type=int, default=4, help="CPUs the local Ray head advertises")
@@ -170,7 +174,8 @@ def main() -> None:
     timings: dict[str, float] = {}
     stage = Stage(timings, total=8)
     t_start = time.monotonic()
-    report: dict = {"base_model": base, "steps": args.steps, "timings_s": timings}
+    report: dict = {"base_model": base, "steps": args.steps, "lr": args.lr, "token_lr": args.token_lr,
+                    "guidance": args.guidance, "timings_s": timings}
 
     with stage("start a Ray head on 127.0.0.1 (token auth on)"):
         cluster = LocalCluster(num_cpus=args.num_cpus, auth_token_path=out / "state" / "ray_auth_token", cwd=REPO).start()
@@ -186,7 +191,8 @@ def main() -> None:
         admin = {"Authorization": f"Bearer {(out / 'state' / 'admin_token').read_text().strip()}"}
 
         with stage(f"train {len(names)} concepts concurrently with `ray job submit` ({args.steps} steps each)"):
-            jobs = submit_clients(cluster, concepts, args.steps, out)
+            flags = ["--steps", str(args.steps), "--lr", str(args.lr), "--token-lr", str(args.token_lr)]
+            jobs = submit_clients(cluster, concepts, flags, out)
             report["jobs"] = wait_jobs(cluster, jobs, timeout=3600)
 
         with stage("wait until every concept is live over HTTP"):
@@ -202,7 +208,8 @@ def main() -> None:
 
         with stage("generate for every subset over HTTP"):
             classes = {c["name"]: c["class_word"] for c in concepts}
-            report["requests"], rows = query_subsets(http, names, classes, out, args.num_images, args.gen_steps)
+            report["requests"], rows = query_subsets(http, names, classes, out, args.num_images, args.gen_steps,
+                                                     args.guidance)
 
         removed = names[-1]
         with stage(f"remove {removed!r} at runtime and ask for it again"):

@@ -46,6 +46,8 @@ def main() -> None:
     p.add_argument("--targets", default=",".join(UNET_TARGETS), help="UNet module-name suffixes, comma-separated")
     p.add_argument("--text-targets", default="", help="text-encoder module-name suffixes, comma-separated")
     p.add_argument("--tokens-per-concept", type=int, default=1)
+    p.add_argument("--erasure", type=float, default=AdapterConfig.erasure,
+                   help="λ, output-erasure rate in training; higher keeps merged concepts apart (docs/results)")
     p.add_argument("--state-dir", required=True, help="folder on this node that holds the federation's state")
     p.add_argument("--reservation-ttl", type=float, default=3600.0, help="seconds before an unused slot returns")
     p.add_argument("--max-artifact-mb", type=float, default=64.0)
@@ -57,7 +59,8 @@ def main() -> None:
 
     split = lambda s: tuple(x for x in s.split(",") if x)  # noqa: E731
     adapter = AdapterConfig(rank=args.rank, num_slots=args.slots, unet_targets=split(args.targets),
-                            text_targets=split(args.text_targets), tokens_per_concept=args.tokens_per_concept)
+                            text_targets=split(args.text_targets), tokens_per_concept=args.tokens_per_concept,
+                            erasure=args.erasure)
     config = FederationConfig(base=args.base_model, reservation_ttl_s=args.reservation_ttl,
                               max_artifact_bytes=int(args.max_artifact_mb * 1024 * 1024))
     state_dir = Path(args.state_dir).expanduser().resolve()
