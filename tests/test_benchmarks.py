@@ -43,7 +43,11 @@ def test_plain_lora_export_applies_the_same_delta():
     sd = plain_lora_state_dict(art)
     for key in lay:
         dense = sd[f"{key}.lora_B.weight"] @ sd[f"{key}.lora_A.weight"]
-        assert torch.equal(dense, art.delta(key))
+        delta = art.delta(key)
+        assert torch.equal(dense != 0, delta != 0)  # the same rows, and only those, are touched
+        # a full (m x r) @ (r x n) product and the owned-rows product may take different BLAS paths,
+        # so the values agree to rounding, not always bit for bit
+        torch.testing.assert_close(dense, delta, rtol=1e-6, atol=1e-7)
 
 
 def test_saved_activation_bytes_counts_what_autograd_keeps():
