@@ -173,6 +173,11 @@ def fusion_grams(base: Base, adapter: AdapterConfig, arts: list[ConceptArtifact]
     return out
 
 
+def judge_identity(judge: Judge, images: torch.Tensor, refs: list[torch.Tensor], concepts: list[int]) -> torch.Tensor:
+    """Judge identity of images[k] (a generation of concept concepts[k]) to that concept's images."""
+    return torch.stack([judge.similarity(images[k:k + 1], refs[i])[0] for k, i in enumerate(concepts)])
+
+
 def prompt_of(art: ConceptArtifact) -> str:
     return f"a photo of {' '.join(art.meta.triggers)} {art.meta.class_word}"
 
@@ -248,7 +253,7 @@ def evaluate(base: Base, v: Variant, arts: list[ConceptArtifact], probe: Probe, 
         drift = float(sq(merged_cls, base_cls).mean() / effect[:n].mean())
         imgs = generate(base, v.adapter, residual, arts[:n], probe, members, gen_steps)
         mae = (imgs - single_img[:n]).abs().flatten(1).mean(1)
-        ident = torch.stack([judge.similarity(imgs[i:i + 1], refs[i])[0] for i in members])
+        ident = judge_identity(judge, imgs, refs, members)
         curve.append({"method": v.name, "N": n, "retention_mean": float(retention.mean()),
                       "retention_min": float(retention.min()), "prior_drift": drift,
                       "image_mae_mean": float(mae.mean()),
@@ -261,8 +266,7 @@ def evaluate(base: Base, v: Variant, arts: list[ConceptArtifact], probe: Probe, 
            "fit_mean": float(fit.mean()), "retention_at_M": curve[-1]["retention_mean"],
            "retention_area": statistics.mean(c["retention_mean"] for c in curve),
            "prior_drift_at_M": curve[-1]["prior_drift"], "image_mae_at_M": curve[-1]["image_mae_mean"], **stats}
-    row["judge_identity_single"] = float(torch.stack([judge.similarity(single_img[i:i + 1], refs[i])[0]
-                                                      for i in idx]).mean())
+    row["judge_identity_single"] = float(judge_identity(judge, single_img, refs, idx).mean())
     row["judge_identity_at_M"] = curve[-1]["judge_identity_mean"]
     if scorer is not None:
         row.update(clip_scores(scorer, arts, probe, single_img, imgs))
@@ -294,8 +298,8 @@ def run(spec: str, m: int, train: TrainConfig, study: AdapterConfig, gen_steps: 
     eps0 = eps(base, study, {}, [], probe, list(range(m)))
     judge = load_judge()
     base_imgs = generate(base, study, {}, [], probe, list(range(m)), gen_steps)  # the prompts, no concept
-    judge_floor = float(torch.stack([judge.similarity(base_imgs[i:i + 1], reference_images(i, base.resolution))[0]
-                                     for i in range(m)]).mean())
+    judge_floor = float(judge_identity(judge, base_imgs, [reference_images(i, base.resolution) for i in range(m)],
+                                       list(range(m))).mean())
     scorer = None
     if clip is not None:
         from blocklora.evaluation import ClipScorer
