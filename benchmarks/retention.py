@@ -14,7 +14,7 @@ N = 1..M. For every concept i of a merged set S:
   mean E||ε_i - ε_0||² of the set's concepts: how far unrelated prompts move, in units of a
   concept's own effect.
 - image MAE = mean |x_S - x_i| in [0, 1] between same-seed generations of S and of i alone.
-- judge identity = cosine between the features the toy judge (blocklora.judge) extracts from i's
+- judge identity = cosine between the features the toy judge (blocklora.toy.judge) extracts from i's
   generation in S and the mean features of i's training images: an image-space identity score
   like the paper's DINO / CLIP-I, with `judge_identity_without_concepts` as its floor.
 And for the M trained concepts: pairwise cosine and sign conflicts of dW (weight space), and
@@ -43,7 +43,7 @@ from blocklora.base import Base, load_base
 from blocklora.baselines import METHODS, input_grams, merge_deltas, residual_applied
 from blocklora.conditioning import encode_prompts
 from blocklora.config import AdapterConfig, TrainConfig, to_json
-from blocklora.judge import Judge, load_judge
+from blocklora.toy.judge import Judge, load_judge
 from blocklora.stats import pairwise_stats, summary
 from blocklora.trainer import train_concept
 

@@ -17,7 +17,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDi
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from blocklora.tokenizer import VOCAB_SIZE, clip_tokenizer
-from blocklora.toybase import TOY_BASE_DIR
+from blocklora.toy.base import TOY_BASE_DIR
 
 TINY = "tiny"  # the random tiny SD-architecture pipeline, built from config with a fixed seed
 TINY_SEED = 1234

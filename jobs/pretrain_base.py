@@ -1,4 +1,4 @@
-"""Pretrain the toy base (VAE, then UNet + CLIP text encoder) on blocklora.toydata, on a CPU.
+"""Pretrain the toy base (VAE, then UNet + CLIP text encoder) on blocklora.toy.data, on a CPU.
 
 Two stages share one work dir: the VAE learns to reconstruct toy pictures, is frozen, and the
 denoiser and text encoder then learn on its latents. Every checkpoint is safetensors plus a JSON
@@ -32,8 +32,8 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from blocklora.tokenizer import VOCAB_SIZE, clip_tokenizer
-from blocklora.toybase import GRID_PROMPTS, GRID_SEEDS, GUIDANCE, SAMPLE_STEPS, SAMPLES_FILE, TOY_BASE_DIR, sample_grid
-from blocklora.toydata import SIZE, make_sample, to_tensor
+from blocklora.toy.base import GRID_PROMPTS, GRID_SEEDS, GUIDANCE, SAMPLE_STEPS, SAMPLES_FILE, TOY_BASE_DIR, sample_grid
+from blocklora.toy.data import SIZE, make_sample, to_tensor
 
 matplotlib.use("Agg")
 
@@ -301,11 +301,11 @@ the real CLIP tokenizer, 49,408 tokens), pretrained from scratch on a CPU so the
 draws something a person can judge. Written by `jobs/pretrain_base.py`; every number below comes from it.
 
 ## Data
-`blocklora.toydata`: procedural 64x64 pictures of {{circle, square, triangle, star, cross, heart}} in 8
+`blocklora.toy.data`: procedural 64x64 pictures of {{circle, square, triangle, star, cross, heart}} in 8
 colours, small or large, one or two objects, on plain, striped or dotted backgrounds, with captions such
 as "a small red star on a blue background" (size and background are each omitted from 30% of captions;
 {DROP_CAPTION:.0%} of captions are dropped entirely, for classifier-free guidance). Six (shape, colour)
-pairs are held out of training (`blocklora.toydata.HELDOUT_PAIRS`).
+pairs are held out of training (`blocklora.toy.data.HELDOUT_PAIRS`).
 
 ## Training (seed {args.seed}, {args.threads} CPU thread(s))
 | stage | steps | batch | final loss (50-step mean) |
@@ -339,7 +339,7 @@ Rows 7 and 8 (orange circle, blue square) are held-out pairs, never seen in trai
 ## Load
 ```python
 from blocklora.base import load_base
-from blocklora.toybase import TOY_BASE_DIR
+from blocklora.toy.base import TOY_BASE_DIR
 base = load_base(str(TOY_BASE_DIR))
 ```
 """)
@@ -347,7 +347,7 @@ base = load_base(str(TOY_BASE_DIR))
 
 def judge_scores(pipe: StableDiffusionPipeline, n_seeds: int, seed: int) -> str:
     """Markdown table of the judge on the exported base, or a note when no judge is trained yet."""
-    from blocklora.judge import JUDGE_DIR, JUDGE_FILE, load_judge, markdown, score_base
+    from blocklora.toy.judge import JUDGE_DIR, JUDGE_FILE, load_judge, markdown, score_base
 
     if not (JUDGE_DIR / JUDGE_FILE).exists():
         return "No judge trained yet (run `jobs/train_judge.py`, then re-run this script to fill this in)."

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from blocklora.judge import JUDGE_DIR, markdown, save_judge, score_data, train_judge
+from blocklora.toy.judge import JUDGE_DIR, markdown, save_judge, score_data, train_judge
 
 
 def main() -> None:

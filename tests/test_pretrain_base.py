@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from blocklora.base import load_base
-from blocklora.toybase import GRID_PROMPTS, GRID_SEEDS, SAMPLES_FILE
+from blocklora.toy.base import GRID_PROMPTS, GRID_SEEDS, SAMPLES_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 

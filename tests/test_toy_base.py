@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from blocklora.base import Base, load_base
-from blocklora.judge import Score, generate, load_judge
-from blocklora.toybase import GRID_PROMPTS, SAMPLES_FILE, TOY_BASE_DIR, sample_grid
-from blocklora.toydata import HELDOUT_PAIRS, SHAPES
+from blocklora.toy.judge import Score, generate, load_judge
+from blocklora.toy.base import GRID_PROMPTS, SAMPLES_FILE, TOY_BASE_DIR, sample_grid
+from blocklora.toy.data import HELDOUT_PAIRS, SHAPES
 
 REPO = TOY_BASE_DIR.parents[1]
 # fixed pairs, two of them held out of training (never captioned together); the model card has the full evaluation

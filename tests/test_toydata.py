@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blocklora.toydata import (COLOUR_NAMES, HELDOUT_PAIRS, SHAPES, TRAIN_PAIRS, ToyShapes, caption_for,
+from blocklora.toy.data import (COLOUR_NAMES, HELDOUT_PAIRS, SHAPES, TRAIN_PAIRS, ToyShapes, caption_for,
                                make_sample)
 
 N = 200

@@ -1,7 +1,7 @@
 """A small CNN that names the shape and colour of a toy picture's main object.
 
 It turns "does the base draw what it is asked?" into a number: generate from a caption, classify
-the picture, compare with the caption's labels. It is trained on blocklora.toydata pictures from
+the picture, compare with the caption's labels. It is trained on blocklora.toy.data pictures from
 both splits (it is the examiner, not the examinee) with blur, noise and tint, because generated
 pictures are softer and less exact than drawn ones.
 """
@@ -19,10 +19,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from blocklora.toybase import draw
-from blocklora.toydata import COLOUR_NAMES, HELDOUT_PAIRS, SHAPES, SIZE, TRAIN_PAIRS, make_sample, to_tensor
+from blocklora.toy.base import draw
+from blocklora.toy.data import COLOUR_NAMES, HELDOUT_PAIRS, SHAPES, SIZE, TRAIN_PAIRS, make_sample, to_tensor
 
-JUDGE_DIR = Path(__file__).resolve().parents[1] / "models" / "judge"
+JUDGE_DIR = Path(__file__).resolve().parents[2] / "models" / "judge"
 JUDGE_FILE = "judge.safetensors"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-TOY_BASE_DIR = Path(__file__).resolve().parents[1] / "models" / "toy-base"
+TOY_BASE_DIR = Path(__file__).resolve().parents[2] / "models" / "toy-base"
 SAMPLES_FILE = "samples.png"
 SAMPLE_STEPS, GUIDANCE = 20, 5.0  # DDIM steps and classifier-free guidance scale
 # One grid row per prompt, one column per seed; the last two pairs are held out of training.
