@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ def concept_dataset(images_dir: str | Path, resolution: int) -> ray.data.Dataset
 
 
 def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainConfig, workers: int = 1,
-                   use_gpu: bool = False, storage_path: str | Path = DEFAULT_STORAGE) -> bytes:
+                   use_gpu: bool = False, storage_path: str | Path = DEFAULT_STORAGE,
+                   marks: dict[str, float] | None = None) -> bytes:
     """Train the concept for a reservation (`grant` from `reserve`) and return the artifact's bytes.
 
     The run is named after the reservation, so a client job re-submitted for the same reservation
@@ -72,13 +74,17 @@ def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainCo
     name), while a new reservation trains from scratch; worker failures retry from checkpoints."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    marks = {} if marks is None else marks
     node = ray.get_runtime_context().get_node_id()
+    marks["t_data_start"] = time.time()
+    dataset = concept_dataset(images_dir, train.resolution)
+    marks["t_data_read"] = time.time()
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"base_spec": grant["base_spec"], "base_fingerprint": grant["base_fingerprint"],
                            "adapter": grant["adapter"], "train": dataclasses.asdict(train),
                            "slot": grant["slot"], "name": grant["name"], "class_word": grant["class_word"]},
-        datasets={"train": concept_dataset(images_dir, train.resolution)},
+        datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # a few images: every worker sees all
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                label_selector={"ray.io/node-id": node}),
@@ -88,18 +94,25 @@ def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainCo
             failure_config=ray.train.FailureConfig(max_failures=2)),
     )
     result = trainer.fit()
+    marks["t_fit_returned"] = time.time()
+    marks |= {k: v for k, v in result.metrics.items() if k.startswith(("t_", "s_"))}
     with result.checkpoint.as_directory() as folder:
         return (Path(folder) / ARTIFACT_FILE).read_bytes()
 
 
 def train_and_submit(coordinator, token: str, images_dir: str | Path, name: str, class_word: str,
                      train: TrainConfig, workers: int = 1, use_gpu: bool = False,
-                     storage_path: str | Path = DEFAULT_STORAGE) -> dict[str, Any]:
+                     storage_path: str | Path = DEFAULT_STORAGE, marks: dict[str, float] | None = None) -> dict[str, Any]:
     """Reserve a slot, train for it at the base's resolution, submit: the live concept's record."""
+    marks = {} if marks is None else marks
     grant = ray.get(coordinator.reserve.remote(token, name, class_word))
+    marks["t_reserved"] = time.time()
     print(f"reserved slot {grant['slot']} for {name!r} (trigger {' '.join(grant['triggers'])}); "
           f"training {train.steps} steps on {workers} worker(s)", flush=True)
     train = dataclasses.replace(train, resolution=grant["resolution"])
-    data = train_artifact(grant, images_dir, train, workers, use_gpu, storage_path)
+    data = train_artifact(grant, images_dir, train, workers, use_gpu, storage_path, marks)
     print(f"uploading {len(data):,} bytes", flush=True)
-    return ray.get(coordinator.submit.remote(token, data))
+    marks["t_upload_start"] = time.time()
+    live = ray.get(coordinator.submit.remote(token, data))
+    marks["t_uploaded"] = time.time()
+    return live

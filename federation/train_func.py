@@ -10,6 +10,7 @@ one step sees N x batch_size images. Rank 0 alone writes checkpoints; every work
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ def _sync_workers(trainer: ConceptTrainer, rank: int, world: int) -> None:
 
 def train_func(config: dict[str, Any]) -> None:
     """config: base_spec, base_fingerprint, adapter (dict), train (dict), slot, name, class_word."""
+    marks = {"t_worker_start": time.time()}
     adapter = from_dict(AdapterConfig, config["adapter"])
     train = from_dict(TrainConfig, config["train"])
     ctx = ray.train.get_context()  # Ray
@@ -68,7 +70,9 @@ def train_func(config: dict[str, Any]) -> None:
     if base.fingerprint != config["base_fingerprint"]:
         raise RuntimeError(f"base {config['base_spec']!r} loads as {base.fingerprint[:12]}… on this worker, but "
                            f"the federation's is {config['base_fingerprint'][:12]}…; use the same base files")
+    marks["t_base_loaded"] = time.time()
     images, captions = shard_tensors(ray.train.get_dataset_shard("train"))  # Ray
+    marks["t_data_in_worker"] = time.time()
     prior = class_images(base, config["class_word"], train.num_class_images, train.seed) if train.prior_preservation else None
     trainer = ConceptTrainer(base, adapter, train, config["slot"], config["name"], config["class_word"])
     checkpoint = ray.train.get_checkpoint()  # Ray: set when this run is a retry or a resumed run
@@ -77,11 +81,19 @@ def train_func(config: dict[str, Any]) -> None:
             trainer.load_checkpoint(folder)
     if world > 1:
         _sync_workers(trainer, rank, world)
+    marks["t_loop_start"] = time.time()
+    spent = {"s_step": 0.0, "s_report": 0.0, "s_checkpoint": 0.0}
     try:
         while trainer.step_count < train.steps:
+            t0 = time.time()
             loss = trainer.next_step(images, captions, prior)
+            t1 = time.time()
+            spent["s_step"] += t1 - t0
+            marks.setdefault("t_first_step", t1)
             step, last = trainer.step_count, trainer.step_count == train.steps
             metrics = {"loss": loss, "step": step}
+            if last:
+                metrics |= marks | spent | {"t_last_step": t1}
             if rank == 0:
                 print(f"[{config['name']}] step {step}/{train.steps} loss {loss:.4f}", flush=True)
             if rank == 0 and (last or (train.checkpoint_every and step % train.checkpoint_every == 0)):
@@ -90,7 +102,9 @@ def train_func(config: dict[str, Any]) -> None:
                     if last:
                         (Path(folder) / ARTIFACT_FILE).write_bytes(trainer.artifact().to_bytes())
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))  # Ray
+                spent["s_checkpoint"] += time.time() - t1
             else:
                 ray.train.report(metrics)  # Ray: every worker reports each step
+                spent["s_report"] += time.time() - t1
     finally:
         trainer.close()
