@@ -59,11 +59,12 @@ class TrainConfig:
     prior_weight: float = 1.0  # weight of that loss
     num_class_images: int = 8  # prior images generated from the base when preservation is on
     checkpoint_every: int = 50  # steps between resumable checkpoints (0: never)
+    report_every: int = 25  # steps between metric reports of a Ray Train worker (each one is a collective)
     flip: bool = True  # random horizontal flips as augmentation
     prompt_template: str = "a photo of {trigger} {class_word}"  # instance prompt when no caption
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "resolution"):
+        for name in ("steps", "batch_size", "resolution", "report_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.token_lr < 0:

@@ -1,14 +1,16 @@
 """A client's side of the federation: token, slot, training through Ray Train, upload.
 
 Only the artifact's bytes leave the client; images stay on the node that runs the client job.
-Ray Data reads them with a `local://` path (read tasks run on this node), and the training
-workers are held to the same node by the `ray.io/node-id` label selector, so neither images nor
-checkpoints need shared storage.
+The job's own process decodes them into an in-memory Ray Dataset, and the training workers are
+held to the same node by the `ray.io/node-id` label selector, so neither images nor checkpoints
+need shared storage. This module imports no diffusers: the driver of a client job starts in
+seconds, and only the training workers load the model code (`_train_worker`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -20,11 +22,58 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from blocklora.config import TrainConfig
-from blocklora.data import image_files, to_tensor
+from blocklora.data import load_concept_images
 from federation.registry import Unauthorized
-from federation.train_func import ARTIFACT_FILE, train_func
 
 DEFAULT_STORAGE = "~/blocklora-train"  # Ray Train run folders (checkpoints) on the client's node
+ARTIFACT_FILE = "artifact.safetensors"  # in the final checkpoint: the only thing the client uploads
+# Ray starts its worker processes at nice 15; a client's training is the job's whole point and should
+# get the CPU share `blocklora train` gets on the same node (on a busy node nice 15 gets a few percent).
+JOB_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
+
+# Where a client job's time goes: (phase, from mark, to mark) over the wall-clock marks (time.time(),
+# comparable across one node's processes) that the job collects: the driver here and in
+# jobs/client_train.py, the worker in train_func.py. t_submit, t_submitted and t_done are for whoever
+# submits the job to add. The job prints its marks as one line at its end (MARKS_LINE + JSON); the
+# main job's report and benchmarks/client_profile.py turn them into seconds with `phase_seconds`.
+MARKS_LINE = "client phase marks "
+PHASES = (
+    ("submit CLI: start, package + upload the working dir", "t_submit", "t_submitted"),
+    ("job start: supervisor, unpack code, driver process", "t_submitted", "t_driver_start"),
+    ("driver imports", "t_driver_start", "t_imported"),
+    ("connect, register, reserve", "t_imported", "t_reserved"),
+    ("read the pictures into a Ray Dataset", "t_data_start", "t_data_read"),
+    ("worker start: Train controller + worker process + imports", "t_data_read", "t_worker_start"),
+    ("base load in the worker", "t_worker_start", "t_base_loaded"),
+    ("dataset shard + trainer set-up", "t_base_loaded", "t_loop_start"),
+    ("first step", "t_loop_start", "t_first_step"),
+    ("steps 2..N (compute, reporting, checkpoints)", "t_first_step", "t_last_step"),
+    ("last checkpoint + training teardown", "t_last_step", "t_fit_returned"),
+    ("upload", "t_upload_start", "t_uploaded"),
+    ("driver exit, job marked done", "t_uploaded", "t_done"),
+)
+
+
+def phase_seconds(marks: dict[str, float]) -> dict[str, float]:
+    """Seconds per phase (those whose two marks are there), plus the time spent inside the step
+    loop reporting to Ray Train and checkpointing (`s_` sums of the worker)."""
+    rows = {name: round(marks[b] - marks[a], 2) for name, a, b in PHASES if a in marks and b in marks}
+    return rows | {f"of which {k[2:]}ing": round(v, 2) for k, v in marks.items() if k.startswith("s_")}
+
+
+def marks_from_log(log: str) -> dict[str, float] | None:
+    """The marks a client job printed at its end (None if it did not get there)."""
+    line = next((ln for ln in log.splitlines() if ln.startswith(MARKS_LINE)), None)
+    return json.loads(line[len(MARKS_LINE):]) if line else None
+
+
+def quiet_ray(verbose: bool) -> dict[str, Any]:
+    """Keep Ray's own output (dataset progress bars, INFO logs of Train and Data, restart warnings)
+    off the user's terminal unless `verbose`: the job's output is its progress. Returns the
+    `ray.init` keyword arguments that do it for every process of the job."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = ctx.print_on_execution_start = verbose
+    return {} if verbose else {"logging_config": ray.LoggingConfig(log_level="ERROR")}
 
 
 def load_or_register(coordinator, token_file: str | Path, client_name: str = "") -> str:
@@ -46,22 +95,22 @@ def load_or_register(coordinator, token_file: str | Path, client_name: str = "")
     return token
 
 
-def _prepare_row(row: dict[str, Any], resolution: int) -> dict[str, Any]:
-    """Decoded image -> (3, res, res) float32 in [-1, 1], plus the caption beside it ('' if none)."""
-    caption = Path(row["path"]).with_suffix(".txt")
-    return {"image": to_tensor(row["image"], resolution).numpy(),
-            "caption": caption.read_text().strip() if caption.exists() else ""}
-
-
 def concept_dataset(images_dir: str | Path, resolution: int) -> ray.data.Dataset:
-    """The concept's images as a materialized Ray Dataset, read on this node.
+    """The concept's images, decoded by this process, as an in-memory Ray Dataset.
 
-    Materialized here, before the trainers take their CPUs, so read tasks never wait for
-    CPUs held by training workers (two clients on a small cluster would otherwise deadlock)."""
-    folder = Path(images_dir).expanduser().resolve()
-    image_files(folder)  # a clear error now rather than an empty dataset later
-    ds = ray.data.read_images(f"local://{folder}", mode="RGB", include_paths=True)
-    return ds.map(_prepare_row, fn_kwargs={"resolution": resolution}).materialize()
+    A client brings a handful of pictures: decoding them here takes milliseconds, whereas a
+    `read_images` pipeline starts read and map tasks, each a new worker process importing torch,
+    which cost 30-60 s per client on this 2-core machine (docs/results/client-job.md). In memory
+    the dataset needs no task at all, and no CPU the training workers hold."""
+    images, captions = load_concept_images(Path(images_dir).expanduser(), resolution)
+    return ray.data.from_items([{"image": im.numpy(), "caption": c or ""} for im, c in zip(images, captions)])
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry in each worker: imports the model code there, never in the driver."""
+    from federation.train_func import train_func
+
+    train_func(config)
 
 
 def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainConfig, workers: int = 1,
@@ -80,7 +129,7 @@ def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainCo
     dataset = concept_dataset(images_dir, train.resolution)
     marks["t_data_read"] = time.time()
     trainer = TorchTrainer(
-        train_func,
+        _train_worker,
         train_loop_config={"base_spec": grant["base_spec"], "base_fingerprint": grant["base_fingerprint"],
                            "adapter": grant["adapter"], "train": dataclasses.asdict(train),
                            "slot": grant["slot"], "name": grant["name"], "class_word": grant["class_word"]},

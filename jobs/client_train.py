@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-T_START = time.time()  # before the imports: the profile counts them  # noqa: E402
+T_START = time.time()  # before the imports: the job's phase marks count them
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -26,7 +26,8 @@ import ray  # noqa: E402
 
 from blocklora.config import TrainConfig  # noqa: E402
 from federation import coordinator  # noqa: E402
-from federation.client import DEFAULT_STORAGE, load_or_register, train_and_submit  # noqa: E402
+from federation.client import (DEFAULT_STORAGE, JOB_RUNTIME_ENV, MARKS_LINE, load_or_register, quiet_ray,  # noqa: E402
+                               train_and_submit)
 
 
 def main() -> None:
@@ -40,6 +41,8 @@ def main() -> None:
     p.add_argument("--token-lr", type=float, default=TrainConfig.token_lr, help="learning rate of the trigger embedding")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    p.add_argument("--report-every", type=int, default=TrainConfig.report_every,
+                   help="steps between metric reports to Ray Train (progress is printed every few seconds)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--token-file", default="~/.blocklora/client_token")
@@ -48,12 +51,13 @@ def main() -> None:
     p.add_argument("--address", default="auto")
     p.add_argument("--namespace", default=coordinator.DEFAULT_NAMESPACE)
     p.add_argument("--coordinator", default=coordinator.DEFAULT_NAME)
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own output (Ray Data, Ray Train logs)")
     args = p.parse_args()
 
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, token_lr=args.token_lr, seed=args.seed,
-                        checkpoint_every=args.checkpoint_every)
+                        checkpoint_every=args.checkpoint_every, report_every=args.report_every)
     marks = {"t_driver_start": T_START, "t_imported": time.time()}
-    ray.init(address=args.address, namespace=args.namespace)
+    ray.init(address=args.address, namespace=args.namespace, runtime_env=JOB_RUNTIME_ENV, **quiet_ray(args.verbose))
     marks["t_connected"] = time.time()
     coord = coordinator.get(args.coordinator, args.namespace)
     token = load_or_register(coord, args.token_file, args.client_name)
@@ -62,7 +66,7 @@ def main() -> None:
     print(f"concept {live['name']!r} is live in slot {live['slot']}: prompt with "
           f"'{' '.join(live['triggers'])} {live['class_word']}'; federation version {live['version']}")
     marks["t_driver_end"] = time.time()
-    print("client phases " + json.dumps(marks), flush=True)
+    print(MARKS_LINE + json.dumps(marks), flush=True)
 
 
 if __name__ == "__main__":
