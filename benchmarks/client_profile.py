@@ -1,12 +1,12 @@
 """Where a client job's time goes, and its step rate against `blocklora train`, in one run.
 
-    python -m benchmarks.client_profile [--base models/toy-base] [--steps 100] [--repeats 1]
+    python -m benchmarks.client_profile [--base models/toy-base] [--steps 100] [--repeats 1] [--out FILE]
 
 Starts its own Ray head on 127.0.0.1 (2 CPUs) and a coordinator on the base, then alternates the
 two arms `--repeats` times, so both see the same load on this shared machine:
-- plain: `python -m blocklora train` on the same pictures, base, steps and batch, with one torch
-  thread (OMP_NUM_THREADS=1: what Ray gives a 1-CPU training worker);
-- client: one real client job, submitted with the CLI the README shows.
+- client: one real client job, submitted with the CLI the README shows;
+- plain: `python -m blocklora train` on the same pictures, base, steps and batch, with as many
+  torch threads as the client's training worker had (it reports them).
 Both print the same summary line from the one step loop (`blocklora.trainer.Progress`): the
 steady-state step rate after the first step. The client job also prints wall-clock marks of its
 phases, which `federation.client.phase_seconds` turns into the profile; this script adds the
@@ -33,21 +33,22 @@ from federation.local_cluster import VENV_BIN, LocalCluster
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "examples" / "concepts" / "chelsea"
-STEADY = re.compile(r"trained to step \d+: ([\d.]+) steps/s steady")
+STEADY = re.compile(r"trained to step \d+: ([\d.]+) steps/s steady .*, (\d+) torch thread")
 
 
-def steady_rate(output: str) -> float:
+def steady_rate(output: str) -> tuple[float, int]:
+    """The steady steps/s and the torch threads from the one step loop's closing line."""
     found = STEADY.findall(output)
     if not found:
         raise RuntimeError(f"no steady-rate line in:\n{output[-3000:]}")
-    return float(found[-1])
+    return float(found[-1][0]), int(found[-1][1])
 
 
-def plain_train(base: str, work: Path, steps: int) -> float:
-    """`blocklora train` as a user runs it, one torch thread; its steady steps/s."""
+def plain_train(base: str, work: Path, steps: int, threads: int) -> tuple[float, int]:
+    """`blocklora train` as a user runs it, with `threads` torch threads; its steady steps/s."""
     out = subprocess.run([str(VENV_BIN / "python"), "-m", "blocklora", "train", "--base", base, "--images", str(IMAGES),
                           "--name", "plain", "--class-word", "cat", "--slot", "15", "--steps", str(steps), "--out", str(work / "plain.safetensors")],
-                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=True)
+                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True, check=True)
     return steady_rate(out.stdout)
 
 
@@ -78,7 +79,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default=default_base_spec())
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=1, help="plain/client pairs, alternating")
+    ap.add_argument("--repeats", type=int, default=1, help="client/plain pairs, alternating")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
     args = ap.parse_args()
 
     load_before = os.getloadavg()
@@ -89,21 +91,26 @@ def main() -> None:
                         "--state-dir", str(work / "state"), "--address", cluster.address],
                        cwd=REPO, env=cluster.env, check=True, capture_output=True)
         for i in range(args.repeats):
-            plain = plain_train(args.base, work, args.steps)
             marks, log = client_job(cluster, work, f"profile-{i}-{int(time.time())}", args.steps)
-            client = steady_rate(log)
+            client, threads = steady_rate(log)
+            plain, _ = plain_train(args.base, work, args.steps, threads)
             run = {"phases_s": phase_seconds(marks), "total_s": round(marks["t_done"] - marks["t_submit"], 2),
                    "startup_submit_to_first_step_s": round(marks["t_first_step"] - marks["t_submit"], 2),
-                   "client_steady_steps_per_s": client, "plain_steady_steps_per_s": plain,
+                   "client_steady_steps_per_s": client, "plain_steady_steps_per_s": plain, "torch_threads": threads,
                    "step_rate_ratio_client_over_plain": round(client / plain, 3), "load_avg_1min": os.getloadavg()[0]}
             runs.append(run)
             print(json.dumps(run, indent=1), flush=True)
         print("--- what the last client job printed:\n" + log[-4000:], flush=True)
     ratio = statistics.median(r["step_rate_ratio_client_over_plain"] for r in runs)
-    emit({"benchmark": "client_profile", "base": args.base, "steps": args.steps, "batch_size": TrainConfig.batch_size,
-          "cluster_cpus": 2, "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "runs": runs,
-          "median_step_rate_ratio": ratio,
-          "median_startup_s": statistics.median(r["startup_submit_to_first_step_s"] for r in runs)})
+    base = os.path.relpath(args.base, REPO) if Path(args.base).is_dir() else args.base
+    result = {"benchmark": "client_profile", "base": base, "steps": args.steps, "batch_size": TrainConfig.batch_size,
+              "cluster_cpus": 2, "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "runs": runs,
+              "median_step_rate_ratio": ratio,
+              "median_startup_s": statistics.median(r["startup_submit_to_first_step_s"] for r in runs)}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, sort_keys=True))
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -235,9 +235,11 @@ class Progress:
         return (self.last[0] - self.first[0]) / (self.last[1] - self.first[1])
 
     def summary(self) -> str:
+        """The closing line: the steady rate, and the torch threads it was measured with."""
         rate = self.steady_rate()
         return f"[{self.name}] trained to step {self.total}: " + (
-            f"{rate:.3f} steps/s steady (after the first step)" if rate else "no steady rate (fewer than 2 steps)")
+            f"{rate:.3f} steps/s steady (after the first step)" if rate else "no steady rate (fewer than 2 steps)") + (
+            f", {torch.get_num_threads()} torch thread(s)")
 
 
 def train_concept(base: Base, images_dir: str | Path, name: str, class_word: str, slot: int,

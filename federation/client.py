@@ -23,14 +23,10 @@ from ray.train.torch import TorchTrainer
 
 from blocklora.config import TrainConfig
 from blocklora.data import load_concept_images
-from federation.registry import Unauthorized
+from federation.errors import Unauthorized
 
 DEFAULT_STORAGE = "~/blocklora-train"  # Ray Train run folders (checkpoints) on the client's node
 ARTIFACT_FILE = "artifact.safetensors"  # in the final checkpoint: the only thing the client uploads
-# Ray starts its worker processes at nice 15; a client's training is the job's whole point and should
-# get the CPU share `blocklora train` gets on the same node (on a busy node nice 15 gets a few percent).
-JOB_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
-
 # Where a client job's time goes: (phase, from mark, to mark) over the wall-clock marks (time.time(),
 # comparable across one node's processes) that the job collects: the driver here and in
 # jobs/client_train.py, the worker in train_func.py. t_submit, t_submitted and t_done are for whoever
@@ -67,13 +63,23 @@ def marks_from_log(log: str) -> dict[str, float] | None:
     return json.loads(line[len(MARKS_LINE):]) if line else None
 
 
-def quiet_ray(verbose: bool) -> dict[str, Any]:
-    """Keep Ray's own output (dataset progress bars, INFO logs of Train and Data, restart warnings)
-    off the user's terminal unless `verbose`: the job's output is its progress. Returns the
-    `ray.init` keyword arguments that do it for every process of the job."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = ctx.print_on_execution_start = verbose
-    return {} if verbose else {"logging_config": ray.LoggingConfig(log_level="ERROR")}
+def job_init_args(verbose: bool = False) -> dict[str, Any]:
+    """`ray.init` arguments for a client job's driver, for every process the job starts.
+
+    - nice 0: Ray starts its workers at nice 15, but a client's training is the job's whole point
+      and should get the CPU share `blocklora train` gets on the same node (on a busy node a nice-15
+      process gets a few percent of a core);
+    - prints go straight to stdout (Ray Train would route them through its logger, which showed
+      each progress line twice), so the job's output is the training's progress;
+    - unless `verbose`: Ray's own output (dataset progress bars and logs, Train's INFO lines,
+      deprecation warnings, diffusers' loading bars) stays off the terminal; Ray's own lines are
+      still in the session's log files."""
+    env = {"RAY_worker_niceness": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if not verbose:
+        env |= {"RAY_DATA_LOG_LEVEL": "ERROR", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    return {"runtime_env": {"env_vars": env}, "logging_level": "INFO" if verbose else "WARNING"}
 
 
 def load_or_register(coordinator, token_file: str | Path, client_name: str = "") -> str:
@@ -115,7 +121,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainConfig, workers: int = 1,
                    use_gpu: bool = False, storage_path: str | Path = DEFAULT_STORAGE,
-                   marks: dict[str, float] | None = None) -> bytes:
+                   marks: dict[str, float] | None = None, verbose: bool = False) -> bytes:
     """Train the concept for a reservation (`grant` from `reserve`) and return the artifact's bytes.
 
     The run is named after the reservation, so a client job re-submitted for the same reservation
@@ -132,7 +138,8 @@ def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainCo
         _train_worker,
         train_loop_config={"base_spec": grant["base_spec"], "base_fingerprint": grant["base_fingerprint"],
                            "adapter": grant["adapter"], "train": dataclasses.asdict(train),
-                           "slot": grant["slot"], "name": grant["name"], "class_word": grant["class_word"]},
+                           "slot": grant["slot"], "name": grant["name"], "class_word": grant["class_word"],
+                           "ray_log_level": "INFO" if verbose else "WARNING"},
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # a few images: every worker sees all
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
@@ -140,7 +147,8 @@ def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainCo
         run_config=ray.train.RunConfig(
             name=f"{grant['name']}-slot{grant['slot']}-{grant['reservation_id']}",
             storage_path=str(Path(storage_path).expanduser().resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=2)),
+            failure_config=ray.train.FailureConfig(max_failures=2),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "ERROR")),  # the controller's
     )
     result = trainer.fit()
     marks["t_fit_returned"] = time.time()
@@ -151,7 +159,8 @@ def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainCo
 
 def train_and_submit(coordinator, token: str, images_dir: str | Path, name: str, class_word: str,
                      train: TrainConfig, workers: int = 1, use_gpu: bool = False,
-                     storage_path: str | Path = DEFAULT_STORAGE, marks: dict[str, float] | None = None) -> dict[str, Any]:
+                     storage_path: str | Path = DEFAULT_STORAGE, marks: dict[str, float] | None = None,
+                     verbose: bool = False) -> dict[str, Any]:
     """Reserve a slot, train for it at the base's resolution, submit: the live concept's record."""
     marks = {} if marks is None else marks
     grant = ray.get(coordinator.reserve.remote(token, name, class_word))
@@ -159,7 +168,7 @@ def train_and_submit(coordinator, token: str, images_dir: str | Path, name: str,
     print(f"reserved slot {grant['slot']} for {name!r} (trigger {' '.join(grant['triggers'])}); "
           f"training {train.steps} steps on {workers} worker(s)", flush=True)
     train = dataclasses.replace(train, resolution=grant["resolution"])
-    data = train_artifact(grant, images_dir, train, workers, use_gpu, storage_path, marks)
+    data = train_artifact(grant, images_dir, train, workers, use_gpu, storage_path, marks, verbose)
     print(f"uploading {len(data):,} bytes", flush=True)
     marks["t_upload_start"] = time.time()
     live = ray.get(coordinator.submit.remote(token, data))

@@ -11,6 +11,7 @@ the workers (a round trip to the Train controller), far too slow to make on ever
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -96,8 +97,11 @@ class RayReport:
 
 
 def train_func(config: dict[str, Any]) -> None:
-    """config: base_spec, base_fingerprint, adapter (dict), train (dict), slot, name, class_word."""
+    """config: base_spec, base_fingerprint, adapter (dict), train (dict), slot, name, class_word,
+    ray_log_level (Ray Train's own INFO lines, e.g. one per report, only when the user asked)."""
     marks = {"t_worker_start": time.time()}
+    for name in ("", "ray.train"):  # Ray: Train logs through both (one INFO line per report, at the root)
+        logging.getLogger(name).setLevel(config["ray_log_level"])
     adapter = from_dict(AdapterConfig, config["adapter"])
     train = from_dict(TrainConfig, config["train"])
     ctx = ray.train.get_context()  # Ray

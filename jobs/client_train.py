@@ -26,8 +26,7 @@ import ray  # noqa: E402
 
 from blocklora.config import TrainConfig  # noqa: E402
 from federation import coordinator  # noqa: E402
-from federation.client import (DEFAULT_STORAGE, JOB_RUNTIME_ENV, MARKS_LINE, load_or_register, quiet_ray,  # noqa: E402
-                               train_and_submit)
+from federation.client import DEFAULT_STORAGE, MARKS_LINE, job_init_args, load_or_register, train_and_submit  # noqa: E402
 
 
 def main() -> None:
@@ -57,12 +56,12 @@ def main() -> None:
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, token_lr=args.token_lr, seed=args.seed,
                         checkpoint_every=args.checkpoint_every, report_every=args.report_every)
     marks = {"t_driver_start": T_START, "t_imported": time.time()}
-    ray.init(address=args.address, namespace=args.namespace, runtime_env=JOB_RUNTIME_ENV, **quiet_ray(args.verbose))
+    ray.init(address=args.address, namespace=args.namespace, **job_init_args(args.verbose))
     marks["t_connected"] = time.time()
     coord = coordinator.get(args.coordinator, args.namespace)
     token = load_or_register(coord, args.token_file, args.client_name)
     live = train_and_submit(coord, token, args.images, args.name, args.class_word, train, args.workers,
-                            args.use_gpu, args.storage_path, marks)
+                            args.use_gpu, args.storage_path, marks, args.verbose)
     print(f"concept {live['name']!r} is live in slot {live['slot']}: prompt with "
           f"'{' '.join(live['triggers'])} {live['class_word']}'; federation version {live['version']}")
     marks["t_driver_end"] = time.time()

@@ -69,4 +69,4 @@ def test_progress_lines_a_person_can_follow(tiny_base, tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"^\[pet\] step 1/3  loss \d+\.\d{4}  first step$", out, re.M), out
     assert re.search(r"^\[pet\] step 3/3  loss \d+\.\d{4}  \d+\.\d\d steps/s  ETA 0 s$", out, re.M), out
-    assert re.search(r"^\[pet\] trained to step 3: \d+\.\d{3} steps/s steady \(after the first step\)$", out, re.M), out
+    assert re.search(r"^\[pet\] trained to step 3: \d+\.\d{3} steps/s steady \(after the first step\), \d+ torch thread\(s\)$", out, re.M), out
