@@ -102,7 +102,7 @@ class GenerateConfig:
 
     steps: int = knob(20, "denoising steps per image")
     guidance_scale: float = knob(5.0, "classifier-free guidance scale", flag="--guidance")
-    seed: int = knob(0, "seed of the first image's initial noise")
+    seed: int = knob(0, "image j of a request starts from the noise of seed + j")
     width: int = knob(64, "image width in pixels")
     height: int = knob(64, "image height in pixels")
     negative_prompt: str = knob("", "what the images should not show")
@@ -150,20 +150,25 @@ def _selected(cls: type, only: Iterable[str] | None, skip: Iterable[str]) -> lis
     return [f for f in dataclasses.fields(cls) if (only is None or f.name in only) and f.name not in skip]
 
 
+def _dest(cls: type, name: str) -> str:
+    return f"{cls.__name__}.{name}"
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type, defaults: Any = None,
               only: Iterable[str] | None = None, skip: Iterable[str] = ()) -> None:
     """Add one flag per field of config class `cls` to `parser`, in a group named after the class.
 
     Name, type and help come from the field (bools get --x / --no-x, tuples take names separated by
     spaces or commas); defaults come from `defaults`, an instance such as a preset (else `cls()`).
-    Each flag stores under the field's own name, which is what `from_args` reads back."""
+    Each flag stores under "<class>.<field>", so `from_args` reads back exactly these flags even
+    when another config on the same parser has a field of the same name (e.g. steps)."""
     defaults = cls() if defaults is None else defaults
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
     for f in _selected(cls, only, skip):
         kind, default = hints[f.name], getattr(defaults, f.name)
         shown = ",".join(default) if isinstance(default, tuple) else default
-        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": f"{f.metadata['help']} (default: {shown})".replace("%", "%%")}
+        kw: dict[str, Any] = {"dest": _dest(cls, f.name), "default": default, "help": f"{f.metadata['help']} (default: {shown})".replace("%", "%%")}
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is tuple:
@@ -179,7 +184,8 @@ def from_args(cls: type, args: argparse.Namespace, parser: argparse.ArgumentPars
 
     A value the config refuses (e.g. --steps 0) ends as `parser.error`, i.e. usage and the reason,
     exit status 2, like a wrong type does; without a parser the ValueError propagates."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values = {f.name: getattr(args, _dest(cls, f.name)) for f in dataclasses.fields(cls)
+              if hasattr(args, _dest(cls, f.name))}
     try:
         return cls(**values | overrides)
     except ValueError as e:

@@ -165,6 +165,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="leave the cluster, coordinator and HTTP app running")
     args = ap.parse_args()
     train = from_args(TrainConfig, args, ap)
+    sampling = from_args(GenerateConfig, args, ap, steps=args.gen_steps)
 
     out = Path(args.out).resolve()
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -174,8 +175,8 @@ def main() -> None:
     timings: dict[str, float] = {}
     stage = Stage(timings, total=8)
     t_start = time.monotonic()
-    report: dict = {"base_model": base, "steps": args.steps, "lr": args.lr, "token_lr": args.token_lr,
-                    "guidance": args.guidance_scale, "timings_s": timings}
+    report: dict = {"base_model": base, "steps": train.steps, "lr": train.lr, "token_lr": train.token_lr,
+                    "guidance": sampling.guidance_scale, "timings_s": timings}
 
     with stage("start a Ray head on 127.0.0.1 (token auth on)"):
         cluster = LocalCluster(num_cpus=args.num_cpus, auth_token_path=out / "state" / "ray_auth_token", cwd=REPO).start()
@@ -190,7 +191,7 @@ def main() -> None:
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
         admin = {"Authorization": f"Bearer {(out / 'state' / 'admin_token').read_text().strip()}"}
 
-        with stage(f"train {len(names)} concepts concurrently with `ray job submit` ({args.steps} steps each)"):
+        with stage(f"train {len(names)} concepts concurrently with `ray job submit` ({train.steps} steps each)"):
             jobs = submit_clients(cluster, concepts, to_argv(train, skip=("resolution",)), out)
             report["jobs"] = wait_jobs(cluster, jobs, timeout=3600)
 
@@ -207,8 +208,8 @@ def main() -> None:
 
         with stage("generate for every subset over HTTP"):
             classes = {c["name"]: c["class_word"] for c in concepts}
-            report["requests"], rows = query_subsets(http, names, classes, out, args.num_images, args.gen_steps,
-                                                     args.guidance_scale)
+            report["requests"], rows = query_subsets(http, names, classes, out, args.num_images, sampling.steps,
+                                                     sampling.guidance_scale)
 
         removed = names[-1]
         with stage(f"remove {removed!r} at runtime and ask for it again"):

@@ -19,11 +19,10 @@ def parser(cls: type, defaults=None) -> argparse.ArgumentParser:
 
 @pytest.mark.parametrize("cls", CONFIGS)
 def test_every_field_has_a_documented_flag(cls):
-    actions = {a.dest: a for a in parser(cls)._actions}
+    actions = {a.option_strings[0]: a for a in parser(cls)._actions}
     for f in dataclasses.fields(cls):
         assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
-        assert actions[f.name].option_strings[0] == flag_name(f)
-        assert actions[f.name].help.startswith(f.metadata["help"])
+        assert actions[flag_name(f)].help.startswith(f.metadata["help"])
 
 
 @pytest.mark.parametrize("cls", CONFIGS)
@@ -65,3 +64,13 @@ def test_bad_values_are_argparse_errors(argv, reason, capsys):
 def test_unknown_field_names_are_refused():
     with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\) \['stepz'\]"):
         add_flags(argparse.ArgumentParser(), TrainConfig, skip=("stepz",))
+
+
+def test_configs_sharing_a_field_name_read_their_own_flags():
+    """TrainConfig and GenerateConfig both have `steps`: each reads only the flag added for it."""
+    p = argparse.ArgumentParser()
+    add_flags(p, TrainConfig)
+    add_flags(p, GenerateConfig, skip=("steps", "seed"))
+    args = p.parse_args(["--steps", "7", "--guidance", "2"])
+    assert from_args(TrainConfig, args).steps == 7
+    assert from_args(GenerateConfig, args) == GenerateConfig(guidance_scale=2.0)
