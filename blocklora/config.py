@@ -124,6 +124,32 @@ class FederationConfig:
             raise ValueError(f"max_artifact_bytes must be >= 1, got {self.max_artifact_bytes}")
 
 
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The toy base's pretraining run (blocklora/toy/pretrain.py): VAE, then UNet + text encoder."""
+
+    steps: int = knob(9000, "UNet + text encoder optimizer steps")
+    batch: int = knob(16, "denoiser batch size")
+    lr: float = knob(1e-3, "denoiser peak learning rate")
+    snr_gamma: float = knob(5.0, "min-SNR loss weighting cap (0: plain MSE)")
+    vae_steps: int = knob(1500, "VAE optimizer steps (stage 1)")
+    vae_batch: int = knob(32, "VAE batch size")
+    seed: int = knob(0, "weights, data stream and noise all derive from it")
+    threads: int = knob(1, "torch CPU threads (the machine is shared)")
+    checkpoint_every: int = knob(100, "steps between checkpoints")
+    sample_every: int = knob(1000, "denoiser steps between sample grids")
+    eval_seeds: int = knob(8, "judge pictures per (shape, colour) pair in the card")
+    note: str = knob("", "text for the model card, e.g. what changed when a run was resumed")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "vae_steps", "vae_batch", "threads", "checkpoint_every", "sample_every",
+                     "eval_seeds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
 # Named presets: settings measured on the pretrained toy base (docs/results/README.md, toy-base
 # concepts) that the main job and the local demo start from; flags still override each field.
 TOY_BASE_TRAIN = TrainConfig(steps=300, lr=5e-3, token_lr=1e-2)

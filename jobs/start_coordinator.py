@@ -20,10 +20,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import ray  # noqa: E402
 
+from blocklora.atomic import atomic_write  # noqa: E402
 from blocklora.config import AdapterConfig, FederationConfig, add_flags, from_args  # noqa: E402
 from federation import coordinator  # noqa: E402
 from federation.registry import new_token, token_hash  # noqa: E402
-from federation.store import MANIFEST, atomic_write  # noqa: E402
+from federation.store import MANIFEST  # noqa: E402
 
 
 def admin_token_sha256(state_dir: Path) -> str | None:

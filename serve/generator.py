@@ -38,7 +38,9 @@ class ConceptUnavailable(KeyError):
 
 
 @dataclass
-class Images:
+class DrawnImages:
+    """One request's images as raw pixels; the ingress encodes them (as PNG in `schemas.Images`)."""
+
     version: int  # the federation version whose concepts drew them
     seeds: list[int]
     pixels: np.ndarray  # (num_images, H, W, 3) uint8
@@ -88,7 +90,7 @@ class Generator:
             return {"replica": serve.get_replica_context().replica_id.unique_id, "version": self.version,
                     "slots": {n: a.meta.slot for n, a in self.bank.live.items()}}
 
-    async def generate(self, request: GenerateRequest) -> Images:
+    async def generate(self, request: GenerateRequest) -> DrawnImages:
         """Images for one request; raises ConceptUnavailable naming concepts that are not live."""
         result = await self._batched(request)
         if isinstance(result, Exception):
@@ -96,10 +98,10 @@ class Generator:
         return result
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def _batched(self, requests: list[GenerateRequest]) -> list[Images | Exception]:
+    async def _batched(self, requests: list[GenerateRequest]) -> list[DrawnImages | Exception]:
         async with self.lock:
             await self._sync()
-            results: list[Images | Exception | None] = [None] * len(requests)
+            results: list[DrawnImages | Exception | None] = [None] * len(requests)
             runnable = []
             for i, req in enumerate(requests):
                 missing = [n for n in req.subset() if n not in self.bank.live]
@@ -115,7 +117,7 @@ class Generator:
                 pixels = await asyncio.to_thread(self._run, [requests[i] for i in group])
                 for i, px in zip(group, pixels):
                     seeds = [requests[i].seed + j for j in range(requests[i].num_images)]
-                    results[i] = Images(self.version, seeds, px)
+                    results[i] = DrawnImages(self.version, seeds, px)
             return results
 
     @torch.no_grad()
