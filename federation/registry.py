@@ -23,7 +23,7 @@ import torch
 from blocklora.artifact import ConceptArtifact, InvalidArtifact, check_name
 from blocklora.base import Base
 from blocklora.config import AdapterConfig, FederationConfig, from_dict
-from blocklora.merge import LiveMerge
+from blocklora.slots import SlotSpace
 from blocklora.tokens import trigger_names
 from federation.store import StateStore
 
@@ -111,8 +111,8 @@ class Registry:
         """Loads the state in `store` if there is one (it must be for the same base and adapter)."""
         self.base, self.adapter, self.config, self.store, self.clock = base, adapter, config, store, clock
         self._lock = threading.RLock()
-        self._compat = LiveMerge(base, adapter)  # used only for its layout / hidden-size checks
-        self._residual = {k: torch.zeros(m, n) for k, (m, n) in self._compat.layout.items()}  # (m, n) f32
+        self.space = SlotSpace.of(base, adapter)  # what fits, read once; the base is never changed
+        self._residual = {k: torch.zeros(m, n) for k, (m, n) in self.space.layout.items()}  # (m, n) f32
         self._artifacts: dict[str, tuple[ConceptArtifact, bytes]] = {}
         self._s = _State(admin_sha256=admin_token_sha256)
         manifest = store.read_manifest() if store else None
@@ -232,7 +232,7 @@ class Registry:
                 raise ReservationError(f"artifact {art.name!r} was trained for slot {art.meta.slot}, but the "
                                        f"reservation is for slot {held.slot}; train again with the reserved slot")
             try:
-                self._compat.check(art)
+                self.space.check(art)
             except InvalidArtifact as err:
                 raise ArtifactRejected(f"artifact refused: {err}") from None
             rows = {key: art.delta_rows(key).float() for key in self._residual}  # (|R|, n) each
@@ -391,7 +391,7 @@ class Registry:
         for name, c in s.concepts.items():
             data = self.store.read_concept(c.file, c.sha256)
             art = ConceptArtifact.from_bytes(data, max(self.config.max_artifact_bytes, len(data)))
-            self._compat.check(art)
+            self.space.check(art)
             for key, res in self._residual.items():
                 res[art.rows(key)] = art.delta_rows(key).float()
             self._artifacts[name] = (art, data)
