@@ -407,8 +407,10 @@ def test_slow_bodies_time_out_and_the_api_stays_up(http_ctx):
         assert http_ctx.http.get("/v1/concepts", timeout=30).status_code == 200
         assert time.monotonic() - t0 < 8  # before any slow body has timed out
         for s in socks[:2]:
-            reply = s.recv(4096).decode()
-            assert reply.startswith("HTTP/1.1 408") and "without pauses" in reply, reply[:300]
+            reply = b""
+            while b"without pauses" not in reply and (chunk := s.recv(4096)):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 408") and b"without pauses" in reply, reply[:400]
     finally:
         for s in socks:
             s.close()
@@ -433,8 +435,9 @@ def test_token_failures_are_throttled_per_source(http_ctx):
     """Runs last in this module: it leaves 127.0.0.1 throttled on this app for a minute."""
     before = http_ctx.http.get("/v1/concepts").json()
     statuses = [http_ctx.http.delete("/v1/concepts/pet", headers=auth(f"c0123456789abcdef.guess{i}")).status_code
-                for i in range(20)]
-    assert statuses == [403] * 20
+                for i in range(21)]
+    first = statuses.index(429)  # 20 failures in all, some spent by the corpus above
+    assert 10 <= first <= 20 and set(statuses[:first]) == {403} and set(statuses[first:]) == {429}, statuses
     for r in (http_ctx.http.delete("/v1/concepts/pet", headers=auth(http_ctx.alice)),  # even a good token, now
               http_ctx.http.post("/v1/concepts", content=b"x" * 1024, headers=auth("c0123456789abcdef.guess"))):
         assert r.status_code == 429 and "too many failed authentications" in r.text, r.text
