@@ -102,7 +102,7 @@ class Generator:
                     "cancelled_loops": self.cancelled_loops}
 
     async def generate(self, request: GenerateRequest) -> DrawnImages:
-        """DrawnImages for one request; raises ConceptUnavailable naming concepts that are not live."""
+        """Images for one request; raises ConceptUnavailable naming concepts that are not live."""
         job = _Job(request)
         try:
             result = await self._batched(job)
