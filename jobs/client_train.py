@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import ray  # noqa: E402
 
-from blocklora.config import TrainConfig  # noqa: E402
+from blocklora.config import TrainConfig, add_flags, from_args  # noqa: E402
 from federation import coordinator  # noqa: E402
 from federation.client import DEFAULT_STORAGE, MARKS_LINE, job_init_args, load_or_register, train_and_submit  # noqa: E402
 
@@ -34,14 +34,7 @@ def main() -> None:
     p.add_argument("--images", required=True, help="folder of the concept's pictures (on this node)")
     p.add_argument("--class-word", required=True, help="what the concept is, e.g. 'dog'")
     p.add_argument("--name", required=True, help="the concept's name in the federation")
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="learning rate of A and the owned rows of B")
-    p.add_argument("--token-lr", type=float, default=TrainConfig.token_lr, help="learning rate of the trigger embedding")
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
-    p.add_argument("--report-every", type=int, default=TrainConfig.report_every,
-                   help="steps between metric reports to Ray Train (progress is printed every few seconds)")
+    add_flags(p, TrainConfig, skip=("resolution",))  # clients train at the resolution the grant names
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--token-file", default="~/.blocklora/client_token")
@@ -53,8 +46,7 @@ def main() -> None:
     p.add_argument("--verbose", action="store_true", help="also show Ray's own output (Ray Data, Ray Train logs)")
     args = p.parse_args()
 
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, token_lr=args.token_lr, seed=args.seed,
-                        checkpoint_every=args.checkpoint_every, report_every=args.report_every)
+    train = from_args(TrainConfig, args, p)
     marks = {"t_driver_start": T_START, "t_imported": time.time()}
     ray.init(address=args.address, namespace=args.namespace, **job_init_args(args.verbose))
     marks["t_connected"] = time.time()
