@@ -9,7 +9,7 @@ two arms `--repeats` times, so both see the same load on this shared machine:
   torch threads as the client's training worker had (it reports them).
 Both print the same summary line from the one step loop (`blocklora.trainer.Progress`): the
 steady-state step rate after the first step. The client job also prints wall-clock marks of its
-phases, which `federation.client.phase_seconds` turns into the profile; this script adds the
+phases, which `federation.job_profile.phase_seconds` turns into the profile; this script adds the
 submit and the end. The last stdout line is one JSON object; the load average is recorded with it.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from benchmarks.common import emit
 from blocklora.base import default_base_spec
 from blocklora.config import TrainConfig
-from federation.client import marks_from_log, phase_seconds
+from federation.job_profile import marks_from_log, phase_seconds
 from federation.local_cluster import VENV_BIN, LocalCluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,10 +45,13 @@ def steady_rate(output: str) -> tuple[float, int]:
 
 
 def plain_train(base: str, work: Path, steps: int, threads: int) -> tuple[float, int]:
-    """`blocklora train` as a user runs it, with `threads` torch threads; its steady steps/s."""
+    """`blocklora train` as a user runs it, with `threads` torch threads; its steady steps/s. In a
+    session of its own, like a user's terminal: with the kernel's autogroup scheduling (on here) CPU
+    is shared between sessions first, and the Ray cluster's workers run in the cluster's session."""
     out = subprocess.run([str(VENV_BIN / "python"), "-m", "blocklora", "train", "--base", base, "--images", str(IMAGES),
                           "--name", "plain", "--class-word", "cat", "--slot", "15", "--steps", str(steps), "--out", str(work / "plain.safetensors")],
-                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True, check=True)
+                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True, check=True,
+                         start_new_session=True)
     return steady_rate(out.stdout)
 
 

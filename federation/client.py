@@ -10,7 +10,6 @@ seconds, and only the training workers load the model code (`_train_worker`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -27,42 +26,6 @@ from federation.errors import Unauthorized
 
 DEFAULT_STORAGE = "~/blocklora-train"  # Ray Train run folders (checkpoints) on the client's node
 ARTIFACT_FILE = "artifact.safetensors"  # in the final checkpoint: the only thing the client uploads
-# Where a client job's time goes: (phase, from mark, to mark) over the wall-clock marks (time.time(),
-# comparable across one node's processes) that the job collects: the driver here and in
-# jobs/client_train.py, the worker in train_func.py. t_submit, t_submitted and t_done are for whoever
-# submits the job to add. The job prints its marks as one line at its end (MARKS_LINE + JSON); the
-# main job's report and benchmarks/client_profile.py turn them into seconds with `phase_seconds`.
-MARKS_LINE = "client phase marks "
-PHASES = (
-    ("submit CLI: start, package + upload the working dir", "t_submit", "t_submitted"),
-    ("job start: supervisor, unpack code, driver process", "t_submitted", "t_driver_start"),
-    ("driver imports", "t_driver_start", "t_imported"),
-    ("connect, register, reserve", "t_imported", "t_reserved"),
-    ("read the pictures into a Ray Dataset", "t_data_start", "t_data_read"),
-    ("worker start: Train controller + worker process + imports", "t_data_read", "t_worker_start"),
-    ("base load in the worker", "t_worker_start", "t_base_loaded"),
-    ("dataset shard + trainer set-up", "t_base_loaded", "t_loop_start"),
-    ("first step", "t_loop_start", "t_first_step"),
-    ("steps 2..N (compute, reporting, checkpoints)", "t_first_step", "t_last_step"),
-    ("last checkpoint + training teardown", "t_last_step", "t_fit_returned"),
-    ("upload", "t_upload_start", "t_uploaded"),
-    ("driver exit, job marked done", "t_uploaded", "t_done"),
-)
-
-
-def phase_seconds(marks: dict[str, float]) -> dict[str, float]:
-    """Seconds per phase (those whose two marks are there), plus the time spent inside the step
-    loop reporting to Ray Train and checkpointing (`s_` sums of the worker)."""
-    rows = {name: round(marks[b] - marks[a], 2) for name, a, b in PHASES if a in marks and b in marks}
-    return rows | {f"of which {k[2:]}ing": round(v, 2) for k, v in marks.items() if k.startswith("s_")}
-
-
-def marks_from_log(log: str) -> dict[str, float] | None:
-    """The marks a client job printed at its end (None if it did not get there)."""
-    line = next((ln for ln in log.splitlines() if ln.startswith(MARKS_LINE)), None)
-    return json.loads(line[len(MARKS_LINE):]) if line else None
-
-
 def job_init_args(verbose: bool = False) -> dict[str, Any]:
     """`ray.init` arguments for a client job's driver, for every process the job starts.
 

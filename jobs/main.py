@@ -33,7 +33,7 @@ from blocklora.base import default_base_spec  # noqa: E402
 from blocklora.config import (TOY_BASE_GENERATE, TOY_BASE_TRAIN, GenerateConfig, TrainConfig,  # noqa: E402
                               add_flags, from_args, to_argv)
 from blocklora.generate import contact_sheet  # noqa: E402
-from federation.client import MARKS_LINE, marks_from_log, phase_seconds  # noqa: E402
+from federation.job_profile import MARKS_LINE, marks_from_log, phase_seconds  # noqa: E402
 from federation.local_cluster import LocalCluster, free_port  # noqa: E402
 
 EXAMPLES = REPO / "examples" / "concepts"
