@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--state-dir", required=True, help="folder on this node that holds the federation's state")
     p.add_argument("--reservation-ttl", type=float, default=3600.0, help="seconds before an unused slot returns")
     p.add_argument("--max-artifact-mb", type=float, default=64.0)
+    p.add_argument("--max-slots-per-client", type=int, default=FederationConfig.max_slots_per_client,
+                   help="reservations + live concepts one client may hold (the admin: no limit)")
     p.add_argument("--max-restarts", type=int, default=-1, help="-1: restart the actor forever")
     p.add_argument("--address", default="auto")
     p.add_argument("--namespace", default=coordinator.DEFAULT_NAMESPACE)
@@ -62,7 +64,8 @@ def main() -> None:
                             text_targets=split(args.text_targets), tokens_per_concept=args.tokens_per_concept,
                             erasure=args.erasure)
     config = FederationConfig(base=args.base_model, reservation_ttl_s=args.reservation_ttl,
-                              max_artifact_bytes=int(args.max_artifact_mb * 1024 * 1024))
+                              max_artifact_bytes=int(args.max_artifact_mb * 1024 * 1024),
+                              max_slots_per_client=args.max_slots_per_client)
     state_dir = Path(args.state_dir).expanduser().resolve()
     coordinator.connect(args.address, args.namespace)
     actor = coordinator.start(state_dir, adapter, config, admin_token_sha256(state_dir), args.name,
