@@ -150,6 +150,7 @@ class PretrainConfig:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
+
 # Named presets: settings measured on the pretrained toy base (docs/results/README.md, toy-base
 # concepts) that the main job and the local demo start from; flags still override each field.
 TOY_BASE_TRAIN = TrainConfig(steps=300, lr=5e-3, token_lr=1e-2)
@@ -194,7 +195,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, defaults: Any = None,
     for f in _selected(cls, only, skip):
         kind, default = hints[f.name], getattr(defaults, f.name)
         shown = ",".join(default) if isinstance(default, tuple) else default
-        kw: dict[str, Any] = {"dest": _dest(cls, f.name), "default": default, "help": f"{f.metadata['help']} (default: {shown})".replace("%", "%%")}
+        help_ = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")  # argparse formats help with %
+        kw: dict[str, Any] = {"dest": _dest(cls, f.name), "default": default, "help": help_}
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is tuple:
@@ -229,6 +231,8 @@ def to_argv(cfg: Any, skip: Iterable[str] = ()) -> list[str]:
             argv.append(flag_name(f) if value else "--no-" + flag_name(f)[2:])
         elif isinstance(value, tuple):
             argv += [flag_name(f), *value]
+        elif isinstance(value, str):
+            argv.append(f"{flag_name(f)}={value}")  # one token: a text that starts with '-' stays a value
         else:
             argv += [flag_name(f), str(value)]
     return argv
