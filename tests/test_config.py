@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from blocklora.config import (TOY_BASE_TRAIN, AdapterConfig, FederationConfig, GenerateConfig, PretrainConfig, TrainConfig,
-                              add_flags, flag_name, from_args, to_argv)
+from blocklora.config import (TOY_BASE_TRAIN, AdapterConfig, FederationConfig, GenerateConfig, PretrainConfig,
+                              TrainConfig, add_flags, flag_name, from_args, to_argv)
 
 CONFIGS = (TrainConfig, AdapterConfig, GenerateConfig, FederationConfig, PretrainConfig)
 
