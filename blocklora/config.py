@@ -52,7 +52,9 @@ class TrainConfig:
     steps: int = 200  # optimizer steps
     batch_size: int = 2  # instance images per step (prior images add as many again)
     lr: float = 1e-3  # learning rate of A and the owned rows of B
-    token_lr: float = 5e-3  # learning rate of the concept's token embedding(s)
+    token_lr: float = 5e-3  # learning rate of the concept's token embedding(s) (0: never trained)
+    token_init: str = "class_word"  # "class_word": start at the class word (ED-LoRA, ours); "rare": a
+    # fixed rare vocabulary token per slot (DreamBooth's "sks"), for DB-LoRA with token_lr = 0
     resolution: int = 64  # training images are resized and center-cropped to this
     seed: int = 0  # everything random in training derives from it
     prior_preservation: bool = False  # add a class-prompt loss on images of the base model
@@ -68,6 +70,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.token_lr < 0:
             raise ValueError("learning rates must be positive")
+        if self.token_init not in ("class_word", "rare"):
+            raise ValueError(f"token_init must be 'class_word' or 'rare', got {self.token_init!r}")
 
 
 def to_json(cfg: Any) -> str:
