@@ -19,12 +19,18 @@ import torch
 from blocklora.config import AdapterConfig
 from blocklora.partition import row_block
 from blocklora.safefile import InvalidFile, read_safetensors, write_safetensors
+from blocklora.schema import SchemaError, check_text, parse
 from blocklora.tokens import trigger_names
 
 FORMAT = "blocklora-concept"
 FORMAT_VERSION = 1
 MAX_ARTIFACT_BYTES = 512 * 1024 * 1024
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always used with fullmatch: `$` would accept "pet\n"
+MAX_CLASS_WORD = 64
+# |value| of any factor or embedding entry. Trained ones stay within a few units; 1e3 keeps every
+# product a replica forms (x A^T, then B) finite in float32 even when α = 0 multiplies it for the
+# other samples of a batch: a finite but huge factor (3e38) would make those samples NaN.
+MAX_ABS_VALUE = 1e3
 
 
 class InvalidArtifact(ValueError):
@@ -32,12 +38,23 @@ class InvalidArtifact(ValueError):
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    """A concept name: the same rule at reservation, at upload and on load of the state."""
+    if type(name) is not str or not NAME_RE.fullmatch(name):
+        shown = ascii(name)[:80] if isinstance(name, str) else type(name).__name__
         raise InvalidArtifact(
-            f"concept name {name!r} is not allowed: use 1-64 ASCII letters, digits, '-', '_' or '.', "
+            f"concept name {shown} is not allowed: use 1-64 ASCII letters, digits, '-', '_' or '.', "
             "starting with a letter or digit"
         )
     return name
+
+
+def check_class_word(word: str) -> str:
+    """A class word ("dog"): 1-64 printable characters once stripped; returns it stripped. The same
+    rule at reservation and in an uploaded artifact's metadata."""
+    try:
+        return check_text(word.strip() if type(word) is str else word, "class word", MAX_CLASS_WORD)
+    except SchemaError as err:
+        raise InvalidArtifact(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -61,25 +78,29 @@ class ConceptMeta:
 
     @classmethod
     def from_json(cls, text: str) -> "ConceptMeta":
+        """Exact types for every field (blocklora.schema), then the rules between fields."""
         try:
             d = json.loads(text)
-            if d.pop("format", None) != FORMAT:
-                raise InvalidArtifact(f"not a blocklora concept (format is not {FORMAT!r})")
-            if d.get("format_version") != FORMAT_VERSION:
-                raise InvalidArtifact(f"format version {d.get('format_version')} is not supported (expected {FORMAT_VERSION})")
-            d["adapter"] = AdapterConfig(**d["adapter"])
-            d["layout"] = {k: (int(v[0]), int(v[1])) for k, v in d["layout"].items()}
-            d["triggers"] = tuple(d["triggers"])
-            meta = cls(**d)
-        except InvalidArtifact:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        except (ValueError, RecursionError) as err:  # 5000-digit integers, deep nesting, bad JSON
+            raise InvalidArtifact(f"metadata is not valid JSON: {str(err)[:200]}") from None
+        if type(d) is not dict or d.pop("format", None) != FORMAT:
+            raise InvalidArtifact(f"not a blocklora concept (format is not {FORMAT!r})")
+        if d.get("format_version") != FORMAT_VERSION or type(d.get("format_version")) is not int:
+            raise InvalidArtifact(f"format version {ascii(d.get('format_version'))[:40]} is not supported "
+                                  f"(expected {FORMAT_VERSION})")
+        try:
+            meta = parse(cls, d, "metadata")
+        except SchemaError as err:
             raise InvalidArtifact(f"metadata is malformed: {err}") from None
-        if not isinstance(meta.slot, int) or not 0 <= meta.slot < meta.adapter.num_slots:
-            raise InvalidArtifact(f"slot {meta.slot!r} is outside 0..{meta.adapter.num_slots - 1}")
+        if not 0 <= meta.slot < meta.adapter.num_slots:
+            raise InvalidArtifact(f"slot {meta.slot} is outside 0..{meta.adapter.num_slots - 1}")
         check_name(meta.name)
+        if check_class_word(meta.class_word) != meta.class_word:
+            raise InvalidArtifact(f"class word {meta.class_word!a} has surrounding whitespace")
+        if not re.fullmatch(r"[0-9a-f]{64}", meta.base_fingerprint):
+            raise InvalidArtifact(f"base fingerprint {meta.base_fingerprint[:80]!a} is not a sha256 hex digest")
         if meta.triggers != tuple(trigger_names(meta.slot, meta.adapter.tokens_per_concept)):
-            raise InvalidArtifact(f"trigger tokens {meta.triggers} do not belong to slot {meta.slot}")
+            raise InvalidArtifact(f"trigger tokens {ascii(meta.triggers)[:80]} do not belong to slot {meta.slot}")
         return meta
 
 
@@ -145,7 +166,8 @@ class ConceptArtifact:
         return cls.from_bytes(path.read_bytes(), max_bytes)
 
     def _check_tensors(self) -> None:
-        """Every tensor the layout implies, with the right shape, finite; nothing else."""
+        """Every tensor the layout implies, with the right shape, one dtype, finite and within
+        ±MAX_ABS_VALUE; nothing else."""
         r, t = self.meta.adapter.rank, self.meta.adapter.tokens_per_concept
         expected: dict[str, tuple[int, ...] | None] = {}
         for key, (m, n) in self.meta.layout.items():
@@ -164,6 +186,9 @@ class ConceptArtifact:
         extra = sorted(set(self.tensors) - set(expected))
         if missing or extra:
             raise InvalidArtifact(f"tensor set does not match the layout: missing {missing[:5]}, unexpected {extra[:5]}")
+        dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in self.tensors.values()})
+        if len(dtypes) > 1:
+            raise InvalidArtifact(f"tensors mix dtypes {dtypes}; save every tensor in one dtype")
         for k, shape in expected.items():
             v = self.tensors[k]
             got = tuple(v.shape)
@@ -173,6 +198,10 @@ class ConceptArtifact:
                 raise InvalidArtifact(f"{k} has shape {got}; expected ({t}, hidden) for {t} trigger token(s)")
             if not torch.isfinite(v).all():
                 raise InvalidArtifact(f"{k} contains NaN or Inf values")
+            peak = v.abs().max().item() if v.numel() else 0.0
+            if peak > MAX_ABS_VALUE:
+                raise InvalidArtifact(f"{k} holds a value of magnitude {peak:.3g}; the bound is {MAX_ABS_VALUE:g} "
+                                      "(trained factors and embeddings stay within a few units)")
 
     def check_compatible(self, fingerprint: str, adapter: AdapterConfig,
                          layout: dict[str, tuple[int, int]], hidden: dict[str, int]) -> None:

@@ -31,14 +31,13 @@ class AdapterConfig:
     freeze_a: str = "none"  # "none" | "orthogonal": Orthogonal Adaptation's frozen, orthogonal A
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.num_slots < 1:
-            raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
+        # upper bounds too: an artifact's metadata carries this config, and the loader builds lists
+        # (trigger names, row blocks) from it before comparing it with the federation's
+        for name, top in (("rank", 1024), ("num_slots", 1024), ("tokens_per_concept", 64)):
+            if not 1 <= getattr(self, name) <= top:
+                raise ValueError(f"{name} must be in 1..{top}, got {getattr(self, name)}")
         if not 0.0 <= self.erasure < 1.0:
             raise ValueError(f"erasure rate λ must be in [0, 1), got {self.erasure}")
-        if self.tokens_per_concept < 1:
-            raise ValueError(f"tokens_per_concept must be >= 1, got {self.tokens_per_concept}")
         if self.freeze_a not in ("none", "orthogonal"):
             raise ValueError(f"freeze_a must be 'none' or 'orthogonal', got {self.freeze_a!r}")
         object.__setattr__(self, "unet_targets", tuple(self.unet_targets))
@@ -107,9 +106,11 @@ class FederationConfig:
     base: str = "tiny"  # base spec for blocklora.base.load_base: "tiny", a folder or a hub id
     reservation_ttl_s: float = 3600.0  # a reserved slot with no submitted concept returns after this
     max_artifact_bytes: int = 64 * 1024 * 1024  # submissions above this are refused before parsing
+    max_slots_per_client: int = 4  # reservations + live concepts one client may hold (the admin: no limit)
 
     def __post_init__(self) -> None:
         if self.reservation_ttl_s <= 0:
             raise ValueError(f"reservation_ttl_s must be > 0 seconds, got {self.reservation_ttl_s}")
-        if self.max_artifact_bytes < 1:
-            raise ValueError(f"max_artifact_bytes must be >= 1, got {self.max_artifact_bytes}")
+        for name in ("max_artifact_bytes", "max_slots_per_client"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

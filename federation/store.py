@@ -9,18 +9,24 @@ which `clean` removes at the next start.
       manifest.json                      the registry's whole state except tensors
       concepts/<name>-<sha256[:16]>.safetensors
       admin_token                        written once by jobs/start_coordinator.py (mode 0600)
+      quarantine/<UTC time>/             records refused at start-up: the manifest as it was, their
+                                         artifact files, reasons.json (see federation/manifest.py)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
 TMP_SUFFIX = ".tmp"
+log = logging.getLogger(__name__)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -93,6 +99,21 @@ class StateStore:
 
     def delete_concept(self, file: str) -> None:
         (self.concepts / Path(file).name).unlink(missing_ok=True)
+
+    def quarantine(self, reasons: list[dict[str, str]], referenced: set[str]) -> Path:
+        """Set aside what a load refused: a copy of the manifest as it was, every artifact file
+        the kept records do not reference (moved, so `clean` does not delete it) and the reasons.
+        Nothing is lost: an operator can inspect and restore by hand."""
+        folder = self.root / "quarantine" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(self.manifest_path, folder / MANIFEST)
+        for path in self.concepts.iterdir():
+            if path.is_file() and path.name not in referenced and not path.name.endswith(TMP_SUFFIX):
+                path.replace(folder / path.name)
+        atomic_write(folder / "reasons.json", json.dumps(reasons, indent=1).encode())
+        for r in reasons:
+            log.warning("quarantined %s %s: %s (moved to %s)", r["kind"], r["name"], r["reason"], folder)
+        return folder
 
     def clean(self, referenced: set[str]) -> list[str]:
         """Remove tmp files of interrupted writes and artifact files no manifest names."""

@@ -142,10 +142,12 @@ class Ingress:
 
     @app.get("/v1/healthz")
     async def healthz(self) -> dict:
-        """Coordinator reachable and a generator replica synced to it (it loads the base once)."""
+        """Coordinator reachable and a generator replica synced to it (it loads the base once), and
+        the records the coordinator set aside when it loaded its state (federation/manifest.py)."""
         version, live = await self._live()
-        replica = await self.generator.status.remote()
-        return {"status": "ok", "version": version, "live": len(live), "replica_version": replica["version"]}
+        replica, info = await self.generator.status.remote(), await self.coordinator.info.remote()
+        return {"status": "ok", "version": version, "live": len(live), "replica_version": replica["version"],
+                "quarantined": info["quarantined"][:20], "quarantined_count": len(info["quarantined"])}
 
     @app.post("/v1/concepts", status_code=201)
     async def upload(self, request: Request, authorization: str | None = Header(None)) -> dict:

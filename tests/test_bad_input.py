@@ -53,7 +53,7 @@ def base():
 
 @pytest.fixture(scope="module")
 def reg_ctx(base, tmp_path_factory) -> Ctx:
-    reg = Registry(base, ADAPTER, FederationConfig(max_artifact_bytes=4 * 1024 * 1024),
+    reg = Registry(base, ADAPTER, FederationConfig(max_artifact_bytes=4 * 1024 * 1024, max_slots_per_client=2),
                    StateStore(tmp_path_factory.mktemp("bad") / "state"), token_hash(ADMIN))
     alice, bob = (reg.register(n)["token"] for n in ("alice", "bob"))
     pet = make_artifact(base, ADAPTER, "pet", reg.reserve(alice, "pet", "dog")["slot"], seed=1)
@@ -128,6 +128,19 @@ def raw_meta(art: ConceptArtifact, edit: Callable[[dict], None]) -> bytes:
     return write_safetensors(art.tensors, {"blocklora": json.dumps(d)})
 
 
+def meta_text(art: ConceptArtifact, old: str, new: str) -> bytes:
+    """The artifact with a piece of its metadata JSON replaced as text (for JSON no dict can hold:
+    5000-digit integers, nesting deeper than Python's recursion limit)."""
+    text = art.meta.to_json()
+    assert old in text, old
+    return write_safetensors(art.tensors, {"blocklora": text.replace(old, new, 1)})
+
+
+def adapter_field(**changes) -> Callable[[dict], None]:
+    return lambda d: d["adapter"].update(changes)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # nesting past Python's recursion limit
 F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 
 
@@ -221,7 +234,30 @@ CASES = [
     ("slot-forged-to-owned-slot", "reg", submit("alice", lambda c: make_artifact(c.base, ADAPTER, "held", c.pet.meta.slot, seed=3).to_bytes()), ReservationError, "trained for slot"),
     ("slot-out-of-range", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(slot=99))), ArtifactRejected, "outside 0..3"),
     ("slot-negative", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(slot=-1))), ArtifactRejected, "outside 0..3"),
-    ("slot-huge-int", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(slot=2**70))), ArtifactRejected, "outside 0..3"),
+    ("slot-huge-int", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(slot=2**70))), ArtifactRejected, "slot must be an integer within"),
+    # metadata of the wrong type or size (issue #16): each once passed and broke something later
+    ("num-slots-float", "reg", submit("alice", lambda c: raw_meta(c.good, adapter_field(num_slots=4.0))), ArtifactRejected, "num_slots must be an integer.*got 4.0"),
+    ("slot-true", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(slot=True))), ArtifactRejected, "slot must be an integer.*got True"),
+    ("tokens-per-concept-float", "reg", submit("alice", lambda c: raw_meta(c.good, adapter_field(tokens_per_concept=1.0))), ArtifactRejected, "tokens_per_concept must be an integer"),
+    ("tokens-per-concept-huge", "reg", submit("alice", lambda c: raw_meta(c.good, adapter_field(tokens_per_concept=10**9))), ArtifactRejected, "tokens_per_concept must be in 1..64"),
+    ("blockwise-int", "reg", submit("alice", lambda c: raw_meta(c.good, adapter_field(blockwise=1))), ArtifactRejected, "blockwise must be true or false"),
+    ("targets-not-list", "reg", submit("alice", lambda c: raw_meta(c.good, adapter_field(unet_targets="to_q"))), ArtifactRejected, "unet_targets must be a list"),
+    ("class-word-int", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(class_word=7))), ArtifactRejected, "class_word must be a printable string"),
+    ("class-word-list", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(class_word=["cat"]))), ArtifactRejected, "class_word must be a printable string"),
+    ("class-word-100k", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(class_word="w" * 100_000))), ArtifactRejected, "at most 256 characters"),
+    ("class-word-65", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(class_word="w" * 65))), ArtifactRejected, "class word must be 1-64 characters"),
+    ("class-word-surrogate", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(class_word="\ud800"))), ArtifactRejected, "printable"),
+    ("fingerprint-int", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(base_fingerprint=12345))), ArtifactRejected, "base_fingerprint must be a printable string"),
+    ("fingerprint-not-hex", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(base_fingerprint="z" * 64))), ArtifactRejected, "not a sha256 hex digest"),
+    ("layout-float", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d["layout"].update({k: [v[0] * 1.0, v[1]] for k, v in d["layout"].items()}))), ArtifactRejected, "must be an integer"),
+    ("train-config-nested", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(train_config={"x": {"y": 1}}))), ArtifactRejected, "train_config"),
+    ("unknown-meta-field", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(owner="admin"))), ArtifactRejected, "unknown field"),
+    ("name-trailing-newline", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(name="held\n"))), ArtifactRejected, "name must be a printable string"),
+    ("meta-5000-digit-int", "reg", submit("alice", lambda c: meta_text(c.good, '"slot": ', '"slot": 1' + "0" * 5000 + ", \"x\": ")), ArtifactRejected, "not valid JSON"),
+    ("meta-deep-nesting", "reg", submit("alice", lambda c: meta_text(c.good, '"train_config": {}', '"train_config": {"x": ' + DEEP + "}")), ArtifactRejected, "not valid JSON"),
+    ("factor-3e38", "reg", submit("alice", lambda c: with_tensors(c.good, poke("lora_B", 3e38))), ArtifactRejected, "the bound is 1000"),
+    ("trigger-1e6", "reg", submit("alice", lambda c: with_tensors(c.good, poke("token_embeds", -1e6))), ArtifactRejected, "the bound is 1000"),
+    ("mixed-f16-f32", "reg", submit("alice", lambda c: with_tensors(c.good, retype(torch.float16))), ArtifactRejected, "mix dtypes"),
     ("triggers-of-another-slot", "reg", submit("alice", lambda c: with_meta(c.good, triggers=("<blk0>",) if c.good.meta.slot else ("<blk1>",))), ArtifactRejected, "do not belong"),
     ("foreign-base", "reg", submit("alice", lambda c: with_meta(c.good, base_fingerprint="0" * 64)), ArtifactRejected, "trained on base"),
     ("format-version-2", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(format_version=2))), ArtifactRejected, "format version 2"),
@@ -240,7 +276,11 @@ CASES = [
     ("path-traversal-name", "reg", reserve("bob", "../../etc/passwd"), ReservationError, "not allowed"),
     ("empty-class-word", "reg", reserve("bob", "fine", "   "), ReservationError, "class word"),
     ("long-class-word", "reg", reserve("bob", "fine", "w" * 65), ReservationError, "class word"),
-    ("long-client-name", "reg", lambda c: c.reg.register("x" * 65), FederationError, "at most 64"),
+    ("long-client-name", "reg", lambda c: c.reg.register("x" * 65), FederationError, "1-64 characters"),
+    ("client-name-control-chars", "reg", lambda c: c.reg.register("eve\x1b[2J"), FederationError, "control characters"),
+    ("reserve-name-trailing-newline", "reg", reserve("bob", "pet2\n"), ReservationError, "not allowed"),
+    ("reserve-class-word-surrogate", "reg", reserve("bob", "fine", "d\ud800g"), ReservationError, "unpaired surrogates"),
+    ("reserve-over-client-quota", "reg", reserve("alice", "third"), SlotUnavailable, "max_slots_per_client = 2"),
     ("client-name-not-str", "reg", lambda c: c.reg.register(12345), FederationError, "must be a string"),
     ("remove-unknown", "reg", remove("alice", "ghost"), UnknownConcept, "no live concept"),
     ("remove-others", "reg", remove("bob", "pet"), Unauthorized, "owner or the admin"),
@@ -255,6 +295,13 @@ CASES = [
     ("no-blocklora-metadata", "load", load(lambda c: forge({"t": F32})), InvalidArtifact, "no blocklora metadata"),
     ("header-not-object", "load", load(lambda c: forge([1, 2])), InvalidArtifact, "not a JSON object"),
     ("malformed-entry", "load", load(lambda c: forge({"t": {"dtype": "F32"}})), InvalidArtifact, "malformed entry"),
+    ("header-deep-nesting", "load", load(lambda c: struct.pack("<Q", len(DEEP)) + DEEP.encode()), InvalidArtifact, "not valid JSON"),
+    ("header-5000-digit-int", "load", load(lambda c: forge({"t": {**F32, "shape": ["HUGE"]}}).replace(b'"HUGE"', b"1" + b"0" * 5000)), InvalidArtifact, "header|not valid JSON"),
+    ("header-shape-not-list", "load", load(lambda c: forge({"t": {**F32, "shape": 2}})), InvalidArtifact, "invalid shape"),
+    ("header-shape-bool", "load", load(lambda c: forge({"t": {**F32, "shape": [True, True]}})), InvalidArtifact, "invalid shape"),
+    ("header-offsets-not-pair", "load", load(lambda c: forge({"t": {**F32, "data_offsets": [0]}})), InvalidArtifact, "offsets"),
+    ("header-offsets-float", "load", load(lambda c: forge({"t": {**F32, "data_offsets": [0.0, 8.0]}})), InvalidArtifact, "offsets"),
+    ("header-dtype-not-str", "load", load(lambda c: forge({"t": {**F32, "dtype": ["F32"]}})), InvalidArtifact, "dtype"),
     ("huge-declared-header", "load", load(lambda c: struct.pack("<Q", 2**63) + b"{}"), InvalidArtifact, "exceeds"),
     # over HTTP
     ("http-truncated-upload", "http", submit("alice", lambda c: c.good.to_bytes()[:-100]), 422, "artifact refused"),

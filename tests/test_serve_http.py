@@ -84,6 +84,7 @@ def test_concepts_listed_and_weights_matter(srv):
     assert {c["name"]: c["slot"] for c in listed["concepts"]} == {n: a.meta.slot for n, a in srv.arts.items()}
     health = srv.client.get("/v1/healthz").json()
     assert health["status"] == "ok" and health["replica_version"] == listed["version"]
+    assert health["quarantined"] == [] and health["quarantined_count"] == 0
     full = post(srv, prompt="a photo of a dog", concepts=["a"]).content
     zero = post(srv, prompt="a photo of a dog", concepts=[{"name": "a", "weight": 0.0}]).content
     none = post(srv, prompt="a photo of a dog").content

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 SIZE = 64  # output pixels per side
-_SS = 2  # supersampling factor: shapes are drawn at 128 px and downsampled for smooth edges
+SUPERSAMPLE = 2  # supersampling factor: shapes are drawn at 128 px and downsampled for smooth edges
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "heart")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -62,12 +62,12 @@ class ToySample:
         return self.objects[0]
 
 
-def _a(phrase: str) -> str:
+def article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
 def object_phrase(obj: ToyObject, with_size: bool = True) -> str:
-    return _a(f"{obj.size} {obj.colour} {obj.shape}" if with_size else f"{obj.colour} {obj.shape}")
+    return article(f"{obj.size} {obj.colour} {obj.shape}" if with_size else f"{obj.colour} {obj.shape}")
 
 
 def caption_for(objects: tuple[ToyObject, ...], background: str, texture: str,
@@ -76,11 +76,11 @@ def caption_for(objects: tuple[ToyObject, ...], background: str, texture: str,
     text = " and ".join(object_phrase(o, with_size) for o in objects)
     if with_background:
         pattern = "" if texture == "plain" else f"{texture} "
-        text += " on " + _a(f"{pattern}{background} background")
+        text += " on " + article(f"{pattern}{background} background")
     return text
 
 
-def _polygon(shape: str, x: float, y: float, r: float, angle: float) -> list[tuple[float, float]]:
+def polygon(shape: str, x: float, y: float, r: float, angle: float) -> list[tuple[float, float]]:
     """Outline of a non-circular shape as points, centred at (x, y), radius r."""
     if shape == "square":
         ts, rs = np.arange(4) * np.pi / 2 + np.pi / 4, np.full(4, r * 0.95)
@@ -108,28 +108,28 @@ def _shade(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     return tuple(int(0.6 * c + 0.4 * target) for c in rgb)
 
 
-def _draw_background(draw: ImageDraw.ImageDraw, colour: str, texture: str, rng: np.random.Generator) -> None:
-    n = SIZE * _SS
+def draw_background(draw: ImageDraw.ImageDraw, colour: str, texture: str, rng: np.random.Generator) -> None:
+    n = SIZE * SUPERSAMPLE
     base = COLOURS[colour]
     draw.rectangle([0, 0, n, n], fill=base)
     if texture == "striped":
-        period, vertical = int(rng.integers(6, 11)) * _SS, bool(rng.integers(2))
+        period, vertical = int(rng.integers(6, 11)) * SUPERSAMPLE, bool(rng.integers(2))
         for k in range(0, n, period):
             box = [k, 0, k + period // 2 - 1, n] if vertical else [0, k, n, k + period // 2 - 1]
             draw.rectangle(box, fill=_shade(base))
     elif texture == "dotted":
-        period, rad = int(rng.integers(7, 11)) * _SS, 1.5 * _SS
+        period, rad = int(rng.integers(7, 11)) * SUPERSAMPLE, 1.5 * SUPERSAMPLE
         for i in range(period // 2, n, period):
             for j in range(period // 2, n, period):
                 draw.ellipse([i - rad, j - rad, i + rad, j + rad], fill=_shade(base))
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, obj: ToyObject) -> None:
-    x, y, r = obj.x * _SS, obj.y * _SS, obj.radius * _SS
+    x, y, r = obj.x * SUPERSAMPLE, obj.y * SUPERSAMPLE, obj.radius * SUPERSAMPLE
     if obj.shape == "circle":
         draw.ellipse([x - r, y - r, x + r, y + r], fill=COLOURS[obj.colour])
     else:
-        draw.polygon(_polygon(obj.shape, x, y, r, obj.angle), fill=COLOURS[obj.colour])
+        draw.polygon(polygon(obj.shape, x, y, r, obj.angle), fill=COLOURS[obj.colour])
 
 
 def _pick_object(rng: np.random.Generator, pairs: tuple[tuple[str, str], ...], size: str,
@@ -164,9 +164,9 @@ def make_sample(index: int, seed: int = 0, split: str = "train", two_object_rate
     used = {o.colour for o in objects}
     background = str(rng.choice([c for c in COLOUR_NAMES if c not in used]))
     texture = str(rng.choice(TEXTURES, p=[0.7, 0.15, 0.15]))
-    canvas = Image.new("RGB", (SIZE * _SS, SIZE * _SS))
+    canvas = Image.new("RGB", (SIZE * SUPERSAMPLE, SIZE * SUPERSAMPLE))
     draw = ImageDraw.Draw(canvas)
-    _draw_background(draw, background, texture, rng)
+    draw_background(draw, background, texture, rng)
     for obj in reversed(objects):  # main drawn last, on top
         _draw_object(draw, obj)
     image = canvas.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
