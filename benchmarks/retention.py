@@ -2,7 +2,7 @@
 Figure 4's weight statistics, with every method trained on the same concepts, seeds and slots.
 
     python -m benchmarks.retention --quick                # CI smoke: 3 concepts, structure only (< 5 min)
-    nohup python -m benchmarks.retention --profile medium &   # 16 concepts, N in {1, 4, 8, 15}
+    nohup python -m benchmarks.retention --profile medium &   # 16 concepts, 40 steps, N in {1, 8, 15}
     nohup python -m benchmarks.retention &                # full: 16 concepts, N = 1..15
 
 Arms (`ARMS`): BlockLoRA merged with α = 1/N (Eq. 5) and α = 1, its two ablations (no erasure,
@@ -52,9 +52,9 @@ from blocklora.trainer import train_concept
 ABLATIONS_MEAN = {m.name: m for m in [Method("blocklora-no-erasure-mean", {"erasure": 0.0}, "mean"),
                                       Method("blocklora-no-blocks-mean", {"blockwise": False}, "mean")]}
 ALL_METHODS = {**METHODS, **ABLATIONS_MEAN}
-ARMS: tuple[str, ...] = ("blocklora-mean", "blocklora", "blocklora-no-erasure-mean", "blocklora-no-blocks-mean",
-                         "blocklora-no-erasure", "blocklora-no-blocks", "db-lora", "lora-mean", "mix-of-show",
-                         "orthogonal", "ties")
+ARMS: tuple[str, ...] = ("blocklora-mean", "blocklora", "lora-mean", "db-lora", "ties", "orthogonal", "mix-of-show",
+                         "blocklora-no-erasure-mean", "blocklora-no-blocks-mean", "blocklora-no-erasure",
+                         "blocklora-no-blocks")  # evaluated in this order: the headline arms first
 REFERENCE = "lora-mean"  # its training (ED-LoRA) is what every other variant's strength is matched to
 
 
@@ -72,7 +72,7 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(3, 3, 1, (1, 3), (0, 1), 2, 1, 1),
-    "medium": Profile(16, 60, 2, (1, 4, 8, 15), (0, 1, 2), 8, 2, 2),
+    "medium": Profile(16, 40, 2, (1, 8, 15), (0, 1, 2), 8, 2, 1),
     "full": Profile(16, 150, 2, tuple(range(1, 16)), (0, 1, 2), 10, 4, 3),
 }
 
@@ -156,7 +156,8 @@ def single_alignment(base: Base, world: World, concepts: Concepts, cfg: EvalConf
     for r, art in enumerate(concepts.arts):
         c = world.concepts[r]
         with residual_applied(base, concepts.adapter, {k: art.delta(k) for k in art.meta.layout}, [art]):
-            pics = sample(base, [world.instance_prompt(c, phrase(art))] * len(cfg.seeds), list(cfg.seeds), cfg)
+            prompt = world.instance_prompt(c, phrase(art), world.identity_attributes(c))
+            pics = sample(base, [prompt] * len(cfg.seeds), list(cfg.seeds), cfg)
         scores.append(float(world.image_alignment(pics, world.references(c, cfg.references, seed=0)).mean()))
     return float(np.mean(scores))
 
@@ -211,7 +212,7 @@ def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConf
     for name in arms:
         v = vs[name]
         key = digest(name, ALL_METHODS[name].merge, to_json(v.adapter), to_json(scaled(v.train, factors[v.label])),
-                     json.dumps(dataclasses.asdict(cfg)), base.fingerprint, repr(world.concepts[:m]))
+                     json.dumps(dataclasses.asdict(cfg)), base.fingerprint, repr(world.concepts[:m]), world.name)
         path = cache / "arms" / f"{name}-{key}.json"
         if path.exists():
             results[name] = decode(json.loads(path.read_text()))
@@ -225,7 +226,7 @@ def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConf
                                                 for a in trained[v.label].arts})) for v in distinct}
     summary_ = report(results, {n: vs[n].label for n in arms}, factors, calibration, weights, cfg, out)
     return {"benchmark": "retention", "env": environment("cpu", torch.float32), "base": base_spec,
-            "world": type(world).__name__, "concepts": [c.name for c in world.concepts[:m]],
+            "judge": world.name, "concepts": [c.name for c in world.concepts[:m]],
             "profile": dataclasses.asdict(profile), "train": dataclasses.asdict(train),
             "adapter": dataclasses.asdict(study), "eval": dataclasses.asdict(cfg), "match_tolerance": match,
             "lr_factors": factors, "calibration": calibration, "train_seconds": train_s,
@@ -253,7 +254,7 @@ def main() -> None:
     p.add_argument("--profile", choices=sorted(PROFILES), default="full")
     p.add_argument("--quick", action="store_true", help="same as --profile quick (CI)")
     p.add_argument("--base", default=None, help="a diffusers folder; default: the committed toy base")
-    p.add_argument("--lr", type=float, default=2e-3, help="LoRA lr before strength matching")
+    p.add_argument("--lr", type=float, default=3e-3, help="LoRA lr before strength matching")
     p.add_argument("--token-lr-ratio", type=float, default=10.0, help="token lr = ratio x lr (ED-LoRA's 10:1)")
     p.add_argument("--rank", type=int, default=2)
     p.add_argument("--slots", type=int, default=16)

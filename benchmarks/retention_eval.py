@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from benchmarks.common import timed
 from benchmarks.world import World
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import Base
@@ -98,24 +99,18 @@ class Merger:
             yield
 
     def merge_seconds(self, members: list[int], repeats: int = 3) -> dict[str, float]:
-        """Seconds from artifacts to the merged weights: the dense rule (merge_deltas plus writing W0 +
-        residual), and for blockwise concepts LiveMerge, the product's path."""
-        out, times = {}, []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            with self.applied(members):
-                times.append(time.perf_counter() - t0)
-        out["merge_s"] = float(np.median(times))
+        """Seconds from the artifacts to the merged residual (merge_deltas: sums, TIES' trim and
+        election, fusion's solve; fusion's per-concept statistics are timed apart), and for blockwise
+        concepts LiveMerge.set, the product's path, which also writes the weights."""
+        out = {"merge_s": float(np.median([timed(lambda: self.residual(members)) for _ in range(repeats)])),
+               "fusion_statistics_s": self.gram_seconds}
         if self.concepts.adapter.blockwise and self.rule in ("sum", "mean"):
             arts = [self.concepts.arts[j] for j in members]
             live, times = LiveMerge(self.base, self.concepts.adapter), []
             for _ in range(repeats):
-                t0 = time.perf_counter()
-                live.set(arts, "mean" if self.rule == "mean" else None)
-                times.append(time.perf_counter() - t0)
+                times.append(timed(lambda: live.set(arts, "mean" if self.rule == "mean" else None)))
                 live.set([])
             out["livemerge_s"] = float(np.median(times))
-        out["fusion_statistics_s"] = self.gram_seconds
         return out
 
 
@@ -154,7 +149,8 @@ def make_probe(base: Base, world: World, concept, art: ConceptArtifact, seed: in
     lat = lat.repeat(len(EPS_TIMESTEPS), 1, 1, 1)
     t = torch.tensor([tt for tt in EPS_TIMESTEPS for _ in pics])
     noise = torch.randn(lat.shape, generator=g)
-    return Probe(world.instance_prompt(concept, phrase(art)), pipe.scheduler.add_noise(lat, noise, t), noise, t)
+    prompt = world.instance_prompt(concept, phrase(art), world.identity_attributes(concept))
+    return Probe(prompt, pipe.scheduler.add_noise(lat, noise, t), noise, t)
 
 
 @torch.no_grad()
@@ -184,17 +180,17 @@ def evaluate(base: Base, world: World, concepts: Concepts, rule: str, cfg: EvalC
     with residual_applied(base, concepts.adapter, {}, []):  # trigger rows at the table's mean: no concept
         e0 = [eps(base, p) for p in probes]
         for r, c in enumerate(world.concepts[:m]):
-            pics = sample(base, [world.class_prompt(c)] * s, seeds, cfg)
+            pics = sample(base, [world.class_prompt(c, world.identity_attributes(c))] * s, seeds, cfg)
             base_class[r] = world.image_alignment(pics, refs[r]).numpy()
     out["eps_loss"]["base"] = np.array([sq(e, p.noise) for e, p in zip(e0, probes)])
     for n in sorted(set(cfg.ns) | set(ends)):
         losses, rets = [], []
         for r in range(m):
             c, art = world.concepts[r], concepts.arts[r]
-            attrs = world.attribute_sets(c)[0]
-            prompts = [world.instance_prompt(c, phrase(art))] * s
+            ident, attrs = world.identity_attributes(c), world.text_attributes(c)
+            prompts = [world.instance_prompt(c, phrase(art), ident)] * s
             if n in ends:
-                prompts += [world.instance_prompt(c, phrase(art), attrs)] * s + [world.class_prompt(c)] * s
+                prompts += [world.instance_prompt(c, phrase(art), attrs)] * s + [world.class_prompt(c, ident)] * s
             with merger.applied(window(r, n, m)):
                 pics = sample(base, prompts, seeds * (len(prompts) // s), cfg)
                 e = eps(base, probes[r])
@@ -223,9 +219,13 @@ def interference(base: Base, merger: Merger, probes: list[Probe], alone: list[to
     """How far the other concepts' rows move concept r's prediction, per layer group: r's own
     residual in full, the others' only on that group's layers; in units of r's own effect
     E||ε_r - ε_0||². "self-scale" is r merged at its own α among the others with none of their rows
-    (α = 1/N shrinks r itself: that is what the mean rule costs, not interference)."""
+    (α = 1/N shrinks r itself: that is what the mean rule costs, not interference). "others off k/v"
+    is the set with the others' cross-attention key/value rows left out: the interference a merge
+    would keep if each concept's k/v residual acted only on its own trigger tokens (r's prompt holds
+    no other trigger), r itself as trained."""
     m = len(probes)
-    out = {g: np.zeros(m) for g in [*LAYER_GROUPS, "all", "self-scale"]}
+    groups = [*LAYER_GROUPS, "others off k/v", "all", "self-scale"]
+    out = {g: np.full(m, np.nan) for g in groups}  # NaN: no such layers here
     for r in range(m):
         members = window(r, n, m)
         full = merger.residual(members)
@@ -238,9 +238,10 @@ def interference(base: Base, merger: Merger, probes: list[Probe], alone: list[to
             elif g == "self-scale":
                 res = {k: scale * v for k, v in own.items()}
             else:
-                if not any(group_of(k) == g for k in full):
+                keep = (lambda k: group_of(k) != "cross-attn k/v") if g == "others off k/v" else (lambda k: group_of(k) == g)
+                if not any(keep(k) for k in full):
                     continue
-                res = {k: (full[k] - scale * own[k] if group_of(k) == g else 0 * own[k]) + own[k] for k in full}
+                res = {k: (full[k] - scale * own[k] if keep(k) else 0 * own[k]) + own[k] for k in full}
             with merger.applied(members, res):
                 out[g][r] = sq(eps(base, probes[r]), alone[r]) / effect
     return out

@@ -134,7 +134,7 @@ def tables_md(methods: list[dict], crit: list[dict], interference: list[dict], c
     t2 = md_table(["BlockLoRA arm", "criterion", "vs", "estimate [95% CI]", "holds", "CI clears the bar"],
                   [[c["arm"], c["criterion"], c["compared_with"], str(c["interval"]), "yes" if c["holds"] else "**no**",
                     "yes" if c["sure"] else "no"] for c in crit])
-    groups = [*LAYER_GROUPS, "all", "self-scale"]
+    groups = [*LAYER_GROUPS, "others off k/v", "all", "self-scale"]
     t3 = md_table(["method", *groups], [[i["method"], *(fmt(i.get(g, float("nan")), 3) for g in groups)]
                                         for i in interference]) if interference else "(no blockwise arm)"
     t4 = md_table(["variant", "lr factor", "single-concept IA", "target"],
