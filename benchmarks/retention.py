@@ -2,7 +2,7 @@
 Figure 4's weight statistics, with every method trained on the same concepts, seeds and slots.
 
     python -m benchmarks.retention --quick                # CI smoke: 3 concepts, structure only (< 5 min)
-    nohup python -m benchmarks.retention --profile medium &   # 16 concepts, 40 steps, N in {1, 8, 15}
+    nohup python -m benchmarks.retention --profile medium &   # 16 concepts, 24 steps, N in {1, 15}
     nohup python -m benchmarks.retention &                # full: 16 concepts, N = 1..15
 
 Arms (`ARMS`): BlockLoRA merged with α = 1/N (Eq. 5) and α = 1, its two ablations (no erasure,
@@ -72,7 +72,7 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(3, 3, 1, (1, 3), (0, 1), 2, 1, 1),
-    "medium": Profile(16, 40, 2, (1, 8, 15), (0, 1, 2), 8, 2, 1),
+    "medium": Profile(16, 24, 1, (1, 15), (0, 1, 2), 6, 1, 0),  # fits a shared 2-core machine in about an hour
     "full": Profile(16, 150, 2, tuple(range(1, 16)), (0, 1, 2), 10, 4, 3),
 }
 
@@ -254,7 +254,7 @@ def main() -> None:
     p.add_argument("--profile", choices=sorted(PROFILES), default="full")
     p.add_argument("--quick", action="store_true", help="same as --profile quick (CI)")
     p.add_argument("--base", default=None, help="a diffusers folder; default: the committed toy base")
-    p.add_argument("--lr", type=float, default=3e-3, help="LoRA lr before strength matching")
+    p.add_argument("--lr", type=float, default=5e-3, help="LoRA lr before strength matching")
     p.add_argument("--token-lr-ratio", type=float, default=10.0, help="token lr = ratio x lr (ED-LoRA's 10:1)")
     p.add_argument("--rank", type=int, default=2)
     p.add_argument("--slots", type=int, default=16)
