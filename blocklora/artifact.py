@@ -1,8 +1,8 @@
 """A concept as one safetensors file: owned B rows, A, trigger embeddings and validated metadata.
 
 This is the only thing that leaves a client. Loading checks everything the file claims against
-itself (shapes vs. its own slot and layout, finiteness) and, with `check_compatible`, against the
-federation or pipeline it is meant for; any failure raises `InvalidArtifact` and returns nothing.
+itself (shapes vs. its own slot and layout, finiteness) and, with `blocklora.slots.SlotSpace.check`,
+against the federation or pipeline it is meant for; any failure raises `InvalidArtifact` and returns nothing.
 """
 
 from __future__ import annotations
@@ -104,10 +104,33 @@ class ConceptMeta:
         return meta
 
 
+def _a_key(key: str) -> str:
+    return f"{key}.lora_A"
+
+
+def _b_key(key: str) -> str:
+    return f"{key}.lora_B"
+
+
+def _token_key(comp: str) -> str:
+    return f"{comp}.token_embeds"
+
+
 @dataclass
 class ConceptArtifact:
     meta: ConceptMeta
     tensors: dict[str, torch.Tensor]  # "{key}.lora_A" (r, n), "{key}.lora_B" (|R|, r), "{component}.token_embeds" (t, d)
+
+    @classmethod
+    def from_parts(cls, meta: ConceptMeta, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                   token_embeds: dict[str, torch.Tensor]) -> "ConceptArtifact":
+        """An artifact from target key -> (A (r, n), owned rows of B (|R|, r)) and text-encoder
+        component -> trigger vectors (t, d); the tensor naming stays this module's business."""
+        tensors = {}
+        for key, (a, b_rows) in factors.items():
+            tensors[_a_key(key)], tensors[_b_key(key)] = a, b_rows
+        tensors.update({_token_key(comp): v for comp, v in token_embeds.items()})
+        return cls(meta, tensors)
 
     @property
     def name(self) -> str:
@@ -117,20 +140,26 @@ class ConceptArtifact:
         m = self.meta.layout[key][0]
         return row_block(m, self.meta.adapter.num_slots, self.meta.slot) if self.meta.adapter.blockwise else slice(0, m)
 
+    def factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (r, n), B_R (|R|, r)): dW = (M ⊙ B) A is zero outside `rows(key)` and B_R A inside."""
+        return self.tensors[_a_key(key)], self.tensors[_b_key(key)]
+
     def delta_rows(self, key: str) -> torch.Tensor:
         """The non-zero rows of dW for `key`: B_R A, shape (|R|, n)."""
-        return self.tensors[f"{key}.lora_B"] @ self.tensors[f"{key}.lora_A"]
+        a, b_rows = self.factors(key)
+        return b_rows @ a
 
     def delta(self, key: str) -> torch.Tensor:
         """The exact dense dW = (M ⊙ B) A for `key`, shape (m, n)."""
         m, n = self.meta.layout[key]
-        a = self.tensors[f"{key}.lora_A"]
+        a, _ = self.factors(key)
         dw = torch.zeros(m, n, dtype=a.dtype, device=a.device)
         dw[self.rows(key)] = self.delta_rows(key)
         return dw
 
     def token_embeds(self) -> dict[str, torch.Tensor]:
-        suffix = ".token_embeds"
+        """Text-encoder component name -> this concept's trigger vectors (t, d)."""
+        suffix = _token_key("")
         return {k[: -len(suffix)]: v for k, v in self.tensors.items() if k.endswith(suffix)}
 
     def to_bytes(self) -> bytes:
@@ -175,13 +204,13 @@ class ConceptArtifact:
                 rows = self.rows(key)
             except ValueError as err:
                 raise InvalidArtifact(f"{key}: {err}") from None
-            expected[f"{key}.lora_A"] = (r, n)
-            expected[f"{key}.lora_B"] = (rows.stop - rows.start, r)
-        embeds = [k for k in self.tensors if k.endswith(".token_embeds")]
+            expected[_a_key(key)] = (r, n)
+            expected[_b_key(key)] = (rows.stop - rows.start, r)
+        embeds = [k for k in self.tensors if k.endswith(_token_key(""))]
         if not embeds:
             raise InvalidArtifact("the artifact carries no token embeddings for its trigger")
         for k in embeds:
-            expected[k] = None  # (t, d); d is checked against the text encoder in check_compatible
+            expected[k] = None  # (t, d); d is checked against the text encoder in SlotSpace.check
         missing = sorted(set(expected) - set(self.tensors))
         extra = sorted(set(self.tensors) - set(expected))
         if missing or extra:
@@ -202,25 +231,3 @@ class ConceptArtifact:
             if peak > MAX_ABS_VALUE:
                 raise InvalidArtifact(f"{k} holds a value of magnitude {peak:.3g}; the bound is {MAX_ABS_VALUE:g} "
                                       "(trained factors and embeddings stay within a few units)")
-
-    def check_compatible(self, fingerprint: str, adapter: AdapterConfig,
-                         layout: dict[str, tuple[int, int]], hidden: dict[str, int]) -> None:
-        """Refuse an artifact made for another base, another federation shape or other targets."""
-        m = self.meta
-        if m.base_fingerprint != fingerprint:
-            raise InvalidArtifact(
-                f"concept {m.name!r} was trained on base {m.base_fingerprint[:12]}…, this is base {fingerprint[:12]}…"
-            )
-        mine = dataclasses.replace(m.adapter, erasure=adapter.erasure)  # λ is a training choice, free per concept
-        if mine != adapter:
-            raise InvalidArtifact(f"concept {m.name!r} has adapter {m.adapter}, this federation uses {adapter}")
-        if m.layout != layout:
-            diff = sorted(set(m.layout) ^ set(layout)) or [k for k in layout if m.layout[k] != layout[k]]
-            raise InvalidArtifact(f"concept {m.name!r} targets other layers or shapes than this base: {diff[:3]}")
-        for comp, v in self.token_embeds().items():
-            if comp not in hidden:
-                raise InvalidArtifact(f"token embeddings for {comp!r}, which this base does not have")
-            if v.shape[1] != hidden[comp]:
-                raise InvalidArtifact(f"{comp}.token_embeds has width {v.shape[1]}; the text encoder's is {hidden[comp]}")
-        if set(self.token_embeds()) != set(hidden):
-            raise InvalidArtifact(f"token embeddings for {sorted(self.token_embeds())}, base has {sorted(hidden)}")

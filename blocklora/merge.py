@@ -10,19 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from blocklora.artifact import ConceptArtifact, InvalidArtifact
+from blocklora.artifact import ConceptArtifact
 from blocklora.base import Base
 from blocklora.config import AdapterConfig
-from blocklora.inject import find_targets
-from blocklora.tokens import add_slot_tokens, token_ids
+from blocklora.slots import PipelineSlots, phrases
 
 
 @dataclass
 class _Live:
     artifact: ConceptArtifact
     scale: float
-    saved_rows: dict[str, torch.Tensor]  # target key -> W0 rows (and "{comp}.tokens" -> table rows)
+    saved_rows: dict[str, torch.Tensor]  # target key -> W0 rows
+    saved_triggers: dict[str, torch.Tensor]  # text-encoder component -> the table rows of the triggers
 
 
 class LiveMerge:
@@ -33,21 +34,17 @@ class LiveMerge:
             raise ValueError("LiveMerge needs blockwise concepts (disjoint rows); plain LoRAs overlap — "
                              "merge them with blocklora.baselines.merge_deltas instead")
         self.base, self.adapter = base, adapter
-        add_slot_tokens(base, adapter.num_slots, adapter.tokens_per_concept)
-        self.targets = find_targets(base.pipe, adapter)
-        self.layout = {k: (lin.out_features, lin.in_features) for k, lin in self.targets.items()}
-        self.hidden = {comp: te.get_input_embeddings().weight.shape[1]
-                       for comp, te in zip(("text_encoder", "text_encoder_2"), base.text_encoders)}
+        self.slots = PipelineSlots(base, adapter)
         self.live: dict[str, _Live] = {}
+
+    @property
+    def targets(self) -> dict[str, nn.Linear]:
+        """Target key -> the linear whose weight holds W0 + Σ α dW."""
+        return self.slots.targets
 
     def check(self, art: ConceptArtifact) -> None:
         """Everything `add` would refuse, without touching the pipeline."""
-        art.check_compatible(self.base.fingerprint, self.adapter, self.layout, self.hidden)
-        if art.name in self.live:
-            raise InvalidArtifact(f"concept {art.name!r} is already merged; remove it first")
-        taken = {lv.artifact.meta.slot: n for n, lv in self.live.items()}
-        if art.meta.slot in taken:
-            raise InvalidArtifact(f"slot {art.meta.slot} is already held by concept {taken[art.meta.slot]!r}")
+        self.slots.check(art, {n: lv.artifact.meta.slot for n, lv in self.live.items()})
 
     @torch.no_grad()
     def add(self, art: ConceptArtifact, scale: float = 1.0) -> None:
@@ -60,12 +57,7 @@ class LiveMerge:
             saved[key] = lin.weight[rows].clone()
             delta = art.delta_rows(key).to(lin.weight.device, torch.float32)
             lin.weight[rows] = (saved[key].float() + scale * delta).to(lin.weight.dtype)
-        for (comp, vec), te, ids in zip(sorted(art.token_embeds().items()), self.base.text_encoders,
-                                        token_ids(self.base, art.meta.slot, self.adapter.tokens_per_concept)):
-            table = te.get_input_embeddings().weight
-            saved[f"{comp}.tokens"] = table[ids].clone()
-            table[ids] = vec.to(table.device, table.dtype)
-        self.live[art.name] = _Live(art, scale, saved)
+        self.live[art.name] = _Live(art, scale, saved, self.slots.write_triggers(art))
 
     @torch.no_grad()
     def remove(self, name: str) -> ConceptArtifact:
@@ -74,11 +66,8 @@ class LiveMerge:
         lv = self.live.pop(name)
         for key, lin in self.targets.items():
             lin.weight[lv.artifact.rows(key)] = lv.saved_rows[key]
-        for comp, te, ids in zip(sorted(lv.artifact.token_embeds()), self.base.text_encoders,
-                                 token_ids(self.base, lv.artifact.meta.slot, self.adapter.tokens_per_concept)):
-            te.get_input_embeddings().weight[ids] = lv.saved_rows[f"{comp}.tokens"]
+        self.slots.restore_triggers(lv.artifact, lv.saved_triggers)
         return lv.artifact
-
     def set(self, arts: list[ConceptArtifact], scales: list[float] | str | None = None) -> None:
         """Make exactly `arts` live. scales: per-concept α (default 1.0 each), or "mean" for the
         paper's Σα = 1 convention (α = 1/|S|, which rescales every live concept on a change)."""
@@ -97,8 +86,4 @@ class LiveMerge:
 
     def phrases(self) -> dict[str, str]:
         """Concept name -> what `{name}` in a prompt expands to, e.g. '<blk3> dog'."""
-        return {n: phrase(lv.artifact) for n, lv in self.live.items()}
-
-
-def phrase(art: ConceptArtifact) -> str:
-    return " ".join(art.meta.triggers) + f" {art.meta.class_word}"
+        return phrases(lv.artifact for lv in self.live.values())

@@ -26,7 +26,6 @@ from blocklora.inject import eject, inject
 from blocklora.tokens import add_slot_tokens, token_ids, trigger_names, unwrap_token_embeddings, wrap_token_embeddings
 
 log = logging.getLogger(__name__)
-COMPONENT_NAMES = ("text_encoder", "text_encoder_2")
 
 
 class ConceptTrainer:
@@ -48,10 +47,10 @@ class ConceptTrainer:
         lora = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B) if p.requires_grad]
         groups = [{"params": lora, "lr": train.lr}]
         if train.token_lr > 0:
-            groups.append({"params": [t.vectors for t in self.tokens], "lr": train.token_lr})
+            groups.append({"params": [t.vectors for t in self.tokens.values()], "lr": train.token_lr})
         self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
         self.base.pipe.unet.train()
-        for te in base.text_encoders:
+        for te in base.text_encoders.values():
             te.train()
 
     @property
@@ -111,17 +110,14 @@ class ConceptTrainer:
         return self.step(batch, caps, cls)
 
     def artifact(self) -> ConceptArtifact:
-        tensors: dict[str, torch.Tensor] = {}
-        for key, layer in self.layers.items():
-            tensors[f"{key}.lora_A"] = layer.lora_A.detach().float().cpu().clone()
-            tensors[f"{key}.lora_B"] = layer.lora_B.detach().float().cpu().clone()
-        for comp, tok in zip(COMPONENT_NAMES, self.tokens):
-            tensors[f"{comp}.token_embeds"] = tok.vectors.detach().float().cpu().clone()
+        factors = {key: (layer.lora_A.detach().float().cpu().clone(), layer.lora_B.detach().float().cpu().clone())
+                   for key, layer in self.layers.items()}
+        embeds = {comp: tok.vectors.detach().float().cpu().clone() for comp, tok in self.tokens.items()}
         layout = {k: (l.base.out_features, l.base.in_features) for k, l in self.layers.items()}
         meta = ConceptMeta(name=self.name, class_word=self.class_word, slot=self.slot, adapter=self.adapter,
                            base_fingerprint=self.base.fingerprint, layout=layout, triggers=tuple(self.triggers),
                            train_config={**json.loads(json.dumps(self.train_cfg.__dict__)), "steps_done": self.step_count})
-        return ConceptArtifact(meta, tensors)
+        return ConceptArtifact.from_parts(meta, factors, embeds)
 
     # -- resumable checkpoints: safetensors for tensors, JSON for the rest (local files, no pickle)
     def save_checkpoint(self, folder: str | Path) -> Path:
@@ -167,7 +163,7 @@ class ConceptTrainer:
         eject(self.base.pipe)
         unwrap_token_embeddings(self.base)
         self.base.pipe.unet.eval()
-        for te in self.base.text_encoders:
+        for te in self.base.text_encoders.values():
             te.eval()
 
 

@@ -25,7 +25,7 @@ from blocklora.artifact import ConceptArtifact, InvalidArtifact, check_class_wor
 from blocklora.base import Base
 from blocklora.config import AdapterConfig, FederationConfig
 from blocklora.schema import SchemaError, check_text, parse
-from blocklora.merge import LiveMerge
+from blocklora.slots import SlotSpace
 from blocklora.tokens import trigger_names
 from federation.manifest import Quarantined, exclusive, sift
 from federation.store import StateStore
@@ -114,8 +114,8 @@ class Registry:
         """Loads the state in `store` if there is one (it must be for the same base and adapter)."""
         self.base, self.adapter, self.config, self.store, self.clock = base, adapter, config, store, clock
         self._lock = threading.RLock()
-        self._compat = LiveMerge(base, adapter)  # used only for its layout / hidden-size checks
-        self._residual = {k: torch.zeros(m, n) for k, (m, n) in self._compat.layout.items()}  # (m, n) f32
+        self.space = SlotSpace.of(base, adapter)  # what fits, read once; the base is never changed
+        self._residual = {k: torch.zeros(m, n) for k, (m, n) in self.space.layout.items()}  # (m, n) f32
         self._artifacts: dict[str, tuple[ConceptArtifact, bytes]] = {}
         self.quarantined: list[Quarantined] = []  # records set aside when the state was loaded
         self._s = _State(admin_sha256=admin_token_sha256)
@@ -250,7 +250,7 @@ class Registry:
                 raise ReservationError(f"artifact {art.name!r} was trained for slot {art.meta.slot}, but the "
                                        f"reservation is for slot {held.slot}; train again with the reserved slot")
             try:
-                self._compat.check(art)
+                self.space.check(art)
             except InvalidArtifact as err:
                 raise ArtifactRejected(f"artifact refused: {err}") from None
             rows = {key: art.delta_rows(key).float() for key in self._residual}  # (|R|, n) each
@@ -465,7 +465,7 @@ class Registry:
         rec = self._record(_Concept, "concept", name, raw, owners)
         data = self.store.read_concept(rec.file, rec.sha256)
         art = ConceptArtifact.from_bytes(data, max(self.config.max_artifact_bytes, len(data)))
-        self._compat.check(art)
+        self.space.check(art)
         if (art.name, art.meta.slot, art.meta.triggers) != (name, rec.slot, rec.triggers):
             raise ValueError(f"concept {name!r}: its artifact is {art.name!r} in slot {art.meta.slot} "
                              f"{art.meta.triggers}, the record says slot {rec.slot} {rec.triggers}")

@@ -19,7 +19,8 @@ import ray
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig, GenerateConfig
 from blocklora.generate import generate
-from blocklora.merge import LiveMerge, phrase
+from blocklora.merge import LiveMerge
+from blocklora.slots import phrase
 from core_helpers import make_artifact
 from serve_helpers import pixels, serve_up, start_coordinator, stop_app
 
