@@ -200,36 +200,39 @@ def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConf
     cfg = EvalConfig(ns=profile.ns, seeds=profile.seeds, steps=profile.gen_steps, guidance=guidance)
     vs = variants(study, train, arms)
     distinct = list(dict.fromkeys(vs.values()))
-    windows = sum(len(profile.ns) + 2 for _ in range(m))
+    windows = m * (len(profile.ns) + 2)
     progress = Progress(total=len(distinct) * (m + profile.calib_concepts * profile.calib_tries) + len(arms) * windows)
     trainings = Trainings(base, world, cache / "concepts", progress)
-    t0 = time.perf_counter()
-    factors, calibration = match_strength(trainings, distinct, vs[REFERENCE], profile.calib_concepts,
-                                          profile.calib_tries, match, cfg)
-    trained = {v.label: trainings.all(v, factors[v.label], m) for v in distinct}
-    train_s = time.perf_counter() - t0
-    results = {}
-    for name in arms:
+    factors, calibration = {v.label: 1.0 for v in distinct}, []
+    if profile.calib_tries:
+        factors, calibration = match_strength(trainings, distinct, vs[REFERENCE], profile.calib_concepts,
+                                              profile.calib_tries, match, cfg)
+    trained: dict[str, Concepts] = {}
+    results: dict[str, dict] = {}
+    summary_: dict = {}
+    for name in arms:  # trained lazily and reported after every arm, so a cut-short run still says something
         v = vs[name]
+        if v.label not in trained:
+            trained[v.label] = trainings.all(v, factors[v.label], m)
         key = digest(name, ALL_METHODS[name].merge, to_json(v.adapter), to_json(scaled(v.train, factors[v.label])),
                      json.dumps(dataclasses.asdict(cfg)), base.fingerprint, repr(world.concepts[:m]), world.name)
         path = cache / "arms" / f"{name}-{key}.json"
         if path.exists():
             results[name] = decode(json.loads(path.read_text()))
             progress(f"{name}: cached", windows)
-            continue
-        results[name] = evaluate(base, world, trained[v.label], ALL_METHODS[name].merge, cfg,
-                                 progress=lambda what: progress(f"{name} {what}"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(encode(results[name])))
-    weights = {v.label: summary(pairwise_stats({a.name: {k: a.delta(k) for k in a.meta.layout}
-                                                for a in trained[v.label].arts})) for v in distinct}
-    summary_ = report(results, {n: vs[n].label for n in arms}, factors, calibration, weights, cfg, out)
+        else:
+            results[name] = evaluate(base, world, trained[v.label], ALL_METHODS[name].merge, cfg,
+                                     progress=lambda what: progress(f"{name} {what}"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(encode(results[name])))
+        weights = {label: summary(pairwise_stats({a.name: {k: a.delta(k) for k in a.meta.layout} for a in c.arts}))
+                   for label, c in trained.items()}
+        summary_ = report(results, {n: vs[n].label for n in results}, factors, calibration, weights, cfg, out)
     return {"benchmark": "retention", "env": environment("cpu", torch.float32), "base": base_spec,
             "judge": world.name, "concepts": [c.name for c in world.concepts[:m]],
             "profile": dataclasses.asdict(profile), "train": dataclasses.asdict(train),
             "adapter": dataclasses.asdict(study), "eval": dataclasses.asdict(cfg), "match_tolerance": match,
-            "lr_factors": factors, "calibration": calibration, "train_seconds": train_s,
+            "lr_factors": factors, "calibration": calibration,
             "seconds": time.perf_counter() - progress.t0, **summary_}
 
 

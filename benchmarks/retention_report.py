@@ -94,7 +94,8 @@ def report(results: dict, labels: dict[str, str], factors: dict[str, float], cal
     write_csv(out / "scores.csv", long_rows)
     write_csv(out / "methods.csv", [{k: (v.estimate if isinstance(v, Interval) else v) for k, v in m.items()}
                                     for m in methods])
-    write_csv(out / "calibration.csv", calibration)
+    if calibration:
+        write_csv(out / "calibration.csv", calibration)
     crit = [row for main in MAIN_ARMS if main in results for row in criteria(results, main)]
     write_csv(out / "criteria.csv", [{**c, "estimate": c["interval"].estimate, "low": c["interval"].low,
                                       "high": c["interval"].high, "interval": str(c["interval"])} for c in crit])
@@ -138,7 +139,8 @@ def tables_md(methods: list[dict], crit: list[dict], interference: list[dict], c
     t3 = md_table(["method", *groups], [[i["method"], *(fmt(i.get(g, float("nan")), 3) for g in groups)]
                                         for i in interference]) if interference else "(no blockwise arm)"
     t4 = md_table(["variant", "lr factor", "single-concept IA", "target"],
-                  [[c["variant"], f'{c["factor"]:g}', fmt(c["image_alignment"]), fmt(c["target"])] for c in calibration])
+                  [[c["variant"], f'{c["factor"]:g}', fmt(c["image_alignment"]), fmt(c["target"])] for c in calibration]
+                  ) if calibration else "(not run in this profile: every lr factor is 1; the N=1 spread above is measured)"
     return (f"## Table 1 (IA: image alignment, TA: text alignment, drift: class-prompt pictures' IA to the concept "
             f"minus the base's; mean [95% CI])\n\n{t1}\n\n"
             f"Strength spread at N=1 (max/min mean IA over arms): {spread:.3f} "
