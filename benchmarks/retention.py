@@ -52,9 +52,9 @@ from blocklora.trainer import train_concept
 ABLATIONS_MEAN = {m.name: m for m in [Method("blocklora-no-erasure-mean", {"erasure": 0.0}, "mean"),
                                       Method("blocklora-no-blocks-mean", {"blockwise": False}, "mean")]}
 ALL_METHODS = {**METHODS, **ABLATIONS_MEAN}
-ARMS: tuple[str, ...] = ("blocklora-mean", "lora-mean", "blocklora", "ties", "mix-of-show", "db-lora", "orthogonal",
-                         "blocklora-no-erasure-mean", "blocklora-no-blocks-mean", "blocklora-no-erasure",
-                         "blocklora-no-blocks")  # evaluated in this order: the headline arms first
+ARMS: tuple[str, ...] = ("blocklora-mean", "lora-mean", "blocklora", "ties", "blocklora-no-erasure-mean",
+                         "blocklora-no-blocks-mean", "db-lora", "orthogonal", "mix-of-show", "blocklora-no-erasure",
+                         "blocklora-no-blocks")  # evaluated in this order: what the criteria need first
 REFERENCE = "lora-mean"  # its training (ED-LoRA) is what every other variant's strength is matched to
 
 
