@@ -1,7 +1,7 @@
 """The paper's experiments on the toy world: Table 1, Figure 5, Table 3, Figure 3's prior drift and
 Figure 4's weight statistics, with every method trained on the same concepts, seeds and slots.
 
-    python -m benchmarks.retention --quick                # CI smoke: 3 concepts, structure only (< 5 min)
+    python -m benchmarks.retention --quick                # CI smoke: 2 concepts, structure only (~3 CPU-min)
     nohup python -m benchmarks.retention --profile medium &   # 16 concepts, 24 steps, N in {1, 15}
     nohup python -m benchmarks.retention &                # full: 16 concepts, N = 1..15
 
@@ -71,7 +71,7 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile(3, 3, 1, (1, 3), (0, 1), 2, 1, 1),
+    "quick": Profile(2, 2, 1, (1, 2), (0, 1), 2, 1, 1),
     "small": Profile(8, 24, 1, (1, 8), (0, 1, 2), 6, 1, 0),  # what a 2-core machine under load 10-30 allowed
     "medium": Profile(16, 24, 1, (1, 15), (0, 1, 2), 6, 1, 0),  # about an hour on a quiet 2-core machine
     "full": Profile(16, 150, 2, tuple(range(1, 16)), (0, 1, 2), 10, 4, 3),
