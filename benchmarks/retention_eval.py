@@ -177,11 +177,15 @@ def evaluate(base: Base, world: World, concepts: Concepts, rule: str, cfg: EvalC
     probes = [make_probe(base, world, world.concepts[r], concepts.arts[r]) for r in range(m)]
     alone: list[torch.Tensor] = []
     base_class = {}
+    out["ia_floor"] = np.zeros((m, s))  # the instance prompt with no concept learned: what IA is without one
     with residual_applied(base, concepts.adapter, {}, []):  # trigger rows at the table's mean: no concept
         e0 = [eps(base, p) for p in probes]
         for r, c in enumerate(world.concepts[:m]):
-            pics = sample(base, [world.class_prompt(c, world.identity_attributes(c))] * s, seeds, cfg)
-            base_class[r] = world.image_alignment(pics, refs[r]).numpy()
+            ident = world.identity_attributes(c)
+            pics = sample(base, [world.class_prompt(c, ident)] * s + [world.instance_prompt(c, phrase(concepts.arts[r]), ident)] * s,
+                          seeds * 2, cfg)
+            base_class[r] = world.image_alignment(pics[:s], refs[r]).numpy()
+            out["ia_floor"][r] = world.image_alignment(pics[s:], refs[r]).numpy()
     out["eps_loss"]["base"] = np.array([sq(e, p.noise) for e, p in zip(e0, probes)])
     for n in sorted(set(cfg.ns) | set(ends)):
         losses, rets = [], []

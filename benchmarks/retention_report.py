@@ -78,6 +78,7 @@ def report(results: dict, labels: dict[str, str], factors: dict[str, float], cal
             "method": name, "trained_as": labels[name], "lr_factor": factors[labels[name]],
             "merge_s": r["merge"]["merge_s"], "livemerge_s": r["merge"].get("livemerge_s", float("nan")),
             "fusion_statistics_s": r["merge"]["fusion_statistics_s"],
+            "ia_floor": ci(r["ia_floor"]) if "ia_floor" in r else Interval(float("nan"), float("nan"), float("nan")),
             "ia_1": ci(r["ia"][1]), f"ia_{top}": ci(r["ia"][top]), "ia_kept": kept,
             "ta_1": ci(r["ta"][1]), f"ta_{top}": ci(r["ta"][top]),
             "drift_1": ci(r["drift"][1]), f"drift_{top}": ci(r["drift"][top]),
@@ -121,13 +122,13 @@ def report(results: dict, labels: dict[str, str], factors: dict[str, float], cal
 def tables_md(methods: list[dict], crit: list[dict], interference: list[dict], calibration: list[dict],
               top: int, spread: float) -> str:
     t1 = md_table(
-        ["method", "trained as (lr x)", "merge s (N=%d)" % top, "IA N=1", f"IA N={top}", "kept", "TA N=1",
+        ["method", "trained as (lr x)", "merge s (N=%d)" % top, "IA no concept", "IA N=1", f"IA N={top}", "kept", "TA N=1",
          f"TA N={top}", "drift N=1", f"drift N={top}", "ε loss base / 1 / %d" % top, "ε retention",
          "abs cos", "sign conflict"],
         [[m["method"], f'{m["trained_as"]} ({m["lr_factor"]:g})',
           fmt(m["merge_s"], 4) + ("" if not np.isfinite(m["livemerge_s"]) else f' (live {m["livemerge_s"]:.4f})')
           + (f' + stats {m["fusion_statistics_s"]:.1f}' if m["fusion_statistics_s"] else ""),
-          str(m["ia_1"]), str(m[f"ia_{top}"]), str(m["ia_kept"]), str(m["ta_1"]), str(m[f"ta_{top}"]),
+          str(m["ia_floor"]), str(m["ia_1"]), str(m[f"ia_{top}"]), str(m["ia_kept"]), str(m["ta_1"]), str(m[f"ta_{top}"]),
           str(m["drift_1"]), str(m[f"drift_{top}"]),
           f'{m["eps_loss_base"]:.4f} / {m["eps_loss_1"]:.4f} / {m[f"eps_loss_{top}"]:.4f}',
           fmt(m[f"eps_retention_{top}"], 2), fmt(m["mean_abs_cosine"], 3), fmt(m["mean_sign_conflict"], 3)]
