@@ -14,11 +14,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from blocklora.artifact import ConceptArtifact, ConceptMeta, check_name
+from blocklora.atomic import atomic_write
 from blocklora.base import Base
+from blocklora.checkpoint import load_optimizer_tensors, optimizer_tensors
 from blocklora.config import AdapterConfig, TrainConfig
 from blocklora.conditioning import encode_prompts
 from blocklora.data import load_concept_images
@@ -125,15 +128,12 @@ class ConceptTrainer:
         folder.mkdir(parents=True, exist_ok=True)
         params = [p for g in self.opt.param_groups for p in g["params"]]
         tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
-        for i, p in enumerate(params):
-            for k, v in self.opt.state.get(p, {}).items():
-                tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        tensors |= {f"opt.{k}": v for k, v in optimizer_tensors(self.opt).items()}
         tensors["rng.gen"] = self.gen.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
-        tmp = folder / ".checkpoint.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(folder / "checkpoint.safetensors")
-        (folder / "checkpoint.json").write_text(json.dumps({"step": self.step_count, "name": self.name, "slot": self.slot}))
+        atomic_write(folder / "checkpoint.safetensors", safetensors_bytes(tensors))
+        atomic_write(folder / "checkpoint.json", json.dumps({"step": self.step_count, "name": self.name,
+                                                             "slot": self.slot}).encode())
         return folder
 
     def load_checkpoint(self, folder: str | Path) -> bool:
@@ -150,9 +150,7 @@ class ConceptTrainer:
         with torch.no_grad():
             for i, p in enumerate(params):
                 p.copy_(tensors[f"param.{i}"])
-                state = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
-                if state:
-                    self.opt.state[p] = state
+        load_optimizer_tensors(self.opt, {k[len("opt."):]: v for k, v in tensors.items() if k.startswith("opt.")})
         self.gen.set_state(tensors["rng.gen"])
         torch.set_rng_state(tensors["rng.torch"])
         self.step_count = info["step"]
