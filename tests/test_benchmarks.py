@@ -106,3 +106,16 @@ def test_retention_quick_covers_every_arm(tmp_path):
     assert len(scores) - 1 == rows  # one row per (arm, N, concept, seed)
     for name in ("image_alignment_vs_N.png", "methods.csv", "criteria.csv", "tables.md", "interference.csv"):
         assert (tmp_path / "out" / name).exists()
+
+
+def test_gpu_suite_quick_writes_json_and_table(tmp_path):
+    """The GPU suite's structure on the CPU: a part's JSON, the suite's JSON and the markdown table."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--quick", "--device", "cpu",
+                           "--parts", "e2e_fp16", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    assert suite["quick"] is True and [p["part"] for p in suite["parts"]] == ["e2e_fp16"]
+    e2e = json.loads((tmp_path / "e2e_fp16.json").read_text())["result"]
+    assert e2e["env"]["dtype"] == "float16" and e2e["merged"] == 15 and e2e["images_per_s"] > 0
+    assert "| e2e_fp16 |" in (tmp_path / "suite.md").read_text()
