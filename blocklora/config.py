@@ -63,7 +63,9 @@ class TrainConfig:
     steps: int = knob(200, "optimizer steps")
     batch_size: int = knob(2, "instance images per step (prior images add as many again)")
     lr: float = knob(1e-3, "learning rate of A and the owned rows of B")
-    token_lr: float = knob(5e-3, "learning rate of the concept's trigger embedding(s)")
+    token_lr: float = knob(5e-3, "learning rate of the concept's trigger embedding(s) (0: never trained)")
+    token_init: str = knob("class_word", "where the trigger starts: 'class_word' (ED-LoRA, ours) or 'rare', "
+                                         "a fixed rare vocabulary token per slot (DreamBooth's 'sks'; DB-LoRA)")
     resolution: int = knob(64, "training images are resized and center-cropped to this")
     seed: int = knob(0, "everything random in training derives from it")
     prior_preservation: bool = knob(False, "add a class-prompt loss on images of the base model", flag="--prior")
@@ -79,6 +81,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.token_lr < 0:
             raise ValueError("learning rates must be positive")
+        if self.token_init not in ("class_word", "rare"):
+            raise ValueError(f"token_init must be 'class_word' or 'rare', got {self.token_init!r}")
 
 
 def to_json(cfg: Any) -> str:
