@@ -63,7 +63,9 @@ class TrainConfig:
     steps: int = knob(200, "optimizer steps")
     batch_size: int = knob(2, "instance images per step (prior images add as many again)")
     lr: float = knob(1e-3, "learning rate of A and the owned rows of B")
-    token_lr: float = knob(5e-3, "learning rate of the concept's trigger embedding(s)")
+    token_lr: float = knob(5e-3, "learning rate of the concept's trigger embedding(s) (0: never trained)")
+    token_init: str = knob("class_word", "where the trigger starts: 'class_word' (ED-LoRA, ours) or 'rare', "
+                                         "a fixed rare vocabulary token per slot (DreamBooth's 'sks'; DB-LoRA)")
     resolution: int = knob(64, "training images are resized and center-cropped to this")
     seed: int = knob(0, "everything random in training derives from it")
     prior_preservation: bool = knob(False, "add a class-prompt loss on images of the base model", flag="--prior")
@@ -81,6 +83,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.token_lr < 0:
             raise ValueError("learning rates must be positive")
+        if self.token_init not in ("class_word", "rare"):
+            raise ValueError(f"token_init must be 'class_word' or 'rare', got {self.token_init!r}")
 
 
 def to_json(cfg: Any) -> str:
@@ -152,6 +156,7 @@ class PretrainConfig:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
+
 # Named presets: settings measured on the pretrained toy base (docs/results/README.md, toy-base
 # concepts) that the main job and the local demo start from; flags still override each field.
 TOY_BASE_TRAIN = TrainConfig(steps=300, lr=5e-3, token_lr=1e-2)
@@ -196,7 +201,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, defaults: Any = None,
     for f in _selected(cls, only, skip):
         kind, default = hints[f.name], getattr(defaults, f.name)
         shown = ",".join(default) if isinstance(default, tuple) else default
-        kw: dict[str, Any] = {"dest": _dest(cls, f.name), "default": default, "help": f"{f.metadata['help']} (default: {shown})".replace("%", "%%")}
+        help_ = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")  # argparse formats help with %
+        kw: dict[str, Any] = {"dest": _dest(cls, f.name), "default": default, "help": help_}
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is tuple:
@@ -231,6 +237,8 @@ def to_argv(cfg: Any, skip: Iterable[str] = ()) -> list[str]:
             argv.append(flag_name(f) if value else "--no-" + flag_name(f)[2:])
         elif isinstance(value, tuple):
             argv += [flag_name(f), *value]
+        elif isinstance(value, str):
+            argv.append(f"{flag_name(f)}={value}")  # one token: a text that starts with '-' stays a value
         else:
             argv += [flag_name(f), str(value)]
     return argv

@@ -47,7 +47,8 @@ class ConceptTrainer:
         add_slot_tokens(base, adapter.num_slots, adapter.tokens_per_concept)
         self.triggers = trigger_names(slot, adapter.tokens_per_concept)
         self.layers = inject(base.pipe, adapter, slot)
-        self.tokens = wrap_token_embeddings(base, token_ids(base, slot, adapter.tokens_per_concept), class_word)
+        self.tokens = wrap_token_embeddings(base, token_ids(base, slot, adapter.tokens_per_concept), class_word,
+                                            rare_slot=slot if train.token_init == "rare" else None)
         self.noise_scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
         lora = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B) if p.requires_grad]
         groups = [{"params": lora, "lr": train.lr}]

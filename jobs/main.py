@@ -180,7 +180,8 @@ def main() -> None:
     ap.add_argument("--concepts", type=int, default=3, help="how many bundled example concepts to train")
     add_flags(ap, TrainConfig, TOY_BASE_TRAIN, skip=("resolution",))  # clients train at the base's resolution
     add_flags(ap, GenerateConfig, TOY_BASE_GENERATE, only=("guidance_scale",))
-    ap.add_argument("--gen-steps", type=int, default=TOY_BASE_GENERATE.steps, help="denoising steps per generated image")
+    ap.add_argument("--gen-steps", type=int, default=TOY_BASE_GENERATE.steps,
+                    help="denoising steps per generated image")
     ap.add_argument("--num-images", type=int, default=2, help="images per request")
     ap.add_argument("--num-cpus", type=int, default=4, help="CPUs the local Ray head advertises")
     ap.add_argument("--keep", action="store_true", help="leave the cluster, coordinator and HTTP app running")

@@ -5,10 +5,10 @@ import dataclasses
 
 import pytest
 
-from blocklora.config import (TOY_BASE_TRAIN, AdapterConfig, FederationConfig, GenerateConfig, TrainConfig, add_flags,
-                              flag_name, from_args, to_argv)
+from blocklora.config import (TOY_BASE_TRAIN, AdapterConfig, FederationConfig, GenerateConfig, PretrainConfig,
+                              TrainConfig, add_flags, flag_name, from_args, to_argv)
 
-CONFIGS = (TrainConfig, AdapterConfig, GenerateConfig, FederationConfig)
+CONFIGS = (TrainConfig, AdapterConfig, GenerateConfig, FederationConfig, PretrainConfig)
 
 
 def parser(cls: type, defaults=None) -> argparse.ArgumentParser:
@@ -39,6 +39,8 @@ def test_presets_and_every_type_round_trip():
     assert from_args(AdapterConfig, parser(AdapterConfig).parse_args(to_argv(odd))) == odd
     train = TrainConfig(prior_preservation=True, flip=False, prompt_template="{trigger} in the style of {class_word}")
     assert from_args(TrainConfig, parser(TrainConfig).parse_args(to_argv(train))) == train
+    sampling = GenerateConfig(negative_prompt="-blurry, dark", guidance_scale=0.5)
+    assert from_args(GenerateConfig, parser(GenerateConfig).parse_args(to_argv(sampling))) == sampling
 
 
 def test_tuples_take_spaces_or_commas_and_bools_take_no():
