@@ -22,12 +22,12 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from blocklora.artifact import ConceptArtifact, ConceptMeta
+from blocklora import synthetic
+from blocklora.artifact import ConceptArtifact
 from blocklora.base import Base, tiny_pipeline
 from blocklora.config import AdapterConfig
-from blocklora.partition import row_block
+from blocklora.slots import SlotSpace
 from blocklora.tokenizer import VOCAB_SIZE
-from blocklora.tokens import trigger_names
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
 
@@ -117,31 +117,8 @@ def random_artifact(base: Base, adapter: AdapterConfig, layout: dict[str, tuple[
                     slot: int, seed: int) -> ConceptArtifact:
     """A concept with non-zero random A, B and trigger embeddings, built without training: merge
     costs do not depend on what the numbers are, only on their shapes."""
-    g = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for key, (m, n) in layout.items():
-        rows = row_block(m, adapter.num_slots, slot) if adapter.blockwise else slice(0, m)
-        tensors[f"{key}.lora_A"] = torch.randn(adapter.rank, n, generator=g) / n ** 0.5
-        tensors[f"{key}.lora_B"] = torch.randn(rows.stop - rows.start, adapter.rank, generator=g) * 1e-2
-    for comp, te in zip(("text_encoder", "text_encoder_2"), base.text_encoders):
-        width = te.get_input_embeddings().weight.shape[1]
-        tensors[f"{comp}.token_embeds"] = torch.randn(adapter.tokens_per_concept, width, generator=g)
-    meta = ConceptMeta(name=f"concept{slot}", class_word="thing", slot=slot, adapter=adapter,
-                       base_fingerprint=base.fingerprint, layout=layout,
-                       triggers=tuple(trigger_names(slot, adapter.tokens_per_concept)))
-    return ConceptArtifact(meta, tensors)
-
-
-def plain_lora_state_dict(art: ConceptArtifact) -> dict[str, torch.Tensor]:
-    """The concept as a plain LoRA in diffusers' peft format: B padded with zero rows to m x r,
-    so diffusers applies exactly the same dW and the two merge paths can be compared entry for entry."""
-    out: dict[str, torch.Tensor] = {}
-    for key, (m, _) in art.meta.layout.items():
-        b = torch.zeros(m, art.meta.adapter.rank)
-        b[art.rows(key)] = art.tensors[f"{key}.lora_B"]
-        out[f"{key}.lora_A.weight"] = art.tensors[f"{key}.lora_A"]
-        out[f"{key}.lora_B.weight"] = b
-    return out
+    return synthetic.random_artifact(f"concept{slot}", slot, adapter, base.fingerprint, layout,
+                                     SlotSpace.of(base, adapter).hidden, seed=seed, b_scale=1e-2)
 
 
 def rss() -> int:

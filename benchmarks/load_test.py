@@ -47,8 +47,8 @@ from benchmarks.common import RESULTS_DIR, emit, environment
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig, GenerateConfig
 from blocklora.generate import generate
-from blocklora.merge import LiveMerge, phrase
-from blocklora.inject import layout
+from blocklora.merge import LiveMerge
+from blocklora.slots import SlotSpace, phrase
 from blocklora.synthetic import random_artifact
 from federation.local_cluster import LocalCluster, free_port
 
@@ -123,15 +123,13 @@ class Churn(threading.Thread):
 def run_load(url: str, dashboard_url: str, actor, admin: str, duration: float, clients: int,
              period: float) -> dict:
     base = load_base("tiny")
-    lay = layout(base.pipe, ADAPTER)
-    hidden = {c: te.get_input_embeddings().weight.shape[1]
-              for c, te in zip(("text_encoder", "text_encoder_2"), base.text_encoders)}
+    space = SlotSpace.of(base, ADAPTER)
     http = httpx.Client(base_url=url, timeout=300)
     owner = ray.get(actor.register.remote("load-test"))["token"]
     arts = {}
     for i, name in enumerate((*STABLE, CHURN)):
         slot = ray.get(actor.reserve.remote(owner, name, "dog"))["slot"]
-        arts[name] = random_artifact(name, slot, ADAPTER, base.fingerprint, lay, hidden, seed=i + 1, b_scale=0.5,
+        arts[name] = random_artifact(name, slot, ADAPTER, base.fingerprint, space.layout, space.hidden, seed=i + 1, b_scale=0.5,
                                      class_word="dog")
         r = http.post("/v1/concepts", content=arts[name].to_bytes(), headers={"Authorization": f"Bearer {owner}"})
         r.raise_for_status()

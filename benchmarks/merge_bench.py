@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from benchmarks.common import (RESULTS_DIR, emit, environment, line_plot, peak_rss, plain_lora_state_dict,
+from benchmarks.common import (RESULTS_DIR, emit, environment, line_plot, peak_rss,
                                random_artifact, sd15_base, timed, write_csv)
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import Base
 from blocklora.baselines import merge_deltas
 from blocklora.config import AdapterConfig
+from blocklora.export import to_lora_state_dict
 from blocklora.inject import find_targets
 from blocklora.merge import LiveMerge
 
@@ -105,7 +106,7 @@ class DiffusersPath:
     def _refuse(self, live: list[str], load: str | None = None, delete: str | None = None) -> None:
         self.pipe.unfuse_lora(components=["unet"])
         if load is not None:
-            self.pipe.load_lora_weights(plain_lora_state_dict(self.arts[load]), adapter_name=load)
+            self.pipe.load_lora_weights(to_lora_state_dict([self.arts[load]]), adapter_name=load)
             self.loaded.add(load)
         if delete is not None:
             self.pipe.delete_adapters(delete)
@@ -122,7 +123,7 @@ class DiffusersPath:
         """Make exactly `names` fused, loading any not yet loaded (that load is part of the cost)."""
         for name in names:
             if name not in self.loaded:
-                self.pipe.load_lora_weights(plain_lora_state_dict(self.arts[name]), adapter_name=name)
+                self.pipe.load_lora_weights(to_lora_state_dict([self.arts[name]]), adapter_name=name)
                 self.loaded.add(name)
         self._refuse(names)
 

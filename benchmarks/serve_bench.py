@@ -28,9 +28,10 @@ from typing import Callable
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from benchmarks.common import emit, environment, plain_lora_state_dict, random_artifact, sd15_base
+from benchmarks.common import emit, environment, random_artifact, sd15_base
 from blocklora.base import Base, load_base
 from blocklora.config import AdapterConfig
+from blocklora.export import to_lora_state_dict
 from blocklora.inject import layout
 from blocklora.merge import LiveMerge
 from serve.residual import ConceptBank
@@ -81,7 +82,7 @@ def bench_model(label: str, base: Base, latent: int, batch: int, steps: int, rou
 
     # phase 1, (d): peft adapters on the UNet; each request alone, its subset switched in first
     for name, art in arts.items():
-        base.pipe.load_lora_weights(plain_lora_state_dict(art), adapter_name=name)
+        base.pipe.load_lora_weights(to_lora_state_dict([art]), adapter_name=name)
 
     def switch(fuse: bool) -> None:  # what each request of the batch pays once, before its steps
         for subset in reqs:

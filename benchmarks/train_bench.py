@@ -40,7 +40,7 @@ def make_trainer(base: Base, arm: str, adapter: AdapterConfig, train: TrainConfi
                                               target_modules=list(adapter.unet_targets)), PEFT_ADAPTER)
         lora = [p for n, p in base.pipe.unet.named_parameters() if ".lora_" in n]
         groups = [{"params": lora, "lr": train.lr},
-                  {"params": [t.vectors for t in trainer.tokens], "lr": train.token_lr}]
+                  {"params": [t.vectors for t in trainer.tokens.values()], "lr": train.token_lr}]
         trainer.opt = torch.optim.AdamW(groups, weight_decay=0.0)
     return trainer
 
@@ -69,13 +69,13 @@ def measure_arm(base: Base, arm: str, adapter: AdapterConfig, train: TrainConfig
         for _ in range(warmup):
             trainer.step(images, captions)
         frozen = [p for p in base.pipe.unet.parameters() if not p.requires_grad]
-        frozen += [p for te in base.text_encoders for p in te.parameters() if not p.requires_grad]
+        frozen += [p for te in base.text_encoders.values() for p in te.parameters() if not p.requires_grad]
         activations = saved_activation_bytes(lambda: trainer.step(images, captions), frozen)
         with peak_rss() as mem:
             times = [timed(lambda: trainer.step(images, captions)) for _ in range(steps)]
         n_train = sum(p.numel() for p in trainable)
         return {"arm": arm, "step_times": times, "trainable_params": n_train,
-                "adapter_params": n_train - sum(t.vectors.numel() for t in trainer.tokens),
+                "adapter_params": n_train - sum(t.vectors.numel() for t in trainer.tokens.values()),
                 "activation_bytes": activations,
                 "optimizer_state_bytes": 3 * sum(p.nbytes for p in trainable),  # grad + 2 Adam moments
                 "peak_rss_extra_bytes": mem["extra"], "upload_bytes": upload_bytes(base, arm, trainer)}

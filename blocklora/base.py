@@ -14,12 +14,15 @@ from pathlib import Path
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline,
                        UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
 
 from blocklora.tokenizer import VOCAB_SIZE, clip_tokenizer
 from blocklora.toy.base import TOY_BASE_DIR
 
 TINY = "tiny"  # the random tiny SD-architecture pipeline, built from config with a fixed seed
+# The pipeline components that encode prompts, in conditioning order, and the tokenizer feeding each.
+# Everything per text encoder (token ids, trigger vectors, widths) is keyed by these names.
+TEXT_ENCODERS: dict[str, str] = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 TINY_SEED = 1234
 
 
@@ -37,12 +40,19 @@ class Base:
         return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
 
     @property
-    def text_encoders(self) -> list[torch.nn.Module]:
-        return [te for te in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if te is not None]
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """Component name -> text encoder, in conditioning order (SDXL has two)."""
+        return text_encoders(self.pipe)
 
     @property
-    def tokenizers(self) -> list:
-        return [t for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)) if t is not None]
+    def tokenizers(self) -> dict[str, PreTrainedTokenizerBase]:
+        """Text-encoder component name -> the tokenizer that feeds it."""
+        return {comp: getattr(self.pipe, TEXT_ENCODERS[comp]) for comp in self.text_encoders}
+
+
+def text_encoders(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
+    """The pipeline's text encoders by component name; a pipeline may lack the second one."""
+    return {comp: te for comp in TEXT_ENCODERS if (te := getattr(pipe, comp, None)) is not None}
 
 
 def default_base_spec() -> str:
@@ -119,7 +129,7 @@ def load_base(spec: str = TINY, device: torch.device | str | None = None,
     else:
         pipe = _from_pretrained(spec, dtype)
     pipe.set_progress_bar_config(disable=True)
-    encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    encoders = list(text_encoders(pipe).values())
     for module in (pipe.unet, pipe.vae, *encoders):
         module.requires_grad_(False)
         module.eval()

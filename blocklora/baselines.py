@@ -18,7 +18,7 @@ from blocklora.base import Base
 from blocklora.conditioning import encode_prompts
 from blocklora.config import AdapterConfig
 from blocklora.inject import find_targets
-from blocklora.tokens import add_slot_tokens, token_ids
+from blocklora.slots import PipelineSlots
 
 
 @dataclass(frozen=True)
@@ -120,23 +120,20 @@ def residual_applied(base: Base, adapter: AdapterConfig, residual: dict[str, tor
                      arts: list[ConceptArtifact]) -> Iterator[None]:
     """W = W0 + residual on every target, every concept's trigger embeddings written, for the
     duration of the block; W0 and the embedding rows are restored exactly afterwards."""
-    add_slot_tokens(base, adapter.num_slots, adapter.tokens_per_concept)
-    targets = find_targets(base.pipe, adapter)
+    slots = PipelineSlots(base, adapter)
+    targets = slots.targets
     saved = {k: lin.weight.detach().clone() for k, lin in targets.items() if k in residual}
-    tables = [te.get_input_embeddings().weight for te in base.text_encoders]
-    saved_tables = [t.detach().clone() for t in tables]
+    saved_triggers: list[tuple[ConceptArtifact, dict[str, torch.Tensor]]] = []
     try:
         with torch.no_grad():
             for k, dw in residual.items():
                 targets[k].weight += dw.to(targets[k].weight.device, targets[k].weight.dtype)
             for a in arts:
-                ids = token_ids(base, a.meta.slot, adapter.tokens_per_concept)
-                for table, (comp, vec), te_ids in zip(tables, sorted(a.token_embeds().items()), ids):
-                    table[te_ids] = vec.to(table.device, table.dtype)
+                saved_triggers.append((a, slots.write_triggers(a)))
         yield
     finally:
         with torch.no_grad():
             for k, w in saved.items():
                 targets[k].weight.copy_(w)
-            for t, s in zip(tables, saved_tables):
-                t.copy_(s)
+            for a, rows in reversed(saved_triggers):  # reversed: two concepts of one slot unwind in order
+                slots.restore_triggers(a, rows)

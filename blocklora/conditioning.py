@@ -15,13 +15,14 @@ def _tokenize(tokenizer, prompts: list[str], device: torch.device) -> torch.Tens
 def encode_prompts(base: Base, prompts: list[str]) -> tuple[torch.Tensor, dict | None]:
     """(encoder_hidden_states, added_cond_kwargs); gradients flow into trainable embeddings."""
     dev = base.pipe.unet.device
-    if len(base.text_encoders) == 1:
-        te = base.text_encoders[0]
-        return te(_tokenize(base.tokenizers[0], prompts, dev))[0], None
+    encoders, tokenizers = base.text_encoders, base.tokenizers
+    if len(encoders) == 1:
+        [(comp, te)] = encoders.items()
+        return te(_tokenize(tokenizers[comp], prompts, dev))[0], None
     # SDXL: penultimate hidden states of both encoders side by side; pooled output of the second
     states, pooled = [], None
-    for tok, te in zip(base.tokenizers, base.text_encoders):
-        out = te(_tokenize(tok, prompts, dev), output_hidden_states=True)
+    for comp, te in encoders.items():
+        out = te(_tokenize(tokenizers[comp], prompts, dev), output_hidden_states=True)
         states.append(out.hidden_states[-2])
         pooled = out[0]
     res = base.resolution

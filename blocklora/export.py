@@ -26,12 +26,12 @@ def to_lora_state_dict(arts: list[ConceptArtifact], scales: list[float] | None =
             raise ValueError(f"{a.name!r} was trained for another base or layer set than {arts[0].name!r}")
     out: dict[str, torch.Tensor] = {}
     for key, (m, _n) in layout.items():
-        a_stack = torch.cat([a.tensors[f"{key}.lora_A"].float() for a in arts])  # (Σr, n)
+        a_stack = torch.cat([a.factors(key)[0].float() for a in arts])  # (Σr, n)
         b_full = torch.zeros(m, a_stack.shape[0])  # (m, Σr)
         col = 0
         for art, s in zip(arts, scales):
             r = art.meta.adapter.rank
-            b_full[art.rows(key), col:col + r] = s * art.tensors[f"{key}.lora_B"].float()
+            b_full[art.rows(key), col:col + r] = s * art.factors(key)[1].float()
             col += r
         out[f"{key}.lora_A.weight"] = a_stack.contiguous()
         out[f"{key}.lora_B.weight"] = b_full

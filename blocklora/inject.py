@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from blocklora.base import TEXT_ENCODERS
 from blocklora.config import AdapterConfig
 from blocklora.layer import BlockLoRALinear
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", *TEXT_ENCODERS)
 
 
 def _matches(name: str, suffixes: tuple[str, ...]) -> bool:

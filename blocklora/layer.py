@@ -73,11 +73,15 @@ class BlockLoRALinear(nn.Module):
         out[..., self.rows] += self.scale * res.to(out.dtype)  # in place: only |R| features touched
         return out
 
+    def delta_rows(self) -> torch.Tensor:
+        """The rows R of scale · dW that can be non-zero: scale · B_R A, shape (|R|, n)."""
+        return self.scale * (self.lora_B @ self.lora_A)
+
     def delta_weight(self) -> torch.Tensor:
-        """The exact dW = (M ⊙ B) A as a dense m x n matrix (rows outside R are zero)."""
+        """The exact scale · dW = scale · (M ⊙ B) A as a dense m x n matrix (rows outside R are zero)."""
         m, n = self.base.out_features, self.base.in_features
         dw = torch.zeros(m, n, device=self.lora_A.device, dtype=self.lora_A.dtype)
-        dw[self.rows] = self.lora_B @ self.lora_A
+        dw[self.rows] = self.delta_rows()
         return dw
 
     @torch.no_grad()
@@ -86,7 +90,7 @@ class BlockLoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("BlockLoRALinear is already merged")
         self._saved_rows = self.base.weight[self.rows].clone()
-        self.base.weight[self.rows] += self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+        self.base.weight[self.rows] += self.delta_rows().to(self.base.weight.dtype)
         self.merged = True
 
     @torch.no_grad()

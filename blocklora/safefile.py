@@ -17,6 +17,7 @@ from safetensors.torch import save as st_save
 
 ALLOWED_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
 MAX_HEADER = 4 * 1024 * 1024  # 4 MiB of JSON is far beyond any real concept header
+MAX_DIMS = 8  # a concept holds matrices; a few more dimensions cost nothing to allow
 
 
 class InvalidFile(ValueError):
@@ -36,8 +37,9 @@ def read_safetensors(data: bytes, max_bytes: int) -> tuple[dict[str, torch.Tenso
         raise InvalidFile(f"declared header of {n:,} bytes runs past the end of a {len(data):,}-byte file (truncated?)")
     try:
         header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidFile(f"header is not valid JSON ({err}); the file is corrupted or not safetensors") from None
+    except (ValueError, RecursionError) as err:  # bad UTF-8/JSON, 5000-digit integers, deep nesting
+        raise InvalidFile(f"header is not valid JSON ({str(err)[:200]}); the file is corrupted or not "
+                          "safetensors") from None
     if not isinstance(header, dict):
         raise InvalidFile("header is not a JSON object")
     meta = header.pop("__metadata__", {}) or {}
@@ -46,17 +48,22 @@ def read_safetensors(data: bytes, max_bytes: int) -> tuple[dict[str, torch.Tenso
     payload = len(data) - 8 - n
     spans = []
     for name, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise InvalidFile(f"tensor {name!r}: malformed entry")
-        if info["dtype"] not in ALLOWED_DTYPES:
-            raise InvalidFile(f"tensor {name!r} has dtype {info['dtype']}; allowed: {sorted(ALLOWED_DTYPES)}")
-        shape, (a, b) = info["shape"], info["data_offsets"]
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise InvalidFile(f"tensor {name!r} has an invalid shape {shape}")
-        if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= payload):
-            raise InvalidFile(f"tensor {name!r} offsets {a}..{b} fall outside the {payload:,}-byte payload (truncated?)")
+        name = ascii(name)[:80]  # for messages: any text, bounded, and encodable wherever it goes
+        if type(info) is not dict or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise InvalidFile(f"tensor {name}: malformed entry")
+        if type(info["dtype"]) is not str or info["dtype"] not in ALLOWED_DTYPES:
+            shown = ascii(info["dtype"]).strip("'")[:20]
+            raise InvalidFile(f"tensor {name} has dtype {shown}; allowed: {sorted(ALLOWED_DTYPES)}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if type(shape) is not list or len(shape) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape):
+            raise InvalidFile(f"tensor {name} has an invalid shape {ascii(shape)[:80]}")
+        if type(offsets) is not list or len(offsets) != 2 or not all(type(o) is int for o in offsets) \
+                or not 0 <= offsets[0] <= offsets[1] <= payload:
+            raise InvalidFile(f"tensor {name} offsets {ascii(offsets)[:80]} fall outside the {payload:,}-byte "
+                              "payload (truncated?)")
+        a, b = offsets
         if b - a != math.prod(shape) * ALLOWED_DTYPES[info["dtype"]]:
-            raise InvalidFile(f"tensor {name!r}: {b - a} bytes do not hold shape {shape} of {info['dtype']}")
+            raise InvalidFile(f"tensor {name}: {b - a} bytes do not hold shape {shape} of {info['dtype']}")
         spans.append((a, b))
     spans.sort()
     end = 0

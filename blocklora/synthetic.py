@@ -15,13 +15,12 @@ def random_artifact(name: str, slot: int, adapter: AdapterConfig, fingerprint: s
                     seed: int = 0, b_scale: float = 0.05, class_word: str = "thing") -> ConceptArtifact:
     """A concept with Gaussian A and (non-zero) B in `slot`'s rows: what training would ship."""
     g = torch.Generator().manual_seed(seed * 1009 + slot)
-    tensors: dict[str, torch.Tensor] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key, (m, n) in layout.items():
         rows = row_block(m, adapter.num_slots, slot) if adapter.blockwise else slice(0, m)
-        tensors[f"{key}.lora_A"] = torch.randn(adapter.rank, n, generator=g) / n ** 0.5
-        tensors[f"{key}.lora_B"] = b_scale * torch.randn(rows.stop - rows.start, adapter.rank, generator=g)
-    for comp, d in hidden.items():
-        tensors[f"{comp}.token_embeds"] = torch.randn(adapter.tokens_per_concept, d, generator=g) * 0.02
+        a = torch.randn(adapter.rank, n, generator=g) / n ** 0.5
+        factors[key] = (a, b_scale * torch.randn(rows.stop - rows.start, adapter.rank, generator=g))
+    embeds = {comp: torch.randn(adapter.tokens_per_concept, d, generator=g) * 0.02 for comp, d in hidden.items()}
     meta = ConceptMeta(name=name, class_word=class_word, slot=slot, adapter=adapter, base_fingerprint=fingerprint,
                        layout=dict(layout), triggers=tuple(trigger_names(slot, adapter.tokens_per_concept)))
-    return ConceptArtifact(meta, tensors)
+    return ConceptArtifact.from_parts(meta, factors, embeds)

@@ -21,7 +21,8 @@ def trigger_names(slot: int, tokens_per_concept: int) -> list[str]:
 def add_slot_tokens(base: Base, num_slots: int, tokens_per_concept: int) -> None:
     """Add every slot's trigger tokens to each tokenizer and grow each embedding table (idempotent)."""
     names = [n for k in range(num_slots) for n in trigger_names(k, tokens_per_concept)]
-    for tok, te in zip(base.tokenizers, base.text_encoders):
+    for comp, te in base.text_encoders.items():
+        tok = base.tokenizers[comp]
         missing = [n for n in names if n not in tok.get_vocab()]
         if not missing:
             continue
@@ -36,13 +37,13 @@ def add_slot_tokens(base: Base, num_slots: int, tokens_per_concept: int) -> None
             w[old:] = w[:old].mean(0)
 
 
-def token_ids(base: Base, slot: int, tokens_per_concept: int) -> list[list[int]]:
-    """Per text encoder, the ids of `slot`'s trigger tokens."""
+def token_ids(base: Base, slot: int, tokens_per_concept: int) -> dict[str, list[int]]:
+    """Text-encoder component name -> the ids of `slot`'s trigger tokens in its tokenizer."""
     names = trigger_names(slot, tokens_per_concept)
-    ids = [tok.convert_tokens_to_ids(names) for tok in base.tokenizers]
-    for tok, per_tok in zip(base.tokenizers, ids):
-        if any(i is None or i == tok.unk_token_id for i in per_tok):
-            raise KeyError(f"slot tokens {names} are not in the tokenizer; call add_slot_tokens first")
+    ids = {comp: tok.convert_tokens_to_ids(names) for comp, tok in base.tokenizers.items()}
+    for comp, per_tok in ids.items():
+        if any(i is None or i == base.tokenizers[comp].unk_token_id for i in per_tok):
+            raise KeyError(f"slot tokens {names} are not in the {comp} tokenizer; call add_slot_tokens first")
     return ids
 
 
@@ -76,21 +77,21 @@ class TokenOverride(nn.Module):
         return out
 
 
-def wrap_token_embeddings(base: Base, ids: list[list[int]], class_word: str) -> list[TokenOverride]:
-    """Install a TokenOverride on each text encoder, initialised from the class word."""
-    wrappers = []
-    for tok, te, te_ids in zip(base.tokenizers, base.text_encoders, ids):
+def wrap_token_embeddings(base: Base, ids: dict[str, list[int]], class_word: str) -> dict[str, TokenOverride]:
+    """Install a TokenOverride on each text encoder (ids by component name), initialised from the class word."""
+    wrappers = {}
+    for comp, te in base.text_encoders.items():
         emb = te.get_input_embeddings()
         if isinstance(emb, TokenOverride):
             raise RuntimeError("token embeddings are already wrapped")
-        w = TokenOverride(emb, te_ids, class_word_init(tok, emb, class_word, len(te_ids)))
+        w = TokenOverride(emb, ids[comp], class_word_init(base.tokenizers[comp], emb, class_word, len(ids[comp])))
         te.set_input_embeddings(w)
-        wrappers.append(w)
+        wrappers[comp] = w
     return wrappers
 
 
 def unwrap_token_embeddings(base: Base) -> None:
-    for te in base.text_encoders:
+    for te in base.text_encoders.values():
         emb = te.get_input_embeddings()
         if isinstance(emb, TokenOverride):
             te.set_input_embeddings(emb.base)

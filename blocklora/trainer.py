@@ -14,11 +14,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from blocklora.artifact import ConceptArtifact, ConceptMeta, check_name
+from blocklora.atomic import atomic_write
 from blocklora.base import Base
+from blocklora.checkpoint import load_optimizer_tensors, optimizer_tensors
 from blocklora.config import AdapterConfig, TrainConfig
 from blocklora.conditioning import encode_prompts
 from blocklora.data import load_concept_images
@@ -26,7 +29,6 @@ from blocklora.inject import eject, inject
 from blocklora.tokens import add_slot_tokens, token_ids, trigger_names, unwrap_token_embeddings, wrap_token_embeddings
 
 log = logging.getLogger(__name__)
-COMPONENT_NAMES = ("text_encoder", "text_encoder_2")
 
 
 class ConceptTrainer:
@@ -47,10 +49,10 @@ class ConceptTrainer:
         lora = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B) if p.requires_grad]
         groups = [{"params": lora, "lr": train.lr}]
         if train.token_lr > 0:
-            groups.append({"params": [t.vectors for t in self.tokens], "lr": train.token_lr})
+            groups.append({"params": [t.vectors for t in self.tokens.values()], "lr": train.token_lr})
         self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
         self.base.pipe.unet.train()
-        for te in base.text_encoders:
+        for te in base.text_encoders.values():
             te.train()
 
     @property
@@ -110,17 +112,14 @@ class ConceptTrainer:
         return self.step(batch, caps, cls)
 
     def artifact(self) -> ConceptArtifact:
-        tensors: dict[str, torch.Tensor] = {}
-        for key, layer in self.layers.items():
-            tensors[f"{key}.lora_A"] = layer.lora_A.detach().float().cpu().clone()
-            tensors[f"{key}.lora_B"] = layer.lora_B.detach().float().cpu().clone()
-        for comp, tok in zip(COMPONENT_NAMES, self.tokens):
-            tensors[f"{comp}.token_embeds"] = tok.vectors.detach().float().cpu().clone()
+        factors = {key: (layer.lora_A.detach().float().cpu().clone(), layer.lora_B.detach().float().cpu().clone())
+                   for key, layer in self.layers.items()}
+        embeds = {comp: tok.vectors.detach().float().cpu().clone() for comp, tok in self.tokens.items()}
         layout = {k: (l.base.out_features, l.base.in_features) for k, l in self.layers.items()}
         meta = ConceptMeta(name=self.name, class_word=self.class_word, slot=self.slot, adapter=self.adapter,
                            base_fingerprint=self.base.fingerprint, layout=layout, triggers=tuple(self.triggers),
                            train_config={**json.loads(json.dumps(self.train_cfg.__dict__)), "steps_done": self.step_count})
-        return ConceptArtifact(meta, tensors)
+        return ConceptArtifact.from_parts(meta, factors, embeds)
 
     # -- resumable checkpoints: safetensors for tensors, JSON for the rest (local files, no pickle)
     def save_checkpoint(self, folder: str | Path) -> Path:
@@ -128,15 +127,12 @@ class ConceptTrainer:
         folder.mkdir(parents=True, exist_ok=True)
         params = [p for g in self.opt.param_groups for p in g["params"]]
         tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
-        for i, p in enumerate(params):
-            for k, v in self.opt.state.get(p, {}).items():
-                tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        tensors |= {f"opt.{k}": v for k, v in optimizer_tensors(self.opt).items()}
         tensors["rng.gen"] = self.gen.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
-        tmp = folder / ".checkpoint.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(folder / "checkpoint.safetensors")
-        (folder / "checkpoint.json").write_text(json.dumps({"step": self.step_count, "name": self.name, "slot": self.slot}))
+        atomic_write(folder / "checkpoint.safetensors", safetensors_bytes(tensors))
+        atomic_write(folder / "checkpoint.json", json.dumps({"step": self.step_count, "name": self.name,
+                                                             "slot": self.slot}).encode())
         return folder
 
     def load_checkpoint(self, folder: str | Path) -> bool:
@@ -153,9 +149,7 @@ class ConceptTrainer:
         with torch.no_grad():
             for i, p in enumerate(params):
                 p.copy_(tensors[f"param.{i}"])
-                state = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
-                if state:
-                    self.opt.state[p] = state
+        load_optimizer_tensors(self.opt, {k[len("opt."):]: v for k, v in tensors.items() if k.startswith("opt.")})
         self.gen.set_state(tensors["rng.gen"])
         torch.set_rng_state(tensors["rng.torch"])
         self.step_count = info["step"]
@@ -166,7 +160,7 @@ class ConceptTrainer:
         eject(self.base.pipe)
         unwrap_token_embeddings(self.base)
         self.base.pipe.unet.eval()
-        for te in self.base.text_encoders:
+        for te in self.base.text_encoders.values():
             te.eval()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 import time
@@ -20,17 +21,19 @@ from typing import Any, Callable
 
 import torch
 
-from blocklora.artifact import ConceptArtifact, InvalidArtifact, check_name
+from blocklora.artifact import ConceptArtifact, InvalidArtifact, check_class_word, check_name
 from blocklora.base import Base
-from blocklora.config import AdapterConfig, FederationConfig, from_dict
-from blocklora.merge import LiveMerge
+from blocklora.config import AdapterConfig, FederationConfig
+from blocklora.schema import SchemaError, check_text, parse
+from blocklora.slots import SlotSpace
 from blocklora.tokens import trigger_names
+from federation.manifest import Quarantined, exclusive, sift
 from federation.store import StateStore
 
 MANIFEST_FORMAT = "blocklora-federation"
 MANIFEST_VERSION = 1
 ADMIN = "admin"  # the principal of the admin token; client ids start with "c", so never collide
-MAX_CLASS_WORD = 64
+MAX_CLIENT_NAME = 64
 
 
 class FederationError(Exception):
@@ -111,9 +114,10 @@ class Registry:
         """Loads the state in `store` if there is one (it must be for the same base and adapter)."""
         self.base, self.adapter, self.config, self.store, self.clock = base, adapter, config, store, clock
         self._lock = threading.RLock()
-        self._compat = LiveMerge(base, adapter)  # used only for its layout / hidden-size checks
-        self._residual = {k: torch.zeros(m, n) for k, (m, n) in self._compat.layout.items()}  # (m, n) f32
+        self.space = SlotSpace.of(base, adapter)  # what fits, read once; the base is never changed
+        self._residual = {k: torch.zeros(m, n) for k, (m, n) in self.space.layout.items()}  # (m, n) f32
         self._artifacts: dict[str, tuple[ConceptArtifact, bytes]] = {}
+        self.quarantined: list[Quarantined] = []  # records set aside when the state was loaded
         self._s = _State(admin_sha256=admin_token_sha256)
         manifest = store.read_manifest() if store else None
         if manifest is None:
@@ -124,8 +128,13 @@ class Registry:
     # -- clients -------------------------------------------------------------------------------
     def register(self, client_name: str = "") -> dict[str, str]:
         """A new client; the token is returned once and only its sha256 is kept."""
-        if not isinstance(client_name, str) or len(client_name) > 64:
-            raise FederationError(f"client name must be a string of at most 64 characters, got {client_name!r}")
+        if type(client_name) is not str:
+            raise FederationError(f"client name must be a string, got {type(client_name).__name__}")
+        try:
+            if client_name:  # empty: the client id is its name
+                check_text(client_name, "client name", MAX_CLIENT_NAME)
+        except SchemaError as err:
+            raise FederationError(str(err)) from None
         with self._lock:
             client_id = "c" + secrets.token_hex(8)
             token = f"{client_id}.{new_token()}"
@@ -147,10 +156,9 @@ class Registry:
             client = self._client(token)
             try:
                 check_name(name)
+                class_word = check_class_word(class_word)  # the rule an uploaded artifact meets too
             except InvalidArtifact as err:
                 raise ReservationError(str(err)) from None
-            if not isinstance(class_word, str) or not 0 < len(class_word.strip()) <= MAX_CLASS_WORD:
-                raise ReservationError(f"class word must be 1-{MAX_CLASS_WORD} characters, got {class_word!r}")
             s = self._expired(self._s)
             if name in s.concepts:
                 raise SlotUnavailable(f"concept {name!r} is already live in slot {s.concepts[name].slot}; "
@@ -160,7 +168,9 @@ class Registry:
                 raise ReservationError(f"concept name {name!r} is reserved by another client until "
                                        f"{time.ctime(held.expires_at)}; pick another name")
             slot = held.slot if held else self._free_slot(s)
-            res = _Reservation(client, slot, class_word.strip(), self.clock() + self.config.reservation_ttl_s,
+            if held is None:
+                self._check_quota(s, client)
+            res = _Reservation(client, slot, class_word, self.clock() + self.config.reservation_ttl_s,
                                held.id if held else secrets.token_hex(6))
             self._commit(dataclasses.replace(s, reservations={**s.reservations, name: res}))
             return {"name": name, "slot": slot, "class_word": res.class_word,
@@ -181,6 +191,14 @@ class Registry:
 
     def _owner_name(self, s: _State, client: str) -> str:
         return "admin" if client == ADMIN else s.clients[client].name
+
+    def _check_quota(self, s: _State, client: str) -> None:
+        """One client may not hold every slot: reservations and live concepts count alike."""
+        quota = self.config.max_slots_per_client
+        held = sum(e.client == client for e in (*s.reservations.values(), *s.concepts.values()))
+        if held >= quota:
+            raise SlotUnavailable(f"this client already holds {held} slot(s), the most one client may hold "
+                                  f"(max_slots_per_client = {quota}); remove a concept or cancel a reservation")
 
     def _free_slot(self, s: _State) -> int:
         used = {r.slot for r in s.reservations.values()} | {c.slot for c in s.concepts.values()}
@@ -232,7 +250,7 @@ class Registry:
                 raise ReservationError(f"artifact {art.name!r} was trained for slot {art.meta.slot}, but the "
                                        f"reservation is for slot {held.slot}; train again with the reserved slot")
             try:
-                self._compat.check(art)
+                self.space.check(art)
             except InvalidArtifact as err:
                 raise ArtifactRejected(f"artifact refused: {err}") from None
             rows = {key: art.delta_rows(key).float() for key in self._residual}  # (|R|, n) each
@@ -321,6 +339,8 @@ class Registry:
                     "live": len(s.concepts), "reserved": len(s.reservations), "version": s.version,
                     "max_artifact_bytes": self.config.max_artifact_bytes,
                     "reservation_ttl_s": self.config.reservation_ttl_s,
+                    "max_slots_per_client": self.config.max_slots_per_client,
+                    "quarantined": [dataclasses.asdict(q) for q in self.quarantined],
                     "state_dir": str(self.store.root) if self.store else None}
 
     # -- internals -----------------------------------------------------------------------------
@@ -371,30 +391,82 @@ class Registry:
             "concepts": {k: dataclasses.asdict(v) for k, v in s.concepts.items()},
         })
 
-    def _load(self, m: dict[str, Any], admin_token_sha256: str | None) -> None:
-        """Rebuild from a manifest: every artifact re-read, re-validated and re-applied."""
+    def _load(self, m: Any, admin_token_sha256: str | None) -> None:
+        """Rebuild from a manifest: every record checked on its own (a bad one is quarantined, see
+        federation/manifest.py), every artifact re-read, re-validated and re-applied."""
         where = self.store.manifest_path
-        if m.get("format") != MANIFEST_FORMAT or m.get("format_version") != MANIFEST_VERSION:
+        if type(m) is not dict or m.get("format") != MANIFEST_FORMAT or m.get("format_version") != MANIFEST_VERSION:
             raise RuntimeError(f"{where} is not a {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest")
-        if m["base_fingerprint"] != self.base.fingerprint:
-            raise RuntimeError(f"{where} belongs to a federation on base {m['base_fingerprint'][:12]}… "
-                               f"({m['base_spec']!r}), not {self.base.fingerprint[:12]}… ({self.config.base!r}); "
-                               "start with that base or use another state folder")
-        stored = from_dict(AdapterConfig, m["adapter"])
+        if m.get("base_fingerprint") != self.base.fingerprint:
+            raise RuntimeError(f"{where} belongs to a federation on base {ascii(m.get('base_fingerprint'))[:14]}… "
+                               f"({ascii(m.get('base_spec'))[:80]}), not {self.base.fingerprint[:12]}… "
+                               f"({self.config.base!r}); start with that base or use another state folder")
+        try:
+            stored = parse(AdapterConfig, m.get("adapter"), "adapter")
+        except SchemaError as err:
+            raise RuntimeError(f"{where}: {err}") from None
         if stored != self.adapter:
             raise RuntimeError(f"{where} was created with {stored}, not {self.adapter}; start with the same "
                                "slots/rank/targets or use another state folder")
-        s = _State(version=m["version"], admin_sha256=m["admin_sha256"] or admin_token_sha256,
-                   clients={k: _Client(**v) for k, v in m["clients"].items()},
-                   reservations={k: _Reservation(**v) for k, v in m["reservations"].items()},
-                   concepts={k: _Concept(**{**v, "triggers": tuple(v["triggers"])}) for k, v in m["concepts"].items()})
-        for name, c in s.concepts.items():
-            data = self.store.read_concept(c.file, c.sha256)
-            art = ConceptArtifact.from_bytes(data, max(self.config.max_artifact_bytes, len(data)))
-            self._compat.check(art)
+        clients, bad = sift("client", m.get("clients"), self._client_record)
+        owners = {*clients, ADMIN}
+        loaded, q = sift("concept", m.get("concepts"), lambda n, v: self._concept_record(n, v, owners))
+        taken: dict[int, str] = {}
+        loaded, q2 = exclusive("concept", dict(sorted(loaded.items(), key=lambda kv: kv[1][0].version)),
+                               lambda c: c[0].slot, taken)
+        reservations, q3 = sift("reservation", m.get("reservations"),
+                                lambda n, v: self._record(_Reservation, "reservation", n, v, owners))
+        reservations, q4 = exclusive("reservation", reservations, lambda r: r.slot, taken)
+        bad += q + q2 + q3 + q4
+        admin = m.get("admin_sha256")
+        if admin is not None and not (type(admin) is str and re.fullmatch(r"[0-9a-f]{64}", admin)):
+            bad.append(Quarantined("admin", "admin_sha256", "not a sha256 hex digest; the admin token given at "
+                                                            "start-up (if any) is used instead"))
+            admin = None
+        version = m.get("version") if type(m.get("version")) is int else 0
+        s = _State(version=max([version, *(c.version for c, _, _ in loaded.values())]),
+                   admin_sha256=admin or admin_token_sha256, clients=clients, reservations=reservations,
+                   concepts={n: c for n, (c, _, _) in loaded.items()})
+        for name, (_, art, data) in loaded.items():
             for key, res in self._residual.items():
                 res[art.rows(key)] = art.delta_rows(key).float()
             self._artifacts[name] = (art, data)
+        if bad:
+            self.quarantined = bad
+            self.store.quarantine([dataclasses.asdict(b) for b in bad], {c.file for c in s.concepts.values()})
         self.store.clean({c.file for c in s.concepts.values()})
         self._commit(s)
 
+    def _record(self, cls: type, kind: str, name: str, raw: Any, owners: set[str]) -> Any:
+        """A reservation or concept record with exact types, a valid name and class word, a known
+        owner and a slot of this federation."""
+        check_name(name)
+        rec = parse(cls, raw, f"{kind} {name}")
+        if rec.client not in owners:
+            raise ValueError(f"{kind} {name!r} belongs to client {rec.client[:40]!a}, which is not registered")
+        if not 0 <= rec.slot < self.adapter.num_slots:
+            raise ValueError(f"{kind} {name!r} holds slot {rec.slot}, outside 0..{self.adapter.num_slots - 1}")
+        if check_class_word(rec.class_word) != rec.class_word:
+            raise ValueError(f"{kind} {name!r} has class word {rec.class_word!a} with surrounding whitespace")
+        return rec
+
+    def _client_record(self, client_id: str, raw: Any) -> _Client:
+        if not re.fullmatch(r"c[0-9a-f]{16}", client_id):
+            raise ValueError(f"client id {client_id[:40]!a} is not c + 16 hex digits")
+        rec = parse(_Client, raw, f"client {client_id}")
+        check_text(rec.name, "client name", MAX_CLIENT_NAME)
+        if not re.fullmatch(r"[0-9a-f]{64}", rec.token_sha256):
+            raise ValueError(f"client {client_id}: token_sha256 is not a sha256 hex digest")
+        return rec
+
+    def _concept_record(self, name: str, raw: Any, owners: set[str]) -> tuple[_Concept, ConceptArtifact, bytes]:
+        """A concept record and its artifact, which must still load, fit this federation and agree
+        with the record."""
+        rec = self._record(_Concept, "concept", name, raw, owners)
+        data = self.store.read_concept(rec.file, rec.sha256)
+        art = ConceptArtifact.from_bytes(data, max(self.config.max_artifact_bytes, len(data)))
+        self.space.check(art)
+        if (art.name, art.meta.slot, art.meta.triggers) != (name, rec.slot, rec.triggers):
+            raise ValueError(f"concept {name!r}: its artifact is {art.name!r} in slot {art.meta.slot} "
+                             f"{art.meta.triggers}, the record says slot {rec.slot} {rec.triggers}")
+        return rec, art, data

@@ -9,42 +9,24 @@ which `clean` removes at the next start.
       manifest.json                      the registry's whole state except tensors
       concepts/<name>-<sha256[:16]>.safetensors
       admin_token                        written once by jobs/start_coordinator.py (mode 0600)
+      quarantine/<UTC time>/             records refused at start-up: the manifest as it was, their
+                                         artifact files, reasons.json (see federation/manifest.py)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
+from blocklora.atomic import TMP_SUFFIX, atomic_write
+
 MANIFEST = "manifest.json"
-TMP_SUFFIX = ".tmp"
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+log = logging.getLogger(__name__)
 
 
 class StateStore:
@@ -93,6 +75,21 @@ class StateStore:
 
     def delete_concept(self, file: str) -> None:
         (self.concepts / Path(file).name).unlink(missing_ok=True)
+
+    def quarantine(self, reasons: list[dict[str, str]], referenced: set[str]) -> Path:
+        """Set aside what a load refused: a copy of the manifest as it was, every artifact file
+        the kept records do not reference (moved, so `clean` does not delete it) and the reasons.
+        Nothing is lost: an operator can inspect and restore by hand."""
+        folder = self.root / "quarantine" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(self.manifest_path, folder / MANIFEST)
+        for path in self.concepts.iterdir():
+            if path.is_file() and path.name not in referenced and not path.name.endswith(TMP_SUFFIX):
+                path.replace(folder / path.name)
+        atomic_write(folder / "reasons.json", json.dumps(reasons, indent=1).encode())
+        for r in reasons:
+            log.warning("quarantined %s %s: %s (moved to %s)", r["kind"], r["name"], r["reason"], folder)
+        return folder
 
     def clean(self, referenced: set[str]) -> list[str]:
         """Remove tmp files of interrupted writes and artifact files no manifest names."""

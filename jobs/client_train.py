@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import ray  # noqa: E402
 
-from blocklora.config import TrainConfig  # noqa: E402
+from blocklora.config import TrainConfig, add_flags, from_args  # noqa: E402
 from federation import coordinator  # noqa: E402
 from federation.client import DEFAULT_STORAGE, load_or_register, train_and_submit  # noqa: E402
 
@@ -29,12 +29,7 @@ def main() -> None:
     p.add_argument("--images", required=True, help="folder of the concept's pictures (on this node)")
     p.add_argument("--class-word", required=True, help="what the concept is, e.g. 'dog'")
     p.add_argument("--name", required=True, help="the concept's name in the federation")
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="learning rate of A and the owned rows of B")
-    p.add_argument("--token-lr", type=float, default=TrainConfig.token_lr, help="learning rate of the trigger embedding")
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    add_flags(p, TrainConfig, skip=("resolution",))  # clients train at the resolution the grant names
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--token-file", default="~/.blocklora/client_token")
@@ -45,8 +40,7 @@ def main() -> None:
     p.add_argument("--coordinator", default=coordinator.DEFAULT_NAME)
     args = p.parse_args()
 
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, token_lr=args.token_lr, seed=args.seed,
-                        checkpoint_every=args.checkpoint_every)
+    train = from_args(TrainConfig, args, p)
     ray.init(address=args.address, namespace=args.namespace)
     coord = coordinator.get(args.coordinator, args.namespace)
     token = load_or_register(coord, args.token_file, args.client_name)

@@ -30,6 +30,8 @@ import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from blocklora.base import default_base_spec  # noqa: E402
+from blocklora.config import (TOY_BASE_GENERATE, TOY_BASE_TRAIN, GenerateConfig, TrainConfig,  # noqa: E402
+                              add_flags, from_args, to_argv)
 from blocklora.generate import contact_sheet  # noqa: E402
 from blocklora.toy.concepts import (ToyConcept, class_prompt, concept_from_json, eval_attributes,  # noqa: E402
                                     instance_prompt, reference_pictures, training_pictures)
@@ -187,17 +189,16 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/main", help="report, contact sheet and state go here")
     ap.add_argument("--base-model", default=None, help="default: the project's pretrained toy base (else 'tiny')")
     ap.add_argument("--concepts", type=int, default=3, help="how many bundled example concepts to train")
-    # training and sampling defaults as measured on the toy base and its toy concepts (models/judge/README.md)
-    ap.add_argument("--steps", type=int, default=300, help="training steps per client")
-    ap.add_argument("--lr", type=float, default=5e-3, help="learning rate of A and the owned rows of B")
-    ap.add_argument("--token-lr", type=float, default=5e-2, help="learning rate of the trigger embeddings "
-                    "(10x --lr, as ED-LoRA: the toy concepts are mostly colour, which the embedding carries)")
-    ap.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance of the HTTP requests")
-    ap.add_argument("--gen-steps", type=int, default=20, help="denoising steps per generated image")
+    add_flags(ap, TrainConfig, TOY_BASE_TRAIN, skip=("resolution",))  # clients train at the base's resolution
+    add_flags(ap, GenerateConfig, TOY_BASE_GENERATE, only=("guidance_scale",))
+    ap.add_argument("--gen-steps", type=int, default=TOY_BASE_GENERATE.steps,
+                    help="denoising steps per generated image")
     ap.add_argument("--num-images", type=int, default=2, help="images per request")
     ap.add_argument("--num-cpus", type=int, default=4, help="CPUs the local Ray head advertises")
     ap.add_argument("--keep", action="store_true", help="leave the cluster, coordinator and HTTP app running")
     args = ap.parse_args()
+    train = from_args(TrainConfig, args, ap)
+    sampling = from_args(GenerateConfig, args, ap, steps=args.gen_steps)
 
     out = Path(args.out).resolve()
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -207,8 +208,8 @@ def main() -> None:
     timings: dict[str, float] = {}
     stage = Stage(timings, total=8)
     t_start = time.monotonic()
-    report: dict = {"base_model": base, "steps": args.steps, "lr": args.lr, "token_lr": args.token_lr,
-                    "guidance": args.guidance, "timings_s": timings}
+    report: dict = {"base_model": base, "steps": train.steps, "lr": train.lr, "token_lr": train.token_lr,
+                    "guidance": sampling.guidance_scale, "timings_s": timings}
 
     with stage("start a Ray head on 127.0.0.1 (token auth on)"):
         cluster = LocalCluster(num_cpus=args.num_cpus, auth_token_path=out / "state" / "ray_auth_token", cwd=REPO).start()
@@ -223,9 +224,8 @@ def main() -> None:
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
         admin = {"Authorization": f"Bearer {(out / 'state' / 'admin_token').read_text().strip()}"}
 
-        with stage(f"train {len(names)} concepts concurrently with `ray job submit` ({args.steps} steps each)"):
-            flags = ["--steps", str(args.steps), "--lr", str(args.lr), "--token-lr", str(args.token_lr)]
-            jobs = submit_clients(cluster, concepts, flags, out)
+        with stage(f"train {len(names)} concepts concurrently with `ray job submit` ({train.steps} steps each)"):
+            jobs = submit_clients(cluster, concepts, to_argv(train, skip=("resolution",)), out)
             report["jobs"] = wait_jobs(cluster, jobs, timeout=3600)
 
         with stage("wait until every concept is live over HTTP"):
@@ -241,8 +241,8 @@ def main() -> None:
 
         with stage("generate for every subset over HTTP"):
             toys = [concept_from_json(c["dir"] / "concept.json") for c in concepts]
-            report["requests"], rows, notes = query_subsets(http, toys, out, args.num_images, args.gen_steps,
-                                                            args.guidance)
+            report["requests"], rows, notes = query_subsets(http, toys, out, args.num_images, sampling.steps,
+                                                            sampling.guidance_scale)
 
         removed = names[-1]
         with stage(f"remove {removed!r} at runtime and ask for it again"):

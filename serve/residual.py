@@ -23,14 +23,11 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-from blocklora.artifact import ConceptArtifact, InvalidArtifact
+from blocklora.artifact import ConceptArtifact
 from blocklora.base import Base
 from blocklora.config import AdapterConfig
-from blocklora.inject import set_module, find_targets
-from blocklora.merge import phrase
-from blocklora.tokens import add_slot_tokens, token_ids
-
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+from blocklora.inject import set_module
+from blocklora.slots import PipelineSlots, phrases
 
 
 class SlotWeights:
@@ -171,28 +168,19 @@ class ConceptBank:
         if not adapter.blockwise:
             raise ValueError("ConceptBank needs blockwise concepts (disjoint rows); plain LoRAs overlap")
         self.base, self.adapter = base, adapter
-        add_slot_tokens(base, adapter.num_slots, adapter.tokens_per_concept)
+        self.slots = PipelineSlots(base, adapter)
         self.weights = SlotWeights(adapter.num_slots)
-        targets = find_targets(base.pipe, adapter)
-        self.layout = {k: (lin.out_features, lin.in_features) for k, lin in targets.items()}
-        self.hidden = {comp: te.get_input_embeddings().weight.shape[1]
-                       for comp, te in zip(TEXT_COMPONENTS, base.text_encoders)}
-        self.embeddings: list[SlotTokenEmbedding] = []
-        for te, ids in zip(base.text_encoders, self._slot_ids()):
-            emb = SlotTokenEmbedding(te.get_input_embeddings(), ids, self.weights)
+        self.embeddings: dict[str, SlotTokenEmbedding] = {}
+        for comp, te in base.text_encoders.items():
+            emb = SlotTokenEmbedding(te.get_input_embeddings(), self.slots.token_ids[comp], self.weights)
             te.set_input_embeddings(emb)
-            self.embeddings.append(emb)
+            self.embeddings[comp] = emb
         self.layers: dict[str, SlotResidualLinear] = {}
-        for key, lin in targets.items():
+        for key, lin in self.slots.targets.items():
             layer = SlotResidualLinear(lin, adapter.rank, adapter.num_slots, self.weights)
             set_module(base.pipe, key, layer)
             self.layers[key] = layer
         self.live: dict[str, ConceptArtifact] = {}
-
-    def _slot_ids(self) -> list[list[list[int]]]:
-        """Per text encoder, (K, t) trigger ids: slot k's tokens in row k."""
-        per_slot = [token_ids(self.base, k, self.adapter.tokens_per_concept) for k in range(self.adapter.num_slots)]
-        return [[ids[e] for ids in per_slot] for e in range(len(self.base.text_encoders))]
 
     def slot_of(self, name: str) -> int:
         if name not in self.live:
@@ -201,21 +189,16 @@ class ConceptBank:
 
     def check(self, art: ConceptArtifact) -> None:
         """Everything `add` would refuse, without touching the pipeline."""
-        art.check_compatible(self.base.fingerprint, self.adapter, self.layout, self.hidden)
-        if art.name in self.live:
-            raise InvalidArtifact(f"concept {art.name!r} is already live; remove it first")
-        taken = {a.meta.slot: n for n, a in self.live.items()}
-        if art.meta.slot in taken:
-            raise InvalidArtifact(f"slot {art.meta.slot} is already held by concept {taken[art.meta.slot]!r}")
+        self.slots.check(art, {n: a.meta.slot for n, a in self.live.items()})
 
     @torch.no_grad()
     def add(self, art: ConceptArtifact) -> None:
         self.check(art)
         slot = art.meta.slot
         for key, layer in self.layers.items():
-            layer.set_slot(slot, art.rows(key), art.tensors[f"{key}.lora_A"], art.tensors[f"{key}.lora_B"])
-        for (_, vec), emb in zip(sorted(art.token_embeds().items()), self.embeddings):
-            emb.vectors[slot] = vec.to(emb.vectors)
+            layer.set_slot(slot, art.rows(key), *art.factors(key))
+        for comp, (_, vec) in self.slots.triggers(art).items():
+            self.embeddings[comp].vectors[slot] = vec.to(self.embeddings[comp].vectors)
         self.live[art.name] = art
         self.weights.epoch += 1
 
@@ -226,7 +209,7 @@ class ConceptBank:
         art = self.live.pop(name)
         for layer in self.layers.values():
             layer.clear_slot(art.meta.slot)
-        for emb in self.embeddings:
+        for emb in self.embeddings.values():
             emb.vectors[art.meta.slot] = 0
         self.weights.epoch += 1
         return art
@@ -250,4 +233,4 @@ class ConceptBank:
 
     def phrases(self) -> dict[str, str]:
         """Concept name -> what `{name}` in a prompt expands to, e.g. '<blk3> dog'."""
-        return {n: phrase(a) for n, a in self.live.items()}
+        return phrases(self.live.values())

@@ -9,17 +9,13 @@ from PIL import Image
 
 from blocklora.base import Base
 from blocklora.config import AdapterConfig
-from blocklora.inject import layout
+from blocklora.slots import SlotSpace
 from blocklora.synthetic import random_artifact
 
 
-def hidden_sizes(base: Base) -> dict[str, int]:
-    return {c: te.get_input_embeddings().weight.shape[1]
-            for c, te in zip(("text_encoder", "text_encoder_2"), base.text_encoders)}
-
-
 def make_artifact(base: Base, cfg: AdapterConfig, name: str, slot: int, seed: int = 0, **kw):
-    return random_artifact(name, slot, cfg, base.fingerprint, layout(base.pipe, cfg), hidden_sizes(base), seed, **kw)
+    space = SlotSpace.of(base, cfg)
+    return random_artifact(name, slot, cfg, base.fingerprint, space.layout, space.hidden, seed, **kw)
 
 
 def write_images(folder: Path, n: int = 4, size: int = 32, seed: int = 0) -> Path:

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.common import plain_lora_state_dict, random_artifact, saved_activation_bytes
+from benchmarks.common import random_artifact, saved_activation_bytes
 from blocklora.artifact import ConceptArtifact
 from blocklora.baselines import METHODS
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig
+from blocklora.export import to_lora_state_dict
 from blocklora.inject import layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def test_plain_lora_export_applies_the_same_delta():
     lay = layout(base.pipe, cfg)
     art = random_artifact(base, cfg, lay, slot=3, seed=0)
     ConceptArtifact.from_bytes(art.to_bytes())  # a valid artifact by the loader's own checks
-    sd = plain_lora_state_dict(art)
+    sd = to_lora_state_dict([art])  # one concept: B padded with zero rows to m x r
     for key in lay:
         dense = sd[f"{key}.lora_B.weight"] @ sd[f"{key}.lora_A.weight"]
         delta = art.delta(key)

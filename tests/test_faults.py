@@ -34,7 +34,9 @@ from core_helpers import make_artifact
 from federation import coordinator
 from federation.local_cluster import LocalCluster
 from federation.client import train_artifact
-from federation.registry import FederationError, token_hash
+from blocklora.safefile import write_safetensors
+from federation.registry import FederationError, Registry, token_hash
+from federation.store import StateStore
 from serve_helpers import pixels, start_in_process, stop_app, wait_until
 
 pytestmark = pytest.mark.slow
@@ -113,6 +115,53 @@ def test_cluster_restart_keeps_concepts_and_tokens(tmp_path):
     finally:
         ray.shutdown()
         cluster.stop()
+
+
+# -- a state folder with bad records: quarantined, never a dead coordinator ------------------------
+def test_bad_manifest_records_are_quarantined_not_fatal(tmp_path):
+    """Issue #16: an artifact with `adapter.num_slots: 4.0` once went live, and every later start on
+    that folder died with TypeError. Now each record is checked on its own at start-up; a bad one is
+    moved aside with its reason and the federation starts with the rest."""
+    base, state_dir = load_base("tiny"), tmp_path / "state"
+    reg = Registry(base, ADAPTER, FederationConfig(), StateStore(state_dir), token_hash(ADMIN))
+    alice = reg.register("alice")["token"]
+    arts = {}
+    for i, name in enumerate(("keep", "float-slots", "gone", "typo")):
+        arts[name] = make_artifact(base, ADAPTER, name, reg.reserve(alice, name, "dog")["slot"], seed=i)
+        reg.submit(alice, arts[name].to_bytes())
+    reg.remove(alice, "typo")
+    reg.reserve(alice, "held", "cat")
+    m = json.loads(reg.store.manifest_path.read_text())
+    # what an older loader let through: the same concept, its metadata's slot count a float
+    meta = json.loads(arts["float-slots"].meta.to_json())
+    meta["adapter"]["num_slots"] = float(ADAPTER.num_slots)
+    forged = write_safetensors(arts["float-slots"].tensors, {"blocklora": json.dumps(meta)})
+    record = m["concepts"]["float-slots"]
+    (state_dir / "concepts" / record["file"]).write_bytes(forged)
+    record["sha256"] = hashlib.sha256(forged).hexdigest()
+    (state_dir / "concepts" / m["concepts"]["gone"]["file"]).unlink()  # a file lost by hand
+    m["reservations"]["held"]["slot"] = True  # a bool where an int belongs
+    m["clients"]["c" + "0" * 16] = {"name": "x", "token_sha256": 5}
+    m["concepts"]["pet\n"] = dict(m["concepts"]["keep"])  # a name only `$` would accept, on keep's slot
+    reg.store.write_manifest(m)
+
+    back = Registry(base, ADAPTER, FederationConfig(), StateStore(state_dir))
+    reasons = {q.name: q.reason for q in back.quarantined}
+    assert set(reasons) == {"'float-slots'", "'gone'", "'held'", "'c0000000000000000'", "'pet\\n'"}, reasons
+    assert "num_slots must be an integer" in reasons["'float-slots'"] and "missing" in reasons["'gone'"]
+    assert "slot must be an integer" in reasons["'held'"] and "not allowed" in reasons["'pet\\n'"]
+    assert [c["name"] for c in back.list_concepts()] == ["keep"]
+    residual = back.merged_residual()
+    assert all(torch.equal(v, arts["keep"].delta(k)) for k, v in residual.items())
+    assert back.info()["quarantined"] == [dataclasses.asdict(q) for q in back.quarantined]
+    folder = next((state_dir / "quarantine").iterdir())
+    assert json.loads((folder / "manifest.json").read_text()) == m  # the manifest as it was
+    assert (folder / record["file"]).read_bytes() == forged
+    assert len(json.loads((folder / "reasons.json").read_text())) == 5
+    assert sorted(p.name for p in (state_dir / "concepts").iterdir()) == [m["concepts"]["keep"]["file"]]
+    # the federation works on: alice's token, a new reservation in a freed slot; a restart is clean
+    assert back.reserve(alice, "again", "dog")["slot"] != arts["keep"].meta.slot
+    assert Registry(base, ADAPTER, FederationConfig(), StateStore(state_dir)).quarantined == []
 
 
 # -- the session cluster: coordinator and replica crashes ----------------------------------------

@@ -58,3 +58,16 @@ def test_merge_matches_unmerged_and_unmerge_is_bit_exact():
     torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
     layer.unmerge()
     assert torch.equal(layer.base.weight, w0)
+
+
+def test_scale_reaches_delta_weight_forward_and_merge():
+    layer = _layer().eval()
+    full = layer.delta_weight()
+    layer.scale = 0.5
+    assert torch.equal(layer.delta_weight(), 0.5 * full)
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(layer(x), x @ (layer.base.weight + layer.delta_weight()).T + layer.base.bias,
+                               rtol=1e-5, atol=1e-5)
+    w0 = layer.base.weight.clone()
+    layer.merge()
+    assert torch.equal(layer.base.weight, w0 + layer.delta_weight())  # the merge adds exactly delta_weight()

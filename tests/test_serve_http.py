@@ -19,7 +19,8 @@ import ray
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig, GenerateConfig
 from blocklora.generate import generate
-from blocklora.merge import LiveMerge, phrase
+from blocklora.merge import LiveMerge
+from blocklora.slots import phrase
 from core_helpers import make_artifact
 from serve_helpers import pixels, serve_up, start_coordinator, stop_app
 
@@ -84,6 +85,7 @@ def test_concepts_listed_and_weights_matter(srv):
     assert {c["name"]: c["slot"] for c in listed["concepts"]} == {n: a.meta.slot for n, a in srv.arts.items()}
     health = srv.client.get("/v1/healthz").json()
     assert health["status"] == "ok" and health["replica_version"] == listed["version"]
+    assert health["quarantined"] == [] and health["quarantined_count"] == 0
     full = post(srv, prompt="a photo of a dog", concepts=["a"]).content
     zero = post(srv, prompt="a photo of a dog", concepts=[{"name": "a", "weight": 0.0}]).content
     none = post(srv, prompt="a photo of a dog").content

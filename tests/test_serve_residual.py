@@ -106,8 +106,9 @@ def test_remove_zeroes_the_slot_and_restores_the_base_exactly(setup):
 def test_re_add_after_remove_and_slot_conflicts(setup):
     bank, live, _, arts = setup
     bank.remove("c")
+    space = bank.slots.space
     with pytest.raises(ValueError, match="slot 0 is already held by concept 'a'"):
-        bank.add(random_artifact("other", 0, bank.adapter, bank.base.fingerprint, bank.layout, bank.hidden))
+        bank.add(random_artifact("other", 0, bank.adapter, space.fingerprint, space.layout, space.hidden))
     with pytest.raises(ValueError, match="already live"):
         bank.add(arts["a"])
     bank.add(arts["c"])
