@@ -72,11 +72,13 @@ class TrainConfig:
     prior_weight: float = knob(1.0, "weight of the prior-preservation loss")
     num_class_images: int = knob(8, "prior images generated from the base when preservation is on")
     checkpoint_every: int = knob(50, "steps between resumable checkpoints (0: never)")
+    report_every: int = knob(25, "steps between metric reports of a Ray Train worker (each report is a "
+                                 "round trip through the Train controller)")
     flip: bool = knob(True, "random horizontal flips as augmentation")
     prompt_template: str = knob("a photo of {trigger} {class_word}", "instance prompt when an image has no caption")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "resolution"):
+        for name in ("steps", "batch_size", "resolution", "report_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.token_lr < 0:
