@@ -63,22 +63,28 @@ class TrainConfig:
     steps: int = knob(200, "optimizer steps")
     batch_size: int = knob(2, "instance images per step (prior images add as many again)")
     lr: float = knob(1e-3, "learning rate of A and the owned rows of B")
-    token_lr: float = knob(5e-3, "learning rate of the concept's trigger embedding(s)")
+    token_lr: float = knob(5e-3, "learning rate of the concept's trigger embedding(s) (0: never trained)")
+    token_init: str = knob("class_word", "where the trigger starts: 'class_word' (ED-LoRA, ours) or 'rare', "
+                                         "a fixed rare vocabulary token per slot (DreamBooth's 'sks'; DB-LoRA)")
     resolution: int = knob(64, "training images are resized and center-cropped to this")
     seed: int = knob(0, "everything random in training derives from it")
     prior_preservation: bool = knob(False, "add a class-prompt loss on images of the base model", flag="--prior")
     prior_weight: float = knob(1.0, "weight of the prior-preservation loss")
     num_class_images: int = knob(8, "prior images generated from the base when preservation is on")
     checkpoint_every: int = knob(50, "steps between resumable checkpoints (0: never)")
+    report_every: int = knob(25, "steps between metric reports of a Ray Train worker (each report is a "
+                                 "round trip through the Train controller)")
     flip: bool = knob(True, "random horizontal flips as augmentation")
     prompt_template: str = knob("a photo of {trigger} {class_word}", "instance prompt when an image has no caption")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "resolution"):
+        for name in ("steps", "batch_size", "resolution", "report_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.token_lr < 0:
             raise ValueError("learning rates must be positive")
+        if self.token_init not in ("class_word", "rare"):
+            raise ValueError(f"token_init must be 'class_word' or 'rare', got {self.token_init!r}")
 
 
 def to_json(cfg: Any) -> str:

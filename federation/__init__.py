@@ -2,5 +2,6 @@
 their concept with Ray Train and upload only the artifact.
 
 registry.py (plain state, no Ray) · store.py (atomic persistence) · coordinator.py (the actor) ·
-client.py (the client's steps) · train_func.py (the per-worker Ray Train function).
+client.py (the client's steps) · train_func.py (the per-worker Ray Train function) ·
+job_profile.py (where a client job's time goes) · errors.py (the refusals, importable without torch).
 """

@@ -28,36 +28,14 @@ from blocklora.schema import SchemaError, check_text, parse
 from blocklora.slots import SlotSpace
 from blocklora.tokens import trigger_names
 from federation.manifest import Quarantined, exclusive, sift
+from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable,  # noqa: F401
+                               Unauthorized, UnknownConcept)
 from federation.store import StateStore
 
 MANIFEST_FORMAT = "blocklora-federation"
 MANIFEST_VERSION = 1
 ADMIN = "admin"  # the principal of the admin token; client ids start with "c", so never collide
 MAX_CLIENT_NAME = 64
-
-
-class FederationError(Exception):
-    """A request the federation refuses; the message says what was wrong and what to do."""
-
-
-class Unauthorized(FederationError):
-    """Unknown token, or a token that may not act on this concept."""
-
-
-class SlotUnavailable(FederationError):
-    """Every slot is taken, or the concept name is already live."""
-
-
-class ReservationError(FederationError):
-    """The request does not match a current reservation (missing, expired, another client's, other slot)."""
-
-
-class ArtifactRejected(FederationError):
-    """The submitted bytes are not an acceptable concept for this federation."""
-
-
-class UnknownConcept(FederationError):
-    """No live concept or reservation has this name."""
 
 
 def token_hash(token: str) -> str:
