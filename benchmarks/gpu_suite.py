@@ -131,7 +131,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for <part>.json, suite.json and suite.md")
     p.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS), help="which parts to run")
     p.add_argument("--quick", action="store_true", help="every part at its --quick size (for CPU checks)")
-    p.add_argument("--part-timeout", type=float, default=150.0, help="seconds before a part is given up")
+    p.add_argument("--part-timeout", type=float, default=90.0,
+                   help="seconds before a part is given up (5 parts x 90 s + e2e keep the suite under 8 min)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     parts = []
