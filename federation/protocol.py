@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from blocklora.config import AdapterConfig
 from federation.manifest import Quarantined
@@ -64,13 +64,19 @@ class Principal(_Message):
 
 
 @dataclass(frozen=True)
-class Grant(_Message):
-    """A reserved slot and everything a client needs to train a concept for it."""
+class _SlotConcept(_Message):
+    """A concept name bound to a slot, whatever stage it is at."""
 
     name: str
     slot: int
+    triggers: tuple[str, ...]  # the slot's tokens; `{name}` in a prompt expands to them + the class word
     class_word: str
-    triggers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Grant(_SlotConcept):
+    """A reserved slot and everything a client needs to train a concept for it."""
+
     adapter: AdapterConfig
     base_spec: str
     base_fingerprint: str
@@ -80,36 +86,22 @@ class Grant(_Message):
 
 
 @dataclass(frozen=True)
-class LiveConcept(_Message):
+class LiveConcept(_SlotConcept):
     """A concept the federation serves."""
 
-    name: str
     owner: str
-    slot: int
-    triggers: tuple[str, ...]
-    class_word: str
     version: int  # the federation version at which it went live
     sha256: str  # of the artifact's bytes: a replica sees a re-upload under the same name by it
-
-    @property
-    def status(self) -> Literal["live"]:
-        return "live"
+    status: ClassVar[str] = "live"
 
 
 @dataclass(frozen=True)
-class HeldSlot(_Message):
-    """A reservation: a slot held for a concept that is still being trained."""
+class HeldSlot(_SlotConcept):
+    """A reservation, as listings show it: a slot held for a concept still being trained."""
 
-    name: str
     owner: str
-    slot: int
-    triggers: tuple[str, ...]
-    class_word: str
     expires_at: float
-
-    @property
-    def status(self) -> Literal["reserved"]:
-        return "reserved"
+    status: ClassVar[str] = "reserved"
 
 
 @dataclass(frozen=True)

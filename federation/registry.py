@@ -263,7 +263,8 @@ class Registry:
         with self._lock:
             s = self._expired(self._s)
             rows: list[LiveConcept | HeldSlot] = [self._live_concept(s, n) for n in s.concepts]
-            rows += [HeldSlot(n, s.accounts.name(r.client), r.slot, self._triggers(r.slot), r.class_word, r.expires_at)
+            rows += [HeldSlot(name=n, slot=r.slot, triggers=self._triggers(r.slot), class_word=r.class_word,
+                              owner=s.accounts.name(r.client), expires_at=r.expires_at)
                      for n, r in s.reservations.items()]
             return sorted(rows, key=lambda r: r.slot)
 
@@ -308,7 +309,8 @@ class Registry:
     # -- internals -----------------------------------------------------------------------------
     def _live_concept(self, s: _State, name: str) -> LiveConcept:
         c = s.concepts[name]
-        return LiveConcept(name, s.accounts.name(c.client), c.slot, c.triggers, c.class_word, c.version, c.sha256)
+        return LiveConcept(name=name, slot=c.slot, triggers=c.triggers, class_word=c.class_word,
+                           owner=s.accounts.name(c.client), version=c.version, sha256=c.sha256)
 
     def _expired(self, s: _State) -> _State:
         """`s` without the reservations whose TTL has passed (persisted by the caller's commit)."""
