@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--replicas", type=int, default=1, help="generator replicas (one base copy each)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per generator replica")
     p.add_argument("--api-key-file", help="file holding the API key /v1/generate will require (default: open)")
+    p.add_argument("--max-pixel-steps", type=int, default=AppArgs.model_fields["max_pixel_steps"].default,
+                   help=AppArgs.model_fields["max_pixel_steps"].description)
     args = p.parse_args()
 
     api_key = Path(args.api_key_file).read_text().strip() if args.api_key_file else None
@@ -47,7 +49,8 @@ def main() -> None:
     ray.init(address=args.address, log_to_driver=False, runtime_env={"py_modules": code})
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build(AppArgs(coordinator=args.coordinator, namespace=args.namespace, api_key=api_key,
-                            replicas=args.replicas, num_cpus=args.num_cpus)),
+                            replicas=args.replicas, num_cpus=args.num_cpus,
+                            max_pixel_steps=args.max_pixel_steps)),
               name=APP_NAME, route_prefix="/")
     print(f"serving on http://{args.host}:{args.port}/v1 (docs: /v1/docs), following coordinator "
           f"{args.coordinator!r} in namespace {args.namespace!r}")

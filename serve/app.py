@@ -12,6 +12,7 @@ from ray.serve import Application
 from federation.coordinator import DEFAULT_NAME, DEFAULT_NAMESPACE
 from serve.generator import Generator
 from serve.ingress import Ingress
+from serve.schemas import MAX_PIXEL_STEPS
 
 
 class AppArgs(BaseModel):
@@ -21,9 +22,11 @@ class AppArgs(BaseModel):
     replicas: int = Field(1, ge=1, description="generator replicas, each with its own copy of the base")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per generator replica")
     device: str | None = Field(None, description="torch device of the replicas; default CUDA if present")
+    max_pixel_steps: int = Field(MAX_PIXEL_STEPS, ge=1, description="most width x height x steps x images "
+                                                                     "one /v1/generate request may ask for")
 
 
 def build(args: AppArgs) -> Application:
     generator = Generator.options(num_replicas=args.replicas, ray_actor_options={"num_cpus": args.num_cpus})
     return Ingress.bind(generator.bind(args.coordinator, args.namespace, args.device),
-                        args.coordinator, args.namespace, args.api_key)
+                        args.coordinator, args.namespace, args.api_key, args.max_pixel_steps)

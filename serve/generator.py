@@ -38,6 +38,15 @@ class ConceptUnavailable(KeyError):
 
 
 @dataclass
+class _Job:
+    """One request in a batch; `cancelled` is set when its caller went away (the HTTP client
+    disconnected and Serve cancelled the call), so nobody waits for its images any more."""
+
+    request: GenerateRequest
+    cancelled: bool = False
+
+
+@dataclass
 class Images:
     version: int  # the federation version whose concepts drew them
     seeds: list[int]
@@ -60,6 +69,7 @@ class Generator:
         self.version = -1
         self.digests: dict[str, str] = {}  # live name -> artifact sha256, to see a re-upload under a name
         self.lock = asyncio.Lock()  # the bank changes only between batches, never under one
+        self.cancelled_loops = 0  # denoising loops skipped or stopped because every caller had gone
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Runtime knobs (Serve's user_config): batch size and how long a batch waits to fill."""
@@ -86,17 +96,24 @@ class Generator:
         async with self.lock:
             await self._sync()
             return {"replica": serve.get_replica_context().replica_id.unique_id, "version": self.version,
-                    "slots": {n: a.meta.slot for n, a in self.bank.live.items()}}
+                    "slots": {n: a.meta.slot for n, a in self.bank.live.items()},
+                    "cancelled_loops": self.cancelled_loops}
 
     async def generate(self, request: GenerateRequest) -> Images:
         """Images for one request; raises ConceptUnavailable naming concepts that are not live."""
-        result = await self._batched(request)
+        job = _Job(request)
+        try:
+            result = await self._batched(job)
+        except asyncio.CancelledError:
+            job.cancelled = True  # the batch skips or interrupts a loop nobody waits for
+            raise
         if isinstance(result, Exception):
             raise result
         return result
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def _batched(self, requests: list[GenerateRequest]) -> list[Images | Exception]:
+    async def _batched(self, jobs: list[_Job]) -> list[Images | Exception]:
+        requests = [j.request for j in jobs]
         async with self.lock:
             await self._sync()
             results: list[Images | Exception | None] = [None] * len(requests)
@@ -112,16 +129,23 @@ class Generator:
                              requests[i].width or res, requests[i].height or res)
             for _, group in itertools.groupby(sorted(runnable, key=key), key=key):
                 group = list(group)
-                pixels = await asyncio.to_thread(self._run, [requests[i] for i in group])
+                if all(jobs[i].cancelled for i in group):
+                    self.cancelled_loops += 1
+                    continue
+                pixels = await asyncio.to_thread(self._run, [jobs[i] for i in group])
+                if pixels is None:
+                    continue
                 for i, px in zip(group, pixels):
                     seeds = [requests[i].seed + j for j in range(requests[i].num_images)]
                     results[i] = Images(self.version, seeds, px)
             return results
 
     @torch.no_grad()
-    def _run(self, requests: list[GenerateRequest]) -> list[np.ndarray]:
+    def _run(self, jobs: list[_Job]) -> list[np.ndarray] | None:
         """One denoising loop for requests of equal steps/guidance/size; image j of a request is
-        drawn from its own generator seeded `seed + j`, so it does not depend on its batch mates."""
+        drawn from its own generator seeded `seed + j`, so it does not depend on its batch mates.
+        None: every caller went away and the loop was stopped between two steps."""
+        requests = [j.request for j in jobs]
         phrases = self.bank.phrases()
         prompts, negatives, subsets, gens = [], [], [], []
         for req in requests:
@@ -132,10 +156,20 @@ class Generator:
                 subsets.append(subset)
                 gens.append(torch.Generator(device="cpu").manual_seed(req.seed + j))
         first, res = requests[0], self.bank.base.resolution
+
+        def stop_when_abandoned(pipe, step: int, timestep, kwargs: dict) -> dict:
+            if all(j.cancelled for j in jobs):
+                pipe._interrupt = True  # diffusers skips the remaining steps
+            return kwargs
+
         with self.bank.subsets(subsets):
             out = self.bank.base.pipe(prompts, negative_prompt=negatives, num_inference_steps=first.steps,
                                       guidance_scale=first.guidance_scale, width=first.width or res,
-                                      height=first.height or res, generator=gens, output_type="np").images
+                                      height=first.height or res, generator=gens, output_type="np",
+                                      callback_on_step_end=stop_when_abandoned).images
+        if all(j.cancelled for j in jobs):
+            self.cancelled_loops += 1
+            return None
         pixels = (out * 255).round().clip(0, 255).astype(np.uint8)  # as diffusers' numpy_to_pil
         bounds = np.cumsum([0] + [r.num_images for r in requests])
         return [pixels[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

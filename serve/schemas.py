@@ -20,6 +20,11 @@ MIN_SIDE = 16
 MAX_IMAGES = 4  # per request; each image is a sample of the batched denoising loop
 MAX_BODY_BYTES = 64 * 1024  # JSON bodies: a request at every bound below, all \u-escaped, is ~40 kB
 MAX_CONCEPT_WEIGHT = 4.0  # |α|; merged concepts past a few units only produce noise
+# width x height x steps x num_images of one request. Each bound above alone is harmless, together
+# they are not: cost grows ~12x per doubling of the side (256² took 32 s per step on a CPU replica).
+# 2^21 keeps the tiny base at its 64² at every other bound (1.6 M) and allows 512² x 8 steps;
+# a GPU deployment raises it (jobs/serve_up.py --max-pixel-steps).
+MAX_PIXEL_STEPS = 2**21
 _DEFAULTS = GenerateConfig()
 ConceptName = Annotated[str, Field(min_length=1, max_length=64)]  # as blocklora.artifact.NAME_RE allows
 

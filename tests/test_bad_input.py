@@ -10,7 +10,9 @@ import concurrent.futures
 import dataclasses
 import json
 import re
+import socket
 import struct
+import time
 from typing import Any, Callable
 
 import httpx
@@ -28,7 +30,7 @@ from federation.protocol import (ArtifactRejected, FederationError, Grant, Reser
                                  Unauthorized, UnknownConcept)
 from federation.registry import Registry
 from federation.store import StateStore
-from serve_helpers import start_in_process, stop_app
+from serve_helpers import start_in_process, stop_app, wait_until
 
 ADAPTER = AdapterConfig(rank=2, num_slots=4)
 ADMIN = "bad-input-admin-token"
@@ -121,6 +123,11 @@ def forge(header: dict, payload: bytes = b"\0" * 8) -> bytes:
     """A safetensors-shaped file with a hand-written header."""
     h = json.dumps(header).encode()
     return struct.pack("<Q", len(h)) + h + payload
+
+
+def many_parts(n: int) -> bytes:
+    """A multipart body of `n` empty parts (boundary `xx`): 6 MB for 120,000."""
+    return b"".join(b"--xx\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\n\r\n" for _ in range(n)) + b"--xx--\r\n"
 
 
 def raw_meta(art: ConceptArtifact, edit: Callable[[dict], None]) -> bytes:
@@ -325,6 +332,28 @@ CASES = [
     ("http-body-is-array", "http", generate(b'["x"]'), 422, "valid dictionary"),
     ("http-not-json", "http", generate(b"\xff\xfe garbage"), 400, "not valid JSON"),
     ("http-oversized-body", "http", generate(b'{"prompt": "' + b"x" * 70_000 + b'"}'), 413, "at most 65,536 bytes"),
+    # issue #16, through HTTP: metadata types and magnitudes, parser limits, lone surrogates, cost
+    ("http-num-slots-float", "http", submit("alice", lambda c: raw_meta(c.good, adapter_field(num_slots=4.0))), 422, "num_slots must be an integer"),
+    ("http-slot-true", "http", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(slot=True))), 422, "slot must be an integer"),
+    ("http-class-word-100k", "http", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(class_word="w" * 100_000))), 422, "at most 256 characters"),
+    ("http-fingerprint-int", "http", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(base_fingerprint=1))), 422, "base_fingerprint must be"),
+    ("http-factor-3e38", "http", submit("alice", lambda c: with_tensors(c.good, poke("lora_A", 3e38))), 422, "the bound is 1000"),
+    ("http-mixed-dtypes", "http", submit("alice", lambda c: with_tensors(c.good, retype(torch.bfloat16))), 422, "mix dtypes"),
+    ("http-meta-5000-digits", "http", submit("alice", lambda c: meta_text(c.good, '"slot": ', '"slot": 1' + "0" * 5000 + ", \"x\": ")), 422, "not valid JSON"),
+    ("http-bogus-token-big-multipart", "http", lambda c: c.http.post("/v1/concepts", content=many_parts(120_000), headers={
+        **auth("c0123456789abcdef.bogus"), "content-type": "multipart/form-data; boundary=xx"}), 403, "not recognised"),
+    ("http-multipart-120k-parts", "http", lambda c: c.http.post("/v1/concepts", content=many_parts(120_000), headers={
+        **auth(c.alice), "content-type": "multipart/form-data; boundary=xx"}), 400, "at most 8"),
+    ("http-multipart-no-boundary", "http", lambda c: c.http.post("/v1/concepts", content=b"x", headers={
+        **auth(c.alice), "content-type": "multipart/form-data"}), 400, "boundary"),
+    ("http-surrogate-prompt", "http", generate(b'{"prompt": "a photo \\ud800"}'), 422, "unable to parse raw data as a unicode string"),
+    ("http-surrogate-negative-prompt", "http", generate(b'{"prompt": "x", "negative_prompt": "\\udfff"}'), 422, "unable to parse raw data as a unicode string"),
+    ("http-surrogate-concept-name", "http", generate(b'{"prompt": "x", "concepts": ["\\ud800"]}'), 422, "unicode"),
+    ("http-surrogate-json-key", "http", generate(b'{"prompt": "x", "\\ud800": 1}'), 422, "unicode"),
+    ("http-surrogate-delete", "http", remove(ADMIN, "%ED%A0%80"), 404, "no live concept"),
+    ("http-deep-json", "http", generate(b"[" * 30_000 + b"]" * 30_000), 422, "nests deeper than 32"),
+    ("http-pixel-budget", "http", generate({"prompt": "x", "width": 1024, "height": 1024, "steps": 100}), 422, "max_pixel_steps"),
+    ("http-pixel-budget-images", "http", generate({"prompt": "x", "width": 512, "height": 512, "steps": 10, "num_images": 4}), 422, "pixel-steps"),
     ("http-oversized-chunked-body", "http", lambda c: c.http.post(
         "/v1/generate", content=iter([b'{"prompt": "', b"x" * 70_000, b'"}']),
         headers={"content-type": "application/json"}), 413, "exceeds the limit"),
@@ -360,3 +389,63 @@ def test_bad_input_is_refused_and_changes_nothing(case, request):
 def test_corpus_is_large_and_covers_every_surface():
     assert len(CASES) >= 30 and {c[1] for c in CASES} == {"reg", "load", "http"}
     assert len({c[0] for c in CASES}) == len(CASES)
+
+
+# -- attacks that need more than one request: slow bodies, abandoned work, token guessing ----------
+@pytest.mark.slow
+def test_slow_bodies_time_out_and_the_api_stays_up(http_ctx):
+    """64 connections that send headers and a few body bytes, then nothing, once stalled the API.
+    Now each gets 408 after the idle timeout, and other requests are answered meanwhile."""
+    port = ctx_port(http_ctx)
+    socks = []
+    for i in range(70):
+        s = socket.create_connection(("127.0.0.1", port), timeout=60)
+        path = "/v1/concepts" if i % 2 else "/v1/generate"
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
+                  f"Authorization: Bearer {http_ctx.alice}\r\n\r\n{{\"prompt\": ".encode())
+        socks.append(s)
+    try:
+        t0 = time.monotonic()
+        assert http_ctx.http.get("/v1/concepts", timeout=30).status_code == 200
+        assert time.monotonic() - t0 < 8  # before any slow body has timed out
+        for s in socks[:2]:
+            reply = b""
+            while b"without pauses" not in reply and (chunk := s.recv(4096)):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 408") and b"without pauses" in reply, reply[:400]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.slow
+def test_abandoned_generation_is_cancelled(http_ctx):
+    """A client that gives up on a long generation no longer keeps the replica busy: the denoising
+    loop stops between two steps (counted in /v1/healthz)."""
+    before = http_ctx.http.get("/v1/healthz").json()["replica_cancelled_loops"]
+    with pytest.raises(httpx.TimeoutException):
+        http_ctx.http.post("/v1/generate", json={"prompt": "a long one", "steps": 100, "width": 128, "height": 128},
+                           timeout=3)
+    wait_until(lambda: http_ctx.http.get("/v1/healthz").json()["replica_cancelled_loops"] > before, 60,
+               "the abandoned loop cancelled")
+    r = http_ctx.http.post("/v1/generate", json={"prompt": "next", "steps": 1}, timeout=60)
+    assert r.status_code == 200
+
+
+@pytest.mark.slow
+def test_token_failures_are_throttled_per_source(http_ctx):
+    """Runs last in this module: it leaves 127.0.0.1 throttled on this app for a minute."""
+    before = http_ctx.http.get("/v1/concepts").json()
+    statuses = [http_ctx.http.delete("/v1/concepts/pet", headers=auth(f"c0123456789abcdef.guess{i}")).status_code
+                for i in range(21)]
+    first = statuses.index(429)  # 20 failures in all, some spent by the corpus above
+    assert 10 <= first <= 20 and set(statuses[:first]) == {403} and set(statuses[first:]) == {429}, statuses
+    for r in (http_ctx.http.delete("/v1/concepts/pet", headers=auth(http_ctx.alice)),  # even a good token, now
+              http_ctx.http.post("/v1/concepts", content=b"x" * 1024, headers=auth("c0123456789abcdef.guess"))):
+        assert r.status_code == 429 and "too many failed authentications" in r.text, r.text
+        assert 1 <= int(r.headers["retry-after"]) <= 61
+    assert http_ctx.http.get("/v1/concepts").json() == before  # reads are never throttled
+
+
+def ctx_port(c: Ctx) -> int:
+    return c.http.base_url.port
