@@ -1,6 +1,6 @@
-"""The federation's whole state as one plain object: clients, slot reservations, live concepts and
-the merged residual. No Ray here, so every rule is tested in-process; the coordinator actor only
-wraps it.
+"""The federation's whole state as one plain object: clients (whose tokens `federation.auth`
+checks), slot reservations, live concepts and the merged residual. No Ray here, so every rule is
+tested in-process; the coordinator actor only wraps it. Answers are `federation.protocol` types.
 
 Every change is built as a new `_State`, persisted (artifact file first, manifest last) and only
 then swapped in, so a refused or failed call leaves memory and disk exactly as they were. A lock
