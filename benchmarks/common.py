@@ -7,6 +7,7 @@ their last stdout line so a caller (CI, a test, a notebook) can parse the result
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -32,12 +33,24 @@ from blocklora.tokenizer import VOCAB_SIZE
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype, the same two flags on every benchmark."""
+    p.add_argument("--device", default="cpu", help="torch device the models run on: cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="dtype of the frozen base weights (and of the activations that flow through them)")
+
+
 def environment(device: torch.device | str, dtype: torch.dtype) -> dict:
     """Where and how a number was measured; timings mean nothing without it."""
     import diffusers
     import peft
+    device = torch.device(device)
     return {
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
@@ -61,14 +74,17 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 
 
 def line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str,
-              title: str, logy: bool = False) -> Path:
-    """One PNG with a line per series; matplotlib's Agg backend, so no display is needed."""
+              title: str, logy: bool = False, bands: dict[str, tuple[list, list]] | None = None) -> Path:
+    """One PNG with a line per series (and a shaded (low, high) band where `bands` has one);
+    matplotlib's Agg backend, so no display is needed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        line, = ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        if bands and label in bands:
+            ax.fill_between(xs, *bands[label], color=line.get_color(), alpha=0.12, linewidth=0)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     if logy:
         ax.set_yscale("log")
@@ -92,7 +108,7 @@ def sd15_unet() -> UNet2DConditionModel:
     )
 
 
-def sd15_base(seed: int = 0) -> Base:
+def sd15_base(seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Base:
     """The SD1.5 UNet behind the tiny VAE and a one-layer, 768-wide CLIP text encoder.
 
     The fingerprint is a label rather than a hash of 3.4 GB of random weights: these bases are
@@ -110,6 +126,7 @@ def sd15_base(seed: int = 0) -> Base:
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
         module.eval()
+    pipe.to(device, dtype)
     return Base(pipe=pipe, fingerprint=f"sd15-shaped-random-seed{seed}", spec="sd15-random")
 
 
@@ -167,8 +184,17 @@ def saved_activation_bytes(fn: Callable[[], object], exclude: list[torch.Tensor]
     return sum(seen.values())
 
 
-def timed(fn: Callable[[], object]) -> float:
-    """Wall seconds of one call."""
+def sync(device: torch.device | str | None = None) -> None:
+    """Wait for the queued GPU work: CUDA calls return before their kernels finish, so a clock
+    read without this measures the launch, not the work. A no-op on the CPU."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device | str | None = None) -> float:
+    """Wall seconds of one call, the device's queued work included (the one clock of benchmarks/)."""
+    sync(device)
     t0 = time.perf_counter()
     fn()
+    sync(device)
     return time.perf_counter() - t0

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from benchmarks.common import (RESULTS_DIR, emit, environment, line_plot, peak_rss,
+from benchmarks.common import (DTYPES, RESULTS_DIR, add_device_args, emit, environment, line_plot, peak_rss,
                                random_artifact, sd15_base, timed, write_csv)
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import Base
@@ -42,9 +42,10 @@ def max_abs_diff(targets: dict[str, torch.nn.Linear], reference: dict[str, torch
 
 
 def dense_reference(w0: dict[str, torch.Tensor], arts: list[ConceptArtifact]) -> dict[str, torch.Tensor]:
-    """W0 + Σ dW_i computed densely and independently of either merge path."""
+    """W0 + Σ dW_i computed densely in fp32 and rounded once to W0's dtype, independently of either
+    merge path."""
     residual = merge_deltas(arts, "sum")
-    return {k: w + residual[k] if residual else w for k, w in w0.items()}
+    return {k: (w.float() + residual[k].to(w.device)).to(w.dtype) if residual else w for k, w in w0.items()}
 
 
 def toggle_sequence(cycles: int, seed: int) -> list[int]:
@@ -198,9 +199,9 @@ def bench_diffusers(base: Base, adapter: AdapterConfig, arts: list[ConceptArtifa
 
 
 def run(ranks: list[int], ns: list[int], repeats: int, diffusers_repeats: int, cycles: int,
-        diffusers_cycles: int, out: Path) -> dict:
+        diffusers_cycles: int, out: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """diffusers_cycles can be fewer than cycles: each of its cycles re-fuses the whole live set."""
-    base = sd15_base()
+    base = sd15_base(device=device, dtype=dtype)
     rows, exactness = [], {}
     for rank in ranks:
         adapter = AdapterConfig(rank=rank, num_slots=NUM_SLOTS, text_targets=())
@@ -220,7 +221,7 @@ def run(ranks: list[int], ns: list[int], repeats: int, diffusers_repeats: int, c
                   for m in ("blocklora", "diffusers-peft") for r in ranks}
         line_plot(out / f"merge_{metric[:-2]}.png", series, "concepts live (N)", "seconds (median)",
                   f"SD1.5-shaped UNet: {label}", logy=True)
-    return {"benchmark": "merge", "env": environment("cpu", torch.float32), "num_slots": NUM_SLOTS,
+    return {"benchmark": "merge", "env": environment(device, dtype), "num_slots": NUM_SLOTS,
             "ranks": ranks, "N": ns, "repeats": repeats, "diffusers_repeats": diffusers_repeats,
             "targets": len(find_targets(base.pipe, AdapterConfig(text_targets=()))),
             "summary": summary, "exactness": exactness, "rows": rows}
@@ -246,9 +247,12 @@ def summarize(rows: list[dict], ns: list[int]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="rank 4, N = 1 and 4, fewer repeats and diffusers cycles")
+    p.add_argument("--ranks", type=int, nargs="+", help="adapter ranks (default: 4 8; --quick: 4)")
+    p.add_argument("--ns", type=int, nargs="+", help="numbers of live concepts, at most 16 (default: 1 5 10 15; --quick: 1 4)")
     p.add_argument("--diffusers-cycles", type=int, default=20,
                    help="add/remove cycles of the exactness check on the diffusers path (ours always runs 100)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "merge", help="folder for CSV and PNG")
+    add_device_args(p)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 by default: on a shared machine, idle-waiting OpenMP threads "
                         "of an oversubscribed CPU make small ops erratic")
@@ -258,11 +262,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     diffusers_logging.set_verbosity_error()  # one "no text-encoder LoRA keys" line per load otherwise
     warnings.filterwarnings("ignore", module="peft")  # "Already unmerged" and friends, by design here
+    where = {"out": args.out, "device": args.device, "dtype": DTYPES[args.dtype]}
     if args.quick:
-        result = run([4], [1, 4], repeats=5, diffusers_repeats=1, cycles=100, diffusers_cycles=4, out=args.out)
+        result = run(args.ranks or [4], args.ns or [1, 4], repeats=5, diffusers_repeats=1, cycles=100,
+                     diffusers_cycles=4, **where)
     else:
-        result = run([4, 8], [1, 5, 10, 15], repeats=20, diffusers_repeats=1, cycles=100,
-                     diffusers_cycles=args.diffusers_cycles, out=args.out)
+        result = run(args.ranks or [4, 8], args.ns or [1, 5, 10, 15], repeats=20, diffusers_repeats=1, cycles=100,
+                     diffusers_cycles=args.diffusers_cycles, **where)
     result["quick"] = args.quick
     emit(result)
 

@@ -1,24 +1,27 @@
-"""Identity retention under merging (the paper's Figures 4, 5 and Table 3, on a small base).
+"""The paper's experiments on the toy world: Table 1, Figure 5, Table 3, Figure 3's prior drift and
+Figure 4's weight statistics, with every method trained on the same concepts, seeds and slots.
 
-    python -m benchmarks.retention --quick                      # M = 4, few steps (< 5 min)
-    nohup python -m benchmarks.retention &                      # M = 15 on the embedded tiny base
-    python -m benchmarks.retention --base models/toy-base       # on the pretrained toy base
-    python -m benchmarks.retention --clip-pretrained PATH       # adds CLIP alignment (open_clip weights)
+    python -m benchmarks.retention --quick                # CI smoke: 2 concepts, structure only (~3 CPU-min)
+    nohup python -m benchmarks.retention --profile medium &   # 16 concepts, 24 steps, N in {1, 15}
+    nohup python -m benchmarks.retention &                # full: 16 concepts, N = 1..15
 
-Every method of `blocklora.baselines.METHODS` (plus BlockLoRA at λ = 0.25 and 0.5 for the λ sweep)
-trains the same M concepts — same images, seeds, steps, slots — and is then merged for
-N = 1..M. For every concept i of a merged set S:
-- retention = 1 - E||ε_S - ε_i||² / E||ε_i - ε_0||² on i's prompt over fixed noisy latents of i's
-  images (ε_i: i alone, as its client trained it; ε_0: the base). 1 = i behaves as if alone.
-- prior drift = E||ε_S(c) - ε_0(c)||² over class-word prompts without triggers, divided by the
-  mean E||ε_i - ε_0||² of the set's concepts: how far unrelated prompts move, in units of a
-  concept's own effect.
-- image MAE = mean |x_S - x_i| in [0, 1] between same-seed generations of S and of i alone.
-- judge identity = cosine between the features the toy judge (blocklora.toy.judge) extracts from i's
-  generation in S and the mean features of i's training images: an image-space identity score
-  like the paper's DINO / CLIP-I, with `judge_identity_without_concepts` as its floor.
-And for the M trained concepts: pairwise cosine and sign conflicts of dW (weight space), and
-fit = 1 - denoising loss of i alone / loss of the base on i's images (did the concept learn?).
+Arms (`ARMS`): BlockLoRA merged with α = 1/N (Eq. 5) and α = 1, its two ablations (no erasure,
+no blocks) under both, DB-LoRA averaged, Mix-of-Show's weighted averaging and gradient fusion of
+ED-LoRAs, Orthogonal Adaptation and TIES. Arms with the same adapter and training share one training.
+
+Strength matching: each training variant's learning rates (LoRA and token, scaled together, so the
+10:1 token:LoRA split stays) are multiplied by a factor found automatically on the first few concepts:
+start at 1, halve or double until the variant's single-concept image alignment is within `--match`
+of the ED-LoRA reference's, keep the closest; the chosen factors and the N = 1 alignments of every
+arm on all concepts are reported, so the match can be checked, not assumed.
+
+Scores (`benchmarks.retention_eval`; the judge and concepts are `benchmarks.world`'s): image alignment
+(CLIP-I protocol on the judge's embedding), text alignment of attribute prompts, prior drift (class-prompt
+pictures' alignment to a merged concept minus the base's, same seeds), ε-space denoising loss in
+absolute terms with the relative retention beside it, merge time, pairwise cosine and sign conflicts
+of dW, and the per-layer-group interference of BlockLoRA's sets. Every comparison is a paired bootstrap
+over (concept, sampling seed) (`blocklora.stats.paired_bootstrap`). Trained concepts and finished arms
+are cached on disk keyed by everything that determines them, so a rerun only redoes what changed.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,332 +37,253 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from benchmarks.common import RESULTS_DIR, emit, environment, line_plot, write_csv
+from benchmarks.common import RESULTS_DIR, emit, environment
+from benchmarks.retention_eval import Concepts, EvalConfig, evaluate, phrase, sample
+from benchmarks.retention_report import report
+from benchmarks.world import World, load_world
 from blocklora.artifact import ConceptArtifact
-from blocklora.base import Base, load_base
-from blocklora.baselines import METHODS, input_grams, merge_deltas, residual_applied
-from blocklora.conditioning import encode_prompts
+from blocklora.base import Base, default_base_spec, load_base
+from blocklora.baselines import METHODS, Method, residual_applied
 from blocklora.config import AdapterConfig, TrainConfig, to_json
-from blocklora.toy.judge import Judge, load_judge
 from blocklora.stats import pairwise_stats, summary
 from blocklora.trainer import train_concept
 
-CLASS_WORDS = ("dog", "cat", "vase", "toy", "car", "bird", "chair", "mug")
-PALETTE = ((220, 40, 40), (245, 150, 30), (235, 220, 40), (40, 170, 70),
-           (40, 90, 220), (150, 60, 190), (240, 240, 240), (25, 25, 25))
-PATTERNS = ("hstripes", "vstripes", "checker", "diagonal", "disc", "ring", "cross", "dots")
-LAMBDAS = (0.0, 0.1, 0.25, 0.5)
-EVAL_TIMESTEPS = (200, 600)  # each image is noised once per timestep
-FUSION_TIMESTEPS = (400, 800)  # where Mix-of-Show's fusion gathers layer inputs: not the probe's
+ABLATIONS_MEAN = {m.name: m for m in [Method("blocklora-no-erasure-mean", {"erasure": 0.0}, "mean"),
+                                      Method("blocklora-no-blocks-mean", {"blockwise": False}, "mean")]}
+ALL_METHODS = {**METHODS, **ABLATIONS_MEAN}
+ARMS: tuple[str, ...] = ("blocklora-mean", "lora-mean", "blocklora", "ties", "blocklora-no-erasure-mean",
+                         "blocklora-no-blocks-mean", "db-lora", "orthogonal", "mix-of-show", "blocklora-no-erasure",
+                         "blocklora-no-blocks")  # evaluated in this order: what the criteria need first
+REFERENCE = "lora-mean"  # its training (ED-LoRA) is what every other variant's strength is matched to
+
+
+@dataclass(frozen=True)
+class Profile:
+    concepts: int
+    steps: int  # training steps per concept
+    batch: int
+    ns: tuple[int, ...]  # set sizes scored (Figure 5)
+    seeds: tuple[int, ...]  # sampling seeds per prompt
+    gen_steps: int
+    calib_concepts: int  # concepts the strength matching trains on
+    calib_tries: int  # lr factors tried per variant after the first
+
+
+PROFILES = {
+    "quick": Profile(2, 2, 1, (1, 2), (0, 1), 2, 1, 1),
+    "small": Profile(8, 24, 1, (1, 8), (0, 1, 2), 6, 1, 0),  # what a 2-core machine under load 10-30 allowed
+    "medium": Profile(16, 24, 1, (1, 15), (0, 1, 2), 6, 1, 0),  # about an hour on a quiet 2-core machine
+    "full": Profile(16, 150, 2, tuple(range(1, 16)), (0, 1, 2), 10, 4, 3),
+}
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A method as trained and merged here (the λ sweep adds BlockLoRA variants)."""
+    """One training recipe (adapter + training config before the strength factor)."""
 
-    name: str
+    label: str
     adapter: AdapterConfig
-    rule: str  # merge rule of blocklora.baselines.merge_deltas
+    train: TrainConfig
 
 
-def variants(study: AdapterConfig) -> list[Variant]:
-    out = [Variant(name, m.adapter_config(study), m.merge) for name, m in METHODS.items()]
-    blocklora = METHODS["blocklora"].adapter_config(study)
-    known = {v.adapter.erasure for v in out if v.adapter.blockwise}
-    out += [Variant(f"blocklora-lambda{lam}", dataclasses.replace(blocklora, erasure=lam), "sum")
-            for lam in LAMBDAS if lam not in known]
+def variants(study: AdapterConfig, train: TrainConfig, arms: tuple[str, ...]) -> dict[str, Variant]:
+    """Arm name -> its training variant; arms with equal recipes share one Variant object."""
+    seen: dict[tuple[str, str], Variant] = {}
+    out = {}
+    for name in arms:
+        m = ALL_METHODS[name]
+        adapter, tr = m.adapter_config(study), m.train_config(train)
+        key = (to_json(adapter), to_json(tr))
+        out[name] = seen.setdefault(key, Variant(name, adapter, tr))
     return out
 
 
-def concept_images(index: int, size: int, count: int = 4) -> list[Image.Image]:
-    """Concept `index`: one (pattern, colour, background) triple, its images differ by offset.
-    The first 8 concepts use pattern i in colour i; the next 8 shift the colour by 3."""
-    pattern = PATTERNS[index % len(PATTERNS)]
-    fg_index = (index + 3 * (index // len(PATTERNS))) % len(PALETTE)
-    fg, bg = np.array(PALETTE[fg_index]), np.array(PALETTE[(fg_index + 4) % len(PALETTE)])
-    rng = np.random.default_rng(index)
-    yy, xx = np.mgrid[0:size, 0:size]
-    period = max(4, size // 6)
-    images = []
-    for _ in range(count):
-        off = int(rng.integers(period))
-        cx, cy = rng.uniform(0.35, 0.65, 2) * size
-        d2 = (xx - cx) ** 2 + (yy - cy) ** 2
-        mask = {
-            "hstripes": ((yy + off) // (period // 2)) % 2 == 0,
-            "vstripes": ((xx + off) // (period // 2)) % 2 == 0,
-            "checker": ((xx + off) // period + (yy + off) // period) % 2 == 0,
-            "diagonal": ((xx + yy + off) // (period // 2)) % 2 == 0,
-            "disc": d2 < (0.3 * size) ** 2,
-            "ring": (d2 > (0.18 * size) ** 2) & (d2 < (0.32 * size) ** 2),
-            "cross": (np.abs(xx - cx) < size / 10) | (np.abs(yy - cy) < size / 10),
-            "dots": ((xx + off) % period < period // 2) & ((yy + off) % period < period // 2),
-        }[pattern]
-        images.append(Image.fromarray(np.where(mask[..., None], fg, bg).astype(np.uint8)))
-    return images
+def scaled(train: TrainConfig, factor: float) -> TrainConfig:
+    return dataclasses.replace(train, lr=train.lr * factor, token_lr=train.token_lr * factor)
 
 
-def train_all(base: Base, vs: list[Variant], m: int, train: TrainConfig, cache: Path) -> dict[str, list[ConceptArtifact]]:
-    """Every variant's M concepts; variants with equal adapters share one training (lora-mean,
-    lora-sum and ties train the same plain LoRA), and finished artifacts are cached on disk."""
-    data = Path(tempfile.mkdtemp(prefix="retention-data-"))
-    for i in range(m):
-        for k, im in enumerate(concept_images(i, base.resolution)):
-            (data / f"c{i}").mkdir(exist_ok=True)
-            im.save(data / f"c{i}" / f"{k}.png")
-    trained: dict[AdapterConfig, list[ConceptArtifact]] = {}
+def digest(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+class Trainings:
+    """Trains (or loads from the cache) concept i of a variant at a strength factor."""
+
+    def __init__(self, base: Base, world: World, cache: Path, progress: "Progress") -> None:
+        self.base, self.world, self.cache, self.progress = base, world, cache, progress
+        cache.mkdir(parents=True, exist_ok=True)
+
+    def concept(self, v: Variant, factor: float, i: int) -> ConceptArtifact:
+        c = self.world.concepts[i]
+        train = scaled(v.train, factor)
+        path = self.cache / f"{c.name}-{digest(to_json(v.adapter), to_json(train), self.base.fingerprint, repr(c), str(i))}.safetensors"
+        if path.exists():
+            return ConceptArtifact.load(path)
+        with tempfile.TemporaryDirectory(prefix="retention-") as folder:
+            for k, (pic, caption) in enumerate(self.world.training(c)):
+                pic.save(Path(folder) / f"{k}.png")
+                (Path(folder) / f"{k}.txt").write_text(caption)
+            t0 = time.perf_counter()
+            art = train_concept(self.base, folder, c.name, c.class_word, slot=i, adapter=v.adapter,
+                                train=dataclasses.replace(train, seed=train.seed + i), progress=False)
+        art.save(path)
+        self.progress(f"trained {v.label} x{factor:g} {c.name} ({train.steps} steps, {time.perf_counter() - t0:.0f} s)")
+        return art
+
+    def all(self, v: Variant, factor: float, count: int) -> Concepts:
+        return Concepts([self.concept(v, factor, i) for i in range(count)], v.adapter)
+
+
+class Progress:
+    """Prints what finished, the elapsed time, and an ETA from the share of planned work done."""
+
+    def __init__(self, total: float) -> None:
+        self.total, self.done, self.t0 = total, 0.0, time.perf_counter()
+
+    def add(self, work: float) -> None:
+        self.total += work
+
+    def __call__(self, what: str, work: float = 1.0) -> None:
+        self.done += work
+        el = time.perf_counter() - self.t0
+        eta = el / self.done * max(self.total - self.done, 0) if self.done else float("nan")
+        print(f"[{el / 60:6.1f} min, ETA {eta / 60:5.1f} min] {what}", flush=True)
+
+
+def single_alignment(base: Base, world: World, concepts: Concepts, cfg: EvalConfig) -> float:
+    """Mean image alignment of each concept alone (N = 1) over the sampling seeds."""
+    scores = []
+    for r, art in enumerate(concepts.arts):
+        c = world.concepts[r]
+        with residual_applied(base, concepts.adapter, {k: art.delta(k) for k in art.meta.layout}, [art]):
+            prompt = world.instance_prompt(c, phrase(art), world.identity_attributes(c))
+            pics = sample(base, [prompt] * len(cfg.seeds), list(cfg.seeds), cfg)
+        scores.append(float(world.image_alignment(pics, world.references(c, cfg.references, seed=0)).mean()))
+    return float(np.mean(scores))
+
+
+def match_strength(trainings: Trainings, vs: list[Variant], reference: Variant, count: int, tries: int,
+                   tolerance: float, cfg: EvalConfig) -> tuple[dict[str, float], list[dict]]:
+    """Variant label -> lr factor whose single-concept image alignment on the first `count` concepts
+    is closest to the reference's (doubling or halving, at most `tries` steps past the first)."""
+    base, world = trainings.base, trainings.world
+    target = single_alignment(base, world, trainings.all(reference, 1.0, count), cfg)
+    log = [{"variant": reference.label, "factor": 1.0, "image_alignment": target, "target": target}]
+    factors = {reference.label: 1.0}
     for v in vs:
-        if v.adapter in trained:
+        if v is reference:
             continue
-        arts = []
-        for i in range(m):
-            key = hashlib.sha256(f"{to_json(v.adapter)}{to_json(train)}{base.fingerprint}{i}".encode()).hexdigest()[:16]
-            path = cache / f"c{i}-{key}.safetensors"
-            if path.exists():
-                arts.append(ConceptArtifact.load(path))
-                continue
-            art = train_concept(base, data / f"c{i}", f"c{i}", CLASS_WORDS[i % len(CLASS_WORDS)], slot=i,
-                                adapter=v.adapter, train=dataclasses.replace(train, seed=train.seed + i),
-                                progress=False)
-            art.save(path)
-            arts.append(art)
-        trained[v.adapter] = arts
-    return {v.name: trained[v.adapter] for v in vs}
+        tried: dict[float, float] = {}
+        factor = 1.0
+        for _ in range(tries + 1):
+            tried[factor] = single_alignment(base, world, trainings.all(v, factor, count), cfg)
+            log.append({"variant": v.label, "factor": factor, "image_alignment": tried[factor], "target": target})
+            if abs(tried[factor] / target - 1) <= tolerance:
+                break
+            factor *= 2 if tried[factor] < target else 0.5
+            if factor in tried:
+                break  # the target lies between two tried factors: the closer one wins
+        factors[v.label] = min(tried, key=lambda f: abs(tried[f] - target))
+    return factors, log
 
 
-@dataclass
-class Probe:
-    """Fixed inputs every model is evaluated on: per concept, its prompt and noisy latents of its
-    images; and class-word prompts over noise, for the prior."""
-
-    prompts: list[str]  # (M,)
-    noisy: torch.Tensor  # (M, L, 4, h, w)
-    noise: torch.Tensor  # (M, L, 4, h, w): the denoising target
-    t: torch.Tensor  # (L,)
-    class_prompts: list[str]
-    class_noisy: torch.Tensor  # (C, 4, h, w)
-    class_t: torch.Tensor  # (C,)
-
-
-def reference_images(i: int, size: int) -> torch.Tensor:
-    """Concept i's training images as (4, 3, size, size) in [0, 1]."""
-    return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
-                        for im in concept_images(i, size)])
-
-
-@torch.no_grad()
-def noisy_latents(base: Base, i: int, timesteps: tuple[int, ...], g: torch.Generator
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Concept i's images encoded and noised once per timestep: (noisy, noise, t), 4 x len(timesteps) each."""
-    pipe = base.pipe
-    t = torch.tensor([tt for tt in timesteps for _ in range(4)])
-    x = reference_images(i, base.resolution) * 2 - 1
-    lat = pipe.vae.encode(x).latent_dist.mean.repeat(len(timesteps), 1, 1, 1) * pipe.vae.config.scaling_factor
-    noise = torch.randn(lat.shape, generator=g)
-    return pipe.scheduler.add_noise(lat, noise, t), noise, t
-
-
-def fusion_grams(base: Base, adapter: AdapterConfig, arts: list[ConceptArtifact]) -> list[dict[str, torch.Tensor]]:
-    """Each concept's layer-input statistics for gradient fusion, gathered on its own images at
-    timesteps and noise the probes never use, so fusion is not fitted to what it is scored on."""
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for i, a in enumerate(arts):
-        noisy, _, t = noisy_latents(base, i, FUSION_TIMESTEPS, g)
-        out.append(input_grams(base, adapter, a, noisy, t, [prompt_of(a)] * len(t)))
-    return out
-
-
-def judge_identity(judge: Judge, images: torch.Tensor, refs: list[torch.Tensor], concepts: list[int]) -> torch.Tensor:
-    """Judge identity of images[k] (a generation of concept concepts[k]) to that concept's images."""
-    return torch.stack([judge.similarity(images[k:k + 1], refs[i])[0] for k, i in enumerate(concepts)])
-
-
-def prompt_of(art: ConceptArtifact) -> str:
-    return f"a photo of {' '.join(art.meta.triggers)} {art.meta.class_word}"
+def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConfig, arms: tuple[str, ...],
+        match: float, out: Path, cache: Path, guidance: float) -> dict:
+    base = load_base(base_spec, device="cpu")
+    world = load_world()
+    m = profile.concepts
+    if m > len(world.concepts):
+        raise ValueError(f"{m} concepts asked, the world has {len(world.concepts)}")
+    if not {1, profile.ns[-1]} <= set(profile.ns) or profile.ns[-1] > m:
+        raise ValueError(f"set sizes {profile.ns} must include 1 and end at most at {m}")
+    train = dataclasses.replace(train, resolution=base.resolution, steps=profile.steps, batch_size=profile.batch)
+    cfg = EvalConfig(ns=profile.ns, seeds=profile.seeds, steps=profile.gen_steps, guidance=guidance)
+    vs = variants(study, train, arms)
+    distinct = list(dict.fromkeys(vs.values()))
+    windows = m * (len(profile.ns) + 2)
+    progress = Progress(total=len(distinct) * (m + profile.calib_concepts * profile.calib_tries) + len(arms) * windows)
+    trainings = Trainings(base, world, cache / "concepts", progress)
+    factors, calibration = {v.label: 1.0 for v in distinct}, []
+    if profile.calib_tries:
+        factors, calibration = match_strength(trainings, distinct, vs[REFERENCE], profile.calib_concepts,
+                                              profile.calib_tries, match, cfg)
+    trained: dict[str, Concepts] = {}
+    results: dict[str, dict] = {}
+    summary_: dict = {}
+    for name in arms:  # trained lazily and reported after every arm, so a cut-short run still says something
+        v = vs[name]
+        if v.label not in trained:
+            trained[v.label] = trainings.all(v, factors[v.label], m)
+        key = digest(name, ALL_METHODS[name].merge, to_json(v.adapter), to_json(scaled(v.train, factors[v.label])),
+                     json.dumps(dataclasses.asdict(cfg)), base.fingerprint, repr(world.concepts[:m]), world.name)
+        path = cache / "arms" / f"{name}-{key}.json"
+        if path.exists():
+            results[name] = decode(json.loads(path.read_text()))
+            progress(f"{name}: cached", windows)
+        else:
+            results[name] = evaluate(base, world, trained[v.label], ALL_METHODS[name].merge, cfg,
+                                     progress=lambda what: progress(f"{name} {what}"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(encode(results[name])))
+        weights = {label: summary(pairwise_stats({a.name: {k: a.delta(k) for k in a.meta.layout} for a in c.arts}))
+                   for label, c in trained.items()}
+        summary_ = report(results, {n: vs[n].label for n in results}, factors, calibration, weights, cfg, out)
+    return {"benchmark": "retention", "env": environment("cpu", torch.float32), "base": base_spec,
+            "judge": world.name, "concepts": [c.name for c in world.concepts[:m]],
+            "profile": dataclasses.asdict(profile), "train": dataclasses.asdict(train),
+            "adapter": dataclasses.asdict(study), "eval": dataclasses.asdict(cfg), "match_tolerance": match,
+            "lr_factors": factors, "calibration": calibration,
+            "seconds": time.perf_counter() - progress.t0, **summary_}
 
 
-@torch.no_grad()
-def make_probe(base: Base, arts: list[ConceptArtifact], seed: int = 0) -> Probe:
-    g = torch.Generator().manual_seed(seed)
-    noisy, noises = [], []
-    for i in range(len(arts)):
-        x, noise, t = noisy_latents(base, i, EVAL_TIMESTEPS, g)
-        noisy.append(x)
-        noises.append(noise)
-    words = sorted({a.meta.class_word for a in arts})
-    class_prompts = [f"a photo of {w}" for w in words for _ in EVAL_TIMESTEPS]
-    shape = noisy[0].shape[1:]
-    return Probe([prompt_of(a) for a in arts],
-                 torch.stack(noisy), torch.stack(noises), t, class_prompts,
-                 torch.randn((len(class_prompts), *shape), generator=g),
-                 torch.tensor(list(EVAL_TIMESTEPS) * len(words)))
+def encode(result: dict) -> dict:
+    """JSON-able copy (arrays to lists, int keys to strings)."""
+    if isinstance(result, dict):
+        return {str(k): encode(v) for k, v in result.items()}
+    return result.tolist() if isinstance(result, np.ndarray) else result
 
 
-@torch.no_grad()
-def eps(base: Base, adapter: AdapterConfig, residual: dict, arts: list[ConceptArtifact], probe: Probe,
-        concepts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise predictions of W0 + residual (with `arts`' trigger embeddings) on the probes of
-    `concepts` (K, L, ...) and on the class prompts (C, ...)."""
-    unet = base.pipe.unet
-    with residual_applied(base, adapter, residual, arts):
-        L = probe.t.numel()
-        prompts = [probe.prompts[i] for i in concepts for _ in range(L)]
-        cond, _ = encode_prompts(base, prompts + probe.class_prompts)
-        x = torch.cat([probe.noisy[concepts].flatten(0, 1), probe.class_noisy])
-        t = torch.cat([probe.t.repeat(len(concepts)), probe.class_t])
-        out = unet(x, t, cond).sample
-    k = len(concepts) * L
-    return out[:k].reshape(len(concepts), L, *out.shape[1:]), out[k:]
-
-
-@torch.no_grad()
-def generate(base: Base, adapter: AdapterConfig, residual: dict, arts: list[ConceptArtifact],
-             probe: Probe, concepts: list[int], steps: int) -> torch.Tensor:
-    """Same-seed images (K, 3, H, W) in [0, 1] of each concept's prompt: seed 1000 + i for concept i."""
-    gens = [torch.Generator().manual_seed(1000 + i) for i in concepts]
-    with residual_applied(base, adapter, residual, arts):
-        return base.pipe([probe.prompts[i] for i in concepts], num_inference_steps=steps, generator=gens,
-                         guidance_scale=3.0, output_type="pt", height=base.resolution, width=base.resolution).images
-
-
-def sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference over everything but the first axis."""
-    return (a - b).pow(2).flatten(1).mean(1)
-
-
-def evaluate(base: Base, v: Variant, arts: list[ConceptArtifact], probe: Probe, gen_steps: int,
-             eps0: tuple[torch.Tensor, torch.Tensor], judge: Judge, scorer=None) -> tuple[list[dict], list[dict], dict]:
-    m = len(arts)
-    idx = list(range(m))
-    grams = fusion_grams(base, v.adapter, arts) if v.rule == "fusion" else None
-    refs = [reference_images(i, base.resolution) for i in idx]
-    base_own, base_cls = eps0
-    single = [eps(base, v.adapter, merge_deltas([a], "sum"), [a], probe, [i]) for i, a in enumerate(arts)]
-    own = torch.cat([s[0] for s in single])  # (M, L, ...): ε_i on i's probe
-    effect = sq(own, base_own)  # (M,): E||ε_i - ε_0||²
-    fit = 1 - sq(own, probe.noise) / sq(base_own, probe.noise)
-    single_img = torch.cat([generate(base, v.adapter, merge_deltas([a], "sum"), [a], probe, [i], gen_steps)
-                            for i, a in enumerate(arts)])
-    curve, per_concept = [], []
-    for n in range(1, m + 1):
-        members = idx[:n]
-        residual = merge_deltas(arts[:n], v.rule, grams=grams[:n] if grams else None)
-        merged_own, merged_cls = eps(base, v.adapter, residual, arts[:n], probe, members)
-        retention = 1 - sq(merged_own, own[:n]) / effect[:n]
-        drift = float(sq(merged_cls, base_cls).mean() / effect[:n].mean())
-        imgs = generate(base, v.adapter, residual, arts[:n], probe, members, gen_steps)
-        mae = (imgs - single_img[:n]).abs().flatten(1).mean(1)
-        ident = judge_identity(judge, imgs, refs, members)
-        curve.append({"method": v.name, "N": n, "retention_mean": float(retention.mean()),
-                      "retention_min": float(retention.min()), "prior_drift": drift,
-                      "image_mae_mean": float(mae.mean()),
-                      "judge_identity_mean": float(ident.mean())})
-        per_concept += [{"method": v.name, "N": n, "concept": arts[i].name, "retention": float(retention[i]),
-                         "image_mae": float(mae[i]), "judge_identity": float(ident[i])}
-                        for i in members]
-    stats = summary(pairwise_stats({a.name: {k: a.delta(k) for k in a.meta.layout} for a in arts}))
-    row = {"method": v.name, "erasure": v.adapter.erasure, "blockwise": v.adapter.blockwise, "rule": v.rule,
-           "fit_mean": float(fit.mean()), "retention_at_M": curve[-1]["retention_mean"],
-           "retention_area": statistics.mean(c["retention_mean"] for c in curve),
-           "prior_drift_at_M": curve[-1]["prior_drift"], "image_mae_at_M": curve[-1]["image_mae_mean"], **stats}
-    row["judge_identity_single"] = float(judge_identity(judge, single_img, refs, idx).mean())
-    row["judge_identity_at_M"] = curve[-1]["judge_identity_mean"]
-    if scorer is not None:
-        row.update(clip_scores(scorer, arts, probe, single_img, imgs))
-    return curve, per_concept, row
-
-
-def clip_scores(scorer, arts: list[ConceptArtifact], probe: Probe, single: torch.Tensor,
-                merged: torch.Tensor) -> dict[str, float]:
-    """CLIP image / text alignment of each concept alone and within the full merged set."""
-    out: dict[str, list[float]] = {}
-    for i, a in enumerate(arts):
-        refs = concept_images(i, single.shape[-1])
-        for tag, img in (("single", single[i]), ("merged", merged[i])):
-            s = scorer.score([img], refs, probe.prompts[i], a.meta.triggers, a.meta.class_word)
-            for k, val in s.items():
-                out.setdefault(f"clip_{k}_{tag}", []).append(val)
-    return {k: statistics.mean(v) for k, v in out.items()}
-
-
-def run(spec: str, m: int, train: TrainConfig, study: AdapterConfig, gen_steps: int, out: Path,
-        cache: Path, clip: tuple[str, str] | None) -> dict:
-    base = load_base(spec, device="cpu")
-    train = dataclasses.replace(train, resolution=base.resolution)  # train at the base's native size
-    vs = variants(study)
-    t0 = time.perf_counter()
-    trained = train_all(base, vs, m, train, cache)
-    train_s = time.perf_counter() - t0
-    probe = make_probe(base, trained[vs[0].name])
-    eps0 = eps(base, study, {}, [], probe, list(range(m)))
-    judge = load_judge()
-    base_imgs = generate(base, study, {}, [], probe, list(range(m)), gen_steps)  # the prompts, no concept
-    judge_floor = float(judge_identity(judge, base_imgs, [reference_images(i, base.resolution) for i in range(m)],
-                                       list(range(m))).mean())
-    scorer = None
-    if clip is not None:
-        from blocklora.evaluation import ClipScorer
-        scorer = ClipScorer(clip[0], clip[1])
-    curves, per_concept, rows = [], [], []
-    for v in vs:
-        c, p, r = evaluate(base, v, trained[v.name], probe, gen_steps, eps0, judge, scorer)
-        curves += c
-        per_concept += p
-        rows.append(r)
-    write_csv(out / "retention_curve.csv", curves)
-    write_csv(out / "retention_per_concept.csv", per_concept)
-    write_csv(out / "methods.csv", rows)
-    names = [v.name for v in vs if not v.name.startswith("blocklora-lambda")]
-    for metric, label in (("retention_mean", "retention (mean over the set)"), ("prior_drift", "prior drift"),
-                          ("image_mae_mean", "image MAE vs. concept alone"),
-                          ("judge_identity_mean", "judge identity (cosine to the concept's images)")):
-        series = {n: ([c["N"] for c in curves if c["method"] == n], [c[metric] for c in curves if c["method"] == n])
-                  for n in names}
-        line_plot(out / f"{metric}_vs_N.png", series, "concepts merged (N)", label, f"{spec} base, M={m}")
-    by_lambda = {r["erasure"]: r for r in rows if r["blockwise"] and r["rule"] == "sum"}
-    sweep = [{"lambda": lam, "fit_mean": by_lambda[lam]["fit_mean"], "retention_at_M": by_lambda[lam]["retention_at_M"],
-              "retention_area": by_lambda[lam]["retention_area"]} for lam in LAMBDAS]
-    write_csv(out / "lambda_sweep.csv", sweep)
-    line_plot(out / "lambda_sweep.png", {k: (list(LAMBDAS), [s[k] for s in sweep]) for k in
-                                         ("fit_mean", "retention_at_M", "retention_area")},
-              "erasure rate λ", "score", "BlockLoRA: erasure rate sweep")
-    return {"benchmark": "retention", "env": environment("cpu", torch.float32), "base": spec, "M": m,
-            "train": dataclasses.asdict(train), "adapter": dataclasses.asdict(study), "gen_steps": gen_steps,
-            "train_seconds": train_s, "judge_identity_without_concepts": judge_floor, "methods": {r["method"]: {k: v for k, v in r.items() if k != "method"} for r in rows},
-            "lambda_sweep": sweep, "lambda_best_retention": max(sweep, key=lambda s: s["retention_area"])["lambda"],
-            "clip": {"model": clip[0], "pretrained": clip[1]} if clip else None}
+def decode(data: dict) -> dict:
+    """Inverse of `encode` for an arm's result: N keys back to int, lists back to arrays."""
+    def conv(v):
+        if isinstance(v, dict):
+            return {(int(k) if k.isdigit() else k): conv(x) for k, x in v.items()}
+        return np.array(v) if isinstance(v, list) else v
+    return conv(data)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="M = 4, 8 steps, 2 sampling steps")
-    p.add_argument("--base", default="tiny", help="'tiny' or a diffusers folder such as models/toy-base")
-    p.add_argument("--concepts", type=int, default=15, help="M, at most --slots")
-    p.add_argument("--steps", type=int, default=40, help="training steps per concept")
-    p.add_argument("--batch", type=int, default=1, help="images per training step")
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--rank", type=int, default=2, help="rank 2 x 16 slots fits orthogonal A in 32-wide layers")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    p.add_argument("--quick", action="store_true", help="same as --profile quick (CI)")
+    p.add_argument("--base", default=None, help="a diffusers folder; default: the committed toy base")
+    p.add_argument("--lr", type=float, default=5e-3, help="LoRA lr before strength matching")
+    p.add_argument("--token-lr-ratio", type=float, default=10.0, help="token lr = ratio x lr (ED-LoRA's 10:1)")
+    p.add_argument("--rank", type=int, default=2)
     p.add_argument("--slots", type=int, default=16)
-    p.add_argument("--gen-steps", type=int, default=8)
+    p.add_argument("--erasure", type=float, default=0.1, help="λ of BlockLoRA's randomized output erasure")
+    p.add_argument("--match", type=float, default=0.05, help="strength matching tolerance (relative image alignment)")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ALL_METHODS))
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    p.add_argument("--clip-model", default="ViT-B-32")
-    p.add_argument("--clip-pretrained", default=None, help="local open_clip weights: adds CLIP alignment")
-    p.add_argument("--out", type=Path, default=None, help="default docs/results/retention[-<base>]")
+    p.add_argument("--out", type=Path, default=None, help="default docs/results/retention-<profile>")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "blocklora-retention-cache")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quick:
-        args.concepts, args.steps, args.gen_steps = 4, 8, 2
-    out = args.out or RESULTS_DIR / ("retention" if args.base == "tiny" else f"retention-{Path(args.base).name}")
-    train = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, seed=0, checkpoint_every=0)
-    study = AdapterConfig(rank=args.rank, num_slots=args.slots, erasure=0.1)
-    clip = (args.clip_model, args.clip_pretrained) if args.clip_pretrained else None
-    result = run(args.base, args.concepts, train, study, args.gen_steps, out, args.cache, clip)
+    profile_name = "quick" if args.quick else args.profile
+    arms = tuple(a for a in args.arms.split(",") if a)
+    unknown = [a for a in arms if a not in ALL_METHODS]
+    if unknown or REFERENCE not in arms:
+        raise SystemExit(f"unknown arms {unknown} (known: {sorted(ALL_METHODS)}); {REFERENCE} must be among them")
+    train = TrainConfig(lr=args.lr, token_lr=args.lr * args.token_lr_ratio, seed=0, checkpoint_every=0)
+    study = AdapterConfig(rank=args.rank, num_slots=args.slots, erasure=args.erasure)
+    out = args.out or RESULTS_DIR / f"retention-{profile_name}"
+    result = run(PROFILES[profile_name], args.base or default_base_spec(), train, study, arms, args.match, out,
+                 args.cache, args.guidance)
     result["quick"] = args.quick
+    out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=float))
     emit(result)
 

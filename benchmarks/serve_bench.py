@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from benchmarks.common import emit, environment, random_artifact, sd15_base
+from benchmarks.common import DTYPES, add_device_args, emit, environment, random_artifact, sd15_base, sync
 from blocklora.base import Base, load_base
 from blocklora.config import AdapterConfig
 from blocklora.export import to_lora_state_dict
@@ -37,7 +37,7 @@ from blocklora.merge import LiveMerge
 from serve.residual import ConceptBank
 
 ADAPTER = AdapterConfig(rank=4, num_slots=16)
-LIVE = 8  # concepts loaded; each request asks for two of them
+LIVE = 16  # concepts loaded; each request asks for two of them
 
 
 Case = tuple[Callable[[], object], Callable[[], object]]  # (untimed setup, timed work)
@@ -53,24 +53,27 @@ def interleaved(cases: dict[str, Case], rounds: int) -> dict[str, float]:
     for _ in range(rounds):
         for name, (setup, fn) in cases.items():
             setup()
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def subsets(batch: int) -> list[dict[str, float]]:
-    """Request i asks for concepts i and i+1 (mod LIVE): every request of a batch differs."""
-    return [{f"concept{i % LIVE}": 1.0, f"concept{(i + 1) % LIVE}": 1.0} for i in range(batch)]
+    """Request i asks for concepts 2i and 2i+1 (mod LIVE): every request of a batch differs and, at 8
+    requests, together they ask for all 16 live concepts."""
+    return [{f"concept{2 * i % LIVE}": 1.0, f"concept{(2 * i + 1) % LIVE}": 1.0} for i in range(batch)]
 
 
 def bench_model(label: str, base: Base, latent: int, batch: int, steps: int, rounds: int) -> dict:
     unet = base.pipe.unet
     g = torch.Generator().manual_seed(0)
     width = unet.config.cross_attention_dim
-    x = torch.randn(2 * batch, 4, latent, latent, generator=g)
-    cond = torch.randn(2 * batch, 77, width, generator=g)
-    t = torch.tensor(500)
+    x = torch.randn(2 * batch, 4, latent, latent, generator=g).to(unet.device, unet.dtype)
+    cond = torch.randn(2 * batch, 77, width, generator=g).to(unet.device, unet.dtype)
+    t = torch.tensor(500, device=unet.device)
     lay = layout(base.pipe, ADAPTER)
     arts = {f"concept{k}": random_artifact(base, ADAPTER, lay, k, seed=k) for k in range(LIVE)}
     reqs = subsets(batch)
@@ -153,10 +156,12 @@ def bench_model(label: str, base: Base, latent: int, batch: int, steps: int, rou
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="16x16 latents, fewer repeats: < 5 min on 2 cores")
-    p.add_argument("--batch", type=int, default=4, help="requests per batch (the UNet sees twice as many)")
+    p.add_argument("--batch", type=int, default=8, help="requests per batch (the UNet sees twice as many)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps a request runs (amortises peft's switch)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 because on a loaded 2-core machine 2 threads stall each other (10x)")
+    p.add_argument("--latent", type=int, help="latent side of the SD1.5-shaped runs (default 32; --quick 16)")
+    add_device_args(p)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     diffusers_logging.set_verbosity_error()
@@ -164,10 +169,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     latent, rounds = (16, 3) if args.quick else (32, 7)
-    runs = [bench_model("tiny", load_base("tiny", device="cpu"), 16, args.batch, args.steps, rounds * 5),
-            bench_model("sd15-shaped", sd15_base(), latent, args.batch, args.steps, rounds)]
+    latent = args.latent or latent
+    where = {"device": args.device, "dtype": DTYPES[args.dtype]}
+    runs = [bench_model("tiny", load_base("tiny", **where), 16, args.batch, args.steps, rounds * 5),
+            bench_model("sd15-shaped", sd15_base(**where), latent, args.batch, args.steps, rounds)]
     emit({"benchmark": "serve", "adapter": {"rank": ADAPTER.rank, "num_slots": ADAPTER.num_slots},
-          "live_concepts": LIVE, "concepts_per_request": 2, **environment("cpu", torch.float32), "runs": runs})
+          "live_concepts": LIVE, "concepts_per_request": 2, "quick": args.quick,
+          "env": environment(args.device, DTYPES[args.dtype]), "runs": runs})
 
 
 if __name__ == "__main__":

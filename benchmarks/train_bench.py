@@ -20,8 +20,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save as safetensors_bytes
 
-from benchmarks.common import (RESULTS_DIR, emit, environment, line_plot, peak_rss, saved_activation_bytes,
-                               sd15_base, timed, write_csv)
+from benchmarks.common import (DTYPES, RESULTS_DIR, add_device_args, emit, environment, line_plot, peak_rss,
+                               saved_activation_bytes, sd15_base, timed, write_csv)
 from blocklora.base import Base, load_base
 from blocklora.config import AdapterConfig, TrainConfig
 from blocklora.inject import eject
@@ -104,11 +104,13 @@ def bench_model(name: str, base: Base, rank: int, batch: int, image_size: int, r
     return rows
 
 
-def run(rounds: int, steps: int, rank: int, out: Path) -> dict:
-    rows = bench_model("tiny", load_base("tiny", device="cpu"), rank, batch=2, image_size=32,
+def run(rounds: int, steps: int, rank: int, out: Path, device: str = "cpu",
+        dtype: torch.dtype = torch.float32) -> dict:
+    """`dtype` is the whole base's, adapters included (no fp32 master weights or autocast here)."""
+    rows = bench_model("tiny", load_base("tiny", device=device, dtype=dtype), rank, batch=2, image_size=32,
                        rounds=rounds, steps=steps)
-    rows += bench_model("sd15-shaped", sd15_base(), rank, batch=1, image_size=32, rounds=rounds,
-                        steps=max(2, steps // 3))
+    rows += bench_model("sd15-shaped", sd15_base(device=device, dtype=dtype), rank, batch=1, image_size=32,
+                        rounds=rounds, steps=max(2, steps // 3))
     write_csv(out / "train_cost.csv", rows)
     get = {(r["model"], r["arm"]): r for r in rows}
     summary = {}
@@ -124,7 +126,7 @@ def run(rounds: int, steps: int, rank: int, out: Path) -> dict:
               for arm in ARMS}
     line_plot(out / "train_step.png", series, "model", "seconds per step (median)",
               f"one training step, rank {rank}", logy=True)
-    return {"benchmark": "train", "env": environment("cpu", torch.float32), "rank": rank, "rounds": rounds,
+    return {"benchmark": "train", "env": environment(device, dtype), "rank": rank, "rounds": rounds,
             "summary": summary, "rows": rows}
 
 
@@ -133,13 +135,14 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer rounds and timed steps")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "train", help="folder for CSV and PNG")
+    add_device_args(p)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 by default: on a shared machine, idle-waiting OpenMP threads "
                         "of an oversubscribed CPU make small ops erratic")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rounds, steps = (1, 3) if args.quick else (3, 10)
-    result = run(rounds, steps, args.rank, args.out)
+    result = run(rounds, steps, args.rank, args.out, args.device, DTYPES[args.dtype])
     result["quick"] = args.quick
     emit(result)
 

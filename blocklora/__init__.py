@@ -1,10 +1,19 @@
-"""blocklora: concepts that own disjoint row blocks, so any set of them merges exactly and instantly."""
+"""blocklora: concepts that own disjoint row blocks, so any set of them merges exactly and instantly.
 
-from blocklora.artifact import ConceptArtifact, InvalidArtifact
-from blocklora.base import Base, load_base
-from blocklora.config import AdapterConfig, GenerateConfig, TrainConfig
-from blocklora.layer import BlockLoRALinear
-from blocklora.merge import LiveMerge
+The names below load on first use: importing one light module (`blocklora.config`, `blocklora.data`)
+must not drag in diffusers and transformers, which take seconds to import (a client job's driver
+only needs the configs)."""
 
-__all__ = ["AdapterConfig", "Base", "BlockLoRALinear", "ConceptArtifact", "GenerateConfig", "InvalidArtifact",
-           "LiveMerge", "TrainConfig", "load_base"]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {"ConceptArtifact": "artifact", "InvalidArtifact": "artifact", "Base": "base", "load_base": "base",
+            "AdapterConfig": "config", "GenerateConfig": "config", "TrainConfig": "config",
+            "BlockLoRALinear": "layer", "LiveMerge": "merge"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'blocklora' has no attribute {name!r}")
+    return getattr(import_module(f"blocklora.{_EXPORTS[name]}"), name)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from blocklora.atomic import atomic_write
 from blocklora.config import AdapterConfig
 from blocklora.partition import row_block
 from blocklora.safefile import InvalidFile, read_safetensors, write_safetensors
@@ -166,13 +167,10 @@ class ConceptArtifact:
         return write_safetensors(self.tensors, {"blocklora": self.meta.to_json()})
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically (tmp + rename): a reader never sees half a file."""
+        """Write atomically: a reader never sees half a file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(self.to_bytes())
-        tmp.replace(path)
-        return path
+        return atomic_write(path, self.to_bytes())
 
     @classmethod
     def from_bytes(cls, data: bytes, max_bytes: int = MAX_ARTIFACT_BYTES) -> "ConceptArtifact":

@@ -1,5 +1,5 @@
-"""The peers, behind the same interface: plain LoRA (averaged or summed), Orthogonal Adaptation,
-TIES merging, Mix-of-Show's gradient fusion, and BlockLoRA's own ablations. Each is an adapter
+"""The peers, behind the same interface: plain LoRA (averaged or summed), DB-LoRA, Orthogonal
+Adaptation, TIES merging, Mix-of-Show's gradient fusion, and BlockLoRA's own ablations. Each is an adapter
 shape for training plus a merge rule that turns a set of artifacts into one residual per target
 layer."""
 
@@ -16,32 +16,41 @@ import torch
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import Base
 from blocklora.conditioning import encode_prompts
-from blocklora.config import AdapterConfig
+from blocklora.config import AdapterConfig, TrainConfig
 from blocklora.inject import find_targets
 from blocklora.slots import PipelineSlots
 
 
 @dataclass(frozen=True)
 class Method:
-    """How concepts are trained (adapter overrides) and how a set of them is merged."""
+    """How concepts are trained (adapter and training overrides) and how a set of them is merged."""
 
     name: str
     adapter: dict  # overrides applied to the federation's AdapterConfig
     merge: str  # "sum" (α = 1), "mean" (α = 1/N), "ties" or "fusion" (needs input_grams)
+    train: dict = dataclasses.field(default_factory=dict)  # overrides applied to the study's TrainConfig
 
     def adapter_config(self, base_cfg: AdapterConfig) -> AdapterConfig:
         return dataclasses.replace(base_cfg, **self.adapter)
 
+    def train_config(self, base_cfg: TrainConfig) -> TrainConfig:
+        return dataclasses.replace(base_cfg, **self.train)
 
+
+PLAIN = {"blockwise": False, "erasure": 0.0}  # a plain LoRA: B owns every row, no erasure
+# The paper's peers. Every method that learns a trigger embedding (ours, ED-LoRA for Mix-of-Show,
+# TIES, Orthogonal Adaptation) uses the study's lr and token_lr; DB-LoRA keeps a fixed rare token.
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("blocklora", {}, "sum"),
+    Method("blocklora", {}, "sum"),  # α = 1: what LiveMerge does by default
+    Method("blocklora-mean", {}, "mean"),  # α = 1/N: the paper's Eq. 5
     Method("blocklora-no-erasure", {"erasure": 0.0}, "sum"),
     Method("blocklora-no-blocks", {"blockwise": False}, "sum"),
-    Method("lora-mean", {"blockwise": False, "erasure": 0.0}, "mean"),
-    Method("lora-sum", {"blockwise": False, "erasure": 0.0}, "sum"),
-    Method("orthogonal", {"blockwise": False, "erasure": 0.0, "freeze_a": "orthogonal"}, "sum"),
-    Method("ties", {"blockwise": False, "erasure": 0.0}, "ties"),
-    Method("mix-of-show", {"blockwise": False, "erasure": 0.0}, "fusion"),
+    Method("lora-mean", PLAIN, "mean"),  # Mix-of-Show's weighted averaging of ED-LoRAs
+    Method("lora-sum", PLAIN, "sum"),
+    Method("db-lora", PLAIN, "mean", {"token_lr": 0.0, "token_init": "rare"}),  # DreamBooth-LoRA averaged
+    Method("orthogonal", {**PLAIN, "freeze_a": "orthogonal"}, "sum"),
+    Method("ties", PLAIN, "ties"),
+    Method("mix-of-show", PLAIN, "fusion"),  # Mix-of-Show's gradient fusion of ED-LoRAs
 ]}
 
 

@@ -9,17 +9,7 @@ from pathlib import Path
 
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import TINY, load_base
-from blocklora.config import UNET_TARGETS, AdapterConfig, GenerateConfig, TrainConfig
-
-
-def _adapter_args(p: argparse.ArgumentParser) -> None:
-    d = AdapterConfig()
-    p.add_argument("--slots", type=int, default=d.num_slots, help="K: row blocks per layer")
-    p.add_argument("--slot", type=int, default=0, help="which row block this concept owns")
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--erasure", type=float, default=d.erasure, help="λ, randomized output erasure rate")
-    p.add_argument("--targets", nargs="+", default=list(UNET_TARGETS), help="UNet module suffixes")
-    p.add_argument("--text-targets", nargs="*", default=[], help="text-encoder module suffixes (e.g. q_proj)")
+from blocklora.config import AdapterConfig, GenerateConfig, TrainConfig, add_flags, from_args
 
 
 def _load(paths: list[str]) -> list[ConceptArtifact]:
@@ -42,11 +32,9 @@ def _merged_base(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> None:
     from blocklora.trainer import train_concept
 
+    adapter = from_args(AdapterConfig, args, args.parser)
     base = load_base(args.base)
-    adapter = AdapterConfig(rank=args.rank, num_slots=args.slots, erasure=args.erasure,
-                            unet_targets=tuple(args.targets), text_targets=tuple(args.text_targets))
-    train = TrainConfig(steps=args.steps, seed=args.seed, resolution=args.resolution or base.resolution,
-                        prior_preservation=args.prior)
+    train = from_args(TrainConfig, args, args.parser, resolution=args.resolution or base.resolution)
     art = train_concept(base, args.images, args.name, args.class_word, args.slot, adapter, train,
                         checkpoint_dir=args.checkpoint_dir)
     path = art.save(args.out)
@@ -59,8 +47,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from blocklora.prompts import expand
 
     base, phrases = _merged_base(args)
-    cfg = GenerateConfig(steps=args.steps, seed=args.seed, guidance_scale=args.guidance,
-                         width=args.size or base.resolution, height=args.size or base.resolution)
+    cfg = from_args(GenerateConfig, args, args.parser, width=args.size or base.resolution,
+                    height=args.size or base.resolution)
     images = generate(base, expand(args.prompt, phrases), cfg, args.num_images)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -103,14 +91,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--images", required=True)
     t.add_argument("--name", required=True)
     t.add_argument("--class-word", required=True)
-    t.add_argument("--steps", type=int, default=TrainConfig().steps)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--slot", type=int, default=0, help="which row block this concept owns")
     t.add_argument("--resolution", type=int, default=0, help="0: the base's native size")
-    t.add_argument("--prior", action="store_true", help="prior-preservation loss on class images")
     t.add_argument("--checkpoint-dir", default=None, help="resume from / checkpoint into this folder")
     t.add_argument("--out", required=True, help="artifact path (.safetensors)")
-    _adapter_args(t)
-    t.set_defaults(fn=cmd_train)
+    add_flags(t, TrainConfig, skip=("resolution",))
+    add_flags(t, AdapterConfig)
+    t.set_defaults(fn=cmd_train, parser=t)
 
     for name, fn, help_ in (("generate", cmd_generate, "merge concepts into the base and sample images"),
                             ("merge", cmd_merge, "merge concepts into a standard diffusers LoRA file")):
@@ -119,15 +106,13 @@ def parser() -> argparse.ArgumentParser:
         g.add_argument("--scales", nargs="*", type=float, help="α per concept (default 1.0 each)")
         g.add_argument("--mean", action="store_true", help="α = 1/N (the paper's Σα = 1 convention)")
         g.add_argument("--out", required=True)
-        g.set_defaults(fn=fn)
+        g.set_defaults(fn=fn, parser=g)
     gen = sub.choices["generate"]
     gen.add_argument("--base", default=TINY)
     gen.add_argument("--prompt", required=True, help="may name concepts as {name}")
-    gen.add_argument("--steps", type=int, default=GenerateConfig().steps)
-    gen.add_argument("--guidance", type=float, default=GenerateConfig().guidance_scale)
-    gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--size", type=int, default=0, help="0: the base's native size")
     gen.add_argument("--num-images", type=int, default=1)
+    add_flags(gen, GenerateConfig, skip=("width", "height"))
 
     i = sub.add_parser("inspect", help="show artifacts' metadata and their pairwise weight statistics")
     i.add_argument("concepts", nargs="+")

@@ -1,15 +1,18 @@
 """Every knob of blocklora in one typed place.
 
 Frozen dataclasses so a config can be hashed, compared and written into an artifact's metadata
-as JSON; only `jobs/` and the CLI turn argv into these objects.
+as JSON; only `jobs/` and the CLI turn argv into these objects, through `add_flags` / `from_args`,
+which derive each flag's name, type, default and help from the field, so no script re-types them.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-from dataclasses import dataclass
-from typing import Any
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 # Attention projections of diffusers' self- (attn1) and cross-attention (attn2) blocks.
 UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -17,18 +20,27 @@ UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
+def knob(default: Any, help: str, flag: str | None = None) -> Any:
+    """A config field that carries its help text, so every CLI that exposes it shows the same words.
+
+    `flag` names the command-line flag where it is not the field's name in --kebab-case (kept for
+    flags older than `add_flags`, e.g. --slots for num_slots)."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """Shape of every concept's adapter in one federation; all concepts must agree on it."""
 
-    rank: int = 4  # r: rows of A, columns of B
-    num_slots: int = 16  # K: how many concepts can live side by side (row blocks per layer)
-    erasure: float = 0.1  # λ: rate of randomized output erasure during training (0 disables)
-    unet_targets: tuple[str, ...] = UNET_TARGETS  # module-name suffixes wrapped in the UNet
-    text_targets: tuple[str, ...] = ()  # suffixes wrapped in the text encoder (empty: UNet only)
-    tokens_per_concept: int = 1  # new trigger tokens each concept learns
-    blockwise: bool = True  # False: B owns every row (plain LoRA; the Table 3 ablation)
-    freeze_a: str = "none"  # "none" | "orthogonal": Orthogonal Adaptation's frozen, orthogonal A
+    rank: int = knob(4, "r: LoRA rank, rows of A and columns of B")
+    num_slots: int = knob(16, "K: how many concepts can live side by side (row blocks per layer)", flag="--slots")
+    erasure: float = knob(0.1, "λ: rate of randomized output erasure during training (0 disables); "
+                               "higher keeps merged concepts apart (docs/results)")
+    unet_targets: tuple[str, ...] = knob(UNET_TARGETS, "module-name suffixes wrapped in the UNet", flag="--targets")
+    text_targets: tuple[str, ...] = knob((), "suffixes wrapped in the text encoder, e.g. q_proj (none: UNet only)")
+    tokens_per_concept: int = knob(1, "new trigger tokens each concept learns")
+    blockwise: bool = knob(True, "off: B owns every row (plain LoRA; the Table 3 ablation)")
+    freeze_a: str = knob("none", "'none' or 'orthogonal': Orthogonal Adaptation's frozen, orthogonal A")
 
     def __post_init__(self) -> None:
         # upper bounds too: an artifact's metadata carries this config, and the loader builds lists
@@ -48,25 +60,31 @@ class AdapterConfig:
 class TrainConfig:
     """One concept's training run (DreamBooth loss + new token embedding, jointly)."""
 
-    steps: int = 200  # optimizer steps
-    batch_size: int = 2  # instance images per step (prior images add as many again)
-    lr: float = 1e-3  # learning rate of A and the owned rows of B
-    token_lr: float = 5e-3  # learning rate of the concept's token embedding(s)
-    resolution: int = 64  # training images are resized and center-cropped to this
-    seed: int = 0  # everything random in training derives from it
-    prior_preservation: bool = False  # add a class-prompt loss on images of the base model
-    prior_weight: float = 1.0  # weight of that loss
-    num_class_images: int = 8  # prior images generated from the base when preservation is on
-    checkpoint_every: int = 50  # steps between resumable checkpoints (0: never)
-    flip: bool = True  # random horizontal flips as augmentation
-    prompt_template: str = "a photo of {trigger} {class_word}"  # instance prompt when no caption
+    steps: int = knob(200, "optimizer steps")
+    batch_size: int = knob(2, "instance images per step (prior images add as many again)")
+    lr: float = knob(1e-3, "learning rate of A and the owned rows of B")
+    token_lr: float = knob(5e-3, "learning rate of the concept's trigger embedding(s) (0: never trained)")
+    token_init: str = knob("class_word", "where the trigger starts: 'class_word' (ED-LoRA, ours) or 'rare', "
+                                         "a fixed rare vocabulary token per slot (DreamBooth's 'sks'; DB-LoRA)")
+    resolution: int = knob(64, "training images are resized and center-cropped to this")
+    seed: int = knob(0, "everything random in training derives from it")
+    prior_preservation: bool = knob(False, "add a class-prompt loss on images of the base model", flag="--prior")
+    prior_weight: float = knob(1.0, "weight of the prior-preservation loss")
+    num_class_images: int = knob(8, "prior images generated from the base when preservation is on")
+    checkpoint_every: int = knob(50, "steps between resumable checkpoints (0: never)")
+    report_every: int = knob(25, "steps between metric reports of a Ray Train worker (each report is a "
+                                 "round trip through the Train controller)")
+    flip: bool = knob(True, "random horizontal flips as augmentation")
+    prompt_template: str = knob("a photo of {trigger} {class_word}", "instance prompt when an image has no caption")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "resolution"):
+        for name in ("steps", "batch_size", "resolution", "report_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.token_lr < 0:
             raise ValueError("learning rates must be positive")
+        if self.token_init not in ("class_word", "rare"):
+            raise ValueError(f"token_init must be 'class_word' or 'rare', got {self.token_init!r}")
 
 
 def to_json(cfg: Any) -> str:
@@ -87,22 +105,23 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 class GenerateConfig:
     """Sampling settings shared by the CLI, the main job and the HTTP API's defaults."""
 
-    steps: int = 20
-    guidance_scale: float = 5.0
-    seed: int = 0
-    width: int = 64
-    height: int = 64
-    negative_prompt: str = ""
+    steps: int = knob(20, "denoising steps per image")
+    guidance_scale: float = knob(5.0, "classifier-free guidance scale", flag="--guidance")
+    seed: int = knob(0, "image j of a request starts from the noise of seed + j")
+    width: int = knob(64, "image width in pixels")
+    height: int = knob(64, "image height in pixels")
+    negative_prompt: str = knob("", "what the images should not show")
 
 
 @dataclass(frozen=True)
 class FederationConfig:
     """Knobs of one federation's coordinator (the adapter shape is its AdapterConfig)."""
 
-    base: str = "tiny"  # base spec for blocklora.base.load_base: "tiny", a folder or a hub id
-    reservation_ttl_s: float = 3600.0  # a reserved slot with no submitted concept returns after this
-    max_artifact_bytes: int = 64 * 1024 * 1024  # submissions above this are refused before parsing
-    max_slots_per_client: int = 4  # reservations + live concepts one client may hold (the admin: no limit)
+    base: str = knob("tiny", "'tiny', a diffusers folder or a hub id", flag="--base-model")
+    reservation_ttl_s: float = knob(3600.0, "seconds before a reserved slot with no submitted concept returns",
+                                    flag="--reservation-ttl")
+    max_artifact_bytes: int = knob(64 * 1024 * 1024, "submissions above this many bytes are refused before parsing")
+    max_slots_per_client: int = knob(4, "reservations + live concepts one client may hold (the admin: no limit)")
 
     def __post_init__(self) -> None:
         if self.reservation_ttl_s <= 0:
@@ -110,3 +129,116 @@ class FederationConfig:
         for name in ("max_artifact_bytes", "max_slots_per_client"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The toy base's pretraining run (blocklora/toy/pretrain.py): VAE, then UNet + text encoder."""
+
+    steps: int = knob(9000, "UNet + text encoder optimizer steps")
+    batch: int = knob(16, "denoiser batch size")
+    lr: float = knob(1e-3, "denoiser peak learning rate")
+    snr_gamma: float = knob(5.0, "min-SNR loss weighting cap (0: plain MSE)")
+    vae_steps: int = knob(1500, "VAE optimizer steps (stage 1)")
+    vae_batch: int = knob(32, "VAE batch size")
+    seed: int = knob(0, "weights, data stream and noise all derive from it")
+    threads: int = knob(1, "torch CPU threads (the machine is shared)")
+    checkpoint_every: int = knob(100, "steps between checkpoints")
+    sample_every: int = knob(1000, "denoiser steps between sample grids")
+    eval_seeds: int = knob(8, "judge pictures per (shape, colour) pair in the card")
+    note: str = knob("", "text for the model card, e.g. what changed when a run was resumed")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "vae_steps", "vae_batch", "threads", "checkpoint_every", "sample_every",
+                     "eval_seeds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+# Named presets: settings measured on the pretrained toy base (docs/results/README.md, toy-base
+# concepts) that the main job and the local demo start from; flags still override each field.
+TOY_BASE_TRAIN = TrainConfig(steps=300, lr=5e-3, token_lr=1e-2)
+TOY_BASE_GENERATE = GenerateConfig(guidance_scale=2.0)  # at 5 the toy base's pictures oversaturate
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """The command-line flag of a config field: its `knob(flag=...)` or its name in --kebab-case."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+class _Words(argparse.Action):
+    """A tuple-of-names flag: `--targets to_q to_k` and `--targets to_q,to_k` both give ('to_q', 'to_k')."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, tuple(w for v in values for w in v.split(",") if w))
+
+
+def _selected(cls: type, only: Iterable[str] | None, skip: Iterable[str]) -> list[dataclasses.Field]:
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted((set(only or ()) | set(skip)) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; allowed: {names}")
+    return [f for f in dataclasses.fields(cls) if (only is None or f.name in only) and f.name not in skip]
+
+
+def _dest(cls: type, name: str) -> str:
+    return f"{cls.__name__}.{name}"
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, defaults: Any = None,
+              only: Iterable[str] | None = None, skip: Iterable[str] = ()) -> None:
+    """Add one flag per field of config class `cls` to `parser`, in a group named after the class.
+
+    Name, type and help come from the field (bools get --x / --no-x, tuples take names separated by
+    spaces or commas); defaults come from `defaults`, an instance such as a preset (else `cls()`).
+    Each flag stores under "<class>.<field>", so `from_args` reads back exactly these flags even
+    when another config on the same parser has a field of the same name (e.g. steps)."""
+    defaults = cls() if defaults is None else defaults
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    for f in _selected(cls, only, skip):
+        kind, default = hints[f.name], getattr(defaults, f.name)
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        help_ = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")  # argparse formats help with %
+        kw: dict[str, Any] = {"dest": _dest(cls, f.name), "default": default, "help": help_}
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            kw |= {"nargs": "*", "action": _Words, "metavar": "NAME"}
+        else:
+            kw |= {"type": kind, "metavar": flag_name(f)[2:].upper().replace("-", "_")}
+        group.add_argument(flag_name(f), **kw)
+
+
+def from_args(cls: type, args: argparse.Namespace, parser: argparse.ArgumentParser | None = None,
+              **overrides: Any) -> Any:
+    """The frozen config from parsed flags (fields without a flag keep their defaults), plus overrides.
+
+    A value the config refuses (e.g. --steps 0) ends as `parser.error`, i.e. usage and the reason,
+    exit status 2, like a wrong type does; without a parser the ValueError propagates."""
+    values = {f.name: getattr(args, _dest(cls, f.name)) for f in dataclasses.fields(cls)
+              if hasattr(args, _dest(cls, f.name))}
+    try:
+        return cls(**values | overrides)
+    except ValueError as e:
+        if parser is None:
+            raise
+        parser.error(str(e))
+
+
+def to_argv(cfg: Any, skip: Iterable[str] = ()) -> list[str]:
+    """The flags that `add_flags` + `from_args` turn back into `cfg`: forwards a config to a sub-job."""
+    argv: list[str] = []
+    for f in _selected(type(cfg), None, skip):
+        value = getattr(cfg, f.name)
+        if isinstance(value, bool):
+            argv.append(flag_name(f) if value else "--no-" + flag_name(f)[2:])
+        elif isinstance(value, tuple):
+            argv += [flag_name(f), *value]
+        elif isinstance(value, str):
+            argv.append(f"{flag_name(f)}={value}")  # one token: a text that starts with '-' stays a value
+        else:
+            argv += [flag_name(f), str(value)]
+    return argv

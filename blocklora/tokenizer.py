@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 
 from transformers import CLIPTokenizer
+
+from blocklora.atomic import atomic_write
 
 N_MERGES = 49152 - 256 - 2  # 48,894 merges: lines 1..48894 of the bundled file
 VOCAB_SIZE = 49408
@@ -55,10 +56,8 @@ def write_clip_tokenizer_files(folder: Path) -> Path:
         }),
         "vocab.json": json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),  # last: marks done
     }
-    for name, text in files.items():  # tmp + rename: concurrent processes never read half a file
-        tmp = folder / f".{name}.{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, folder / name)
+    for name, text in files.items():  # concurrent processes never read half a file
+        atomic_write(folder / name, text.encode("utf-8"))
     return folder
 
 

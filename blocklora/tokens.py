@@ -56,6 +56,14 @@ def class_word_init(tokenizer, embedding: nn.Embedding, class_word: str, count: 
     return vec.detach().clone().unsqueeze(0).repeat(count, 1)  # (t, d)
 
 
+def rare_token_init(tokenizer, embedding: nn.Embedding, slot: int, count: int) -> torch.Tensor:
+    """Slot `slot`'s fixed DreamBooth identifier (their "sks"): the embedding of a late, rarely
+    merged BPE token of the base vocabulary ("kraken", "wether", ...), a different one per slot,
+    the same vector for each of the concept's `count` trigger tokens."""
+    token = tokenizer.vocab_size - 1000 - 3 * slot  # spaced so neighbouring slots differ clearly
+    return embedding.weight[token].detach().clone().unsqueeze(0).repeat(count, 1)  # (t, d)
+
+
 class TokenOverride(nn.Module):
     """Wraps a token embedding: the concept's ids read trainable vectors, all others the frozen table."""
 
@@ -77,14 +85,19 @@ class TokenOverride(nn.Module):
         return out
 
 
-def wrap_token_embeddings(base: Base, ids: dict[str, list[int]], class_word: str) -> dict[str, TokenOverride]:
-    """Install a TokenOverride on each text encoder (ids by component name), initialised from the class word."""
+def wrap_token_embeddings(base: Base, ids: dict[str, list[int]], class_word: str,
+                          rare_slot: int | None = None) -> dict[str, TokenOverride]:
+    """Install a TokenOverride on each text encoder (ids by component name), initialised from the
+    class word (or, with `rare_slot`, from that slot's rare word: DB-LoRA's fixed identifier)."""
     wrappers = {}
     for comp, te in base.text_encoders.items():
         emb = te.get_input_embeddings()
         if isinstance(emb, TokenOverride):
             raise RuntimeError("token embeddings are already wrapped")
-        w = TokenOverride(emb, ids[comp], class_word_init(base.tokenizers[comp], emb, class_word, len(ids[comp])))
+        tok = base.tokenizers[comp]
+        init = (class_word_init(tok, emb, class_word, len(ids[comp])) if rare_slot is None
+                else rare_token_init(tok, emb, rare_slot, len(ids[comp])))
+        w = TokenOverride(emb, ids[comp], init)
         te.set_input_embeddings(w)
         wrappers[comp] = w
     return wrappers

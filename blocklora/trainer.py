@@ -1,24 +1,29 @@
 """One client's training of one concept: BlockLoRA weights and trigger embeddings, jointly.
 
 `ConceptTrainer` is plain PyTorch: it injects the slot's layers into a base, takes optimizer steps
-on batches it is handed, checkpoints, and exports the artifact. `train_concept` drives it with a
-progress bar; the Ray Train job in `federation/` drives the very same object.
+on batches it is handed, checkpoints, and exports the artifact. `run_steps` is the one step loop:
+`train_concept` runs it with a progress line and local checkpoints, the Ray Train workers in
+`federation/train_func.py` run the very same loop with Ray's reporting as a callback.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from blocklora.artifact import ConceptArtifact, ConceptMeta, check_name
+from blocklora.atomic import atomic_write
 from blocklora.base import Base
+from blocklora.checkpoint import load_optimizer_tensors, optimizer_tensors
 from blocklora.config import AdapterConfig, TrainConfig
 from blocklora.conditioning import encode_prompts
 from blocklora.data import load_concept_images
@@ -26,6 +31,7 @@ from blocklora.inject import eject, inject
 from blocklora.tokens import add_slot_tokens, token_ids, trigger_names, unwrap_token_embeddings, wrap_token_embeddings
 
 log = logging.getLogger(__name__)
+StepCallback = Callable[["ConceptTrainer", float], None]  # called after every step with its loss
 
 
 class ConceptTrainer:
@@ -41,7 +47,8 @@ class ConceptTrainer:
         add_slot_tokens(base, adapter.num_slots, adapter.tokens_per_concept)
         self.triggers = trigger_names(slot, adapter.tokens_per_concept)
         self.layers = inject(base.pipe, adapter, slot)
-        self.tokens = wrap_token_embeddings(base, token_ids(base, slot, adapter.tokens_per_concept), class_word)
+        self.tokens = wrap_token_embeddings(base, token_ids(base, slot, adapter.tokens_per_concept), class_word,
+                                            rare_slot=slot if train.token_init == "rare" else None)
         self.noise_scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
         lora = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B) if p.requires_grad]
         groups = [{"params": lora, "lr": train.lr}]
@@ -124,15 +131,12 @@ class ConceptTrainer:
         folder.mkdir(parents=True, exist_ok=True)
         params = [p for g in self.opt.param_groups for p in g["params"]]
         tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
-        for i, p in enumerate(params):
-            for k, v in self.opt.state.get(p, {}).items():
-                tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        tensors |= {f"opt.{k}": v for k, v in optimizer_tensors(self.opt).items()}
         tensors["rng.gen"] = self.gen.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
-        tmp = folder / ".checkpoint.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(folder / "checkpoint.safetensors")
-        (folder / "checkpoint.json").write_text(json.dumps({"step": self.step_count, "name": self.name, "slot": self.slot}))
+        atomic_write(folder / "checkpoint.safetensors", safetensors_bytes(tensors))
+        atomic_write(folder / "checkpoint.json", json.dumps({"step": self.step_count, "name": self.name,
+                                                             "slot": self.slot}).encode())
         return folder
 
     def load_checkpoint(self, folder: str | Path) -> bool:
@@ -149,9 +153,7 @@ class ConceptTrainer:
         with torch.no_grad():
             for i, p in enumerate(params):
                 p.copy_(tensors[f"param.{i}"])
-                state = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
-                if state:
-                    self.opt.state[p] = state
+        load_optimizer_tensors(self.opt, {k[len("opt."):]: v for k, v in tensors.items() if k.startswith("opt.")})
         self.gen.set_state(tensors["rng.gen"])
         torch.set_rng_state(tensors["rng.torch"])
         self.step_count = info["step"]
@@ -175,6 +177,66 @@ def class_images(base: Base, class_word: str, count: int, seed: int, steps: int 
     return out * 2 - 1  # (count, 3, H, W) in [-1, 1]
 
 
+def checkpoint_due(trainer: ConceptTrainer) -> bool:
+    """At the configured interval, and after the last step (so a finished run resumes as finished)."""
+    step, cfg = trainer.step_count, trainer.train_cfg
+    return step == cfg.steps or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+
+
+def run_steps(trainer: ConceptTrainer, images: torch.Tensor, captions: list[str | None],
+              prior: torch.Tensor | None, callbacks: Sequence[StepCallback]) -> None:
+    """The step loop: from wherever the trainer is (0, or a resumed step) to the configured count.
+    Everything around a step (progress, reporting, checkpoints) is a callback, so the plain and the
+    Ray Train paths cannot drift apart."""
+    while trainer.step_count < trainer.train_cfg.steps:
+        loss = trainer.next_step(images, captions, prior)
+        for callback in callbacks:
+            callback(trainer, loss)
+
+
+class Progress:
+    """A step callback a person can follow: `[name] step k/N  loss …  … steps/s  ETA …` at the first
+    step, then at most every `interval_s`, and at the last; plain lines, so they read the same in a
+    terminal, in `ray job logs` and in a file. It also keeps the steady-state step rate (timed from
+    the end of the first step, which carries one-off warm-up), which benchmarks compare."""
+
+    def __init__(self, name: str, total: int, interval_s: float = 5.0,
+                 out: Callable[[str], None] | None = print) -> None:
+        self.name, self.total, self.interval_s, self.out = name, total, interval_s, out
+        self.first: tuple[int, float] | None = None  # (step, time) at the end of the first step seen
+        self.last: tuple[int, float] | None = None
+        self.shown_at = 0.0
+        self.losses: list[float] = []  # since the last line: its loss is their mean, less noisy than one step's
+
+    def __call__(self, trainer: ConceptTrainer, loss: float) -> None:
+        now, step = time.monotonic(), trainer.step_count
+        self.losses.append(loss)
+        self.last = (step, now)
+        if self.first is None:
+            self.first = self.last
+        elif step < self.total and now - self.shown_at < self.interval_s:
+            return
+        self.shown_at = now
+        if self.out is not None:
+            rate = self.steady_rate()
+            speed = f"{rate:.2f} steps/s  ETA {(self.total - step) / rate:.0f} s" if rate else "first step"
+            self.out(f"[{self.name}] step {step}/{self.total}  loss {sum(self.losses) / len(self.losses):.4f}  {speed}")
+        self.losses.clear()
+
+    def steady_rate(self) -> float | None:
+        """Steps per second after the first step (None until there are two steps)."""
+        if self.first is None or self.last is None or self.last[0] == self.first[0]:
+            return None
+        return (self.last[0] - self.first[0]) / (self.last[1] - self.first[1])
+
+    def summary(self) -> str:
+        """The closing line: the steady rate, and the torch threads it was measured with."""
+        rate = self.steady_rate()
+        return f"[{self.name}] trained to step {self.total}: " + (
+            f"{rate:.3f} steps/s steady (after the first step)" if rate else "no steady rate (fewer than 2 steps)") + (
+            f", {torch.get_num_threads()} torch thread(s)")
+
+
 def train_concept(base: Base, images_dir: str | Path, name: str, class_word: str, slot: int,
                   adapter: AdapterConfig = AdapterConfig(), train: TrainConfig = TrainConfig(),
                   checkpoint_dir: str | Path | None = None, progress: bool = True) -> ConceptArtifact:
@@ -185,14 +247,13 @@ def train_concept(base: Base, images_dir: str | Path, name: str, class_word: str
     try:
         if checkpoint_dir and trainer.load_checkpoint(checkpoint_dir):
             log.info("resumed %s from step %d", name, trainer.step_count)
-        bar = tqdm(total=train.steps, initial=trainer.step_count, desc=f"train {name}", disable=not progress)
-        while trainer.step_count < train.steps:
-            loss = trainer.next_step(images, captions, prior)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if checkpoint_dir and train.checkpoint_every and trainer.step_count % train.checkpoint_every == 0:
-                trainer.save_checkpoint(checkpoint_dir)
-        bar.close()
+        shown = Progress(name, train.steps, out=print if progress else None)
+        callbacks: list[StepCallback] = [shown]
+        if checkpoint_dir:
+            callbacks.append(lambda t, loss: checkpoint_due(t) and t.save_checkpoint(checkpoint_dir))
+        run_steps(trainer, images, captions, prior, callbacks)
+        if progress:
+            print(shown.summary())
         return trainer.artifact()
     finally:
         trainer.close()

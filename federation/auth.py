@@ -15,7 +15,8 @@ import secrets
 from dataclasses import dataclass, field
 
 from blocklora.schema import SchemaError, check_text
-from federation.protocol import FederationError, Principal, Registration, Unauthorized
+from federation.errors import FederationError, Unauthorized
+from federation.protocol import Principal, Registration
 
 ADMIN = "admin"  # the principal of the admin token; client ids start with "c", so never collide
 MAX_CLIENT_NAME = 64

@@ -1,15 +1,17 @@
 """A client's side of the federation: token, slot, training through Ray Train, upload.
 
 Only the artifact's bytes leave the client; images stay on the node that runs the client job.
-Ray Data reads them with a `local://` path (read tasks run on this node), and the training
-workers are held to the same node by the `ray.io/node-id` label selector, so neither images nor
-checkpoints need shared storage.
+The job's own process decodes them into an in-memory Ray Dataset, and the training workers are
+held to the same node by the `ray.io/node-id` label selector, so neither images nor checkpoints
+need shared storage. This module imports no diffusers: the driver of a client job starts in
+seconds, and only the training workers load the model code (`_train_worker`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,29 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from blocklora.config import TrainConfig
-from blocklora.data import image_files, to_tensor
-from federation.protocol import Grant, LiveConcept, Unauthorized
-from federation.train_func import ARTIFACT_FILE, train_func
+from blocklora.data import load_concept_images
+from federation.errors import Unauthorized
+from federation.protocol import Grant, LiveConcept
 
 DEFAULT_STORAGE = "~/blocklora-train"  # Ray Train run folders (checkpoints) on the client's node
+ARTIFACT_FILE = "artifact.safetensors"  # in the final checkpoint: the only thing the client uploads
+def job_init_args(verbose: bool = False) -> dict[str, Any]:
+    """`ray.init` arguments for a client job's driver, for every process the job starts.
+
+    - nice 0: Ray starts its workers at nice 15, but a client's training is the job's whole point
+      and should get the CPU share `blocklora train` gets on the same node (on a busy node a nice-15
+      process gets a few percent of a core);
+    - prints go straight to stdout (Ray Train would route them through its logger, which showed
+      each progress line twice), so the job's output is the training's progress;
+    - unless `verbose`: Ray's own output (dataset progress bars and logs, Train's INFO lines,
+      deprecation warnings, diffusers' loading bars) stays off the terminal; Ray's own lines are
+      still in the session's log files."""
+    env = {"RAY_worker_niceness": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if not verbose:
+        env |= {"RAY_DATA_LOG_LEVEL": "ERROR", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    return {"runtime_env": {"env_vars": env}, "logging_level": "INFO" if verbose else "WARNING"}
 
 
 def load_or_register(coordinator, token_file: str | Path, client_name: str = "") -> str:
@@ -45,26 +65,27 @@ def load_or_register(coordinator, token_file: str | Path, client_name: str = "")
     return token
 
 
-def _prepare_row(row: dict[str, Any], resolution: int) -> dict[str, Any]:
-    """Decoded image -> (3, res, res) float32 in [-1, 1], plus the caption beside it ('' if none)."""
-    caption = Path(row["path"]).with_suffix(".txt")
-    return {"image": to_tensor(row["image"], resolution).numpy(),
-            "caption": caption.read_text().strip() if caption.exists() else ""}
-
-
 def concept_dataset(images_dir: str | Path, resolution: int) -> ray.data.Dataset:
-    """The concept's images as a materialized Ray Dataset, read on this node.
+    """The concept's images, decoded by this process, as an in-memory Ray Dataset.
 
-    Materialized here, before the trainers take their CPUs, so read tasks never wait for
-    CPUs held by training workers (two clients on a small cluster would otherwise deadlock)."""
-    folder = Path(images_dir).expanduser().resolve()
-    image_files(folder)  # a clear error now rather than an empty dataset later
-    ds = ray.data.read_images(f"local://{folder}", mode="RGB", include_paths=True)
-    return ds.map(_prepare_row, fn_kwargs={"resolution": resolution}).materialize()
+    A client brings a handful of pictures: decoding them here takes milliseconds, whereas a
+    `read_images` pipeline starts read and map tasks, each a new worker process importing torch,
+    which cost 30-60 s per client on this 2-core machine (docs/results/client-job.md). In memory
+    the dataset needs no task at all, and no CPU the training workers hold."""
+    images, captions = load_concept_images(Path(images_dir).expanduser(), resolution)
+    return ray.data.from_items([{"image": im.numpy(), "caption": c or ""} for im, c in zip(images, captions)])
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry in each worker: imports the model code there, never in the driver."""
+    from federation.train_func import train_func
+
+    train_func(config)
 
 
 def train_artifact(grant: Grant, images_dir: str | Path, train: TrainConfig, workers: int = 1,
-                   use_gpu: bool = False, storage_path: str | Path = DEFAULT_STORAGE) -> bytes:
+                   use_gpu: bool = False, storage_path: str | Path = DEFAULT_STORAGE,
+                   marks: dict[str, float] | None = None, verbose: bool = False) -> bytes:
     """Train the concept for a reservation (`grant` from `reserve`) and return the artifact's bytes.
 
     The run is named after the reservation, so a client job re-submitted for the same reservation
@@ -72,34 +93,48 @@ def train_artifact(grant: Grant, images_dir: str | Path, train: TrainConfig, wor
     name), while a new reservation trains from scratch; worker failures retry from checkpoints."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    marks = {} if marks is None else marks
     node = ray.get_runtime_context().get_node_id()
+    marks["t_data_start"] = time.time()
+    dataset = concept_dataset(images_dir, train.resolution)
+    marks["t_data_read"] = time.time()
     trainer = TorchTrainer(
-        train_func,
+        _train_worker,
         train_loop_config={"base_spec": grant.base_spec, "base_fingerprint": grant.base_fingerprint,  # Ray job edge: JSON
                            "adapter": dataclasses.asdict(grant.adapter), "train": dataclasses.asdict(train),
-                           "slot": grant.slot, "name": grant.name, "class_word": grant.class_word},
-        datasets={"train": concept_dataset(images_dir, train.resolution)},
+                           "slot": grant.slot, "name": grant.name, "class_word": grant.class_word,
+                           "ray_log_level": "INFO" if verbose else "WARNING"},
+        datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # a few images: every worker sees all
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                label_selector={"ray.io/node-id": node}),
         run_config=ray.train.RunConfig(
             name=f"{grant.name}-slot{grant.slot}-{grant.reservation_id}",
             storage_path=str(Path(storage_path).expanduser().resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=2)),
+            failure_config=ray.train.FailureConfig(max_failures=2),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "ERROR")),  # the controller's
     )
     result = trainer.fit()
+    marks["t_fit_returned"] = time.time()
+    marks |= {k: v for k, v in result.metrics.items() if k.startswith(("t_", "s_"))}
     with result.checkpoint.as_directory() as folder:
         return (Path(folder) / ARTIFACT_FILE).read_bytes()
 
 
 def train_and_submit(coordinator, token: str, images_dir: str | Path, name: str, class_word: str,
                      train: TrainConfig, workers: int = 1, use_gpu: bool = False,
-                     storage_path: str | Path = DEFAULT_STORAGE) -> LiveConcept:
+                     storage_path: str | Path = DEFAULT_STORAGE, marks: dict[str, float] | None = None,
+                     verbose: bool = False) -> LiveConcept:
     """Reserve a slot, train for it at the base's resolution, submit: the live concept's record."""
+    marks = {} if marks is None else marks
     grant: Grant = ray.get(coordinator.reserve.remote(token, name, class_word))
+    marks["t_reserved"] = time.time()
     print(f"reserved slot {grant.slot} for {name!r} (trigger {' '.join(grant.triggers)}); "
           f"training {train.steps} steps on {workers} worker(s)", flush=True)
     train = dataclasses.replace(train, resolution=grant.resolution)
-    data = train_artifact(grant, images_dir, train, workers, use_gpu, storage_path)
+    data = train_artifact(grant, images_dir, train, workers, use_gpu, storage_path, marks, verbose)
     print(f"uploading {len(data):,} bytes", flush=True)
-    return ray.get(coordinator.submit.remote(token, data))
+    marks["t_upload_start"] = time.time()
+    live = ray.get(coordinator.submit.remote(token, data))
+    marks["t_uploaded"] = time.time()
+    return live

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
 import ray
-import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import blocklora
 import federation
-from blocklora.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig, from_dict
 from federation.protocol import (FederationInfo, Grant, HeldSlot, LiveConcept, LiveSet, Principal, Registration,
                                  Removed)
-from federation.registry import Registry
 from federation.store import StateStore
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_NAME = "blocklora-coordinator"
 DEFAULT_NAMESPACE = "blocklora"
@@ -34,6 +35,11 @@ class Coordinator:
 
     def __init__(self, state_dir: str, adapter: dict[str, Any], config: dict[str, Any],
                  admin_token_sha256: str | None) -> None:
+        # imported here, in the actor's process: a client's driver that only looks the actor up by
+        # name (`get`) then starts without torch and diffusers
+        from blocklora.base import load_base
+        from federation.registry import Registry
+
         cfg = from_dict(FederationConfig, config)
         base = load_base(cfg.base, device="cpu")  # only shapes and the fingerprint are needed
         self.registry = Registry(base, from_dict(AdapterConfig, adapter), cfg, StateStore(state_dir),

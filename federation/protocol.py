@@ -1,5 +1,6 @@
 """What the coordinator, its clients and the serve deployments say to each other: frozen dataclasses
-and the errors the federation raises.
+(the refusals are in `federation.errors`). Importable without torch, like the errors: a client's
+driver reads these.
 
 Inside the cluster these travel as they are (Ray carries them between actors); they become plain
 dicts only at the edges, with `to_dict`: the HTTP replies of `serve/ingress.py` and the config of a
@@ -10,34 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from blocklora.config import AdapterConfig
-from federation.manifest import Quarantined
 
-
-class FederationError(Exception):
-    """A request the federation refuses; the message says what was wrong and what to do."""
-
-
-class Unauthorized(FederationError):
-    """Unknown token, or a token that may not act on this concept."""
-
-
-class SlotUnavailable(FederationError):
-    """Every slot is taken, or the concept name is already live."""
-
-
-class ReservationError(FederationError):
-    """The request does not match a current reservation (missing, expired, another client's, other slot)."""
-
-
-class ArtifactRejected(FederationError):
-    """The submitted bytes are not an acceptable concept for this federation."""
-
-
-class UnknownConcept(FederationError):
-    """No live concept or reservation has this name."""
+if TYPE_CHECKING:
+    from federation.manifest import Quarantined
 
 
 class _Message:

@@ -31,9 +31,9 @@ from blocklora.slots import SlotSpace
 from blocklora.tokens import trigger_names
 from federation.auth import ADMIN, MAX_CLIENT_NAME, Accounts, Client
 from federation.manifest import Quarantined, exclusive, sift
-from federation.protocol import (ArtifactRejected, FederationError, FederationInfo, Grant, HeldSlot, LiveConcept,
-                                 Principal, Registration, Removed, ReservationError, SlotUnavailable, Unauthorized,
-                                 UnknownConcept)
+from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable,  # noqa: F401
+                               Unauthorized, UnknownConcept)
+from federation.protocol import FederationInfo, Grant, HeldSlot, LiveConcept, Principal, Registration, Removed
 from federation.store import StateStore
 
 MANIFEST_FORMAT = "blocklora-federation"

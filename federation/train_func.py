@@ -1,15 +1,19 @@
-"""The per-worker Ray Train function: plain PyTorch driving `blocklora.trainer.ConceptTrainer`.
+"""The per-worker Ray Train function: plain PyTorch running `blocklora.trainer.run_steps`.
 
 The Ray lines are marked `# Ray`. Data parallel without DDP wrapping: ConceptTrainer calls the
 UNet itself, so instead of `prepare_model` every worker all-reduces the trainable gradients
 (LoRA A, owned B rows, trigger vectors) in a fixed order just before the optimizer step. All
 workers start from rank 0's parameters and draw different batches and noise, so with N workers
-one step sees N x batch_size images. Rank 0 alone writes checkpoints; every worker reports.
+one step sees N x batch_size images. Rank 0 alone writes checkpoints and prints progress; every
+worker reports, every `report_every` steps and with each checkpoint: a report is a collective across
+the workers (a round trip to the Train controller), far too slow to make on every toy-base step.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +25,8 @@ import torch.distributed as dist
 
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig, TrainConfig, from_dict
-from blocklora.trainer import ConceptTrainer, class_images
-
-ARTIFACT_FILE = "artifact.safetensors"  # in the final checkpoint: the only thing the client uploads
+from blocklora.trainer import ConceptTrainer, Progress, checkpoint_due, class_images, run_steps
+from federation.client import ARTIFACT_FILE
 
 
 def shard_tensors(shard) -> tuple[torch.Tensor, list[str | None]]:
@@ -58,8 +61,47 @@ def _sync_workers(trainer: ConceptTrainer, rank: int, world: int) -> None:
         torch.manual_seed(seed)  # erasure masks
 
 
+class RayReport:
+    """The step callback of the Ray Train path: metrics every `report_every` steps, a checkpoint
+    when one is due (written by rank 0), and the final artifact inside the last checkpoint. Every
+    rank reports at the same steps (the decision is by step, never by time: a report is collective).
+    `marks` (wall-clock times of this worker's phases) ride along with the last report, and the time
+    spent reporting and checkpointing is added up, so the client job can say where its time went."""
+
+    def __init__(self, rank: int, marks: dict[str, float]) -> None:
+        self.rank, self.marks = rank, marks
+        self.spent = {"s_report": 0.0, "s_checkpoint": 0.0}
+        self.losses: list[float] = []
+
+    def __call__(self, trainer: ConceptTrainer, loss: float) -> None:
+        step, cfg = trainer.step_count, trainer.train_cfg
+        self.losses.append(loss)
+        checkpoint, last = checkpoint_due(trainer), step == cfg.steps
+        if not (checkpoint or step % cfg.report_every == 0):
+            return
+        t0 = time.time()
+        metrics: dict[str, Any] = {"loss": sum(self.losses) / len(self.losses), "step": step}
+        self.losses.clear()
+        if last:
+            metrics |= self.marks | self.spent
+        if self.rank == 0 and checkpoint:
+            with tempfile.TemporaryDirectory() as folder:
+                trainer.save_checkpoint(folder)
+                if last:
+                    (Path(folder) / ARTIFACT_FILE).write_bytes(trainer.artifact().to_bytes())
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))  # Ray
+            self.spent["s_checkpoint"] += time.time() - t0
+        else:
+            ray.train.report(metrics)  # Ray
+            self.spent["s_report"] += time.time() - t0
+
+
 def train_func(config: dict[str, Any]) -> None:
-    """config: base_spec, base_fingerprint, adapter (dict), train (dict), slot, name, class_word."""
+    """config: base_spec, base_fingerprint, adapter (dict), train (dict), slot, name, class_word,
+    ray_log_level (Ray Train's own INFO lines, e.g. one per report, only when the user asked)."""
+    marks = {"t_worker_start": time.time()}
+    for name in ("", "ray.train"):  # Ray: Train logs through both (one INFO line per report, at the root)
+        logging.getLogger(name).setLevel(config["ray_log_level"])
     adapter = from_dict(AdapterConfig, config["adapter"])
     train = from_dict(TrainConfig, config["train"])
     ctx = ray.train.get_context()  # Ray
@@ -68,6 +110,7 @@ def train_func(config: dict[str, Any]) -> None:
     if base.fingerprint != config["base_fingerprint"]:
         raise RuntimeError(f"base {config['base_spec']!r} loads as {base.fingerprint[:12]}… on this worker, but "
                            f"the federation's is {config['base_fingerprint'][:12]}…; use the same base files")
+    marks["t_base_loaded"] = time.time()
     images, captions = shard_tensors(ray.train.get_dataset_shard("train"))  # Ray
     prior = class_images(base, config["class_word"], train.num_class_images, train.seed) if train.prior_preservation else None
     trainer = ConceptTrainer(base, adapter, train, config["slot"], config["name"], config["class_word"])
@@ -77,20 +120,17 @@ def train_func(config: dict[str, Any]) -> None:
             trainer.load_checkpoint(folder)
     if world > 1:
         _sync_workers(trainer, rank, world)
+    shown = Progress(config["name"], train.steps, out=print if rank == 0 else None)
+    marks["t_loop_start"] = time.time()
+
+    def stamp(trainer: ConceptTrainer, loss: float) -> None:
+        """Wall-clock ends of the first and the latest step, for the job's phase profile."""
+        marks.setdefault("t_first_step", time.time())
+        marks["t_last_step"] = time.time()
+
     try:
-        while trainer.step_count < train.steps:
-            loss = trainer.next_step(images, captions, prior)
-            step, last = trainer.step_count, trainer.step_count == train.steps
-            metrics = {"loss": loss, "step": step}
-            if rank == 0:
-                print(f"[{config['name']}] step {step}/{train.steps} loss {loss:.4f}", flush=True)
-            if rank == 0 and (last or (train.checkpoint_every and step % train.checkpoint_every == 0)):
-                with tempfile.TemporaryDirectory() as folder:
-                    trainer.save_checkpoint(folder)
-                    if last:
-                        (Path(folder) / ARTIFACT_FILE).write_bytes(trainer.artifact().to_bytes())
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))  # Ray
-            else:
-                ray.train.report(metrics)  # Ray: every worker reports each step
+        run_steps(trainer, images, captions, prior, [stamp, shown, RayReport(rank, marks)])
+        if rank == 0:
+            print(shown.summary(), flush=True)
     finally:
         trainer.close()

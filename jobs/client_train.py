@@ -9,19 +9,25 @@
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from pathlib import Path
+import time
+
+T_START = time.time()  # before the imports: the job's phase marks count them
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a plain script
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import ray  # noqa: E402
 
-from blocklora.config import TrainConfig  # noqa: E402
+from blocklora.config import TrainConfig, add_flags, from_args  # noqa: E402
 from federation import coordinator  # noqa: E402
-from federation.client import DEFAULT_STORAGE, load_or_register, train_and_submit  # noqa: E402
+from federation.client import DEFAULT_STORAGE, job_init_args, load_or_register, train_and_submit  # noqa: E402
+from federation.job_profile import MARKS_LINE  # noqa: E402
 
 
 def main() -> None:
@@ -29,12 +35,7 @@ def main() -> None:
     p.add_argument("--images", required=True, help="folder of the concept's pictures (on this node)")
     p.add_argument("--class-word", required=True, help="what the concept is, e.g. 'dog'")
     p.add_argument("--name", required=True, help="the concept's name in the federation")
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="learning rate of A and the owned rows of B")
-    p.add_argument("--token-lr", type=float, default=TrainConfig.token_lr, help="learning rate of the trigger embedding")
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    add_flags(p, TrainConfig, skip=("resolution",))  # clients train at the resolution the grant names
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--token-file", default="~/.blocklora/client_token")
@@ -43,17 +44,21 @@ def main() -> None:
     p.add_argument("--address", default="auto")
     p.add_argument("--namespace", default=coordinator.DEFAULT_NAMESPACE)
     p.add_argument("--coordinator", default=coordinator.DEFAULT_NAME)
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own output (Ray Data, Ray Train logs)")
     args = p.parse_args()
 
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, token_lr=args.token_lr, seed=args.seed,
-                        checkpoint_every=args.checkpoint_every)
-    ray.init(address=args.address, namespace=args.namespace)
+    train = from_args(TrainConfig, args, p)
+    marks = {"t_driver_start": T_START, "t_imported": time.time()}
+    ray.init(address=args.address, namespace=args.namespace, **job_init_args(args.verbose))
+    marks["t_connected"] = time.time()
     coord = coordinator.get(args.coordinator, args.namespace)
     token = load_or_register(coord, args.token_file, args.client_name)
     live = train_and_submit(coord, token, args.images, args.name, args.class_word, train, args.workers,
-                            args.use_gpu, args.storage_path)
+                            args.use_gpu, args.storage_path, marks, args.verbose)
     print(f"concept {live.name!r} is live in slot {live.slot}: prompt with "
           f"'{' '.join(live.triggers)} {live.class_word}'; federation version {live.version}")
+    marks["t_driver_end"] = time.time()
+    print(MARKS_LINE + json.dumps(marks), flush=True)
 
 
 if __name__ == "__main__":

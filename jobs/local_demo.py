@@ -1,6 +1,9 @@
 """Single-process quickstart (no Ray): train one bundled example concept, merge it, generate.
 
-    python jobs/local_demo.py --concept chelsea --steps 150 --out outputs/local
+    python jobs/local_demo.py --concept chelsea --out outputs/local [--steps 300] [--guidance 2]
+
+Training and sampling start from the settings measured on the pretrained toy base (config.py's
+TOY_BASE_TRAIN / TOY_BASE_GENERATE); every TrainConfig and AdapterConfig field has a flag.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blocklora.base import default_base_spec, load_base  # noqa: E402
-from blocklora.config import AdapterConfig, GenerateConfig, TrainConfig  # noqa: E402
+from blocklora.config import (TOY_BASE_GENERATE, TOY_BASE_TRAIN, AdapterConfig, GenerateConfig,  # noqa: E402
+                              TrainConfig, add_flags, from_args)
 from blocklora.data import image_files  # noqa: E402
 from blocklora.generate import contact_sheet, generate  # noqa: E402
 from blocklora.merge import LiveMerge  # noqa: E402
@@ -30,13 +34,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=default_base_spec(), help="default: the toy base if present, else 'tiny'")
     ap.add_argument("--concept", default="chelsea", help=f"a folder under {EXAMPLES}")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="learning rate of A and the owned rows of B")
-    ap.add_argument("--token-lr", type=float, default=TrainConfig.token_lr, help="learning rate of the trigger embedding")
-    ap.add_argument("--guidance", type=float, default=GenerateConfig.guidance_scale, help="classifier-free guidance scale")
-    ap.add_argument("--slot", type=int, default=0)
+    ap.add_argument("--slot", type=int, default=0, help="which row block the concept owns")
     ap.add_argument("--out", default="outputs/local")
+    add_flags(ap, TrainConfig, TOY_BASE_TRAIN, skip=("resolution",))  # trains at the base's resolution
+    add_flags(ap, AdapterConfig)
+    add_flags(ap, GenerateConfig, TOY_BASE_GENERATE, only=("guidance_scale",))
     args = ap.parse_args()
+    adapter = from_args(AdapterConfig, args, ap)
 
     folder = EXAMPLES / args.concept
     info = json.loads((folder / "concept.json").read_text())
@@ -45,13 +49,12 @@ def main() -> None:
     t0 = time.time()
     base = load_base(args.base)
     print(f"[1/3] base {args.base} loaded (fingerprint {base.fingerprint[:12]}…, {base.resolution}px)")
-    adapter = AdapterConfig()
     art = train_concept(base, folder, info["name"], info["class_word"], args.slot, adapter,
-                        TrainConfig(steps=args.steps, lr=args.lr, token_lr=args.token_lr, resolution=base.resolution))
+                        from_args(TrainConfig, args, ap, resolution=base.resolution))
     path = art.save(out / f"{art.name}.safetensors")
     print(f"[2/3] trained {art.name!r} in slot {art.meta.slot}: {path} ({path.stat().st_size:,} bytes)")
 
-    cfg = GenerateConfig(width=base.resolution, height=base.resolution, guidance_scale=args.guidance)
+    cfg = from_args(GenerateConfig, args, ap, width=base.resolution, height=base.resolution)
     prompt = f"a photo of {{{art.name}}}"
     before = generate(base, f"a photo of {info['class_word']}", cfg, 4)
     lm = LiveMerge(base, adapter)

@@ -17,6 +17,7 @@ import io
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,10 +30,14 @@ import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from blocklora.base import default_base_spec  # noqa: E402
+from blocklora.config import (TOY_BASE_GENERATE, TOY_BASE_TRAIN, GenerateConfig, TrainConfig,  # noqa: E402
+                              add_flags, from_args, to_argv)
 from blocklora.generate import contact_sheet  # noqa: E402
+from federation.job_profile import MARKS_LINE, marks_from_log, phase_seconds  # noqa: E402
 from federation.local_cluster import LocalCluster, free_port  # noqa: E402
 
 EXAMPLES = REPO / "examples" / "concepts"
+RAY_PREFIX = re.compile(r"^(\x1b\[[\d;]*m)*\([^)]*\)(\x1b\[[\d;]*m)*\s*")  # "(RayTrainWorker pid=…) ", coloured
 
 
 class Stage:
@@ -72,11 +77,13 @@ def concepts_to_train(limit: int) -> list[dict]:
     return infos[:limit]
 
 
-def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: list[str], out: Path) -> dict[str, str]:
-    """One `ray job submit --no-wait` per concept; returns concept name -> Ray job id."""
-    jobs = {}
+def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: list[str],
+                   out: Path) -> tuple[dict[str, str], dict[str, float]]:
+    """One `ray job submit --no-wait` per concept; concept name -> Ray job id, and -> submit time."""
+    jobs, submitted = {}, {}
     for c in concepts:
         job_id = f"client-{c['name']}-{int(time.time())}"
+        submitted[c["name"]] = time.time()
         run(["ray", "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO),
              "--submission-id", job_id, "--no-wait", "--",
              "python", "jobs/client_train.py", "--images", str(c["dir"].relative_to(REPO)),
@@ -85,33 +92,49 @@ def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: lis
              "--storage-path", str(out / "clients" / "runs")], cluster.env)
         jobs[c["name"]] = job_id
         print(f"      submitted {job_id}", flush=True)
-    return jobs
+    return jobs, submitted
 
 
-def wait_jobs(cluster: LocalCluster, jobs: dict[str, str], timeout: float) -> dict[str, str]:
-    """Poll until every job ends; prints each job's latest log line as progress."""
+def newest_line(log: str) -> str:
+    """A client job's newest line, without Ray's process prefix: its step progress while it trains
+    (`[name] step k/N  loss …  steps/s  ETA …`), else its own messages (reserved, uploading, live)."""
+    lines = [RAY_PREFIX.sub("", ln).strip() for ln in log.splitlines()]
+    lines = [ln for ln in lines if ln and "WARNING" not in ln and not ln.startswith(MARKS_LINE)]
+    return lines[-1][-110:] if lines else "starting"
+
+
+def wait_jobs(cluster: LocalCluster, jobs: dict[str, str], submitted: dict[str, float],
+              timeout: float) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """Poll until every job ends, printing each job's newest line when it changes (so a person sees
+    every client's step, loss, speed and ETA); returns the jobs' statuses and phase timings."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dashboard_url)
     deadline = time.monotonic() + timeout
     status: dict[str, str] = {}
     shown: dict[str, str] = {}
+    phases: dict[str, dict[str, float]] = {}
     while time.monotonic() < deadline:
         for name, job_id in jobs.items():
+            if name in phases:
+                continue
             st = client.get_job_status(job_id)
             status[name] = str(st.value if hasattr(st, "value") else st)
-            logs = [ln for ln in client.get_job_logs(job_id).splitlines() if ln.strip() and "WARNING" not in ln]
-            line = f"{status[name]} | {logs[-1][-100:] if logs else ''}"
-            if shown.get(name) != line:  # progress: each job's newest log line, when it changes
-                print(f"      {name}: {line}", flush=True)
+            log = client.get_job_logs(job_id)
+            line = f"{status[name]:9} {newest_line(log)}"
+            if shown.get(name) != line:
+                print(f"      {name:>10}: {line}", flush=True)
                 shown[name] = line
-        if all(JobStatus(s).is_terminal() for s in status.values()):
+            if st.is_terminal():
+                marks = marks_from_log(log) or {}
+                phases[name] = phase_seconds(marks | {"t_submit": submitted[name], "t_done": time.time()})
+        if len(phases) == len(jobs):
             failed = {n: s for n, s in status.items() if s != "SUCCEEDED"}
             if failed:
                 tails = {n: client.get_job_logs(jobs[n])[-3000:] for n in failed}
                 raise RuntimeError(f"client job(s) failed: {failed}\n" + "\n".join(f"--- {n}\n{t}" for n, t in tails.items()))
-            return status
-        time.sleep(10)
+            return status, phases
+        time.sleep(3)
     raise TimeoutError(f"client jobs not done after {timeout:.0f} s: {status}")
 
 
@@ -155,16 +178,16 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/main", help="report, contact sheet and state go here")
     ap.add_argument("--base-model", default=None, help="default: the project's pretrained toy base (else 'tiny')")
     ap.add_argument("--concepts", type=int, default=3, help="how many bundled example concepts to train")
-    # training and sampling defaults as measured on the toy base (docs/results/toy-base-concepts)
-    ap.add_argument("--steps", type=int, default=300, help="training steps per client")
-    ap.add_argument("--lr", type=float, default=5e-3, help="learning rate of A and the owned rows of B")
-    ap.add_argument("--token-lr", type=float, default=1e-2, help="learning rate of the trigger embeddings")
-    ap.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance of the HTTP requests")
-    ap.add_argument("--gen-steps", type=int, default=20, help="denoising steps per generated image")
+    add_flags(ap, TrainConfig, TOY_BASE_TRAIN, skip=("resolution",))  # clients train at the base's resolution
+    add_flags(ap, GenerateConfig, TOY_BASE_GENERATE, only=("guidance_scale",))
+    ap.add_argument("--gen-steps", type=int, default=TOY_BASE_GENERATE.steps,
+                    help="denoising steps per generated image")
     ap.add_argument("--num-images", type=int, default=2, help="images per request")
     ap.add_argument("--num-cpus", type=int, default=4, help="CPUs the local Ray head advertises")
     ap.add_argument("--keep", action="store_true", help="leave the cluster, coordinator and HTTP app running")
     args = ap.parse_args()
+    train = from_args(TrainConfig, args, ap)
+    sampling = from_args(GenerateConfig, args, ap, steps=args.gen_steps)
 
     out = Path(args.out).resolve()
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -174,8 +197,8 @@ def main() -> None:
     timings: dict[str, float] = {}
     stage = Stage(timings, total=8)
     t_start = time.monotonic()
-    report: dict = {"base_model": base, "steps": args.steps, "lr": args.lr, "token_lr": args.token_lr,
-                    "guidance": args.guidance, "timings_s": timings}
+    report: dict = {"base_model": base, "steps": train.steps, "lr": train.lr, "token_lr": train.token_lr,
+                    "guidance": sampling.guidance_scale, "timings_s": timings}
 
     with stage("start a Ray head on 127.0.0.1 (token auth on)"):
         cluster = LocalCluster(num_cpus=args.num_cpus, auth_token_path=out / "state" / "ray_auth_token", cwd=REPO).start()
@@ -190,10 +213,9 @@ def main() -> None:
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
         admin = {"Authorization": f"Bearer {(out / 'state' / 'admin_token').read_text().strip()}"}
 
-        with stage(f"train {len(names)} concepts concurrently with `ray job submit` ({args.steps} steps each)"):
-            flags = ["--steps", str(args.steps), "--lr", str(args.lr), "--token-lr", str(args.token_lr)]
-            jobs = submit_clients(cluster, concepts, flags, out)
-            report["jobs"] = wait_jobs(cluster, jobs, timeout=3600)
+        with stage(f"train {len(names)} concepts concurrently with `ray job submit` ({train.steps} steps each)"):
+            jobs, submitted = submit_clients(cluster, concepts, to_argv(train, skip=("resolution",)), out)
+            report["jobs"], report["client_phases_s"] = wait_jobs(cluster, jobs, submitted, timeout=3600)
 
         with stage("wait until every concept is live over HTTP"):
             deadline = time.monotonic() + 60
@@ -208,8 +230,8 @@ def main() -> None:
 
         with stage("generate for every subset over HTTP"):
             classes = {c["name"]: c["class_word"] for c in concepts}
-            report["requests"], rows = query_subsets(http, names, classes, out, args.num_images, args.gen_steps,
-                                                     args.guidance)
+            report["requests"], rows = query_subsets(http, names, classes, out, args.num_images, sampling.steps,
+                                                     sampling.guidance_scale)
 
         removed = names[-1]
         with stage(f"remove {removed!r} at runtime and ask for it again"):

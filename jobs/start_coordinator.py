@@ -20,10 +20,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import ray  # noqa: E402
 
-from blocklora.config import UNET_TARGETS, AdapterConfig, FederationConfig  # noqa: E402
+from blocklora.atomic import atomic_write  # noqa: E402
+from blocklora.config import AdapterConfig, FederationConfig, add_flags, from_args  # noqa: E402
 from federation import coordinator  # noqa: E402
 from federation.auth import new_token, token_hash  # noqa: E402
-from federation.store import MANIFEST, atomic_write  # noqa: E402
+from federation.store import MANIFEST  # noqa: E402
 
 
 def admin_token_sha256(state_dir: Path) -> str | None:
@@ -40,29 +41,19 @@ def admin_token_sha256(state_dir: Path) -> str | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base-model", default="tiny", help="'tiny', a diffusers folder or a hub id")
-    p.add_argument("--slots", type=int, default=16, help="K: concepts that can be live at once")
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank r of every concept")
-    p.add_argument("--targets", default=",".join(UNET_TARGETS), help="UNet module-name suffixes, comma-separated")
-    p.add_argument("--text-targets", default="", help="text-encoder module-name suffixes, comma-separated")
-    p.add_argument("--tokens-per-concept", type=int, default=1)
-    p.add_argument("--erasure", type=float, default=AdapterConfig.erasure,
-                   help="λ, output-erasure rate in training; higher keeps merged concepts apart (docs/results)")
     p.add_argument("--state-dir", required=True, help="folder on this node that holds the federation's state")
-    p.add_argument("--reservation-ttl", type=float, default=3600.0, help="seconds before an unused slot returns")
-    p.add_argument("--max-artifact-mb", type=float, default=64.0)
+    p.add_argument("--max-artifact-mb", type=float, default=FederationConfig.max_artifact_bytes / 2**20,
+                   help="submissions above this many MiB are refused before parsing")
     p.add_argument("--max-restarts", type=int, default=-1, help="-1: restart the actor forever")
     p.add_argument("--address", default="auto")
     p.add_argument("--namespace", default=coordinator.DEFAULT_NAMESPACE)
     p.add_argument("--name", default=coordinator.DEFAULT_NAME)
+    add_flags(p, FederationConfig, skip=("max_artifact_bytes",))
+    add_flags(p, AdapterConfig, skip=("blockwise", "freeze_a"))  # ablations: a federation is always blockwise
     args = p.parse_args()
 
-    split = lambda s: tuple(x for x in s.split(",") if x)  # noqa: E731
-    adapter = AdapterConfig(rank=args.rank, num_slots=args.slots, unet_targets=split(args.targets),
-                            text_targets=split(args.text_targets), tokens_per_concept=args.tokens_per_concept,
-                            erasure=args.erasure)
-    config = FederationConfig(base=args.base_model, reservation_ttl_s=args.reservation_ttl,
-                              max_artifact_bytes=int(args.max_artifact_mb * 1024 * 1024))
+    adapter = from_args(AdapterConfig, args, p)
+    config = from_args(FederationConfig, args, p, max_artifact_bytes=int(args.max_artifact_mb * 2**20))
     state_dir = Path(args.state_dir).expanduser().resolve()
     coordinator.connect(args.address, args.namespace)
     actor = coordinator.start(state_dir, adapter, config, admin_token_sha256(state_dir), args.name,

@@ -47,7 +47,9 @@ class _Job:
 
 
 @dataclass
-class Images:
+class DrawnImages:
+    """One request's images as raw pixels; the ingress encodes them (as PNG in `schemas.Images`)."""
+
     version: int  # the federation version whose concepts drew them
     seeds: list[int]
     pixels: np.ndarray  # (num_images, H, W, 3) uint8
@@ -99,7 +101,7 @@ class Generator:
                     "slots": {n: a.meta.slot for n, a in self.bank.live.items()},
                     "cancelled_loops": self.cancelled_loops}
 
-    async def generate(self, request: GenerateRequest) -> Images:
+    async def generate(self, request: GenerateRequest) -> DrawnImages:
         """Images for one request; raises ConceptUnavailable naming concepts that are not live."""
         job = _Job(request)
         try:
@@ -112,11 +114,11 @@ class Generator:
         return result
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def _batched(self, jobs: list[_Job]) -> list[Images | Exception]:
+    async def _batched(self, jobs: list[_Job]) -> list[DrawnImages | Exception]:
         requests = [j.request for j in jobs]
         async with self.lock:
             await self._sync()
-            results: list[Images | Exception | None] = [None] * len(requests)
+            results: list[DrawnImages | Exception | None] = [None] * len(requests)
             runnable = []
             for i, req in enumerate(requests):
                 missing = [n for n in req.subset() if n not in self.bank.live]
@@ -137,7 +139,7 @@ class Generator:
                     continue
                 for i, px in zip(group, pixels):
                     seeds = [requests[i].seed + j for j in range(requests[i].num_images)]
-                    results[i] = Images(self.version, seeds, px)
+                    results[i] = DrawnImages(self.version, seeds, px)
             return results
 
     @torch.no_grad()

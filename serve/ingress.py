@@ -29,8 +29,9 @@ from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from federation.protocol import (ArtifactRejected, FederationError, FederationInfo, LiveConcept, ReservationError,
-                                 SlotUnavailable, Unauthorized, UnknownConcept)
+from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
+                               UnknownConcept)
+from federation.protocol import FederationInfo, LiveConcept
 from serve.body_limit import BodyLimit
 from serve.generator import ConceptUnavailable
 from serve.schemas import MAX_BODY_BYTES, MAX_PIXEL_STEPS, Concept, Concepts, GenerateRequest, Images

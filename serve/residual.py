@@ -9,8 +9,11 @@ Concepts own disjoint row blocks, so for a batch whose sample b asks for slots S
 which is exactly what a pipeline merged with W0 + Σ_{k∈S_b} α_{b,k} dW_k computes (up to float
 rounding), while samples with other subsets share the same forward pass. Each layer keeps every
 slot's factors stacked — A_all (K·r, n) and a block-structured B_all (m, K·r) whose column group k
-is non-zero only on slot k's rows — and a batch only multiplies by the columns of the slots some
-sample in it uses, so the extra cost is |∪S_b|·r·(n + m) per token, not K·r·(n + m).
+is non-zero only on slot k's rows. Once per batch (not per step: the denoising loop reuses it) each
+sample gathers only its own slots' columns, α folded into B, padded to the largest subset s:
+A_b (s·r, n) and α_b B_b (m, s·r). A layer's residual is then two batched matmuls, x_b A_bᵀ and
+(·)(α_b B_b)ᵀ accumulated into the base output in place (Punica/S-LoRA's gather-then-BGMV), so the
+extra cost is s·r·(n + m) per token — the sample's own subset, not the union of the batch's.
 
 Nothing here knows about Ray; `serve/generator.py` drives a `ConceptBank` from a replica.
 """
@@ -39,17 +42,22 @@ class SlotWeights:
         self.num_slots = num_slots
         self.alpha: torch.Tensor | None = None  # (B, K); None: no residual at all
         self.active: torch.Tensor = torch.zeros(0, dtype=torch.long)  # slots with any non-zero α
+        self.chosen: torch.Tensor = torch.zeros(0, 0, dtype=torch.long)  # (B, s): each sample's slots, padded
         self.epoch = 0
 
     def set(self, alpha: torch.Tensor | None) -> None:
         if alpha is not None:
             if alpha.dim() != 2 or alpha.shape[1] != self.num_slots:
                 raise ValueError(f"slot weights must be (batch, {self.num_slots}), got {tuple(alpha.shape)}")
-            active = alpha.ne(0).any(0).nonzero().flatten()
+            nonzero = alpha.ne(0)
+            active = nonzero.any(0).nonzero().flatten()
             if active.numel() == 0:
                 alpha = None
             else:
                 self.active = active
+                s = int(nonzero.sum(1).max())
+                # each row: its sample's slots first; the padding slots carry α = 0, so add nothing
+                self.chosen = nonzero.int().argsort(dim=1, descending=True, stable=True)[:, :s]
         self.alpha = alpha
         self.epoch += 1
 
@@ -58,19 +66,20 @@ class SlotResidualLinear(nn.Module):
     """A frozen `nn.Linear` plus every live slot's residual, each sample weighted by its own α.
 
     The batch of a call may be a multiple of α's batch: with classifier-free guidance the UNet runs
-    [uncond; cond], and both halves carry the concepts (as a merged pipeline's weights would), so α
-    is tiled to the call's batch.
+    [uncond; cond], and both halves carry the concepts (as a merged pipeline's weights would), so
+    sample i uses α's row i mod B. The factors are kept in the base weight's dtype (an fp16 base
+    serves fp16 residuals, as its merged weights would be fp16).
     """
 
     def __init__(self, base: nn.Linear, rank: int, num_slots: int, weights: SlotWeights) -> None:
         super().__init__()
         self.base, self.rank, self.weights = base, rank, weights
         m, n = base.out_features, base.in_features
-        dev = base.weight.device
-        self.register_buffer("A_all", torch.zeros(num_slots * rank, n, device=dev), persistent=False)  # (K·r, n)
-        self.register_buffer("B_all", torch.zeros(m, num_slots * rank, device=dev), persistent=False)  # (m, K·r)
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.register_buffer("A_all", torch.zeros(num_slots * rank, n, **like), persistent=False)  # (K·r, n)
+        self.register_buffer("B_all", torch.zeros(m, num_slots * rank, **like), persistent=False)  # (m, K·r)
         self._epoch = -1
-        self._gathered: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def weight(self) -> torch.Tensor:  # diffusers and transformers read .weight / .bias of projections
@@ -96,13 +105,16 @@ class SlotResidualLinear(nn.Module):
         self.B_all[:, cols] = 0
         self._epoch = -1
 
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(A_S (|S|·r, n), B_S (m, |S|·r), α_S (B, |S|·r)) for the active slots S of this batch."""
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_bᵀ (B, n, s·r), (α_b B_b)ᵀ (B, s·r, m)): each sample's own slots, gathered once per batch."""
         if self._epoch != self.weights.epoch or self._gathered is None:
-            w = self.weights
-            cols = (w.active[:, None] * self.rank + torch.arange(self.rank)).flatten().to(self.A_all.device)
-            alpha = w.alpha[:, w.active].repeat_interleave(self.rank, dim=1)  # (B, |S|·r)
-            self._gathered = (self.A_all[cols], self.B_all[:, cols].contiguous(), alpha.to(self.A_all))
+            w, r = self.weights, self.rank
+            chosen = w.chosen.to(self.A_all.device)
+            cols = (chosen[..., None] * r + torch.arange(r, device=chosen.device)).flatten(1)  # (B, s·r)
+            alpha = w.alpha.to(chosen.device).gather(1, chosen).repeat_interleave(r, dim=1)  # (B, s·r)
+            a_t = self.A_all[cols].transpose(1, 2).contiguous()  # (B, n, s·r)
+            b_t = (self.B_all.T[cols] * alpha[..., None].to(self.B_all)).contiguous()  # (B, s·r, m)
+            self._gathered = (a_t, b_t)
             self._epoch = w.epoch
         return self._gathered
 
@@ -110,13 +122,16 @@ class SlotResidualLinear(nn.Module):
         out = self.base(x)
         if self.weights.alpha is None:
             return out
-        a, b, alpha = self._factors()
-        n = x.shape[0]
-        if n % alpha.shape[0]:
-            raise RuntimeError(f"a batch of {n} cannot carry slot weights set for {alpha.shape[0]} samples")
-        alpha = alpha.repeat(n // alpha.shape[0], 1).view(n, *([1] * (x.dim() - 2)), -1)  # (N, 1.., |S|·r)
-        u = (x.to(a.dtype) @ a.T) * alpha  # (..., |S|·r)
-        return out + (u @ b.T).to(out.dtype)  # (..., m): zero outside the active slots' rows
+        a_t, b_t = self._factors()
+        n, batch = x.shape[0], a_t.shape[0]
+        if n % batch:
+            raise RuntimeError(f"a batch of {n} cannot carry slot weights set for {batch} samples")
+        if n != batch:  # CFG: [uncond; cond] both carry the request's concepts
+            a_t, b_t = a_t.repeat(n // batch, 1, 1), b_t.repeat(n // batch, 1, 1)
+        u = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(a_t.dtype), a_t)  # (N, L, s·r)
+        flat = out.view(n, -1, out.shape[-1])  # (N, L, m), the same storage as out
+        flat.baddbmm_(u.to(out.dtype), b_t.to(out.dtype))  # += (α B) u: zero outside the chosen slots' rows
+        return out
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, slots={self.A_all.shape[0] // self.rank}"

@@ -37,8 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def ray_head():
-    """A started LocalCluster (2 CPUs): `.address`, `.dashboard_url` and `.env` for subprocesses."""
-    cluster = LocalCluster(num_cpus=2, cwd=REPO).start(timeout=120)
+    """A started LocalCluster: `.address`, `.dashboard_url` and `.env` for subprocesses. It advertises
+    3 CPUs (on however many cores): two concurrent client jobs, one of them data parallel on 2 Ray
+    Train workers, then train side by side instead of one waiting out Ray Train's 60 s start timeout."""
+    cluster = LocalCluster(num_cpus=3, cwd=REPO).start(timeout=120)
     try:
         yield cluster
     finally:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import httpx
 import pytest
+from fastapi import HTTPException
 import ray
 import torch
 
@@ -26,10 +27,13 @@ from blocklora.config import AdapterConfig, FederationConfig
 from blocklora.safefile import write_safetensors
 from core_helpers import make_artifact
 from federation.auth import token_hash
-from federation.protocol import (ArtifactRejected, FederationError, Grant, ReservationError, SlotUnavailable,
-                                 Unauthorized, UnknownConcept)
+from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
+                               UnknownConcept)
+from federation.protocol import Grant
 from federation.registry import Registry
 from federation.store import StateStore
+from serve.body_limit import json_depth
+from serve.throttle import FailureThrottle
 from serve_helpers import start_in_process, stop_app, wait_until
 
 ADAPTER = AdapterConfig(rank=2, num_slots=4)
@@ -434,7 +438,7 @@ def test_abandoned_generation_is_cancelled(http_ctx):
 
 @pytest.mark.slow
 def test_token_failures_are_throttled_per_source(http_ctx):
-    """Runs last in this module: it leaves 127.0.0.1 throttled on this app for a minute."""
+    """The last HTTP test in this module: it leaves 127.0.0.1 throttled on this app for a minute."""
     before = http_ctx.http.get("/v1/concepts").json()
     statuses = [http_ctx.http.delete("/v1/concepts/pet", headers=auth(f"c0123456789abcdef.guess{i}")).status_code
                 for i in range(21)]
@@ -449,3 +453,27 @@ def test_token_failures_are_throttled_per_source(http_ctx):
 
 def ctx_port(c: Ctx) -> int:
     return c.http.base_url.port
+
+
+def test_throttle_window_and_json_depth_without_a_server():
+    """The two request bounds that are plain functions, with an injected clock: the window slides
+    (a source is free again once its oldest failure ages out), memory stays bounded, and brackets
+    inside JSON strings do not count as nesting."""
+    now = [0.0]
+    throttle = FailureThrottle(limit=3, window_s=60, max_sources=2, clock=lambda: now[0])
+    for t in (0, 10, 20):
+        now[0] = t
+        throttle.check("a")
+        throttle.failed("a")
+    with pytest.raises(HTTPException) as refused:
+        throttle.check("a")
+    assert refused.value.status_code == 429 and refused.value.headers["Retry-After"] == "41"
+    throttle.check("b")  # another source is not affected
+    now[0] = 60.5  # the failure at t=0 aged out
+    throttle.check("a")
+    throttle.failed("b")
+    throttle.failed("c")
+    assert len(throttle._failures) == 2  # the least recently failing source ("a") was dropped
+    assert json_depth(b'{"prompt": "[[[[[[[[[[{{{{{{"}') == 1
+    assert json_depth(b'{"a": [[{"b": "\\"]"}]]}') == 4
+    assert json_depth(b"") == 0

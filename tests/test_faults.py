@@ -36,7 +36,8 @@ from federation.local_cluster import LocalCluster
 from federation.client import train_artifact
 from blocklora.safefile import write_safetensors
 from federation.auth import token_hash
-from federation.protocol import FederationError, Grant
+from federation.errors import FederationError
+from federation.protocol import Grant
 from federation.registry import Registry
 from federation.store import StateStore
 from serve_helpers import pixels, start_in_process, stop_app, wait_until

@@ -17,8 +17,9 @@ from blocklora.safefile import read_safetensors
 from blocklora.trainer import train_concept
 from core_helpers import make_artifact, write_images
 from federation.auth import token_hash
-from federation.protocol import (ArtifactRejected, FederationError, Removed, ReservationError, SlotUnavailable,
-                                 Unauthorized, UnknownConcept)
+from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
+                               UnknownConcept)
+from federation.protocol import Removed
 from federation.registry import Registry
 from federation.store import StateStore
 

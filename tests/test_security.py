@@ -26,7 +26,7 @@ from conftest import REPO
 from core_helpers import make_artifact
 from federation.local_cluster import LocalCluster
 from federation.auth import token_hash
-from federation.protocol import ReservationError, SlotUnavailable, Unauthorized
+from federation.errors import ReservationError, SlotUnavailable, Unauthorized
 from federation.registry import Registry
 from federation.store import StateStore
 from serve_helpers import start_in_process, stop_app

@@ -115,3 +115,32 @@ def test_re_add_after_remove_and_slot_conflicts(setup):
     with bank.subsets([{"c": 1.0}]):
         got = unet_out(bank.base, [PROMPT])
     torch.testing.assert_close(got, reference(live, arts, {"c": 1.0}, [PROMPT]), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float16, 3e-3)], ids=["fp32", "fp16"])
+def test_mixed_batch_equals_fused_weights_per_sample_in_each_dtype(dtype, tol):
+    """Every sample of one mixed batch matches the pipeline merged with its own subset (LiveMerge),
+    in fp32 and in half precision, where bank and merged weights both live in the base's dtype."""
+    cfg = ADAPTERS["unet-only"]
+    served, merged = load_base("tiny", dtype=dtype), load_base("tiny", dtype=dtype)
+    arts = {a.name: a for a in (make_artifact(served, cfg, name, slot, seed=slot + 1, b_scale=0.5)
+                                for slot, name in enumerate("abc"))}
+    bank, live = ConceptBank(served, cfg), LiveMerge(merged, cfg)
+    for art in arts.values():
+        bank.add(art)
+    assert all(layer.A_all.dtype == dtype for layer in bank.layers.values())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(len(SUBSETS), 4, 16, 16, generator=g).to(dtype)
+    ctx = (torch.randn(len(SUBSETS), 8, served.pipe.unet.config.cross_attention_dim, generator=g) * 0.5).to(dtype)
+    t = torch.tensor(500)
+    with torch.no_grad(), bank.subsets(SUBSETS):
+        mixed = served.pipe.unet(x, t, ctx).sample
+    with torch.no_grad():
+        base_out = merged.pipe.unet(x, t, ctx).sample
+    for i, subset in enumerate(SUBSETS):
+        live.set([arts[n] for n in subset], list(subset.values()))
+        with torch.no_grad():
+            fused = merged.pipe.unet(x[i:i + 1], t, ctx[i:i + 1]).sample[0]
+        if subset:
+            assert (fused - base_out[i]).abs().max() > 10 * tol  # the concepts change the output
+        torch.testing.assert_close(mixed[i], fused, atol=tol, rtol=tol)

@@ -1,3 +1,5 @@
+import re
+
 import torch
 
 from blocklora.artifact import ConceptArtifact
@@ -57,3 +59,14 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_prior_preservation_runs(tiny_base, tmp_path):
     art = _train(tiny_base, write_images(tmp_path / "img"), steps=2, prior_preservation=True, num_class_images=2)
     assert art.meta.train_config["prior_preservation"] is True
+
+
+def test_progress_lines_a_person_can_follow(tiny_base, tmp_path, capsys):
+    """The one step loop prints step k/N, the loss, steps/s and an ETA (first and last step at least),
+    then the steady-state rate that benchmarks compare."""
+    train_concept(tiny_base, write_images(tmp_path / "img"), "pet", "dog", 4, CFG,
+                  TrainConfig(steps=3, resolution=32), progress=True)
+    out = capsys.readouterr().out
+    assert re.search(r"^\[pet\] step 1/3  loss \d+\.\d{4}  first step$", out, re.M), out
+    assert re.search(r"^\[pet\] step 3/3  loss \d+\.\d{4}  \d+\.\d\d steps/s  ETA 0 s$", out, re.M), out
+    assert re.search(r"^\[pet\] trained to step 3: \d+\.\d{3} steps/s steady \(after the first step\), \d+ torch thread\(s\)$", out, re.M), out

@@ -1,0 +1,188 @@
+"""Pretraining the toy base from scratch on blocklora.toy.data: the VAE, then UNet + text encoder.
+
+Two stages share one work dir: the VAE learns to reconstruct toy pictures, is frozen, and the
+denoiser and text encoder then learn on its latents. Every checkpoint is safetensors plus a JSON
+state, and data and noise are drawn from (seed, step), so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from tqdm import tqdm
+
+from blocklora.atomic import atomic_write
+from blocklora.checkpoint import load_optimizer_tensors, optimizer_tensors
+from blocklora.config import PretrainConfig
+from blocklora.toy.architecture import SCHEDULE, build_pipeline, build_text_encoder, build_unet, build_vae
+from blocklora.toy.base import sample_grid
+from blocklora.toy.data import make_sample, to_tensor
+
+DROP_CAPTION = 0.1  # share of empty captions, so classifier-free guidance has an unconditional model
+
+
+def batch(step: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Training batch `step`: the stream's samples [step*size, (step+1)*size), so resumes repeat nothing."""
+    samples = [make_sample(step * size + j, seed, "train") for j in range(size)]
+    return to_tensor([s.image for s in samples]), [s.caption for s in samples]
+
+
+class Run:
+    """The work dir: modules' weights, optimizer moments, progress and the loss log of one run."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        state_path = work / "state.json"
+        self.state = json.loads(state_path.read_text()) if state_path.exists() else {
+            "vae_step": 0, "unet_step": 0, "wall_seconds": 0.0}
+        self._t0 = time.time()
+        self._forget_uncheckpointed_losses()
+
+    def _forget_uncheckpointed_losses(self) -> None:
+        """Drop log rows past the last checkpoint: a resumed run logs those steps again."""
+        path = self.work / "loss.csv"
+        if path.exists():
+            lines = path.read_text().splitlines(keepends=True)
+            keep = [ln for ln in lines[1:] if int(ln.split(",")[1]) < self.state[ln.split(",")[0] + "_step"]]
+            atomic_write(path, "".join(lines[:1] + keep).encode())
+
+    def checkpoint(self, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer, stage: str) -> None:
+        for name, mod in modules.items():
+            tensors = {k: v.contiguous() for k, v in mod.state_dict().items()}
+            atomic_write(self.work / f"{name}.safetensors", safetensors_bytes(tensors))
+        atomic_write(self.work / f"opt_{stage}.safetensors", safetensors_bytes(optimizer_tensors(opt)))
+        now = time.time()
+        self.state["wall_seconds"] += now - self._t0
+        self._t0 = now
+        # weights first, state last: a crash never skips ahead
+        atomic_write(self.work / "state.json", json.dumps(self.state, indent=1).encode())
+
+    def restore(self, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer | None, stage: str) -> None:
+        for name, mod in modules.items():
+            if (self.work / f"{name}.safetensors").exists():
+                mod.load_state_dict(load_file(self.work / f"{name}.safetensors"))
+        if opt is not None and (self.work / f"opt_{stage}.safetensors").exists():
+            load_optimizer_tensors(opt, load_file(self.work / f"opt_{stage}.safetensors"))
+
+    def log(self, stage: str, step: int, loss: float) -> None:
+        path = self.work / "loss.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["stage", "step", "loss", "wall_seconds"])
+            w.writerow([stage, step, f"{loss:.5f}", f"{self.state['wall_seconds'] + time.time() - self._t0:.1f}"])
+def cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int = 100) -> None:
+    """Warm up, then decay to 0: the last steps average out noise much as an EMA would, without a copy."""
+    lr = base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(step, total) / total))
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def train_vae(run: Run, vae: AutoencoderKL, steps: int, batch_size: int, seed: int, every: int) -> None:
+    """L1 + MSE reconstruction and a tiny KL: a near-deterministic autoencoder with a smooth latent."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    run.restore({"vae": vae}, opt, "vae")
+    vae.train()
+    for step in tqdm(range(run.state["vae_step"], steps), desc="vae", initial=run.state["vae_step"], total=steps):
+        cosine_lr(opt, 1e-3, step, steps)
+        x, _ = batch(step, batch_size, seed + 1)  # a different stream from the denoiser's
+        post = vae.encode(x).latent_dist
+        y = vae.decode(post.sample(torch.Generator().manual_seed(seed * 100003 + step))).sample
+        loss = F.l1_loss(y, x) + F.mse_loss(y, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run.log("vae", step, loss.item())
+        run.state["vae_step"] = step + 1
+        if (step + 1) % every == 0 or step + 1 == steps:
+            run.checkpoint({"vae": vae}, opt, "vae")
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def set_latent_scale(vae: AutoencoderKL, seed: int, n: int = 512) -> float:
+    """SD's convention: scale latents to unit variance, measured on data the VAE never saw."""
+    x, _ = batch(10**6, n, seed + 1)
+    std = vae.encode(x).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return 1.0 / std
+
+
+def min_snr_weights(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al., 2023): min(SNR, gamma) / SNR.
+
+    Nearly clean timesteps (high SNR) are easy and dominate an unweighted loss, yet layout, shape
+    and colour are decided at the noisy end; capping their weight spends the few CPU steps there.
+    """
+    if gamma <= 0:
+        return torch.ones(len(t))
+    ac = sched.alphas_cumprod[t]
+    snr = ac / (1 - ac)
+    return snr.clamp(max=gamma) / snr
+
+
+def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_size: int, lr: float,
+                   seed: int, every: int, sample_every: int, snr_gamma: float) -> None:
+    """Epsilon prediction with the SD noise schedule; text encoder trained jointly from scratch."""
+    unet, te, tok, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
+    noise_sched = DDPMScheduler(**SCHEDULE)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    run.restore({"unet": unet, "text_encoder": te}, opt, "unet")
+    unet.train()
+    te.train()
+    for step in tqdm(range(run.state["unet_step"], steps), desc="unet", initial=run.state["unet_step"], total=steps):
+        cosine_lr(opt, lr, step, steps)
+        g = torch.Generator().manual_seed(seed * 100003 + step)
+        x, captions = batch(step, batch_size, seed)
+        drop = torch.rand(batch_size, generator=g) < DROP_CAPTION
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample(g) * vae.config.scaling_factor  # (B, 4, 16, 16)
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=g)
+        pred = unet(noise_sched.add_noise(latents, noise, t), t, te(ids).last_hidden_state).sample
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (min_snr_weights(noise_sched, t, snr_gamma) * per_sample).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        run.log("unet", step, loss.item())
+        run.state["unet_step"] = step + 1
+        if (step + 1) % every == 0 or step + 1 == steps:
+            run.checkpoint({"unet": unet, "text_encoder": te}, opt, "unet")
+        if (step + 1) % sample_every == 0:
+            sample_grid(pipe).save(run.work / f"samples_{step + 1:06d}.png")  # no dropout/BN: mode is moot
+    unet.eval()
+    te.eval()
+
+
+
+
+def pretrain(cfg: PretrainConfig, work_dir: Path) -> tuple[StableDiffusionPipeline, Run, float]:
+    """Both stages, resuming from `work_dir`: the trained pipeline, its run and the latent scale.
+
+    A finished run trains nothing again; it only rebuilds the pipeline from its checkpoints."""
+    torch.manual_seed(cfg.seed)
+    vae, unet, te = build_vae(), build_unet(), build_text_encoder()  # init drawn from the seed, in this order
+    run = Run(work_dir)
+    train_vae(run, vae, cfg.vae_steps, cfg.vae_batch, cfg.seed, cfg.checkpoint_every)
+    scale = set_latent_scale(vae, cfg.seed)
+    pipe = build_pipeline(vae, unet, te)
+    train_denoiser(run, pipe, cfg.steps, cfg.batch, cfg.lr, cfg.seed, cfg.checkpoint_every, cfg.sample_every,
+                   cfg.snr_gamma)
+    return pipe, run, scale

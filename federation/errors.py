@@ -1,0 +1,28 @@
+"""The federation's refusals, in a module of their own: a client's driver catches them without
+importing the registry (and with it torch and diffusers). `federation.registry` re-exports them."""
+
+from __future__ import annotations
+
+
+class FederationError(Exception):
+    """A request the federation refuses; the message says what was wrong and what to do."""
+
+
+class Unauthorized(FederationError):
+    """Unknown token, or a token that may not act on this concept."""
+
+
+class SlotUnavailable(FederationError):
+    """Every slot is taken, or the concept name is already live."""
+
+
+class ReservationError(FederationError):
+    """The request does not match a current reservation (missing, expired, another client's, other slot)."""
+
+
+class ArtifactRejected(FederationError):
+    """The submitted bytes are not an acceptable concept for this federation."""
+
+
+class UnknownConcept(FederationError):
+    """No live concept or reservation has this name."""
