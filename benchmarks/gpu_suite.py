@@ -109,9 +109,10 @@ def table(parts: list[dict]) -> str:
             n = max(r["N"])
             rows = {(x["method"], x["N"]): x for x in r["rows"]}
             ours, theirs = rows["blocklora", n], rows["diffusers-peft", n]
+            ex = r["exactness"]["r4"]["blocklora"]  # vs-dense compares with a CPU BLAS reference: not bitwise on a GPU
             lines.append(f"| {name} | add / remove at N = {n} | ours {ours['add_s'] * 1e3:.2f} / {ours['remove_s'] * 1e3:.2f} ms, "
-                         f"diffusers {theirs['add_s'] * 1e3:.0f} / {theirs['remove_s'] * 1e3:.0f} ms; exact: "
-                         f"{r['exactness']['r4']['blocklora']['max_abs_diff_vs_dense'] == 0.0} |")
+                         f"diffusers {theirs['add_s'] * 1e3:.0f} / {theirs['remove_s'] * 1e3:.0f} ms; restore and cycled-vs-fresh "
+                         f"max abs diff {ex['restore_max_abs_diff']:g} / {ex['max_abs_diff_vs_fresh']:g} |")
         elif name.startswith("serve"):
             s = r["runs"][-1]
             ms = s["step_ms"]
@@ -130,7 +131,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for <part>.json, suite.json and suite.md")
     p.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS), help="which parts to run")
     p.add_argument("--quick", action="store_true", help="every part at its --quick size (for CPU checks)")
-    p.add_argument("--part-timeout", type=float, default=150.0, help="seconds before a part is given up")
+    p.add_argument("--part-timeout", type=float, default=90.0,
+                   help="seconds before a part is given up (5 parts x 90 s + e2e keep the suite under 8 min)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     parts = []

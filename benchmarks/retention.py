@@ -189,9 +189,9 @@ def match_strength(trainings: Trainings, vs: list[Variant], reference: Variant, 
 
 
 def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConfig, arms: tuple[str, ...],
-        match: float, out: Path, cache: Path, guidance: float) -> dict:
+        match: float, out: Path, cache: Path, guidance: float, judge: str = "identity") -> dict:
     base = load_base(base_spec, device="cpu")
-    world = load_world()
+    world = load_world(judge)
     m = profile.concepts
     if m > len(world.concepts):
         raise ValueError(f"{m} concepts asked, the world has {len(world.concepts)}")
@@ -265,6 +265,8 @@ def main() -> None:
     p.add_argument("--erasure", type=float, default=0.1, help="λ of BlockLoRA's randomized output erasure")
     p.add_argument("--match", type=float, default=0.05, help="strength matching tolerance (relative image alignment)")
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--judge", choices=("identity", "interim"), default="identity",
+                   help="identity: blocklora.toy.identity; interim: what docs/results' small run used")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ALL_METHODS))
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=None, help="default docs/results/retention-<profile>")
@@ -281,7 +283,7 @@ def main() -> None:
     study = AdapterConfig(rank=args.rank, num_slots=args.slots, erasure=args.erasure)
     out = args.out or RESULTS_DIR / f"retention-{profile_name}"
     result = run(PROFILES[profile_name], args.base or default_base_spec(), train, study, arms, args.match, out,
-                 args.cache, args.guidance)
+                 args.cache, args.guidance, args.judge)
     result["quick"] = args.quick
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=float))

@@ -159,7 +159,7 @@ class PretrainConfig:
 
 # Named presets: settings measured on the pretrained toy base (docs/results/README.md, toy-base
 # concepts) that the main job and the local demo start from; flags still override each field.
-TOY_BASE_TRAIN = TrainConfig(steps=300, lr=5e-3, token_lr=1e-2)
+TOY_BASE_TRAIN = TrainConfig(steps=300, lr=5e-3, token_lr=5e-2)  # token lr 10x, as ED-LoRA: toy concepts are mostly colour
 TOY_BASE_GENERATE = GenerateConfig(guidance_scale=2.0)  # at 5 the toy base's pictures oversaturate
 
 

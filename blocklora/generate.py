@@ -19,17 +19,27 @@ def generate(base: Base, prompt: str, cfg: GenerateConfig = GenerateConfig(), nu
     return out.images
 
 
-def contact_sheet(rows: list[tuple[str, list[Image.Image]]], cell: int = 128) -> Image.Image:
-    """One labelled row per entry; images upscaled (nearest) to `cell` pixels so tiny ones are visible."""
+def contact_sheet(rows: list[tuple[str, list[Image.Image]]], cell: int = 128,
+                  notes: list[list[str]] | None = None, columns: list[str] | None = None) -> Image.Image:
+    """One labelled row per entry; images upscaled (nearest) to `cell` pixels so tiny ones are visible.
+
+    `notes[i][j]`, when given, is printed under image j of row i (e.g. its score); `columns` heads
+    the columns (e.g. which concept each column shows)."""
     cols = max(len(imgs) for _, imgs in rows)
-    label_w = 260
-    sheet = Image.new("RGB", (label_w + cols * (cell + 4), len(rows) * (cell + 4) + 4), "white")
+    label_w, note_h, head_h = 260, 14 if notes else 0, 16 if columns else 0
+    row_h = cell + 4 + note_h
+    sheet = Image.new("RGB", (label_w + cols * (cell + 4), head_h + len(rows) * row_h + 4), "white")
     draw = ImageDraw.Draw(sheet)
+    for j, text in enumerate(columns or []):
+        draw.text((label_w + j * (cell + 4) + 4, 2), text, fill="black")
     for i, (label, imgs) in enumerate(rows):
-        y = 4 + i * (cell + 4)
+        y = head_h + 4 + i * row_h
         draw.multiline_text((6, y + 4), _wrap(label, 36), fill="black")
         for j, img in enumerate(imgs):
-            sheet.paste(img.resize((cell, cell), Image.NEAREST), (label_w + j * (cell + 4), y))
+            x = label_w + j * (cell + 4)
+            sheet.paste(img.resize((cell, cell), Image.NEAREST), (x, y))
+            if notes and j < len(notes[i]) and notes[i][j]:
+                draw.text((x + 4, y + cell + 1), notes[i][j], fill="black")
     return sheet
 
 

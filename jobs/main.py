@@ -3,10 +3,12 @@
     python jobs/main.py [--out outputs/main] [--steps 300] [--keep]
 
 Starts a Ray head on 127.0.0.1 (token authentication on), the coordinator and the Serve app;
-submits one `ray job submit` client training job per bundled example concept, concurrently; waits
-until they are live; asks the HTTP API for several subsets (none, each alone, pairs, all, and a
-prompt naming two); removes one concept at runtime and shows it is refused; writes
-`contact_sheet.png` and `report.json` to --out; stops the cluster (unless --keep).
+submits one `ray job submit` client training job per bundled toy concept (MAIN_CONCEPTS),
+concurrently; waits until they are live; asks the HTTP API for each concept's prompt with no
+concept, alone and with all merged, and for its class prompt with all merged (plus one prompt that
+names two); removes one concept at runtime and shows it is refused; writes `contact_sheet.png`
+(every generated picture labelled with its image alignment to the concept, by the identity judge)
+and `report.json` to --out; stops the cluster (unless --keep).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import itertools
 import json
 import os
 import re
@@ -33,11 +34,18 @@ from blocklora.base import default_base_spec  # noqa: E402
 from blocklora.config import (TOY_BASE_GENERATE, TOY_BASE_TRAIN, GenerateConfig, TrainConfig,  # noqa: E402
                               add_flags, from_args, to_argv)
 from blocklora.generate import contact_sheet  # noqa: E402
+from blocklora.toy.concepts import (ToyConcept, class_prompt, concept_from_json, eval_attributes,  # noqa: E402
+                                    instance_prompt, reference_pictures, training_pictures)
+from blocklora.toy.identity import load_identity_judge  # noqa: E402
 from federation.job_profile import MARKS_LINE, marks_from_log, phase_seconds  # noqa: E402
 from federation.local_cluster import LocalCluster, free_port  # noqa: E402
 
 EXAMPLES = REPO / "examples" / "concepts"
 RAY_PREFIX = re.compile(r"^(\x1b\[[\d;]*m)*\([^)]*\)(\x1b\[[\d;]*m)*\s*")  # "(RayTrainWorker pid=…) ", coloured
+# In-distribution toy concepts (blocklora.toy.concepts), in the order --concepts takes them: two stars
+# first, so the sheet shows whether two concepts of one class word stay apart when merged.
+MAIN_CONCEPTS: tuple[str, ...] = ("ember", "frost", "lagoon", "rosa")
+REFERENCES = 8  # reference pictures per concept for the sheet's image-alignment scores
 
 
 class Stage:
@@ -70,11 +78,14 @@ def run(cmd: list[str], env: dict, timeout: float = 600) -> str:
 
 
 def concepts_to_train(limit: int) -> list[dict]:
-    infos = [json.loads((d / "concept.json").read_text()) | {"dir": d} for d in sorted(EXAMPLES.iterdir())
-             if (d / "concept.json").exists()]
-    if len(infos) < limit:
-        raise SystemExit(f"need {limit} example concepts under {EXAMPLES}, found {len(infos)}")
-    return infos[:limit]
+    """The first `limit` of MAIN_CONCEPTS, as their folders' concept.json plus the folder."""
+    if limit > len(MAIN_CONCEPTS):
+        raise SystemExit(f"--concepts {limit}: at most {len(MAIN_CONCEPTS)} ({', '.join(MAIN_CONCEPTS)})")
+    missing = [n for n in MAIN_CONCEPTS[:limit] if not (EXAMPLES / n / "concept.json").is_file()]
+    if missing:
+        raise SystemExit(f"example concept folder(s) {missing} missing under {EXAMPLES}; "
+                         "write them with `python jobs/make_example_concepts.py`")
+    return [json.loads((EXAMPLES / n / "concept.json").read_text()) | {"dir": EXAMPLES / n} for n in MAIN_CONCEPTS[:limit]]
 
 
 def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: list[str],
@@ -148,29 +159,50 @@ def generate(http: httpx.Client, body: dict) -> tuple[int, list[Image.Image], di
     return 200, [Image.open(io.BytesIO(base64.b64decode(s))) for s in data["images"]], {"version": data["version"]}
 
 
-def query_subsets(http: httpx.Client, names: list[str], classes: dict[str, str], out: Path,
-                  num_images: int, steps: int, guidance: float) -> tuple[list[dict], list[tuple[str, list[Image.Image]]]]:
-    """None, each alone, every pair, all of them, and one prompt that names two concepts."""
-    subsets = [[]] + [[n] for n in names] + [list(p) for p in itertools.combinations(names, 2)] + [names]
-    requests = []
-    for s in subsets:
-        prompt = ("a photo of " + " and ".join(f"{{{n}}}" for n in s)) if s else "a photo of " + " and ".join(classes.values())
-        requests.append({"prompt": prompt, "concepts": s})
+def query_subsets(http: httpx.Client, concepts: list[ToyConcept], out: Path, num_images: int, steps: int,
+                  guidance: float) -> tuple[list[dict], list[tuple[str, list[Image.Image]]], list[list[str]]]:
+    """Per concept: its class prompt on the bare base, its prompt with it alone, with all merged, and the
+    class prompt with all merged; then one prompt that names two concepts (the subset it implies).
+
+    Returns the report's request records, the contact sheet's rows (training pictures first) and each
+    generated picture's image alignment to the concept's reference pictures, as the sheet's notes."""
+    judge = load_identity_judge()
+    names = [c.name for c in concepts]
+    refs = {c.name: reference_pictures(c, REFERENCES, seed=0) for c in concepts}
+    stages = (("base, class prompt", [], class_prompt), ("each concept alone", None, instance_prompt),
+              ("all merged", names, instance_prompt), ("all merged, class prompt", names, class_prompt))
+    rows = [("training pictures", [im for c in concepts for im in training_pictures(c)[:num_images]])]
+    notes: list[list[str]] = [[]]
+    results = []
+    for label, subset, make_prompt in stages:
+        row, row_notes = [], []
+        for c in concepts:
+            body = {"prompt": make_prompt(c, eval_attributes(c, 1)[0]), "concepts": [c.name] if subset is None else subset}
+            code, images, result = _request(http, body, len(results), out, num_images, steps, guidance)
+            scores = judge.image_alignment(images, refs[c.name]).tolist() if images else []
+            results.append(result | {"sheet_row": label, "concept": c.name, "image_alignment": scores})
+            row += images
+            row_notes += [f"{c.name} {s:.2f}" for s in scores]
+        rows.append((label, row))
+        notes.append(row_notes)
     a, b = names[:2]
-    requests.append({"prompt": f"{{{a}}} next to {{{b}}}, a picture", "concepts": []})  # named in the prompt only
-    results, rows = [], []
-    for i, body in enumerate(requests):
-        body |= {"seed": 100, "steps": steps, "num_images": num_images, "guidance_scale": guidance}
-        code, images, extra = generate(http, body)
-        paths = []
-        for j, img in enumerate(images):
-            p = out / "images" / f"{i:02d}-{j}.png"
-            img.save(p)
-            paths.append(str(p.relative_to(out)))
-        results.append({"prompt": body["prompt"], "concepts": body["concepts"], "status": code, "images": paths, **extra})
-        rows.append((f"{body['prompt']}  [{', '.join(body['concepts']) or 'no concepts'}]", images))
-        print(f"      {code} {body['prompt']!r} concepts={body['concepts']} -> {len(images)} image(s)", flush=True)
-    return results, rows
+    results.append(_request(http, {"prompt": f"{{{a}}} next to {{{b}}}", "concepts": []}, len(results), out,
+                            num_images, steps, guidance)[2])  # named in the prompt only
+    return results, rows, notes
+
+
+def _request(http: httpx.Client, body: dict, index: int, out: Path, num_images: int, steps: int,
+             guidance: float) -> tuple[int, list[Image.Image], dict]:
+    """One /v1/generate call; saves its images as images/{index}-{j}.png and returns its report record."""
+    body = body | {"seed": 100, "steps": steps, "num_images": num_images, "guidance_scale": guidance}
+    code, images, extra = generate(http, body)
+    paths = []
+    for j, img in enumerate(images):
+        p = out / "images" / f"{index:02d}-{j}.png"
+        img.save(p)
+        paths.append(str(p.relative_to(out)))
+    print(f"      {code} {body['prompt']!r} concepts={body['concepts']} -> {len(images)} image(s)", flush=True)
+    return code, images, {"prompt": body["prompt"], "concepts": body["concepts"], "status": code, "images": paths, **extra}
 
 
 def main() -> None:
@@ -229,9 +261,9 @@ def main() -> None:
                 print(f"      {c['name']}: slot {c['slot']}, trigger {' '.join(c['triggers'])} {c['class_word']}")
 
         with stage("generate for every subset over HTTP"):
-            classes = {c["name"]: c["class_word"] for c in concepts}
-            report["requests"], rows = query_subsets(http, names, classes, out, args.num_images, sampling.steps,
-                                                     sampling.guidance_scale)
+            toys = [concept_from_json(c["dir"] / "concept.json") for c in concepts]
+            report["requests"], rows, notes = query_subsets(http, toys, out, args.num_images, sampling.steps,
+                                                            sampling.guidance_scale)
 
         removed = names[-1]
         with stage(f"remove {removed!r} at runtime and ask for it again"):
@@ -246,7 +278,8 @@ def main() -> None:
             print(f"      DELETE -> {r.status_code}; /v1/generate with {{{removed}}} -> {code}: {extra.get('detail')}")
 
         with stage("write the contact sheet and the report"):
-            contact_sheet(rows).save(out / "contact_sheet.png")
+            columns = [n for n in names for _ in range(args.num_images)]
+            contact_sheet(rows, notes=notes, columns=columns).save(out / "contact_sheet.png")
             timings["total"] = round(time.monotonic() - t_start, 1)
             (out / "report.json").write_text(json.dumps(report, indent=2))
     finally:

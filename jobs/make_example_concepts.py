@@ -1,8 +1,10 @@
-"""Write examples/concepts/: four concepts the toy base cannot draw yet, 5 pictures each, 64x64.
+"""Write examples/concepts/: toy concepts the toy base can learn, and photo concepts for real bases.
 
-Three come from scikit-image's bundled photos that carry no copyright restriction (CC0 or public
-domain, as their docstrings in skimage.data state); the fourth is a procedural glyph, so one concept
-exists that no photo licence could ever touch. Crops are fixed, so re-running writes the same files.
+The toy concepts (TOY_EXAMPLES, from blocklora.toy.concepts.CONCEPTS; two of them stars) are what the
+main job trains: four captioned pictures each, drawn by the generator. The photos come from
+scikit-image's bundled photos that carry no copyright restriction (CC0 or public domain, as their
+docstrings in skimage.data state), plus a procedural glyph; the toy base cannot draw those, they are
+there for real Stable Diffusion bases. Everything is deterministic: re-running writes the same files.
 
     python jobs/make_example_concepts.py [--out examples/concepts]
 """
@@ -16,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import skimage.data
 from PIL import Image, ImageDraw
+
+from blocklora.toy.concepts import BY_NAME, write_concept_folder
 
 SIZE = 64
 # (name, class word, skimage.data function, licence note, crops as (centre y, centre x, side) in
@@ -31,6 +35,7 @@ PHOTOS = (
      [(0.65, 0.5, 0.6, False), (0.6, 0.5, 0.7, False), (0.7, 0.5, 0.5, True), (0.65, 0.48, 0.65, False),
       (0.62, 0.52, 0.75, True)]),
 )
+TOY_EXAMPLES = ("ember", "frost", "lagoon", "rosa")  # jobs/main.py trains these (MAIN_CONCEPTS)
 GLYPH = ("swirl", "symbol")  # a yellow spiral on navy: nothing in the toy data is curved like it
 
 
@@ -67,7 +72,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "examples" / "concepts")
     args = ap.parse_args()
     lines = ["# Example concepts: sources and licences", "",
-             "Written by `jobs/make_example_concepts.py` (deterministic square crops, 64x64).", "",
+             "Written by `jobs/make_example_concepts.py` (deterministic, 64x64). The toy concepts are what the",
+             "main job trains on the toy base; the photos and the glyph are for real bases.", "",
              "| concept | class word | source | licence |", "|---|---|---|---|"]
     for name, class_word, func, licence, crops in PHOTOS:
         photo = getattr(skimage.data, func)()
@@ -76,8 +82,13 @@ def main() -> None:
     name, class_word = GLYPH
     write_concept(args.out / name, name, class_word, [swirl(k * np.pi / 2.5, 0.85 + 0.04 * k) for k in range(5)])
     lines.append(f"| {name} | {class_word} | procedural (`swirl()` in the script) | no third-party content |")
+    for name in TOY_EXAMPLES:
+        c = BY_NAME[name]
+        write_concept_folder(c, args.out / name)
+        lines.append(f"| {name} | {c.class_word} | `blocklora.toy.concepts` ({c.fill[0]}/{c.fill[1]} {c.pattern}, "
+                     f"{c.outline} outline, {c.accent} accent; captions in the .txt files) | no third-party content |")
     (args.out / "SOURCE.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {len(PHOTOS) + 1} concepts to {args.out}")
+    print(f"wrote {len(PHOTOS) + 1 + len(TOY_EXAMPLES)} concepts to {args.out}")
 
 
 if __name__ == "__main__":

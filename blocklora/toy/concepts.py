@@ -120,14 +120,15 @@ def _pattern_mask(n: int, cx: float, cy: float, r: float, angle: float, pattern:
     dx, dy = xx - cx, yy - cy
     u = dx * np.cos(angle) + dy * np.sin(angle)
     v = -dx * np.sin(angle) + dy * np.cos(angle)
-    if pattern == "stripes":  # bands across the object, two periods per radius
-        return np.floor(u / (0.27 * r)) % 2 == 1
+    # Coarse on purpose: the toy base's VAE keeps little finer than 4 px (one latent pixel).
+    if pattern == "stripes":  # bands across the object, about five across a large one
+        return np.floor(u / (0.42 * r)) % 2 == 1
     if pattern == "checks":
-        cell = 0.38 * r
+        cell = 0.55 * r
         return (np.floor(u / cell) + np.floor(v / cell)) % 2 == 1
-    period = 0.62 * r  # dots on a square grid
-    gu, gv = u - period * np.round(u / period), v - period * np.round(v / period)
-    return np.hypot(gu, gv) < 0.2 * r
+    period = 0.85 * r  # dots on a square grid, offset so that four sit around the accent
+    gu, gv = (w - period * (np.floor(w / period) + 0.5) for w in (u, v))
+    return np.hypot(gu, gv) < 0.26 * r
 
 
 def render(c: ToyConcept, attrs: Attributes, x: float, y: float, radius: float, angle: float,
@@ -147,12 +148,12 @@ def render(c: ToyConcept, attrs: Attributes, x: float, y: float, radius: float, 
                     np.array(COLOURS[c.fill[1]], np.uint8), np.array(COLOURS[c.fill[0]], np.uint8))
     canvas.paste(Image.fromarray(fill.astype(np.uint8)), (0, 0), shape)
     draw = ImageDraw.Draw(canvas)
-    width = max(2, round(0.14 * r))
+    width = max(2, round(0.12 * r))
     if c.class_word == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=COLOURS[c.outline], width=width)
     else:
         draw.polygon(polygon(c.class_word, cx, cy, r, angle), outline=COLOURS[c.outline], width=width)
-    a = 0.26 * r
+    a = 0.3 * r
     draw.ellipse([cx - a, cy - a, cx + a, cy + a], fill=COLOURS[c.accent])
     return canvas.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
 

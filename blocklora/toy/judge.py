@@ -74,7 +74,7 @@ class Judge(nn.Module):
                 zip(shape_logits.argmax(1).tolist(), colour_logits.argmax(1).tolist())]
 
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Blur (sigma up to 1.5 px), per-image tint and brightness, and pixel noise, in [-1, 1] space."""
     b = x.shape[0]
     sigma = torch.rand(b, generator=g) * 1.5
@@ -106,7 +106,7 @@ def train_judge(steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, seed:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     for step in (bar := tqdm(range(steps), desc="judge")):
         x, shape, colour = _batch(step, batch_size, seed)
-        shape_logits, colour_logits = judge.train()(_augment(x, g))
+        shape_logits, colour_logits = judge.train()(augment(x, g))
         shape_loss, colour_loss = F.cross_entropy(shape_logits, shape), F.cross_entropy(colour_logits, colour)
         opt.zero_grad(set_to_none=True)
         (shape_loss + colour_loss).backward()
