@@ -46,6 +46,7 @@ class IdentityJudge:
     rings: tuple[float, ...] = (0.0, 0.45, 0.9, 1.4)  # ring edges in object radii: accent, body, rim
     size_threshold: float = 12.5  # px: object extent between the largest small and the smallest large
     size_softness: float = 0.8  # px
+    min_object_px: float = 80.0  # object area below which a picture counts as partly empty (a small star: ~100)
 
     def _read(self, images: ImagesLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(palette probabilities (B, H, W, 8), background probabilities (B, 8), object weight (B, H, W),
@@ -64,8 +65,9 @@ class IdentityJudge:
 
     @torch.no_grad()
     def embed(self, images: ImagesLike) -> torch.Tensor:
-        """(B, 8 * rings) unit vectors: per ring, the square roots of the object's colour proportions
-        (the border's colour left out), each ring normalised, then the whole."""
+        """(B, 8 * rings + 1) unit vectors: per ring, the square roots of the object's colour proportions
+        (the border's colour left out), each ring normalised, then the whole; the last axis is "no
+        object", so that a picture with only a speck on it does not match a concept by its colours."""
         p, background, obj, dist = self._read(images)
         radius = (obj.sum((1, 2)) / np.pi).sqrt().clamp_min(1.0)  # of a disc of the object's area
         r = dist / radius[:, None, None]
@@ -75,7 +77,9 @@ class IdentityJudge:
             ring = ((r >= lo) & (r < hi)).float()[..., None]
             hist = (colours * ring).sum((1, 2))  # (B, 8)
             parts.append(F.normalize((hist / hist.sum(1, keepdim=True).clamp_min(1e-6)).sqrt(), dim=1))
-        return F.normalize(torch.cat(parts, dim=1), dim=1)
+        presence = (obj.sum((1, 2)) / self.min_object_px).clamp(0, 1)[:, None]  # (B, 1)
+        rings = F.normalize(torch.cat(parts, dim=1), dim=1)
+        return F.normalize(torch.cat([rings * presence, 1 - presence], dim=1), dim=1)
 
     def image_alignment(self, generated: ImagesLike, references: ImagesLike) -> torch.Tensor:
         """(B,): each generated picture's mean cosine to the references (one concept's pictures)."""
