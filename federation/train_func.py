@@ -22,6 +22,8 @@ import ray.train  # Ray
 import ray.train.torch  # Ray
 import torch
 import torch.distributed as dist
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig, TrainConfig, from_dict
@@ -102,6 +104,9 @@ def train_func(config: dict[str, Any]) -> None:
     marks = {"t_worker_start": time.time()}
     for name in ("", "ray.train"):  # Ray: Train logs through both (one INFO line per report, at the root)
         logging.getLogger(name).setLevel(config["ray_log_level"])
+    if config["ray_log_level"] != "INFO":  # nor the libraries' loading bars
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     adapter = from_dict(AdapterConfig, config["adapter"])
     train = from_dict(TrainConfig, config["train"])
     ctx = ray.train.get_context()  # Ray

@@ -89,12 +89,12 @@ def concepts_to_train(limit: int) -> list[dict]:
 
 
 def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: list[str],
-                   out: Path) -> tuple[dict[str, str], dict[str, float]]:
-    """One `ray job submit --no-wait` per concept; concept name -> Ray job id, and -> submit time."""
+                   out: Path) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """One `ray job submit --no-wait` per concept; concept name -> Ray job id, and -> its submit marks."""
     jobs, submitted = {}, {}
     for c in concepts:
         job_id = f"client-{c['name']}-{int(time.time())}"
-        submitted[c["name"]] = time.time()
+        t_submit = time.time()
         run(["ray", "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO),
              "--submission-id", job_id, "--no-wait", "--",
              "python", "jobs/client_train.py", "--images", str(c["dir"].relative_to(REPO)),
@@ -102,6 +102,7 @@ def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: lis
              "--client-name", f"user-{c['name']}", "--token-file", str(out / "clients" / f"{c['name']}.token"),
              "--storage-path", str(out / "clients" / "runs")], cluster.env)
         jobs[c["name"]] = job_id
+        submitted[c["name"]] = {"t_submit": t_submit, "t_submitted": time.time()}
         print(f"      submitted {job_id}", flush=True)
     return jobs, submitted
 
@@ -114,7 +115,7 @@ def newest_line(log: str) -> str:
     return lines[-1][-110:] if lines else "starting"
 
 
-def wait_jobs(cluster: LocalCluster, jobs: dict[str, str], submitted: dict[str, float],
+def wait_jobs(cluster: LocalCluster, jobs: dict[str, str], submitted: dict[str, dict[str, float]],
               timeout: float) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
     """Poll until every job ends, printing each job's newest line when it changes (so a person sees
     every client's step, loss, speed and ETA); returns the jobs' statuses and phase timings."""
@@ -138,7 +139,7 @@ def wait_jobs(cluster: LocalCluster, jobs: dict[str, str], submitted: dict[str, 
                 shown[name] = line
             if st.is_terminal():
                 marks = marks_from_log(log) or {}
-                phases[name] = phase_seconds(marks | {"t_submit": submitted[name], "t_done": time.time()})
+                phases[name] = phase_seconds(marks | submitted[name] | {"t_done": time.time()})
         if len(phases) == len(jobs):
             failed = {n: s for n, s in status.items() if s != "SUCCEEDED"}
             if failed:
