@@ -90,9 +90,11 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory(prefix="client-profile-") as tmp, LocalCluster(num_cpus=2, cwd=REPO) as cluster:
         work = Path(tmp)
-        subprocess.run([str(VENV_BIN / "python"), "jobs/start_coordinator.py", "--base-model", args.base,
-                        "--state-dir", str(work / "state"), "--address", cluster.address],
-                       cwd=REPO, env=cluster.env, check=True, capture_output=True)
+        up = subprocess.run([str(VENV_BIN / "python"), "jobs/start_coordinator.py", "--base-model", args.base,
+                             "--state-dir", str(work / "state"), "--address", cluster.address],
+                            cwd=REPO, env=cluster.env, capture_output=True, text=True)
+        if up.returncode:
+            raise RuntimeError(f"the coordinator did not start:\n{up.stdout[-2000:]}\n{up.stderr[-3000:]}")
         for i in range(args.repeats):
             marks, log = client_job(cluster, work, f"profile-{i}-{int(time.time())}", args.steps)
             client, threads = steady_rate(log)

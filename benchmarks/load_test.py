@@ -125,10 +125,10 @@ def run_load(url: str, dashboard_url: str, actor, admin: str, duration: float, c
     base = load_base("tiny")
     space = SlotSpace.of(base, ADAPTER)
     http = httpx.Client(base_url=url, timeout=300)
-    owner = ray.get(actor.register.remote("load-test"))["token"]
+    owner = ray.get(actor.register.remote("load-test")).token
     arts = {}
     for i, name in enumerate((*STABLE, CHURN)):
-        slot = ray.get(actor.reserve.remote(owner, name, "dog"))["slot"]
+        slot = ray.get(actor.reserve.remote(owner, name, "dog")).slot
         arts[name] = random_artifact(name, slot, ADAPTER, base.fingerprint, space.layout, space.hidden, seed=i + 1, b_scale=0.5,
                                      class_word="dog")
         r = http.post("/v1/concepts", content=arts[name].to_bytes(), headers={"Authorization": f"Bearer {owner}"})

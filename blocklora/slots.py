@@ -25,7 +25,6 @@ from blocklora.artifact import ConceptArtifact, InvalidArtifact
 from blocklora.base import Base
 from blocklora.config import AdapterConfig
 from blocklora.inject import find_targets, layout
-from blocklora.partition import row_block
 from blocklora.tokens import add_slot_tokens, token_ids
 
 
@@ -53,11 +52,6 @@ class SlotSpace:
     def hidden(self) -> dict[str, int]:
         """Text-encoder component -> width of its token embeddings."""
         return dict(self.widths)
-
-    def rows(self, key: str, slot: int) -> slice:
-        """The rows of target `key` that `slot` owns (every row for plain, non-blockwise LoRA)."""
-        m = self.layout[key][0]
-        return row_block(m, self.adapter.num_slots, slot) if self.adapter.blockwise else slice(0, m)
 
     def check(self, art: ConceptArtifact, live: Mapping[str, int] | None = None) -> None:
         """Refuse an artifact made for another base, federation shape or targets, or one that

@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 from blocklora.config import TrainConfig
 from blocklora.data import load_concept_images
 from federation.errors import Unauthorized
+from federation.protocol import Grant, LiveConcept
 
 DEFAULT_STORAGE = "~/blocklora-train"  # Ray Train run folders (checkpoints) on the client's node
 ARTIFACT_FILE = "artifact.safetensors"  # in the final checkpoint: the only thing the client uploads
@@ -56,7 +57,7 @@ def load_or_register(coordinator, token_file: str | Path, client_name: str = "")
             raise Unauthorized(f"the token saved in {path} is not valid for this federation (another "
                                "coordinator or state folder?); delete the file to register anew") from None
         return token
-    token = ray.get(coordinator.register.remote(client_name))["token"]
+    token = ray.get(coordinator.register.remote(client_name)).token
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -82,7 +83,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     train_func(config)
 
 
-def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainConfig, workers: int = 1,
+def train_artifact(grant: Grant, images_dir: str | Path, train: TrainConfig, workers: int = 1,
                    use_gpu: bool = False, storage_path: str | Path = DEFAULT_STORAGE,
                    marks: dict[str, float] | None = None, verbose: bool = False) -> bytes:
     """Train the concept for a reservation (`grant` from `reserve`) and return the artifact's bytes.
@@ -99,16 +100,16 @@ def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainCo
     marks["t_data_read"] = time.time()
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"base_spec": grant["base_spec"], "base_fingerprint": grant["base_fingerprint"],
-                           "adapter": grant["adapter"], "train": dataclasses.asdict(train),
-                           "slot": grant["slot"], "name": grant["name"], "class_word": grant["class_word"],
+        train_loop_config={"base_spec": grant.base_spec, "base_fingerprint": grant.base_fingerprint,  # Ray job edge: JSON
+                           "adapter": dataclasses.asdict(grant.adapter), "train": dataclasses.asdict(train),
+                           "slot": grant.slot, "name": grant.name, "class_word": grant.class_word,
                            "ray_log_level": "INFO" if verbose else "WARNING"},
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # a few images: every worker sees all
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                label_selector={"ray.io/node-id": node}),
         run_config=ray.train.RunConfig(
-            name=f"{grant['name']}-slot{grant['slot']}-{grant['reservation_id']}",
+            name=f"{grant.name}-slot{grant.slot}-{grant.reservation_id}",
             storage_path=str(Path(storage_path).expanduser().resolve()),
             failure_config=ray.train.FailureConfig(max_failures=2),
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "ERROR")),  # the controller's
@@ -123,14 +124,14 @@ def train_artifact(grant: dict[str, Any], images_dir: str | Path, train: TrainCo
 def train_and_submit(coordinator, token: str, images_dir: str | Path, name: str, class_word: str,
                      train: TrainConfig, workers: int = 1, use_gpu: bool = False,
                      storage_path: str | Path = DEFAULT_STORAGE, marks: dict[str, float] | None = None,
-                     verbose: bool = False) -> dict[str, Any]:
+                     verbose: bool = False) -> LiveConcept:
     """Reserve a slot, train for it at the base's resolution, submit: the live concept's record."""
     marks = {} if marks is None else marks
-    grant = ray.get(coordinator.reserve.remote(token, name, class_word))
+    grant: Grant = ray.get(coordinator.reserve.remote(token, name, class_word))
     marks["t_reserved"] = time.time()
-    print(f"reserved slot {grant['slot']} for {name!r} (trigger {' '.join(grant['triggers'])}); "
+    print(f"reserved slot {grant.slot} for {name!r} (trigger {' '.join(grant.triggers)}); "
           f"training {train.steps} steps on {workers} worker(s)", flush=True)
-    train = dataclasses.replace(train, resolution=grant["resolution"])
+    train = dataclasses.replace(train, resolution=grant.resolution)
     data = train_artifact(grant, images_dir, train, workers, use_gpu, storage_path, marks, verbose)
     print(f"uploading {len(data):,} bytes", flush=True)
     marks["t_upload_start"] = time.time()

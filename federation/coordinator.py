@@ -19,6 +19,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 import blocklora
 import federation
 from blocklora.config import AdapterConfig, FederationConfig, from_dict
+from federation.protocol import (FederationInfo, Grant, HeldSlot, LiveConcept, LiveSet, Principal, Registration,
+                                 Removed)
 from federation.store import StateStore
 
 if TYPE_CHECKING:
@@ -44,41 +46,42 @@ class Coordinator:
                                  admin_token_sha256)
         self._refs: dict[str, ray.ObjectRef] = {}  # artifact sha256 -> its bytes in the object store
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> FederationInfo:
         return self.registry.info()
 
     def version(self) -> int:
         return self.registry.version
 
-    def register(self, client_name: str = "") -> dict[str, str]:
+    def register(self, client_name: str = "") -> Registration:
         return self.registry.register(client_name)
 
-    def whoami(self, token: str) -> dict[str, Any]:
+    def whoami(self, token: str) -> Principal:
         return self.registry.whoami(token)
 
-    def reserve(self, token: str, name: str, class_word: str) -> dict[str, Any]:
+    def reserve(self, token: str, name: str, class_word: str) -> Grant:
         return self.registry.reserve(token, name, class_word)
 
-    def submit(self, token: str, data: bytes) -> dict[str, Any]:
+    def submit(self, token: str, data: bytes) -> LiveConcept:
         return self.registry.submit(token, data)
 
-    def remove(self, token: str, name: str) -> dict[str, Any]:
+    def remove(self, token: str, name: str) -> Removed:
         return self.registry.remove(token, name)
 
-    def list_concepts(self) -> list[dict[str, Any]]:
+    def list_concepts(self) -> list[LiveConcept | HeldSlot]:
         return self.registry.list_concepts()
 
-    def state(self, since_version: int = -1) -> dict[str, Any]:
-        """{"version", "changed": version != since_version, "concepts": {name: {"slot", "triggers",
-        "class_word", "sha256", "artifact": ObjectRef of the artifact's bytes}}} (always complete)."""
+    def state(self, since_version: int = -1) -> LiveSet:
+        """The whole live set (always complete) and whether it changed since `since_version`."""
         version, live = self.registry.live()
-        self._refs = {c["sha256"]: self._refs.get(c["sha256"]) or ray.put(c["bytes"]) for c in live.values()}
-        concepts = {n: {"slot": c["slot"], "triggers": c["triggers"], "class_word": c["class_word"],
-                        "sha256": c["sha256"], "artifact": self._refs[c["sha256"]]} for n, c in live.items()}
-        return {"version": version, "changed": version != since_version, "concepts": concepts}
+        self._refs = {c.sha256: self._refs.get(c.sha256) or ray.put(data) for c, data in live.values()}
+        return LiveSet(version, version != since_version, {n: c for n, (c, _) in live.items()},
+                       {n: self._refs[c.sha256] for n, (c, _) in live.items()})
 
     def merged_residual(self) -> dict[str, torch.Tensor]:
         return self.registry.merged_residual()
+
+    def merged_lora(self, rule: str = "sum") -> tuple[int, bytes]:
+        return self.registry.merged_lora(rule)
 
 
 def connect(address: str = "auto", namespace: str = DEFAULT_NAMESPACE) -> None:

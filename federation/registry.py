@@ -1,6 +1,6 @@
-"""The federation's whole state as one plain object: clients, slot reservations, live concepts and
-the merged residual. No Ray here, so every rule is tested in-process; the coordinator actor only
-wraps it.
+"""The federation's whole state as one plain object: clients (whose tokens `federation.auth`
+checks), slot reservations, live concepts and the merged residual. No Ray here, so every rule is
+tested in-process; the coordinator actor only wraps it. Answers are `federation.protocol` types.
 
 Every change is built as a new `_State`, persisted (artifact file first, manifest last) and only
 then swapped in, so a refused or failed call leaves memory and disk exactly as they were. A lock
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import hmac
+import json
 import re
 import secrets
 import threading
@@ -24,32 +24,21 @@ import torch
 from blocklora.artifact import ConceptArtifact, InvalidArtifact, check_class_word, check_name
 from blocklora.base import Base
 from blocklora.config import AdapterConfig, FederationConfig
+from blocklora.export import MergedFactors
+from blocklora.safefile import write_safetensors
 from blocklora.schema import SchemaError, check_text, parse
 from blocklora.slots import SlotSpace
 from blocklora.tokens import trigger_names
+from federation.auth import ADMIN, MAX_CLIENT_NAME, Accounts, Client
 from federation.manifest import Quarantined, exclusive, sift
 from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable,  # noqa: F401
                                Unauthorized, UnknownConcept)
+from federation.protocol import FederationInfo, Grant, HeldSlot, LiveConcept, Principal, Registration, Removed
 from federation.store import StateStore
 
 MANIFEST_FORMAT = "blocklora-federation"
 MANIFEST_VERSION = 1
-ADMIN = "admin"  # the principal of the admin token; client ids start with "c", so never collide
-MAX_CLIENT_NAME = 64
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(32)
-
-
-@dataclass(frozen=True)
-class _Client:
-    name: str
-    token_sha256: str
+MERGE_RULES = ("sum", "mean")  # α = 1 each, or the paper's α = 1/|S|
 
 
 @dataclass(frozen=True)
@@ -77,26 +66,32 @@ class _State:
     """Everything the manifest holds; replaced whole on each change, never mutated."""
 
     version: int = 0
-    admin_sha256: str | None = None
-    clients: dict[str, _Client] = field(default_factory=dict)
+    accounts: Accounts = field(default_factory=Accounts)
     reservations: dict[str, _Reservation] = field(default_factory=dict)
     concepts: dict[str, _Concept] = field(default_factory=dict)
 
 
 class Registry:
-    """One federation: a base (fingerprint), an AdapterConfig (K slots, rank, targets), its concepts."""
+    """One federation: a base (fingerprint), an AdapterConfig (K slots, rank, targets), its concepts.
+
+    The base is read once, for what fits it (`space`), its native resolution and its dtype, and is
+    never changed. The live set's merged residual is kept as `MergedFactors`: each live concept's
+    A and owned B rows in the base's dtype, exact and block-sparse by construction; `merged_lora`
+    serves it as one standard LoRA file, `merged_residual` forms the dense Σ dW for whoever asks.
+    """
 
     def __init__(self, base: Base, adapter: AdapterConfig, config: FederationConfig = FederationConfig(),
                  store: StateStore | None = None, admin_token_sha256: str | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         """Loads the state in `store` if there is one (it must be for the same base and adapter)."""
-        self.base, self.adapter, self.config, self.store, self.clock = base, adapter, config, store, clock
+        self.adapter, self.config, self.store, self.clock = adapter, config, store, clock
+        self.space = SlotSpace.of(base, adapter)  # what fits, read once
+        self.resolution = base.resolution
         self._lock = threading.RLock()
-        self.space = SlotSpace.of(base, adapter)  # what fits, read once; the base is never changed
-        self._residual = {k: torch.zeros(m, n) for k, (m, n) in self.space.layout.items()}  # (m, n) f32
-        self._artifacts: dict[str, tuple[ConceptArtifact, bytes]] = {}
+        self._residual = MergedFactors(self.space.layout, base.pipe.unet.dtype)
+        self._bytes: dict[str, bytes] = {}  # live name -> its artifact as submitted (what replicas load)
         self.quarantined: list[Quarantined] = []  # records set aside when the state was loaded
-        self._s = _State(admin_sha256=admin_token_sha256)
+        self._s = _State(accounts=Accounts(admin_token_sha256))
         manifest = store.read_manifest() if store else None
         if manifest is None:
             self._save(self._s)
@@ -104,34 +99,23 @@ class Registry:
             self._load(manifest, admin_token_sha256)
 
     # -- clients -------------------------------------------------------------------------------
-    def register(self, client_name: str = "") -> dict[str, str]:
+    def register(self, client_name: str = "") -> Registration:
         """A new client; the token is returned once and only its sha256 is kept."""
-        if type(client_name) is not str:
-            raise FederationError(f"client name must be a string, got {type(client_name).__name__}")
-        try:
-            if client_name:  # empty: the client id is its name
-                check_text(client_name, "client name", MAX_CLIENT_NAME)
-        except SchemaError as err:
-            raise FederationError(str(err)) from None
         with self._lock:
-            client_id = "c" + secrets.token_hex(8)
-            token = f"{client_id}.{new_token()}"
-            clients = {**self._s.clients, client_id: _Client(client_name or client_id, token_hash(token))}
-            self._commit(dataclasses.replace(self._s, clients=clients))
-            return {"client_id": client_id, "token": token}
+            accounts, registration = self._s.accounts.register(client_name)
+            self._commit(dataclasses.replace(self._s, accounts=accounts))
+            return registration
 
-    def whoami(self, token: str) -> dict[str, Any]:
+    def whoami(self, token: str) -> Principal:
         """Who a token authenticates as (a client's saved token is checked with this before reuse)."""
         with self._lock:
-            who = self._authenticate(token)
-            name = self._owner_name(self._s, who)
-            return {"client_id": who, "name": name, "admin": who == ADMIN}
+            return self._s.accounts.whoami(token)
 
     # -- slots -----------------------------------------------------------------------------------
-    def reserve(self, token: str, name: str, class_word: str) -> dict[str, Any]:
+    def reserve(self, token: str, name: str, class_word: str) -> Grant:
         """Hold a free slot for concept `name` until the TTL; asking again renews the same slot."""
         with self._lock:
-            client = self._client(token)
+            client = self._s.accounts.client(token)
             try:
                 check_name(name)
                 class_word = check_class_word(class_word)  # the rule an uploaded artifact meets too
@@ -151,11 +135,12 @@ class Registry:
             res = _Reservation(client, slot, class_word, self.clock() + self.config.reservation_ttl_s,
                                held.id if held else secrets.token_hex(6))
             self._commit(dataclasses.replace(s, reservations={**s.reservations, name: res}))
-            return {"name": name, "slot": slot, "class_word": res.class_word,
-                    "triggers": trigger_names(slot, self.adapter.tokens_per_concept),
-                    "adapter": dataclasses.asdict(self.adapter), "base_spec": self.config.base,
-                    "base_fingerprint": self.base.fingerprint, "resolution": self.base.resolution,
-                    "expires_at": res.expires_at, "reservation_id": res.id}
+            return Grant(name=name, slot=slot, class_word=res.class_word, triggers=self._triggers(slot),
+                         adapter=self.adapter, base_spec=self.config.base, base_fingerprint=self.space.fingerprint,
+                         resolution=self.resolution, expires_at=res.expires_at, reservation_id=res.id)
+
+    def _triggers(self, slot: int) -> tuple[str, ...]:
+        return tuple(trigger_names(slot, self.adapter.tokens_per_concept))
 
     def _admin_claim(self, s: _State, art: ConceptArtifact) -> _Reservation:
         """A reservation the admin takes on the spot for an upload: the artifact's own slot, if free."""
@@ -166,9 +151,6 @@ class Registry:
             raise SlotUnavailable(f"slot {art.meta.slot} of artifact {art.name!r} is held by {taken[art.meta.slot]!r}")
         return _Reservation(ADMIN, art.meta.slot, art.meta.class_word, self.clock() + self.config.reservation_ttl_s,
                             secrets.token_hex(6))
-
-    def _owner_name(self, s: _State, client: str) -> str:
-        return "admin" if client == ADMIN else s.clients[client].name
 
     def _check_quota(self, s: _State, client: str) -> None:
         """One client may not hold every slot: reservations and live concepts count alike."""
@@ -189,14 +171,14 @@ class Registry:
             "the admin to remove a concept")
 
     # -- concepts ------------------------------------------------------------------------------
-    def submit(self, token: str, data: bytes) -> dict[str, Any]:
+    def submit(self, token: str, data: bytes) -> LiveConcept:
         """Validate an artifact against the caller's reservation and the federation; make it live.
 
         The admin may also add an artifact without a reservation, into its own slot if that slot is
         free (runtime add of a concept trained elsewhere). Idempotent: the same bytes from the same
         owner, already live, return the live record."""
         with self._lock:
-            client = self._authenticate(token)
+            client = self._s.accounts.authenticate(token)
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise ArtifactRejected(f"an artifact is sent as bytes (ConceptArtifact.to_bytes()), got "
                                        f"{type(data).__name__}")
@@ -213,8 +195,7 @@ class Registry:
             live = s.concepts.get(art.name)
             if live is not None and live.client == client and live.sha256 == hashlib.sha256(data).hexdigest():
                 # a retry of a submit that already went live (e.g. the reply was lost in a restart)
-                return {"name": art.name, "slot": live.slot, "triggers": list(live.triggers),
-                        "class_word": live.class_word, "version": live.version}
+                return self._live_concept(s, art.name)
             held = s.reservations.get(art.name)
             if held is None and client == ADMIN:
                 held = self._admin_claim(s, art)
@@ -231,8 +212,7 @@ class Registry:
                 self.space.check(art)
             except InvalidArtifact as err:
                 raise ArtifactRejected(f"artifact refused: {err}") from None
-            rows = {key: art.delta_rows(key).float() for key in self._residual}  # (|R|, n) each
-            file, digest = self.store.write_concept(art.name, data) if self.store else ("", "")
+            file, digest = self.store.write_concept(art.name, data) if self.store else ("", hashlib.sha256(data).hexdigest())
             concept = _Concept(client, art.meta.slot, art.meta.class_word, art.meta.triggers, file, digest,
                                s.version + 1)
             new = dataclasses.replace(s, version=s.version + 1, concepts={**s.concepts, art.name: concept},
@@ -243,17 +223,15 @@ class Registry:
                 if self.store:
                     self.store.delete_concept(file)
                 raise
-            for key, delta in rows.items():
-                self._residual[key][art.rows(key)] = delta  # exact: the slot's rows held zeros
-            self._artifacts[art.name] = (art, data)
-            return {"name": art.name, "slot": art.meta.slot, "triggers": list(art.meta.triggers),
-                    "class_word": art.meta.class_word, "version": new.version}
+            self._residual.add(art)  # its own factors: the other live concepts' are untouched
+            self._bytes[art.name] = data
+            return self._live_concept(new, art.name)
 
-    def remove(self, token: str, name: str) -> dict[str, Any]:
-        """Take a live concept out (its rows of the residual become zero again) or cancel a
-        reservation; allowed to the owner and to the admin."""
+    def remove(self, token: str, name: str) -> Removed:
+        """Take a live concept out (its factors leave the residual) or cancel a reservation;
+        allowed to the owner and to the admin."""
         with self._lock:
-            who = self._authenticate(token)
+            who = self._s.accounts.authenticate(token)
             s = self._expired(self._s)
             entry = s.concepts.get(name) or s.reservations.get(name)
             if entry is None:
@@ -264,16 +242,15 @@ class Registry:
             if name not in s.concepts:
                 self._commit(dataclasses.replace(
                     s, reservations={n: r for n, r in s.reservations.items() if n != name}))
-                return {"name": name, "slot": entry.slot, "version": s.version, "removed": "reservation"}
+                return Removed(name, entry.slot, s.version, "reservation")
             new = dataclasses.replace(s, version=s.version + 1,
                                       concepts={n: c for n, c in s.concepts.items() if n != name})
             self._commit(new)
-            art, _ = self._artifacts.pop(name)
-            for key, res in self._residual.items():
-                res[art.rows(key)] = 0.0
+            self._residual.remove(name)
+            del self._bytes[name]
             if self.store:
                 self.store.delete_concept(entry.file)  # after the manifest: a crash leaves an orphan only
-            return {"name": name, "slot": entry.slot, "version": new.version, "removed": "concept"}
+            return Removed(name, entry.slot, new.version, "concept")
 
     # -- reads -----------------------------------------------------------------------------------
     @property
@@ -281,67 +258,59 @@ class Registry:
         """Counts changes of the live set (submit, remove): what a serving replica must follow."""
         return self._s.version
 
-    def list_concepts(self) -> list[dict[str, Any]]:
+    def list_concepts(self) -> list[LiveConcept | HeldSlot]:
         """Live concepts and current reservations, in slot order (no tokens, no tensors)."""
         with self._lock:
             s = self._expired(self._s)
-            rows = [{"name": n, "owner": self._owner_name(s, c.client), "slot": c.slot, "triggers": list(c.triggers),
-                     "class_word": c.class_word, "status": "live", "version": c.version, "expires_at": None}
-                    for n, c in s.concepts.items()]
-            rows += [{"name": n, "owner": self._owner_name(s, r.client), "slot": r.slot,
-                      "triggers": trigger_names(r.slot, self.adapter.tokens_per_concept),
-                      "class_word": r.class_word, "status": "reserved", "version": None,
-                      "expires_at": r.expires_at} for n, r in s.reservations.items()]
-            return sorted(rows, key=lambda r: r["slot"])
+            rows: list[LiveConcept | HeldSlot] = [self._live_concept(s, n) for n in s.concepts]
+            rows += [HeldSlot(name=n, slot=r.slot, triggers=self._triggers(r.slot), class_word=r.class_word,
+                              owner=s.accounts.name(r.client), expires_at=r.expires_at)
+                     for n, r in s.reservations.items()]
+            return sorted(rows, key=lambda r: r.slot)
 
-    def live(self) -> tuple[int, dict[str, dict[str, Any]]]:
-        """(version, name -> slot, triggers, class word, sha256 and the artifact's bytes)."""
+    def live(self) -> tuple[int, dict[str, tuple[LiveConcept, bytes]]]:
+        """(version, name -> (the live record, the artifact's bytes))."""
         with self._lock:
-            return self._s.version, {
-                n: {"slot": c.slot, "triggers": list(c.triggers), "class_word": c.class_word,
-                    "sha256": c.sha256, "bytes": self._artifacts[n][1]}
-                for n, c in self._s.concepts.items()}
+            return self._s.version, {n: (self._live_concept(self._s, n), self._bytes[n]) for n in self._s.concepts}
 
     def merged_residual(self) -> dict[str, torch.Tensor]:
-        """Target key -> Σ over live concepts of dW (m x n, float32); a copy."""
+        """Target key -> Σ over live concepts of dW (m x n, the base's dtype), formed on this call."""
         with self._lock:
-            return {k: v.clone() for k, v in self._residual.items()}
+            return self._residual.dense()
 
-    def info(self) -> dict[str, Any]:
+    def merged_lora(self, rule: str = "sum") -> tuple[int, bytes]:
+        """(version, the live set as one standard LoRA safetensors file): diffusers'
+        `pipe.load_lora_weights` applies W0 + Σ α dW with α = 1 ("sum") or 1/|S| ("mean")."""
+        if rule not in MERGE_RULES:
+            raise FederationError(f"merge rule {rule!r} is not offered; use one of {list(MERGE_RULES)}")
+        with self._lock:
+            s = self._s
+            if not s.concepts:
+                raise UnknownConcept("no concept is live: there is nothing to download yet")
+            alpha = 1.0 / len(s.concepts) if rule == "mean" else 1.0
+            live = {n: {"slot": c.slot, "triggers": list(c.triggers), "class_word": c.class_word}
+                    for n, c in s.concepts.items()}
+            data = write_safetensors(self._residual.lora_state_dict(dict.fromkeys(s.concepts, alpha)), {
+                "format": "blocklora-merged-lora", "version": str(s.version), "rule": rule,
+                "base_fingerprint": self.space.fingerprint, "concepts": json.dumps(live, sort_keys=True)})
+            return s.version, data
+
+    def info(self) -> FederationInfo:
         with self._lock:
             s = self._expired(self._s)
             taken = len(s.concepts) + len(s.reservations)
-            return {"base_spec": self.config.base, "base_fingerprint": self.base.fingerprint,
-                    "resolution": self.base.resolution, "adapter": dataclasses.asdict(self.adapter),
-                    "num_slots": self.adapter.num_slots, "free_slots": self.adapter.num_slots - taken,
-                    "live": len(s.concepts), "reserved": len(s.reservations), "version": s.version,
-                    "max_artifact_bytes": self.config.max_artifact_bytes,
-                    "reservation_ttl_s": self.config.reservation_ttl_s,
-                    "max_slots_per_client": self.config.max_slots_per_client,
-                    "quarantined": [dataclasses.asdict(q) for q in self.quarantined],
-                    "state_dir": str(self.store.root) if self.store else None}
+            return FederationInfo(
+                base_spec=self.config.base, base_fingerprint=self.space.fingerprint, resolution=self.resolution,
+                adapter=self.adapter, free_slots=self.adapter.num_slots - taken, live=len(s.concepts),
+                reserved=len(s.reservations), version=s.version, max_artifact_bytes=self.config.max_artifact_bytes,
+                reservation_ttl_s=self.config.reservation_ttl_s, max_slots_per_client=self.config.max_slots_per_client,
+                quarantined=tuple(self.quarantined), state_dir=str(self.store.root) if self.store else None)
 
     # -- internals -----------------------------------------------------------------------------
-    def _authenticate(self, token: str) -> str:
-        """The principal (client id or ADMIN) of a token; constant-time digest comparisons."""
-        if not isinstance(token, str) or not token:
-            raise Unauthorized("a token (string) is required; register to get one")
-        digest = token_hash(token)
-        admin = self._s.admin_sha256
-        if admin and hmac.compare_digest(digest, admin):
-            return ADMIN
-        client = self._s.clients.get(token.partition(".")[0])
-        if client is None or not hmac.compare_digest(digest, client.token_sha256):
-            raise Unauthorized("token not recognised by this federation; register again (a token from "
-                               "another federation or state folder is not valid here)")
-        return token.partition(".")[0]
-
-    def _client(self, token: str) -> str:
-        who = self._authenticate(token)
-        if who == ADMIN:
-            raise Unauthorized("the admin token cannot reserve slots; register a client (the admin may upload a "
-                               "finished artifact into its own free slot)")
-        return who
+    def _live_concept(self, s: _State, name: str) -> LiveConcept:
+        c = s.concepts[name]
+        return LiveConcept(name=name, slot=c.slot, triggers=c.triggers, class_word=c.class_word,
+                           owner=s.accounts.name(c.client), version=c.version, sha256=c.sha256)
 
     def _expired(self, s: _State) -> _State:
         """`s` without the reservations whose TTL has passed (persisted by the caller's commit)."""
@@ -362,9 +331,9 @@ class Registry:
             return
         self.store.write_manifest({
             "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "base_spec": self.config.base,
-            "base_fingerprint": self.base.fingerprint, "adapter": dataclasses.asdict(self.adapter),
-            "version": s.version, "admin_sha256": s.admin_sha256,
-            "clients": {k: dataclasses.asdict(v) for k, v in s.clients.items()},
+            "base_fingerprint": self.space.fingerprint, "adapter": dataclasses.asdict(self.adapter),
+            "version": s.version, "admin_sha256": s.accounts.admin_sha256,
+            "clients": {k: dataclasses.asdict(v) for k, v in s.accounts.clients.items()},
             "reservations": {k: dataclasses.asdict(v) for k, v in s.reservations.items()},
             "concepts": {k: dataclasses.asdict(v) for k, v in s.concepts.items()},
         })
@@ -375,9 +344,9 @@ class Registry:
         where = self.store.manifest_path
         if type(m) is not dict or m.get("format") != MANIFEST_FORMAT or m.get("format_version") != MANIFEST_VERSION:
             raise RuntimeError(f"{where} is not a {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest")
-        if m.get("base_fingerprint") != self.base.fingerprint:
+        if m.get("base_fingerprint") != self.space.fingerprint:
             raise RuntimeError(f"{where} belongs to a federation on base {ascii(m.get('base_fingerprint'))[:14]}… "
-                               f"({ascii(m.get('base_spec'))[:80]}), not {self.base.fingerprint[:12]}… "
+                               f"({ascii(m.get('base_spec'))[:80]}), not {self.space.fingerprint[:12]}… "
                                f"({self.config.base!r}); start with that base or use another state folder")
         try:
             stored = parse(AdapterConfig, m.get("adapter"), "adapter")
@@ -403,12 +372,11 @@ class Registry:
             admin = None
         version = m.get("version") if type(m.get("version")) is int else 0
         s = _State(version=max([version, *(c.version for c, _, _ in loaded.values())]),
-                   admin_sha256=admin or admin_token_sha256, clients=clients, reservations=reservations,
+                   accounts=Accounts(admin or admin_token_sha256, clients), reservations=reservations,
                    concepts={n: c for n, (c, _, _) in loaded.items()})
         for name, (_, art, data) in loaded.items():
-            for key, res in self._residual.items():
-                res[art.rows(key)] = art.delta_rows(key).float()
-            self._artifacts[name] = (art, data)
+            self._residual.add(art)
+            self._bytes[name] = data
         if bad:
             self.quarantined = bad
             self.store.quarantine([dataclasses.asdict(b) for b in bad], {c.file for c in s.concepts.values()})
@@ -428,10 +396,10 @@ class Registry:
             raise ValueError(f"{kind} {name!r} has class word {rec.class_word!a} with surrounding whitespace")
         return rec
 
-    def _client_record(self, client_id: str, raw: Any) -> _Client:
+    def _client_record(self, client_id: str, raw: Any) -> Client:
         if not re.fullmatch(r"c[0-9a-f]{16}", client_id):
             raise ValueError(f"client id {client_id[:40]!a} is not c + 16 hex digits")
-        rec = parse(_Client, raw, f"client {client_id}")
+        rec = parse(Client, raw, f"client {client_id}")
         check_text(rec.name, "client name", MAX_CLIENT_NAME)
         if not re.fullmatch(r"[0-9a-f]{64}", rec.token_sha256):
             raise ValueError(f"client {client_id}: token_sha256 is not a sha256 hex digest")

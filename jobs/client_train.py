@@ -55,8 +55,8 @@ def main() -> None:
     token = load_or_register(coord, args.token_file, args.client_name)
     live = train_and_submit(coord, token, args.images, args.name, args.class_word, train, args.workers,
                             args.use_gpu, args.storage_path, marks, args.verbose)
-    print(f"concept {live['name']!r} is live in slot {live['slot']}: prompt with "
-          f"'{' '.join(live['triggers'])} {live['class_word']}'; federation version {live['version']}")
+    print(f"concept {live.name!r} is live in slot {live.slot}: prompt with "
+          f"'{' '.join(live.triggers)} {live.class_word}'; federation version {live.version}")
     marks["t_driver_end"] = time.time()
     print(MARKS_LINE + json.dumps(marks), flush=True)
 

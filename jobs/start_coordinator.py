@@ -23,7 +23,7 @@ import ray  # noqa: E402
 from blocklora.atomic import atomic_write  # noqa: E402
 from blocklora.config import AdapterConfig, FederationConfig, add_flags, from_args  # noqa: E402
 from federation import coordinator  # noqa: E402
-from federation.registry import new_token, token_hash  # noqa: E402
+from federation.auth import new_token, token_hash  # noqa: E402
 from federation.store import MANIFEST  # noqa: E402
 
 
@@ -59,9 +59,9 @@ def main() -> None:
     actor = coordinator.start(state_dir, adapter, config, admin_token_sha256(state_dir), args.name,
                               args.namespace, args.max_restarts)
     info = ray.get(actor.info.remote())
-    print(f"coordinator {args.name!r} (namespace {args.namespace!r}) is up: base {info['base_spec']} "
-          f"{info['base_fingerprint'][:12]}…, {info['num_slots']} slots, {info['live']} live concept(s), "
-          f"version {info['version']}, state in {state_dir}")
+    print(f"coordinator {args.name!r} (namespace {args.namespace!r}) is up: base {info.base_spec} "
+          f"{info.base_fingerprint[:12]}…, {info.num_slots} slots, {info.live} live concept(s), "
+          f"version {info.version}, state in {state_dir}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ from ray import serve
 
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import load_base
-from blocklora.config import AdapterConfig, from_dict
 from blocklora.prompts import expand
+from federation.protocol import FederationInfo, LiveSet
 from serve.residual import ConceptBank
 from serve.schemas import GenerateRequest
 
@@ -62,12 +62,12 @@ class Generator:
 
     def __init__(self, coordinator: str, namespace: str, device: str | None = None) -> None:
         self.coordinator = ray.get_actor(coordinator, namespace=namespace)
-        info = ray.get(self.coordinator.info.remote())
-        base = load_base(info["base_spec"], device=device)
-        if base.fingerprint != info["base_fingerprint"]:
-            raise RuntimeError(f"base {info['base_spec']!r} loaded here has fingerprint {base.fingerprint[:12]}…, "
-                               f"the federation's is {info['base_fingerprint'][:12]}…; replicas need the same weights")
-        self.bank = ConceptBank(base, from_dict(AdapterConfig, info["adapter"]))
+        info: FederationInfo = ray.get(self.coordinator.info.remote())
+        base = load_base(info.base_spec, device=device)
+        if base.fingerprint != info.base_fingerprint:
+            raise RuntimeError(f"base {info.base_spec!r} loaded here has fingerprint {base.fingerprint[:12]}…, "
+                               f"the federation's is {info.base_fingerprint[:12]}…; replicas need the same weights")
+        self.bank = ConceptBank(base, info.adapter)
         self.version = -1
         self.digests: dict[str, str] = {}  # live name -> artifact sha256, to see a re-upload under a name
         self.lock = asyncio.Lock()  # the bank changes only between batches, never under one
@@ -80,18 +80,18 @@ class Generator:
 
     async def _sync(self) -> None:
         """Apply only what changed since our version: removed concepts first (their slots free up)."""
-        state = await self.coordinator.state.remote(self.version)
-        if not state["changed"]:
+        state: LiveSet = await self.coordinator.state.remote(self.version)
+        if not state.changed:
             return
-        live = state["concepts"]
-        for name in [n for n, d in self.digests.items() if live.get(n, {}).get("sha256") != d]:
+        live = state.concepts
+        for name in [n for n, d in self.digests.items() if n not in live or live[n].sha256 != d]:
             self.bank.remove(name)
             del self.digests[name]
         for name, c in live.items():
             if name not in self.digests:
-                self.bank.add(ConceptArtifact.from_bytes(await c["artifact"]))
-                self.digests[name] = c["sha256"]
-        self.version = state["version"]
+                self.bank.add(ConceptArtifact.from_bytes(await state.artifacts[name]))
+                self.digests[name] = c.sha256
+        self.version = state.version
 
     async def status(self) -> dict[str, Any]:
         """This replica after a sync: who it is, the version it serves and its live concepts' slots."""

@@ -11,12 +11,14 @@ signatures, and string annotations would turn the request body into a query para
 
 
 import base64
+import dataclasses
 import email.message
 import email.parser
 import email.policy
 import io
 import json
 import secrets
+from typing import Literal
 
 import ray
 from fastapi import FastAPI, Header, HTTPException, Request
@@ -27,8 +29,9 @@ from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from federation.registry import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable,
-                                 Unauthorized, UnknownConcept)
+from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
+                               UnknownConcept)
+from federation.protocol import FederationInfo, LiveConcept
 from serve.body_limit import BodyLimit
 from serve.generator import ConceptUnavailable
 from serve.schemas import MAX_BODY_BYTES, MAX_PIXEL_STEPS, Concept, Concepts, GenerateRequest, Images
@@ -119,25 +122,32 @@ def _source(request: Request) -> str:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)
 @serve.ingress(app)
 class Ingress:
-    """`api_key` None: /v1/generate is open; otherwise it needs 'Authorization: Bearer <api_key>'.
+    """`api_key` None: /v1/generate and /v1/lora are open; otherwise they need 'Authorization: Bearer <api_key>'.
     `max_pixel_steps`: the most width x height x steps x images one request may ask for."""
 
     def __init__(self, generator: DeploymentHandle, coordinator: str, namespace: str,
                  api_key: str | None = None, max_pixel_steps: int = MAX_PIXEL_STEPS) -> None:
         self.generator, self.api_key, self.max_pixel_steps = generator, api_key, max_pixel_steps
         self.coordinator = ray.get_actor(coordinator, namespace=namespace)
-        info = ray.get(self.coordinator.info.remote())
-        self.max_upload, self.resolution = info["max_artifact_bytes"], info["resolution"]
+        info: FederationInfo = ray.get(self.coordinator.info.remote())
+        self.max_upload, self.resolution = info.max_artifact_bytes, info.resolution
         self.version, self.live = -1, {}
         self.throttle = FailureThrottle()
 
-    async def _live(self) -> tuple[int, dict[str, dict]]:
-        """(version, name -> concept row), re-read only when the coordinator's version moved."""
+    async def _live(self) -> tuple[int, dict[str, LiveConcept]]:
+        """(version, name -> live concept), re-read only when the coordinator's version moved."""
         version = await self.coordinator.version.remote()
         if version != self.version:
             rows = await self.coordinator.list_concepts.remote()
-            self.version, self.live = version, {r["name"]: r for r in rows if r["status"] == "live"}
+            self.version, self.live = version, {r.name: r for r in rows if isinstance(r, LiveConcept)}
         return self.version, self.live
+
+    def _check_api_key(self, request: Request, authorization: str | None) -> None:
+        if self.api_key is not None:
+            self.throttle.check(_source(request))
+            if not secrets.compare_digest(_bearer(authorization), self.api_key):
+                self.throttle.failed(_source(request))
+                raise HTTPException(403, "API key not accepted")
 
     async def _call(self, method: str, *args, source: str | None = None):
         """A coordinator call; with `source`, a token-bearing one: refused while the source is
@@ -158,11 +168,7 @@ class Ingress:
                          404: {"description": "a named concept is not live"}})
     async def generate(self, req: GenerateRequest, request: Request,
                        authorization: str | None = Header(None)) -> Response:
-        if self.api_key is not None:
-            self.throttle.check(_source(request))
-            if not secrets.compare_digest(_bearer(authorization), self.api_key):
-                self.throttle.failed(_source(request))
-                raise HTTPException(403, "API key not accepted")
+        self._check_api_key(request, authorization)
         cost = (req.width or self.resolution) * (req.height or self.resolution) * req.steps * req.num_images
         if cost > self.max_pixel_steps:
             raise HTTPException(422, f"request costs {cost:,} pixel-steps (width x height x steps x num_images); "
@@ -186,8 +192,23 @@ class Ingress:
     @app.get("/v1/concepts", response_model=Concepts)
     async def concepts(self) -> Concepts:
         version, live = await self._live()
-        return Concepts(version=version, concepts=[Concept(**{k: r[k] for k in Concept.model_fields})
-                                                   for r in sorted(live.values(), key=lambda r: r["slot"])])
+        return Concepts(version=version, concepts=[Concept.model_validate(r, from_attributes=True)
+                                                   for r in sorted(live.values(), key=lambda r: r.slot)])
+
+    @app.get("/v1/lora", responses={200: {"content": {"application/octet-stream": {}},
+                                          "description": "pytorch_lora_weights.safetensors of the live set "
+                                                         "(version in X-BlockLoRA-Version)"},
+                                    404: {"description": "no concept is live"}})
+    async def lora(self, request: Request, rule: Literal["sum", "mean"] = "sum",
+                   authorization: str | None = Header(None)) -> Response:
+        """The live set as ONE standard LoRA file, built from the coordinator's merged factors:
+        `pipe.load_lora_weights(folder)` gives W0 + Σ α dW, α = 1 ("sum") or 1/|S| ("mean"). Trigger
+        embeddings are not in it (diffusers loads those with `load_textual_inversion`)."""
+        self._check_api_key(request, authorization)
+        version, data = await self._call("merged_lora", rule)
+        return Response(data, media_type="application/octet-stream", headers={
+            "X-BlockLoRA-Version": str(version),
+            "Content-Disposition": 'attachment; filename="pytorch_lora_weights.safetensors"'})
 
     @app.get("/v1/healthz")
     async def healthz(self) -> dict:
@@ -197,7 +218,8 @@ class Ingress:
         replica, info = await self.generator.status.remote(), await self.coordinator.info.remote()
         return {"status": "ok", "version": version, "live": len(live), "replica_version": replica["version"],
                 "replica_cancelled_loops": replica["cancelled_loops"],
-                "quarantined": info["quarantined"][:20], "quarantined_count": len(info["quarantined"])}
+                "quarantined": [dataclasses.asdict(q) for q in info.quarantined[:20]],
+                "quarantined_count": len(info.quarantined)}
 
     @app.post("/v1/concepts", status_code=201)
     async def upload(self, request: Request, authorization: str | None = Header(None)) -> dict:
@@ -219,9 +241,9 @@ class Ingress:
         data = _multipart_file(ctype, body) if ctype.startswith("multipart/form-data") else body
         if not data:
             raise HTTPException(400, "empty upload: send the artifact's bytes (ConceptArtifact.save file)")
-        return await self._call("submit", token, data, source=_source(request))
+        return (await self._call("submit", token, data, source=_source(request))).to_dict()
 
     @app.delete("/v1/concepts/{name}")
     async def remove(self, name: str, request: Request, authorization: str | None = Header(None)) -> dict:
         """Take a live concept out (owner or admin token); replicas drop its slot on their next batch."""
-        return await self._call("remove", _bearer(authorization), name, source=_source(request))
+        return (await self._call("remove", _bearer(authorization), name, source=_source(request))).to_dict()

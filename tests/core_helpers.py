@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from blocklora.base import Base
@@ -16,6 +17,13 @@ from blocklora.synthetic import random_artifact
 def make_artifact(base: Base, cfg: AdapterConfig, name: str, slot: int, seed: int = 0, **kw):
     space = SlotSpace.of(base, cfg)
     return random_artifact(name, slot, cfg, base.fingerprint, space.layout, space.hidden, seed, **kw)
+
+
+def fused_weight(pipe, key: str) -> torch.Tensor:
+    """The weight diffusers computes for target `key` after `load_lora_weights` + `fuse_lora`."""
+    comp, _, path = key.partition(".")
+    mod = getattr(pipe, comp).get_submodule(path)
+    return (mod.base_layer if hasattr(mod, "base_layer") else mod).weight
 
 
 def write_images(folder: Path, n: int = 4, size: int = 32, seed: int = 0) -> Path:

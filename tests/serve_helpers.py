@@ -21,7 +21,7 @@ import serve as serve_pkg
 from blocklora.config import AdapterConfig, FederationConfig
 from conftest import REPO
 from federation import coordinator
-from federation.registry import token_hash
+from federation.auth import token_hash
 from serve.app import AppArgs, build
 
 CODE = [str(Path(m.__file__).parent) for m in (blocklora, federation, serve_pkg)]  # shipped to the workers

@@ -26,8 +26,11 @@ from blocklora.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig
 from blocklora.safefile import write_safetensors
 from core_helpers import make_artifact
-from federation.registry import (ArtifactRejected, FederationError, Registry, ReservationError, SlotUnavailable,
-                                 Unauthorized, UnknownConcept, token_hash)
+from federation.auth import token_hash
+from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
+                               UnknownConcept)
+from federation.protocol import Grant
+from federation.registry import Registry
 from federation.store import StateStore
 from serve.body_limit import json_depth
 from serve.throttle import FailureThrottle
@@ -60,10 +63,10 @@ def base():
 def reg_ctx(base, tmp_path_factory) -> Ctx:
     reg = Registry(base, ADAPTER, FederationConfig(max_artifact_bytes=4 * 1024 * 1024, max_slots_per_client=2),
                    StateStore(tmp_path_factory.mktemp("bad") / "state"), token_hash(ADMIN))
-    alice, bob = (reg.register(n)["token"] for n in ("alice", "bob"))
-    pet = make_artifact(base, ADAPTER, "pet", reg.reserve(alice, "pet", "dog")["slot"], seed=1)
+    alice, bob = (reg.register(n).token for n in ("alice", "bob"))
+    pet = make_artifact(base, ADAPTER, "pet", reg.reserve(alice, "pet", "dog").slot, seed=1)
     reg.submit(alice, pet.to_bytes())
-    good = make_artifact(base, ADAPTER, "held", reg.reserve(alice, "held", "cat")["slot"], seed=2)
+    good = make_artifact(base, ADAPTER, "held", reg.reserve(alice, "held", "cat").slot, seed=2)
     return Ctx(base, alice, bob, good, pet, reg=reg)
 
 
@@ -72,10 +75,10 @@ def http_ctx(ray_head, serve_port, base, tmp_path_factory) -> Ctx:
     """The same starting state behind the real app (its own coordinator on the session cluster)."""
     actor, client = start_in_process(ray_head, tmp_path_factory.mktemp("bad-http") / "state", NAMESPACE, NAME,
                                      ADAPTER, ADMIN, serve_port)
-    alice, bob = (ray.get(actor.register.remote(n))["token"] for n in ("alice", "bob"))
-    pet = make_artifact(base, ADAPTER, "pet", ray.get(actor.reserve.remote(alice, "pet", "dog"))["slot"], seed=1)
+    alice, bob = (ray.get(actor.register.remote(n)).token for n in ("alice", "bob"))
+    pet = make_artifact(base, ADAPTER, "pet", ray.get(actor.reserve.remote(alice, "pet", "dog")).slot, seed=1)
     assert client.post("/v1/concepts", content=pet.to_bytes(), headers=auth(alice)).status_code == 201
-    good = make_artifact(base, ADAPTER, "held", ray.get(actor.reserve.remote(alice, "held", "cat"))["slot"], seed=2)
+    good = make_artifact(base, ADAPTER, "held", ray.get(actor.reserve.remote(alice, "held", "cat")).slot, seed=2)
     yield Ctx(base, alice, bob, good, pet, http=client)
     client.close()
     stop_app(actor)
@@ -192,7 +195,7 @@ def generate(body: dict | bytes):
 def race_reserve(c: Ctx):
     """Eight clients reserve the same free name at once: one wins, the others are told it is taken;
     the winner then cancels, so the race leaves nothing behind."""
-    tokens = [c.reg.register(f"racer{i}")["token"] for i in range(8)]
+    tokens = [c.reg.register(f"racer{i}").token for i in range(8)]
     before = c.reg.list_concepts()
 
     def one(t: str):
@@ -202,7 +205,7 @@ def race_reserve(c: Ctx):
             return t, err
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, tokens))
-    winners = [t for t, r in results if isinstance(r, dict)]
+    winners = [t for t, r in results if isinstance(r, Grant)]
     assert len(winners) == 1, results
     c.reg.remove(winners[0], "contested")
     assert c.reg.list_concepts() == before
@@ -221,7 +224,7 @@ def race_add_remove(c: Ctx):
             return err
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, range(8)))
-    assert all(r["name"] == "pet" for r in results[1::2]), results
+    assert all(r.name == "pet" for r in results[1::2]), results
     raise results[0]
 
 

@@ -35,7 +35,10 @@ from federation import coordinator
 from federation.local_cluster import LocalCluster
 from federation.client import train_artifact
 from blocklora.safefile import write_safetensors
-from federation.registry import FederationError, Registry, token_hash
+from federation.auth import token_hash
+from federation.errors import FederationError
+from federation.protocol import Grant
+from federation.registry import Registry
 from federation.store import StateStore
 from serve_helpers import pixels, start_in_process, stop_app, wait_until
 
@@ -52,7 +55,7 @@ def observable(actor) -> tuple:
 
 
 def submit_new(actor, base, token: str, name: str, seed: int) -> ConceptArtifact:
-    slot = ray.get(actor.reserve.remote(token, name, "dog"))["slot"]
+    slot = ray.get(actor.reserve.remote(token, name, "dog")).slot
     art = make_artifact(base, ADAPTER, name, slot, seed=seed)
     ray.get(actor.submit.remote(token, art.to_bytes()))
     return art
@@ -62,11 +65,11 @@ def assert_consistent(actor, state_dir, arts: dict[str, ConceptArtifact]) -> set
     """Every live concept is whole (its exact bytes, its file, its rows of the residual), nothing else
     is there; returns the live names."""
     version, concepts = ray.get([actor.version.remote(), actor.list_concepts.remote()])
-    live = {c["name"] for c in concepts if c["status"] == "live"}
+    live = {c.name for c in concepts if c.status == "live"}
     state = ray.get(actor.state.remote(-1))
-    assert set(state["concepts"]) == live and state["version"] == version
-    for name, c in state["concepts"].items():
-        assert c["sha256"] == hashlib.sha256(arts[name].to_bytes()).hexdigest(), name
+    assert set(state.concepts) == live and state.version == version
+    for name, c in state.concepts.items():
+        assert c.sha256 == hashlib.sha256(arts[name].to_bytes()).hexdigest(), name
     residual = ray.get(actor.merged_residual.remote())
     for key, value in residual.items():
         expected = torch.zeros_like(value)
@@ -96,7 +99,7 @@ def test_cluster_restart_keeps_concepts_and_tokens(tmp_path):
 
     cluster, actor = up()
     try:
-        tokens = {n: ray.get(actor.register.remote(f"owner-{n}"))["token"] for n in ("a", "b")}
+        tokens = {n: ray.get(actor.register.remote(f"owner-{n}")).token for n in ("a", "b")}
         arts = {n: submit_new(actor, base, tokens[n], n, seed=i) for i, n in enumerate(tokens)}
         before, residual = observable(actor), ray.get(actor.merged_residual.remote())
     finally:
@@ -108,9 +111,9 @@ def test_cluster_restart_keeps_concepts_and_tokens(tmp_path):
         after = ray.get(actor.merged_residual.remote())
         assert all(torch.equal(after[k], v) for k, v in residual.items())
         for n, tok in tokens.items():
-            assert ray.get(actor.whoami.remote(tok))["name"] == f"owner-{n}"
-        assert ray.get(actor.whoami.remote(ADMIN))["admin"]
-        assert ray.get(actor.remove.remote(tokens["a"], "a"))["removed"] == "concept"
+            assert ray.get(actor.whoami.remote(tok)).name == f"owner-{n}"
+        assert ray.get(actor.whoami.remote(ADMIN)).admin
+        assert ray.get(actor.remove.remote(tokens["a"], "a")).removed == "concept"
         assert assert_consistent(actor, state_dir, arts) == {"b"}
     finally:
         ray.shutdown()
@@ -124,10 +127,10 @@ def test_bad_manifest_records_are_quarantined_not_fatal(tmp_path):
     moved aside with its reason and the federation starts with the rest."""
     base, state_dir = load_base("tiny"), tmp_path / "state"
     reg = Registry(base, ADAPTER, FederationConfig(), StateStore(state_dir), token_hash(ADMIN))
-    alice = reg.register("alice")["token"]
+    alice = reg.register("alice").token
     arts = {}
     for i, name in enumerate(("keep", "float-slots", "gone", "typo")):
-        arts[name] = make_artifact(base, ADAPTER, name, reg.reserve(alice, name, "dog")["slot"], seed=i)
+        arts[name] = make_artifact(base, ADAPTER, name, reg.reserve(alice, name, "dog").slot, seed=i)
         reg.submit(alice, arts[name].to_bytes())
     reg.remove(alice, "typo")
     reg.reserve(alice, "held", "cat")
@@ -150,17 +153,17 @@ def test_bad_manifest_records_are_quarantined_not_fatal(tmp_path):
     assert set(reasons) == {"'float-slots'", "'gone'", "'held'", "'c0000000000000000'", "'pet\\n'"}, reasons
     assert "num_slots must be an integer" in reasons["'float-slots'"] and "missing" in reasons["'gone'"]
     assert "slot must be an integer" in reasons["'held'"] and "not allowed" in reasons["'pet\\n'"]
-    assert [c["name"] for c in back.list_concepts()] == ["keep"]
+    assert [c.name for c in back.list_concepts()] == ["keep"]
     residual = back.merged_residual()
     assert all(torch.equal(v, arts["keep"].delta(k)) for k, v in residual.items())
-    assert back.info()["quarantined"] == [dataclasses.asdict(q) for q in back.quarantined]
+    assert back.info().quarantined == tuple(back.quarantined)
     folder = next((state_dir / "quarantine").iterdir())
     assert json.loads((folder / "manifest.json").read_text()) == m  # the manifest as it was
     assert (folder / record["file"]).read_bytes() == forged
     assert len(json.loads((folder / "reasons.json").read_text())) == 5
     assert sorted(p.name for p in (state_dir / "concepts").iterdir()) == [m["concepts"]["keep"]["file"]]
     # the federation works on: alice's token, a new reservation in a freed slot; a restart is clean
-    assert back.reserve(alice, "again", "dog")["slot"] != arts["keep"].meta.slot
+    assert back.reserve(alice, "again", "dog").slot != arts["keep"].meta.slot
     assert Registry(base, ADAPTER, FederationConfig(), StateStore(state_dir)).quarantined == []
 
 
@@ -170,7 +173,7 @@ def fed(ray_head, serve_port, tmp_path_factory):
     """The coordinator and the Serve app on the session cluster; `http` talks to the app."""
     root = tmp_path_factory.mktemp("faults")
     actor, http = start_in_process(ray_head, root / "state", NAMESPACE, NAME, ADAPTER, ADMIN, serve_port)
-    token = ray.get(actor.register.remote("faults"))["token"]
+    token = ray.get(actor.register.remote("faults")).token
     yield dataclasses.make_dataclass("Fed", ["head", "state_dir", "actor", "token", "base", "arts", "http"])(
         ray_head, root / "state", actor, token, load_base("tiny"), {}, http)
     http.close()
@@ -201,7 +204,7 @@ def test_coordinator_killed_mid_upload_and_removal(fed):
     seen = []
     for rnd, delay in enumerate((0.0, 0.05, 0.3)):  # kill before, during and after the calls land
         name, victim = f"up{rnd}", f"up{rnd - 1}" if rnd else "victim0"  # remove the last round's upload
-        slot = ray.get(actor.reserve.remote(tok, name, "dog"))["slot"]
+        slot = ray.get(actor.reserve.remote(tok, name, "dog")).slot
         fed.arts[name] = art = make_artifact(fed.base, ADAPTER, name, slot, seed=20 + rnd)
         data = art.to_bytes()
         pid = next(iter(alive_pids(fed.head, lambda a: a.name == NAME)))
@@ -214,7 +217,7 @@ def test_coordinator_killed_mid_upload_and_removal(fed):
         live = assert_consistent(actor, fed.state_dir, fed.arts)
         assert {"keep"} <= live <= {"keep", name, victim}
         # converge: a retried upload is idempotent (or completes it); a retried removal finishes it
-        assert ray.get(actor.submit.remote(tok, data))["slot"] == slot
+        assert ray.get(actor.submit.remote(tok, data)).slot == slot
         if victim in live:
             ray.get(actor.remove.remote(tok, victim))
         assert assert_consistent(actor, fed.state_dir, fed.arts) == {"keep", name}
@@ -277,15 +280,16 @@ def test_training_worker_killed_resumes_from_its_checkpoint(fed, tmp_path):
     images.mkdir()
     for i in range(3):
         Image.fromarray(np.full((32, 32, 3), (60 * i, 90, 200 - 50 * i), np.uint8)).save(images / f"{i}.png")
-    grant = {"base_spec": "tiny", "base_fingerprint": fed.base.fingerprint, "adapter": dataclasses.asdict(ADAPTER),
-             "slot": 3, "name": "resumed", "class_word": "dog"}
+    grant = Grant(name="resumed", slot=3, class_word="dog", triggers=("<blk3>",), adapter=ADAPTER, base_spec="tiny",
+                  base_fingerprint=fed.base.fingerprint, resolution=32, expires_at=0.0, reservation_id="straight")
     train = TrainConfig(steps=24, batch_size=1, resolution=32, checkpoint_every=4, seed=4)
-    reference = train_artifact(grant | {"reservation_id": "straight"}, images, train, storage_path=tmp_path / "runs")
+    reference = train_artifact(grant, images, train, storage_path=tmp_path / "runs")
 
     run = tmp_path / "runs" / "resumed-slot3-killed"
     is_worker = lambda a: "TrainWorker" in (a.class_name or "")  # noqa: E731
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        job = pool.submit(train_artifact, grant | {"reservation_id": "killed"}, images, train, 1, False, tmp_path / "runs")
+        job = pool.submit(train_artifact, dataclasses.replace(grant, reservation_id="killed"), images, train, 1,
+                          False, tmp_path / "runs")
         wait_until(lambda: any(run.glob("checkpoint_*")), 180, "the first checkpoint")
         victims = alive_pids(fed.head, is_worker)
         assert len(victims) == 1 and not job.done()

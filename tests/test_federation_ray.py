@@ -22,7 +22,7 @@ from blocklora.config import AdapterConfig
 from conftest import REPO, VENV_BIN
 from core_helpers import make_artifact, write_images
 from federation import coordinator
-from federation.registry import ArtifactRejected, ReservationError, SlotUnavailable, Unauthorized
+from federation.errors import ArtifactRejected, ReservationError, SlotUnavailable, Unauthorized
 from serve_helpers import start_coordinator as start_script
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def submit_job(fed, name: str, seed: int, workers: int) -> subprocess.Popen:
 def live_artifacts(actor) -> dict[str, ConceptArtifact]:
     """What a serve replica sees: the live set through `state`, artifacts via the object store."""
     state = ray.get(actor.state.remote(-1))
-    return {n: ConceptArtifact.from_bytes(ray.get(c["artifact"])) for n, c in state["concepts"].items()}
+    return {n: ConceptArtifact.from_bytes(ray.get(ref)) for n, ref in state.artifacts.items()}
 
 
 def assert_residual_is_sum(actor) -> None:
@@ -94,8 +94,8 @@ def test_two_concurrent_client_jobs(fed):
         assert not re.search("Reporting training result|execution finished|DeprecationWarning", out), out[-4000:]
         fed.clients[name] = (fed.root / f"{name}.token").read_text().strip()
     concepts = ray.get(fed.actor.list_concepts.remote())
-    assert [c["status"] for c in concepts] == ["live", "live"]
-    assert len({c["slot"] for c in concepts}) == 2 and {c["owner"] for c in concepts} == {"owner-dog-a", "owner-dog-b"}
+    assert [c.status for c in concepts] == ["live", "live"]
+    assert len({c.slot for c in concepts}) == 2 and {c.owner for c in concepts} == {"owner-dog-a", "owner-dog-b"}
     assert ray.get(fed.actor.version.remote()) == 2
     arts = live_artifacts(fed.actor)
     assert all(a.meta.train_config["steps_done"] == 3 for a in arts.values())
@@ -104,15 +104,15 @@ def test_two_concurrent_client_jobs(fed):
 
 def test_rejections_change_nothing(fed):
     actor, base, token = fed.actor, fed.base, fed.clients["dog-b"]
-    adapter = AdapterConfig(**ray.get(actor.info.remote())["adapter"])
-    other = ray.get(actor.register.remote("other"))["token"]
+    adapter = ray.get(actor.info.remote()).adapter
+    other = ray.get(actor.register.remote("other")).token
     grant = ray.get(actor.reserve.remote(token, "bad", "cat"))
-    good = make_artifact(base, adapter, "bad", grant["slot"], seed=9)
+    good = make_artifact(base, adapter, "bad", grant.slot, seed=9)
     before = observable(actor)
-    nan = make_artifact(base, adapter, "bad", grant["slot"], seed=9)
+    nan = make_artifact(base, adapter, "bad", grant.slot, seed=9)
     nan.tensors[next(k for k in nan.tensors if k.endswith("lora_A"))][0, 0] = float("inf")
     foreign = dataclasses.replace(good, meta=dataclasses.replace(good.meta, base_fingerprint="f" * 64))
-    shapes = make_artifact(base, dataclasses.replace(adapter, rank=RANK + 1), "bad", grant["slot"])
+    shapes = make_artifact(base, dataclasses.replace(adapter, rank=RANK + 1), "bad", grant.slot)
     cases = [
         (Unauthorized, "not recognised", "c0.wrong", good.to_bytes()),
         (ReservationError, "another client", other, good.to_bytes()),
@@ -133,17 +133,17 @@ def test_rejections_change_nothing(fed):
 
 def test_remove_updates_residual_and_frees_slot(fed):
     actor = fed.actor
-    slot_a = next(c["slot"] for c in ray.get(actor.list_concepts.remote()) if c["name"] == "dog-a")
+    slot_a = next(c.slot for c in ray.get(actor.list_concepts.remote()) if c.name == "dog-a")
     with pytest.raises(Unauthorized, match="another client"):
         ray.get(actor.remove.remote(fed.clients["dog-b"], "dog-a"))
     done = ray.get(actor.remove.remote(fed.clients["dog-a"], "dog-a"))
-    assert done["version"] == 3 and done["slot"] == slot_a
+    assert done.version == 3 and done.slot == slot_a
     assert set(live_artifacts(actor)) == {"dog-b"}
     assert_residual_is_sum(actor)
     grant = ray.get(actor.reserve.remote(fed.clients["dog-a"], "dog-a2", "dog"))
-    assert grant["slot"] == slot_a
-    art = make_artifact(fed.base, AdapterConfig(**grant["adapter"]), "dog-a2", slot_a, seed=4)
-    assert ray.get(actor.submit.remote(fed.clients["dog-a"], art.to_bytes()))["version"] == 4
+    assert grant.slot == slot_a
+    art = make_artifact(fed.base, grant.adapter, "dog-a2", slot_a, seed=4)
+    assert ray.get(actor.submit.remote(fed.clients["dog-a"], art.to_bytes())).version == 4
     assert_residual_is_sum(actor)
 
 
@@ -170,7 +170,7 @@ def test_restarted_actor_has_everything(fed):
     after = ray.get(actor.merged_residual.remote())
     assert all(torch.equal(after[k], v) for k, v in residual.items())
     assert_residual_is_sum(actor)
-    assert ray.get(actor.whoami.remote(fed.clients["dog-b"]))["name"] == "owner-dog-b"
+    assert ray.get(actor.whoami.remote(fed.clients["dog-b"])).name == "owner-dog-b"
 
 
 def test_fresh_coordinator_on_same_state_dir(fed):
@@ -189,8 +189,8 @@ def test_fresh_coordinator_on_same_state_dir(fed):
     assert observable(actor) == before
     after = ray.get(actor.merged_residual.remote())
     assert all(torch.equal(after[k], v) for k, v in residual.items())
-    assert ray.get(actor.whoami.remote(fed.clients["dog-a"]))["name"] == "owner-dog-a"
-    assert ray.get(actor.whoami.remote(ADMIN_TOKEN))["admin"]
+    assert ray.get(actor.whoami.remote(fed.clients["dog-a"])).name == "owner-dog-a"
+    assert ray.get(actor.whoami.remote(ADMIN_TOKEN)).admin
     assert (fed.root / "state" / "admin_token").stat().st_mode & 0o077 == 0
     ray.get(actor.remove.remote(ADMIN_TOKEN, "dog-b"))
     assert set(live_artifacts(actor)) == {"dog-a2"}

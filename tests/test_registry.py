@@ -5,6 +5,7 @@ the point."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 
 import pytest
@@ -12,10 +13,14 @@ import torch
 
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig, TrainConfig
+from blocklora.safefile import read_safetensors
 from blocklora.trainer import train_concept
 from core_helpers import make_artifact, write_images
-from federation.registry import (ArtifactRejected, Registry, ReservationError, SlotUnavailable, UnknownConcept,
-                                 Unauthorized, token_hash)
+from federation.auth import token_hash
+from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
+                               UnknownConcept)
+from federation.protocol import Removed
+from federation.registry import Registry
 from federation.store import StateStore
 
 ADAPTER = AdapterConfig(rank=2, num_slots=4)
@@ -63,7 +68,7 @@ def same(a: tuple, b: tuple) -> bool:
 
 
 def submit_new(reg: Registry, base, token: str, name: str, seed: int = 0):
-    slot = reg.reserve(token, name, "dog")["slot"]
+    slot = reg.reserve(token, name, "dog").slot
     art = make_artifact(base, ADAPTER, name, slot, seed=seed)
     return art, reg.submit(token, art.to_bytes())
 
@@ -74,12 +79,12 @@ def expected_residual(arts) -> dict[str, torch.Tensor]:
 
 
 def test_slots_are_distinct_and_bounded(reg):
-    tok = reg.register("alice")["token"]
+    tok = reg.register("alice").token
     grants = [reg.reserve(tok, f"c{i}", "dog") for i in range(ADAPTER.num_slots)]
-    assert sorted(g["slot"] for g in grants) == list(range(ADAPTER.num_slots))
-    assert grants[2]["triggers"] == ["<blk2>"] and grants[0]["base_fingerprint"] == reg.base.fingerprint
+    assert sorted(g.slot for g in grants) == list(range(ADAPTER.num_slots))
+    assert grants[2].triggers == ("<blk2>",) and grants[0].base_fingerprint == reg.space.fingerprint
     again = reg.reserve(tok, "c1", "dog")  # asking again renews: same slot, same reservation (training run)
-    assert (again["slot"], again["reservation_id"]) == (grants[1]["slot"], grants[1]["reservation_id"])
+    assert (again.slot, again.reservation_id) == (grants[1].slot, grants[1].reservation_id)
     before = snapshot(reg)
     with pytest.raises(SlotUnavailable, match="all 4 slots are taken"):
         reg.reserve(tok, "one-too-many", "dog")
@@ -87,12 +92,12 @@ def test_slots_are_distinct_and_bounded(reg):
 
 
 def test_concurrent_reservations_never_collide(reg):
-    tokens = [reg.register(f"u{i}")["token"] for i in range(8)]
+    tokens = [reg.register(f"u{i}").token for i in range(8)]
     slots, errors = [], []
 
     def ask(i: int) -> None:
         try:
-            slots.append(reg.reserve(tokens[i], f"concept-{i}", "dog")["slot"])
+            slots.append(reg.reserve(tokens[i], f"concept-{i}", "dog").slot)
         except SlotUnavailable as err:
             errors.append(err)
 
@@ -105,45 +110,45 @@ def test_concurrent_reservations_never_collide(reg):
 
 
 def test_reservation_expires_and_slot_returns(reg, base, clock):
-    tok = reg.register()["token"]
-    slot = reg.reserve(tok, "late", "dog")["slot"]
+    tok = reg.register().token
+    slot = reg.reserve(tok, "late", "dog").slot
     art = make_artifact(base, ADAPTER, "late", slot)
     clock.now += 61
-    assert reg.info()["free_slots"] == ADAPTER.num_slots and reg.list_concepts() == []
+    assert reg.info().free_slots == ADAPTER.num_slots and reg.list_concepts() == []
     with pytest.raises(ReservationError, match="no reservation"):
         reg.submit(tok, art.to_bytes())
-    assert reg.reserve(reg.register()["token"], "other", "cat")["slot"] == slot
+    assert reg.reserve(reg.register().token, "other", "cat").slot == slot
 
 
 def test_residual_is_exact_sum_and_remove_restores(reg, base):
-    alice, bob = reg.register("alice")["token"], reg.register("bob")["token"]
+    alice, bob = reg.register("alice").token, reg.register("bob").token
     a, ra = submit_new(reg, base, alice, "dog-a", seed=1)
     b, rb = submit_new(reg, base, bob, "dog-b", seed=2)
-    assert (ra["version"], rb["version"], reg.version) == (1, 2, 2) and a.meta.slot != b.meta.slot
+    assert (ra.version, rb.version, reg.version) == (1, 2, 2) and a.meta.slot != b.meta.slot
     res = reg.merged_residual()
     for k, v in expected_residual([a, b]).items():
         assert torch.equal(res[k], v), k
     with pytest.raises(Unauthorized, match="another client"):
         reg.remove(bob, "dog-a")
-    assert reg.remove(alice, "dog-a") == {"name": "dog-a", "slot": a.meta.slot, "version": 3, "removed": "concept"}
+    assert reg.remove(alice, "dog-a") == Removed("dog-a", a.meta.slot, 3, "concept")
     res = reg.merged_residual()
     for k, v in expected_residual([b]).items():
         assert torch.equal(res[k], v), k
-    assert reg.reserve(alice, "again", "dog")["slot"] == a.meta.slot  # the freed slot is handed out again
+    assert reg.reserve(alice, "again", "dog").slot == a.meta.slot  # the freed slot is handed out again
     reg.remove(ADMIN, "dog-b")
     assert all(torch.count_nonzero(v) == 0 for v in reg.merged_residual().values())
-    assert [c["status"] for c in reg.list_concepts()] == ["reserved"]
+    assert [c.status for c in reg.list_concepts()] == ["reserved"]
     with pytest.raises(UnknownConcept):
         reg.remove(ADMIN, "dog-b")
 
 
 def test_trained_artifact_goes_live(reg, base, tmp_path):
-    tok = reg.register()["token"]
+    tok = reg.register().token
     grant = reg.reserve(tok, "trained", "dog")
-    adapter = AdapterConfig(**grant["adapter"])
-    art = train_concept(load_base("tiny"), write_images(tmp_path / "imgs", n=2), "trained", "dog", grant["slot"],
+    adapter = grant.adapter
+    art = train_concept(load_base("tiny"), write_images(tmp_path / "imgs", n=2), "trained", "dog", grant.slot,
                         adapter, TrainConfig(steps=2, batch_size=1, resolution=32), progress=False)
-    assert reg.submit(tok, art.to_bytes())["version"] == 1
+    assert reg.submit(tok, art.to_bytes()).version == 1
     for k, v in expected_residual([art]).items():
         assert torch.equal(reg.merged_residual()[k], v)
 
@@ -180,9 +185,9 @@ def _corrupt(name: str):
     ("not_bytes", ArtifactRejected, "sent as bytes"),
 ])
 def test_bad_submissions_change_nothing(reg, base, case, error, message):
-    tok = reg.register()["token"]
+    tok = reg.register().token
     submit_new(reg, base, tok, "kept")
-    slot = reg.reserve(tok, "bad", "dog")["slot"]
+    slot = reg.reserve(tok, "bad", "dog").slot
     data = _corrupt(case)(make_artifact(base, ADAPTER, "bad", slot, seed=5))
     before = snapshot(reg)
     with pytest.raises(error, match=message):
@@ -192,8 +197,8 @@ def test_bad_submissions_change_nothing(reg, base, case, error, message):
 
 def test_foreign_token_size_limit_and_wrong_token(base, tmp_path, clock):
     reg = make_registry(base, tmp_path, clock, max_artifact_bytes=4096)
-    alice, mallory = reg.register("alice")["token"], reg.register("mallory")["token"]
-    slot = reg.reserve(alice, "alices", "dog")["slot"]
+    alice, mallory = reg.register("alice").token, reg.register("mallory").token
+    slot = reg.reserve(alice, "alices", "dog").slot
     data = make_artifact(base, ADAPTER, "alices", slot).to_bytes()
     before = snapshot(reg)
     with pytest.raises(ArtifactRejected, match="at most 4,096"):
@@ -212,7 +217,7 @@ def test_foreign_token_size_limit_and_wrong_token(base, tmp_path, clock):
 
 def test_state_survives_a_new_registry(base, tmp_path, clock):
     reg = make_registry(base, tmp_path, clock)
-    alice = reg.register("alice")["token"]
+    alice = reg.register("alice").token
     a, _ = submit_new(reg, base, alice, "a", seed=1)
     b, _ = submit_new(reg, base, alice, "b", seed=2)
     reg.remove(alice, "a")
@@ -223,7 +228,7 @@ def test_state_survives_a_new_registry(base, tmp_path, clock):
     again = make_registry(base, tmp_path, clock)
     assert again.version == reg.version == 4
     assert again.list_concepts() == reg.list_concepts()
-    assert again.whoami(alice)["name"] == "alice" and again.whoami(ADMIN)["admin"]
+    assert again.whoami(alice).name == "alice" and again.whoami(ADMIN).admin
     for k, v in expected_residual([b, c]).items():
         assert torch.equal(again.merged_residual()[k], v)
     assert sorted(p.name for p in again.store.concepts.iterdir()) == sorted(
@@ -235,7 +240,7 @@ def test_state_survives_a_new_registry(base, tmp_path, clock):
 def test_retried_submit_is_idempotent(reg, base):
     """A submit whose reply was lost (coordinator crash) is retried: the same owner and bytes get the
     live record back, nothing changes; anyone else, or other bytes, is still refused."""
-    tok, other = reg.register("alice")["token"], reg.register("bob")["token"]
+    tok, other = reg.register("alice").token, reg.register("bob").token
     art, first = submit_new(reg, base, tok, "dog")
     before = snapshot(reg)
     assert reg.submit(tok, art.to_bytes()) == first
@@ -250,14 +255,32 @@ def test_retried_submit_is_idempotent(reg, base):
 
 def test_admin_uploads_into_a_free_slot_without_reservation(base, tmp_path, clock):
     reg = make_registry(base, tmp_path, clock)
-    alice = reg.register("alice")["token"]
-    held = reg.reserve(alice, "alices", "dog")["slot"]
+    alice = reg.register("alice").token
+    held = reg.reserve(alice, "alices", "dog").slot
     before = snapshot(reg)
     with pytest.raises(SlotUnavailable, match=f"slot {held} of artifact 'other' is held by 'alices'"):
         reg.submit(ADMIN, make_artifact(base, ADAPTER, "other", held).to_bytes())
     assert same(before, snapshot(reg))
     free = (held + 1) % ADAPTER.num_slots
     out = reg.submit(ADMIN, make_artifact(base, ADAPTER, "by-admin", free).to_bytes())
-    assert out["slot"] == free and out["version"] == before[0] + 1
-    assert {c["name"]: c["owner"] for c in reg.list_concepts()}["by-admin"] == "admin"
+    assert out.slot == free and out.version == before[0] + 1
+    assert {c.name: c.owner for c in reg.list_concepts()}["by-admin"] == "admin"
     reg.remove(ADMIN, "by-admin")
+
+
+def test_base_untouched_and_live_set_served_as_one_lora(base, tmp_path, clock):
+    vocab, table = len(base.pipe.tokenizer), base.pipe.text_encoder.get_input_embeddings().weight.clone()
+    reg = make_registry(base, tmp_path, clock)
+    assert len(base.pipe.tokenizer) == vocab and torch.equal(base.pipe.text_encoder.get_input_embeddings().weight, table)
+    with pytest.raises(UnknownConcept, match="nothing to download"):
+        reg.merged_lora()
+    alice = reg.register("alice").token
+    arts = [submit_new(reg, base, alice, name, seed=i)[0] for i, name in enumerate(("a", "b"))]
+    with pytest.raises(FederationError, match="'ties' is not offered"):
+        reg.merged_lora("ties")
+    version, data = reg.merged_lora("mean")
+    tensors, header = read_safetensors(data, len(data))
+    assert version == 2 and header["rule"] == "mean" and set(json.loads(header["concepts"])) == {"a", "b"}
+    for k in arts[0].meta.layout:
+        got = tensors[f"{k}.lora_B.weight"] @ tensors[f"{k}.lora_A.weight"]
+        torch.testing.assert_close(got, 0.5 * (arts[0].delta(k) + arts[1].delta(k)), rtol=1e-6, atol=1e-7)

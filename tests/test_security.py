@@ -25,7 +25,9 @@ from blocklora.config import AdapterConfig, FederationConfig
 from conftest import REPO
 from core_helpers import make_artifact
 from federation.local_cluster import LocalCluster
-from federation.registry import Registry, ReservationError, SlotUnavailable, Unauthorized, token_hash
+from federation.auth import token_hash
+from federation.errors import ReservationError, SlotUnavailable, Unauthorized
+from federation.registry import Registry
 from federation.store import StateStore
 from serve_helpers import start_in_process, stop_app
 
@@ -83,8 +85,8 @@ def test_no_pickle_on_any_boundary():
 
 def test_tokens_stored_hashed_and_only_owner_or_admin_acts(base, tmp_path):
     reg = Registry(base, ADAPTER, FederationConfig(), StateStore(tmp_path / "state"), token_hash(ADMIN))
-    alice, bob = (reg.register(n)["token"] for n in ("alice", "bob"))
-    slot = reg.reserve(alice, "pet", "dog")["slot"]
+    alice, bob = (reg.register(n).token for n in ("alice", "bob"))
+    slot = reg.reserve(alice, "pet", "dog").slot
     art = make_artifact(base, ADAPTER, "pet", slot, seed=1)
     with pytest.raises(ReservationError, match="another client"):
         reg.submit(bob, art.to_bytes())  # bob cannot fill alice's slot
@@ -95,7 +97,7 @@ def test_tokens_stored_hashed_and_only_owner_or_admin_acts(base, tmp_path):
         reg.reserve(bob, "pet", "cat")  # no replacing by re-reserving the name
     with pytest.raises(Unauthorized, match="only its owner or the admin"):
         reg.remove(bob, "pet")
-    assert reg.remove(ADMIN, "pet")["removed"] == "concept"
+    assert reg.remove(ADMIN, "pet").removed == "concept"
     manifest = reg.store.manifest_path.read_text()
     assert token_hash(alice) in manifest and token_hash(ADMIN) in manifest
     assert reg.store.manifest_path.stat().st_mode & 0o077 == 0
@@ -110,8 +112,8 @@ def test_tokens_stored_hashed_and_only_owner_or_admin_acts(base, tmp_path):
 def srv(ray_head, serve_port, base, tmp_path_factory):
     root = tmp_path_factory.mktemp("security")
     actor, client = start_in_process(ray_head, root / "state", NAMESPACE, NAME, ADAPTER, ADMIN, serve_port, API_KEY)
-    owner, other = (ray.get(actor.register.remote(n))["token"] for n in ("owner", "other"))
-    slot = ray.get(actor.reserve.remote(owner, "pet", "dog"))["slot"]
+    owner, other = (ray.get(actor.register.remote(n)).token for n in ("owner", "other"))
+    slot = ray.get(actor.reserve.remote(owner, "pet", "dog")).slot
     pet = make_artifact(base, ADAPTER, "pet", slot, seed=3).to_bytes()
     r = client.post("/v1/concepts", content=pet, headers={"Authorization": f"Bearer {owner}"})
     assert r.status_code == 201, r.text

@@ -15,13 +15,15 @@ import httpx
 import numpy as np
 import pytest
 import ray
+import torch
 
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig, GenerateConfig
 from blocklora.generate import generate
+from blocklora.inject import find_targets
 from blocklora.merge import LiveMerge
 from blocklora.slots import phrase
-from core_helpers import make_artifact
+from core_helpers import fused_weight, make_artifact
 from serve_helpers import pixels, serve_up, start_coordinator, stop_app
 
 pytestmark = pytest.mark.slow
@@ -39,11 +41,11 @@ def srv(ray_head, serve_port, tmp_path_factory):
     ray.init(address=ray_head.address, namespace=NAMESPACE, log_to_driver=False)
     actor = start_coordinator(ray_head, root / "state", NAMESPACE, NAME, ADAPTER, ADMIN)
     client = serve_up(ray_head, serve_port, NAMESPACE, NAME)
-    token = ray.get(actor.register.remote("serve-test"))["token"]
+    token = ray.get(actor.register.remote("serve-test")).token
     base = load_base("tiny")
     arts = {}
     for i, name in enumerate(("a", "b")):
-        slot = ray.get(actor.reserve.remote(token, name, "dog"))["slot"]
+        slot = ray.get(actor.reserve.remote(token, name, "dog")).slot
         arts[name] = make_artifact(base, ADAPTER, name, slot, seed=i + 1, b_scale=0.5)
         r = client.post("/v1/concepts", files={"artifact": (f"{name}.safetensors", arts[name].to_bytes())},
                         headers={"Authorization": f"Bearer {token}"})
@@ -90,6 +92,22 @@ def test_concepts_listed_and_weights_matter(srv):
     zero = post(srv, prompt="a photo of a dog", concepts=[{"name": "a", "weight": 0.0}]).content
     none = post(srv, prompt="a photo of a dog").content
     assert zero == none and full != none
+
+
+@pytest.mark.parametrize("rule, alpha", [("sum", 1.0), ("mean", 0.5)])
+def test_live_set_downloads_as_one_lora_that_diffusers_loads(srv, tmp_path, rule, alpha):
+    r = srv.client.get("/v1/lora", params={"rule": rule})
+    assert r.status_code == 200, r.text
+    assert int(r.headers["x-blocklora-version"]) >= 2
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(r.content)
+    theirs = load_base("tiny")
+    w0 = {k: lin.weight.clone() for k, lin in find_targets(theirs.pipe, ADAPTER).items()}
+    theirs.pipe.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
+    theirs.pipe.fuse_lora()
+    for key, w in w0.items():
+        expected = w + alpha * sum(a.delta(key) for a in srv.arts.values())  # W0 + Σ α dW of the live set
+        torch.testing.assert_close(fused_weight(theirs.pipe, key), expected, rtol=0, atol=1e-6)
+    assert srv.client.get("/v1/lora", params={"rule": "ties"}).status_code == 422
 
 
 def test_several_images_and_mixed_batch(srv):
@@ -158,7 +176,7 @@ def test_removed_concept_refused_within_a_second_then_served_again(srv):
     assert r.status_code == 404 and "'a'" in r.text and time.monotonic() - removed_at < 1.0
     assert post(srv, prompt="a photo of {b}").status_code == 200  # the others stay live
     assert srv.client.get("/v1/concepts").json()["concepts"][0]["name"] == "b"
-    slot = ray.get(srv.actor.reserve.remote(srv.token, "a", "dog"))["slot"]
+    slot = ray.get(srv.actor.reserve.remote(srv.token, "a", "dog")).slot
     assert slot == srv.arts["a"].meta.slot  # the lowest free slot is the one it left
     r = srv.client.post("/v1/concepts", content=srv.arts["a"].to_bytes(), headers={"Authorization": f"Bearer {srv.token}"})
     assert r.status_code == 201, r.text

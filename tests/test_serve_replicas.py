@@ -34,8 +34,8 @@ def test_two_replicas_follow_the_coordinator_and_agree(ray_head, serve_port, tmp
     actor, client = start_in_process(ray_head, tmp_path / "state", NAMESPACE, NAME, ADAPTER, ADMIN, serve_port,
                                      replicas=2, num_cpus=0.5)
     try:
-        token = ray.get(actor.register.remote("replicas-test"))["token"]
-        slot = ray.get(actor.reserve.remote(token, "pet", "dog"))["slot"]
+        token = ray.get(actor.register.remote("replicas-test")).token
+        slot = ray.get(actor.reserve.remote(token, "pet", "dog")).slot
         art = make_artifact(load_base("tiny"), ADAPTER, "pet", slot, seed=3, b_scale=0.5)
         r = client.post("/v1/concepts", content=art.to_bytes(), headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 201, r.text
