@@ -143,6 +143,8 @@ class PretrainConfig:
     vae_batch: int = knob(32, "VAE batch size")
     seed: int = knob(0, "weights, data stream and noise all derive from it")
     threads: int = knob(1, "torch CPU threads (the machine is shared)")
+    device: str = knob("cpu", "torch device to train on, e.g. cuda on a GPU machine (data and noise stay CPU-drawn)")
+    data_workers: int = knob(0, "processes drawing training batches (0: the training process draws them)")
     checkpoint_every: int = knob(100, "steps between checkpoints")
     sample_every: int = knob(1000, "denoiser steps between sample grids")
     eval_seeds: int = knob(8, "judge pictures per (shape, colour) pair in the card")
@@ -153,6 +155,8 @@ class PretrainConfig:
                      "eval_seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.data_workers < 0:
+            raise ValueError(f"data_workers must be >= 0, got {self.data_workers}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 

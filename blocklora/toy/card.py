@@ -60,7 +60,7 @@ def plot_loss(csv_path: Path, png: Path) -> dict[str, float]:
 
 def command(cfg: PretrainConfig) -> str:
     """The flags that decide the weights, as they were set: what to type to train this base again."""
-    return " ".join(to_argv(cfg, skip=("checkpoint_every", "sample_every", "eval_seeds", "note")))
+    return " ".join(to_argv(cfg, skip=("checkpoint_every", "sample_every", "eval_seeds", "note", "threads", "device", "data_workers")))
 
 
 def write_card(out: Path, pipe: StableDiffusionPipeline, cfg: PretrainConfig, run: Run, scale: float,
@@ -74,17 +74,20 @@ def write_card(out: Path, pipe: StableDiffusionPipeline, cfg: PretrainConfig, ru
     (out / "README.md").write_text(f"""# toy-base: blocklora's own tiny text-to-image base
 
 Stable-Diffusion-shaped (AutoencoderKL + UNet2DConditionModel with cross-attention + CLIPTextModel with
-the real CLIP tokenizer, 49,408 tokens), pretrained from scratch on a CPU so the project has a base that
-draws something a person can judge. Written by `jobs/pretrain_base.py`; every number below comes from it.
+the real CLIP tokenizer, 49,408 tokens), pretrained from scratch (a run sized for this project's 2-core
+CPU machine) so the project has a base that draws something a person can judge. Written by `jobs/pretrain_base.py`; every number below comes from it.
 
 ## Data
 `blocklora.toy.data`: procedural 64x64 pictures of {{circle, square, triangle, star, cross, heart}} in 8
 colours, small or large, one or two objects, on plain, striped or dotted backgrounds, with captions such
-as "a small red star on a blue background" (size and background are each omitted from 30% of captions;
+as "a small red star on a blue background". Half the main objects are dressed (`blocklora.toy.data.Dress`):
+a second fill colour in stripes, dots or checks, an outline and a centre disc, which captions never name, so
+the base can draw any dress but no words ask for one (a concept is one dress on one shape, and the
+benchmark concepts' dresses are never drawn). Size and background are each omitted from 30% of captions;
 {DROP_CAPTION:.0%} of captions are dropped entirely, for classifier-free guidance). Six (shape, colour)
 pairs are held out of training (`blocklora.toy.data.HELDOUT_PAIRS`).
 
-## Training (seed {cfg.seed}, {cfg.threads} CPU thread(s))
+## Training (seed {cfg.seed}, on {", ".join(run.state.get("trained_on", ["cpu"]))})
 | stage | steps | batch | final loss (50-step mean) |
 |---|---|---|---|
 | VAE (L1+MSE+1e-6 KL) | {cfg.vae_steps} | {cfg.vae_batch} | {finals['vae']:.4f} |
@@ -93,7 +96,7 @@ pairs are held out of training (`blocklora.toy.data.HELDOUT_PAIRS`).
 Command: `python jobs/pretrain_base.py {command(cfg)} --work-dir <dir>`
 
 Wall time: {run.state['wall_seconds'] / 60:.1f} min, summed over the run's segments up to their last
-checkpoints, on a 2-core machine shared with other jobs. Latent scaling factor {scale:.4f}.
+checkpoints, on the device(s) named above. Latent scaling factor {scale:.4f}.
 {cfg.note}
 Parameters: VAE {n_params['vae'] / 1e6:.2f} M, UNet {n_params['unet'] / 1e6:.2f} M, text encoder
 {n_params['text_encoder'] / 1e6:.2f} M (of which {pipe.text_encoder.get_input_embeddings().weight.numel() / 1e6:.2f} M token embeddings).

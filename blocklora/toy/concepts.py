@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from blocklora.toy.data import (COLOUR_NAMES, COLOURS, SHAPES, SIZE, SIZES, SUPERSAMPLE, article, draw_background,
-                                polygon)
+from blocklora.toy.data import (COLOUR_NAMES, COLOURS, PATTERNS, SHAPES, SIZE, SIZES, SUPERSAMPLE, Dress, ToyObject,
+                                article, draw_background, draw_object)
 
-PATTERNS: tuple[str, ...] = ("stripes", "dots", "checks")
 TRAINING_COUNT = 4  # pictures a client trains on; picture TRAINING_COUNT of the same stream is held out
 TRAINING_SIZES = ("large", "large", "small", "large")  # mostly large: the pattern needs pixels
 
@@ -57,6 +56,11 @@ class ToyConcept:
     def identity(self) -> tuple:
         """Everything that makes the concept itself (its name is only a label)."""
         return (self.class_word, self.fill, self.pattern, self.outline, self.accent)
+
+    def as_object(self, size: str, x: float, y: float, radius: float, angle: float) -> ToyObject:
+        """The concept as the base's data would draw it: its class shape wearing its dress."""
+        return ToyObject(self.class_word, self.fill[0], size, x, y, radius, angle,
+                         Dress(self.fill[1], self.pattern, self.outline, self.accent))
 
     @property
     def backgrounds(self) -> tuple[str, ...]:
@@ -114,47 +118,12 @@ def _rng(c: ToyConcept, stream: str, index: int) -> np.random.Generator:
     return np.random.default_rng([key, index])
 
 
-def _pattern_mask(n: int, cx: float, cy: float, r: float, angle: float, pattern: str) -> np.ndarray:
-    """(n, n) bool: True where the fill's second colour goes, in the object's own rotated frame."""
-    yy, xx = np.mgrid[0:n, 0:n].astype(np.float64) + 0.5
-    dx, dy = xx - cx, yy - cy
-    u = dx * np.cos(angle) + dy * np.sin(angle)
-    v = -dx * np.sin(angle) + dy * np.cos(angle)
-    # Coarse on purpose: the toy base's VAE keeps little finer than 4 px (one latent pixel).
-    if pattern == "stripes":  # bands across the object, about five across a large one
-        return np.floor(u / (0.42 * r)) % 2 == 1
-    if pattern == "checks":
-        cell = 0.55 * r
-        return (np.floor(u / cell) + np.floor(v / cell)) % 2 == 1
-    period = 0.85 * r  # dots on a square grid, offset so that four sit around the accent
-    gu, gv = (w - period * (np.floor(w / period) + 0.5) for w in (u, v))
-    return np.hypot(gu, gv) < 0.26 * r
-
-
 def render(c: ToyConcept, attrs: Attributes, x: float, y: float, radius: float, angle: float,
            texture: str = "plain", rng: np.random.Generator | None = None) -> Image.Image:
     """The concept at (x, y) with `radius` (pixels of the 64 px picture), turned by `angle` radians."""
-    n, s = SIZE * SUPERSAMPLE, SUPERSAMPLE
-    cx, cy, r = x * s, y * s, radius * s
-    canvas = Image.new("RGB", (n, n))
+    canvas = Image.new("RGB", (SIZE * SUPERSAMPLE, SIZE * SUPERSAMPLE))
     draw_background(ImageDraw.Draw(canvas), attrs.background, texture, rng or np.random.default_rng(0))
-    shape = Image.new("L", (n, n))
-    mask_draw = ImageDraw.Draw(shape)
-    if c.class_word == "circle":
-        mask_draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-    else:
-        mask_draw.polygon(polygon(c.class_word, cx, cy, r, angle), fill=255)
-    fill = np.where(_pattern_mask(n, cx, cy, r, angle, c.pattern)[..., None],
-                    np.array(COLOURS[c.fill[1]], np.uint8), np.array(COLOURS[c.fill[0]], np.uint8))
-    canvas.paste(Image.fromarray(fill.astype(np.uint8)), (0, 0), shape)
-    draw = ImageDraw.Draw(canvas)
-    width = max(2, round(0.12 * r))
-    if c.class_word == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=COLOURS[c.outline], width=width)
-    else:
-        draw.polygon(polygon(c.class_word, cx, cy, r, angle), outline=COLOURS[c.outline], width=width)
-    a = 0.3 * r
-    draw.ellipse([cx - a, cy - a, cx + a, cy + a], fill=COLOURS[c.accent])
+    draw_object(canvas, c.as_object(attrs.size, x, y, radius, angle))
     return canvas.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
 
 
@@ -202,12 +171,11 @@ def reference_pictures(c: ToyConcept, count: int, seed: int = 0) -> list[Image.I
 
 def random_concept(rng: np.random.Generator, name: str = "random") -> ToyConcept:
     """A random identity that is none of CONCEPTS (the judge trains on these, never on the benchmark)."""
-    taken = {k.identity for k in CONCEPTS}
     while True:
         colours = [str(x) for x in rng.choice(COLOUR_NAMES, size=4, replace=False)]
         c = ToyConcept(name, str(rng.choice(SHAPES)), (colours[0], colours[1]), str(rng.choice(PATTERNS)),
                        colours[2], colours[3])
-        if c.identity not in taken:
+        if c.identity not in IDENTITIES:
             return c
 
 
@@ -252,3 +220,4 @@ CONCEPTS: tuple[ToyConcept, ...] = (
     ToyConcept("flame", "cross", ("orange", "green"), "dots", "purple", "white"),
 )
 BY_NAME: dict[str, ToyConcept] = {c.name: c for c in CONCEPTS}
+IDENTITIES: frozenset[tuple] = frozenset(c.identity for c in CONCEPTS)  # never drawn in the base's data

@@ -25,6 +25,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 SIZES: dict[str, tuple[float, float]] = {"small": (0.13, 0.17), "large": (0.26, 0.33)}  # radius / SIZE
 TEXTURES: tuple[str, ...] = ("plain", "striped", "dotted")
+PATTERNS: tuple[str, ...] = ("stripes", "dots", "checks")  # a dressed object's fill
+DRESSED_RATE = 0.5  # share of main objects drawn dressed: captions name shape and main colour only
 SPLITS: tuple[str, ...] = ("train", "heldout")
 
 # One held-out colour per shape, each a different colour, so every word still occurs in training.
@@ -37,14 +39,34 @@ TRAIN_PAIRS: tuple[tuple[str, str], ...] = tuple(
 
 
 @dataclass(frozen=True)
+class Dress:
+    """What no caption names: a second fill colour in a pattern, an outline colour and a centre disc.
+
+    Half the base's objects wear one, so the base can draw any dress and a concept (one fixed dress
+    on one shape) is in distribution, yet no words ask for a particular dress: it must be learned.
+    """
+
+    fill2: str
+    pattern: str  # one of PATTERNS
+    outline: str
+    accent: str
+
+
+@dataclass(frozen=True)
 class ToyObject:
     shape: str
-    colour: str
+    colour: str  # the (first) fill colour: the one captions name
     size: str  # "small" | "large"
     x: float  # centre, in pixels
     y: float
     radius: float  # in pixels
     angle: float  # rotation in radians (symmetric shapes look the same)
+    dress: Dress | None = None
+
+    @property
+    def colours(self) -> tuple[str, ...]:
+        d = self.dress
+        return (self.colour,) if d is None else (self.colour, d.fill2, d.outline, d.accent)
 
 
 @dataclass(frozen=True)
@@ -124,30 +146,78 @@ def draw_background(draw: ImageDraw.ImageDraw, colour: str, texture: str, rng: n
                 draw.ellipse([i - rad, j - rad, i + rad, j + rad], fill=_shade(base))
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: ToyObject) -> None:
-    x, y, r = obj.x * SUPERSAMPLE, obj.y * SUPERSAMPLE, obj.radius * SUPERSAMPLE
-    if obj.shape == "circle":
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=COLOURS[obj.colour])
+def _pattern_mask(n: int, cx: float, cy: float, r: float, angle: float, pattern: str) -> np.ndarray:
+    """(n, n) bool: True where the fill's second colour goes, in the object's own rotated frame."""
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float64) + 0.5
+    dx, dy = xx - cx, yy - cy
+    u = dx * np.cos(angle) + dy * np.sin(angle)
+    v = -dx * np.sin(angle) + dy * np.cos(angle)
+    # Coarse on purpose: the toy base's VAE keeps little finer than 4 px (one latent pixel).
+    if pattern == "stripes":  # bands across the object, about five across a large one
+        return np.floor(u / (0.42 * r)) % 2 == 1
+    if pattern == "checks":
+        cell = 0.55 * r
+        return (np.floor(u / cell) + np.floor(v / cell)) % 2 == 1
+    period = 0.85 * r  # dots on a square grid, offset so that four sit around the accent
+    gu, gv = (w - period * (np.floor(w / period) + 0.5) for w in (u, v))
+    return np.hypot(gu, gv) < 0.26 * r
+
+
+def _outline(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: float, angle: float, **style) -> None:
+    if shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], **style)
     else:
-        draw.polygon(polygon(obj.shape, x, y, r, obj.angle), fill=COLOURS[obj.colour])
+        draw.polygon(polygon(shape, x, y, r, angle), **style)
+
+
+def draw_object(canvas: Image.Image, obj: ToyObject) -> None:
+    """Paint `obj` onto a supersampled canvas: flat, or in its dress (pattern, rim, centre disc)."""
+    x, y, r = obj.x * SUPERSAMPLE, obj.y * SUPERSAMPLE, obj.radius * SUPERSAMPLE
+    draw = ImageDraw.Draw(canvas)
+    d = obj.dress
+    if d is None:
+        _outline(draw, obj.shape, x, y, r, obj.angle, fill=COLOURS[obj.colour])
+        return
+    n = canvas.size[0]
+    shape = Image.new("L", (n, n))
+    _outline(ImageDraw.Draw(shape), obj.shape, x, y, r, obj.angle, fill=255)
+    fill = np.where(_pattern_mask(n, x, y, r, obj.angle, d.pattern)[..., None],
+                    np.array(COLOURS[d.fill2], np.uint8), np.array(COLOURS[obj.colour], np.uint8))
+    canvas.paste(Image.fromarray(fill.astype(np.uint8)), (0, 0), shape)
+    _outline(draw, obj.shape, x, y, r, obj.angle, outline=COLOURS[d.outline], width=max(2, round(0.12 * r)))
+    a = 0.3 * r
+    draw.ellipse([x - a, y - a, x + a, y + a], fill=COLOURS[d.accent])
+
+
+def _pick_dress(rng: np.random.Generator, shape: str, colour: str) -> Dress:
+    """A random dress on (shape, colour), never one of the benchmark concepts' identities."""
+    from blocklora.toy.concepts import IDENTITIES  # concepts build on this module
+
+    while True:
+        fill2, outline, accent = (str(c) for c in rng.choice([c for c in COLOUR_NAMES if c != colour], 3, replace=False))
+        dress = Dress(fill2, str(rng.choice(PATTERNS)), outline, accent)
+        if (shape, (colour, fill2), dress.pattern, outline, accent) not in IDENTITIES:
+            return dress
 
 
 def _pick_object(rng: np.random.Generator, pairs: tuple[tuple[str, str], ...], size: str,
-                 x_range: tuple[float, float]) -> ToyObject:
+                 x_range: tuple[float, float], dressed_rate: float = 0.0) -> ToyObject:
     shape, colour = pairs[int(rng.integers(len(pairs)))]
     radius = float(rng.uniform(*SIZES[size])) * SIZE
     margin = radius * 1.1 + 1
     x = float(rng.uniform(max(x_range[0], margin), min(x_range[1], SIZE - margin)))
     y = float(rng.uniform(margin, SIZE - margin))
     angle = float(rng.normal(0, 0.15))  # slight tilt; large turns would make a square a diamond
-    return ToyObject(shape, colour, size, x, y, radius, angle)
+    dress = _pick_dress(rng, shape, colour) if rng.random() < dressed_rate else None
+    return ToyObject(shape, colour, size, x, y, radius, angle, dress)
 
 
 def make_sample(index: int, seed: int = 0, split: str = "train", two_object_rate: float = 0.25) -> ToySample:
     """Sample `index` of `split`: deterministic in (seed, split, index), independent of others.
 
     Captions sometimes omit the size or the background (30% each) so short prompts such as
-    "a red star" are in distribution too; the labels always carry everything.
+    "a red star" are in distribution too; the labels always carry everything. Half the large main
+    objects are dressed (`Dress`); their captions name only shape and first fill colour.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -156,19 +226,18 @@ def make_sample(index: int, seed: int = 0, split: str = "train", two_object_rate
     if rng.random() < two_object_rate:  # the large one is main; they sit in opposite halves
         left_main = bool(rng.integers(2))
         halves = ((0.0, SIZE / 2), (SIZE / 2, float(SIZE)))
-        main = _pick_object(rng, main_pairs, "large", halves[0 if left_main else 1])
+        main = _pick_object(rng, main_pairs, "large", halves[0 if left_main else 1], DRESSED_RATE)
         other = _pick_object(rng, TRAIN_PAIRS, "small", halves[1 if left_main else 0])
         objects = (main, other)
     else:
-        objects = (_pick_object(rng, main_pairs, str(rng.choice(list(SIZES))), (0.0, float(SIZE))),)
-    used = {o.colour for o in objects}
+        objects = (_pick_object(rng, main_pairs, str(rng.choice(list(SIZES))), (0.0, float(SIZE)), DRESSED_RATE),)
+    used = {c for o in objects for c in o.colours}
     background = str(rng.choice([c for c in COLOUR_NAMES if c not in used]))
     texture = str(rng.choice(TEXTURES, p=[0.7, 0.15, 0.15]))
     canvas = Image.new("RGB", (SIZE * SUPERSAMPLE, SIZE * SUPERSAMPLE))
-    draw = ImageDraw.Draw(canvas)
-    draw_background(draw, background, texture, rng)
+    draw_background(ImageDraw.Draw(canvas), background, texture, rng)
     for obj in reversed(objects):  # main drawn last, on top
-        _draw_object(draw, obj)
+        draw_object(canvas, obj)
     image = canvas.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
     caption = caption_for(objects, background, texture, with_size=rng.random() >= 0.3,
                           with_background=rng.random() >= 0.3)

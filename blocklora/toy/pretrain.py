@@ -36,11 +36,35 @@ def batch(step: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     return to_tensor([s.image for s in samples]), [s.caption for s in samples]
 
 
+class _Batches(torch.utils.data.Dataset):
+    """Batch `step` at index `step`: worker processes draw ahead while the device trains."""
+
+    def __init__(self, steps: int, size: int, seed: int) -> None:
+        self.steps, self.size, self.seed = steps, size, seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, list[str]]:
+        return batch(step, self.size, self.seed)
+
+
+def batches(start: int, steps: int, size: int, seed: int, workers: int):
+    """(step, pixels, captions) for steps [start, steps), the same whatever `workers` is."""
+    loader = torch.utils.data.DataLoader(
+        _Batches(steps, size, seed), batch_size=None, sampler=range(start, steps), num_workers=workers,
+        prefetch_factor=4 if workers else None, persistent_workers=False)
+    for i, (x, captions) in enumerate(loader):
+        yield start + i, x, captions
+
+
 class Run:
     """The work dir: modules' weights, optimizer moments, progress and the loss log of one run."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, device: str = "cpu") -> None:
         self.work = work
+        dev = torch.device(device)
+        self.device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} ({torch.get_num_threads()} threads)"
         work.mkdir(parents=True, exist_ok=True)
         state_path = work / "state.json"
         self.state = json.loads(state_path.read_text()) if state_path.exists() else {
@@ -62,6 +86,7 @@ class Run:
             atomic_write(self.work / f"{name}.safetensors", safetensors_bytes(tensors))
         atomic_write(self.work / f"opt_{stage}.safetensors", safetensors_bytes(optimizer_tensors(opt)))
         now = time.time()
+        self.state["trained_on"] = sorted({*self.state.get("trained_on", []), self.device_name})
         self.state["wall_seconds"] += now - self._t0
         self._t0 = now
         # weights first, state last: a crash never skips ahead
@@ -89,16 +114,21 @@ def cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, wa
         g["lr"] = lr
 
 
-def train_vae(run: Run, vae: AutoencoderKL, steps: int, batch_size: int, seed: int, every: int) -> None:
+def train_vae(run: Run, vae: AutoencoderKL, steps: int, batch_size: int, seed: int, every: int,
+              workers: int) -> None:
     """L1 + MSE reconstruction and a tiny KL: a near-deterministic autoencoder with a smooth latent."""
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     run.restore({"vae": vae}, opt, "vae")
     vae.train()
-    for step in tqdm(range(run.state["vae_step"], steps), desc="vae", initial=run.state["vae_step"], total=steps):
+    dev = vae.device
+    start = run.state["vae_step"]
+    stream = batches(start, steps, batch_size, seed + 1, workers)  # a different stream from the denoiser's
+    for step, x, _ in tqdm(stream, desc="vae", initial=start, total=steps):
         cosine_lr(opt, 1e-3, step, steps)
-        x, _ = batch(step, batch_size, seed + 1)  # a different stream from the denoiser's
+        x = x.to(dev)
         post = vae.encode(x).latent_dist
-        y = vae.decode(post.sample(torch.Generator().manual_seed(seed * 100003 + step))).sample
+        eps = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(seed * 100003 + step))
+        y = vae.decode(post.mean + post.std * eps.to(dev)).sample
         loss = F.l1_loss(y, x) + F.mse_loss(y, x) + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,7 +144,7 @@ def train_vae(run: Run, vae: AutoencoderKL, steps: int, batch_size: int, seed: i
 def set_latent_scale(vae: AutoencoderKL, seed: int, n: int = 512) -> float:
     """SD's convention: scale latents to unit variance, measured on data the VAE never saw."""
     x, _ = batch(10**6, n, seed + 1)
-    std = vae.encode(x).latent_dist.mean.std().item()
+    std = vae.encode(x.to(vae.device)).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     return 1.0 / std
 
@@ -126,14 +156,14 @@ def min_snr_weights(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torc
     and colour are decided at the noisy end; capping their weight spends the few CPU steps there.
     """
     if gamma <= 0:
-        return torch.ones(len(t))
-    ac = sched.alphas_cumprod[t]
+        return torch.ones(len(t), device=t.device)
+    ac = sched.alphas_cumprod.to(t.device)[t]
     snr = ac / (1 - ac)
     return snr.clamp(max=gamma) / snr
 
 
 def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_size: int, lr: float,
-                   seed: int, every: int, sample_every: int, snr_gamma: float) -> None:
+                   seed: int, every: int, sample_every: int, snr_gamma: float, workers: int) -> None:
     """Epsilon prediction with the SD noise schedule; text encoder trained jointly from scratch."""
     unet, te, tok, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
     noise_sched = DDPMScheduler(**SCHEDULE)
@@ -142,18 +172,23 @@ def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_si
     run.restore({"unet": unet, "text_encoder": te}, opt, "unet")
     unet.train()
     te.train()
-    for step in tqdm(range(run.state["unet_step"], steps), desc="unet", initial=run.state["unet_step"], total=steps):
+    dev = unet.device
+    start = run.state["unet_step"]
+    for step, x, captions in tqdm(batches(start, steps, batch_size, seed, workers), desc="unet", initial=start,
+                                  total=steps):
         cosine_lr(opt, lr, step, steps)
+        # Noise, timesteps and caption drops come from a CPU generator: the same run on any device.
         g = torch.Generator().manual_seed(seed * 100003 + step)
-        x, captions = batch(step, batch_size, seed)
         drop = torch.rand(batch_size, generator=g) < DROP_CAPTION
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
-            latents = vae.encode(x).latent_dist.sample(g) * vae.config.scaling_factor  # (B, 4, 16, 16)
+            post = vae.encode(x.to(dev)).latent_dist
+            eps = torch.randn(post.mean.shape, generator=g).to(dev)
+            latents = (post.mean + post.std * eps) * vae.config.scaling_factor  # (B, 4, 16, 16)
         ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=g)
+                  return_tensors="pt").input_ids.to(dev)
+        noise = torch.randn(latents.shape, generator=g).to(dev)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=g).to(dev)
         pred = unet(noise_sched.add_noise(latents, noise, t), t, te(ids).last_hidden_state).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (min_snr_weights(noise_sched, t, snr_gamma) * per_sample).mean()
@@ -179,10 +214,12 @@ def pretrain(cfg: PretrainConfig, work_dir: Path) -> tuple[StableDiffusionPipeli
     A finished run trains nothing again; it only rebuilds the pipeline from its checkpoints."""
     torch.manual_seed(cfg.seed)
     vae, unet, te = build_vae(), build_unet(), build_text_encoder()  # init drawn from the seed, in this order
-    run = Run(work_dir)
-    train_vae(run, vae, cfg.vae_steps, cfg.vae_batch, cfg.seed, cfg.checkpoint_every)
+    for m in (vae, unet, te):
+        m.to(cfg.device)
+    run = Run(work_dir, cfg.device)
+    train_vae(run, vae, cfg.vae_steps, cfg.vae_batch, cfg.seed, cfg.checkpoint_every, cfg.data_workers)
     scale = set_latent_scale(vae, cfg.seed)
     pipe = build_pipeline(vae, unet, te)
     train_denoiser(run, pipe, cfg.steps, cfg.batch, cfg.lr, cfg.seed, cfg.checkpoint_every, cfg.sample_every,
-                   cfg.snr_gamma)
+                   cfg.snr_gamma, cfg.data_workers)
     return pipe, run, scale
