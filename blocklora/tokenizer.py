@@ -34,12 +34,13 @@ def _bytes_to_unicode() -> list[str]:
 
 
 def write_clip_tokenizer_files(folder: Path) -> Path:
-    """Write vocab.json, merges.txt and tokenizer_config.json into `folder` (idempotent)."""
-    import open_clip
-
+    """Write vocab.json, merges.txt and tokenizer_config.json into `folder` (idempotent: written files
+    are used as they are, so a machine without open_clip can run from a copied folder)."""
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
         return folder
+    import open_clip  # only its BPE merges file is read
+
     bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(bpe, "rt", encoding="utf-8").read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 1 + N_MERGES]]
