@@ -27,6 +27,28 @@ from federation.protocol import Grant, LiveConcept
 
 DEFAULT_STORAGE = "~/blocklora-train"  # Ray Train run folders (checkpoints) on the client's node
 ARTIFACT_FILE = "artifact.safetensors"  # in the final checkpoint: the only thing the client uploads
+def job_node_id() -> str:
+    """The Ray node this process runs on: where a client job's images are, so its workers go there.
+
+    `get_node_id()` names the node whose raylet the driver connected to, which on a real cluster is
+    its own; where several raylets share one host (federation.local_cluster's multi-node cluster)
+    Ray connects every driver to the head's. A job's driver descends from its node's raylet
+    (raylet -> JobSupervisor -> driver), so the nearest raylet ancestor names its node; a driver
+    started by hand has none, and then the connected node is the answer."""
+    pid = os.getpid()
+    while pid > 1:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:  # no /proc (not Linux), or the ancestor is gone
+            break
+        if Path(argv[0]).name == "raylet":
+            return next((a.split("=", 1)[1] for a in argv if a.startswith("--node_id=")),
+                        ray.get_runtime_context().get_node_id())
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # ppid: the field after the state, past the (name)
+    return ray.get_runtime_context().get_node_id()
+
+
 def job_init_args(verbose: bool = False) -> dict[str, Any]:
     """`ray.init` arguments for a client job's driver, for every process the job starts.
 
@@ -94,7 +116,8 @@ def train_artifact(grant: Grant, images_dir: str | Path, train: TrainConfig, wor
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     marks = {} if marks is None else marks
-    node = ray.get_runtime_context().get_node_id()
+    node = job_node_id()
+    print(f"training on node {node[:12]}… ({workers} Ray Train worker(s) pinned there)", flush=True)
     marks["t_data_start"] = time.time()
     dataset = concept_dataset(images_dir, train.resolution)
     marks["t_data_read"] = time.time()

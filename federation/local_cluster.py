@@ -1,13 +1,16 @@
-"""A single-node Ray cluster on 127.0.0.1 that this process starts, owns and stops.
+"""A Ray cluster on 127.0.0.1 that this process starts, owns and stops: one head, and optionally
+worker nodes shaped like cluster.yaml's node types (several raylets on one machine).
 
-Started the way an operator would (`ray start --head --block`), with every port chosen free so it
-can run beside other clusters on the machine, optionally with Ray token authentication, and in its
-own process group so stopping it ends exactly its processes (never `ray stop`, which would also
-stop everyone else's).
+Started the way an operator would (`ray start --head --block`, `ray start --address=... --block`),
+with every port chosen free so it can run beside other clusters on the machine, optionally with Ray
+token authentication, and each node in its own process group: stopping the cluster ends exactly its
+processes (never `ray stop`, which would also stop everyone else's), and killing one node's group is
+what losing that machine looks like to Ray (its raylet and every worker on it gone at once).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -21,7 +24,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import yaml
+
 VENV_BIN = Path(sys.executable).parent
+CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+# a worker node's object store: Ray's default (30% of RAM) for each of several raylets would promise
+# this machine's memory several times over; concept artifacts and a few images need far less
+NODE_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 
 
 def free_port() -> int:
@@ -30,10 +39,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LocalCluster:
-    """`address` for ray.init / --address, `dashboard_url` for `ray job submit`, `env` for children."""
+# `ray start` for a worker node on this machine. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is what keeps Ray
+# on loopback (every address it resolves for "this host" is 127.0.0.1), but it also makes `ray start
+# --address` refuse to join a head. Setting it to 1 would resolve 127.0.0.1 to the machine's network
+# IP; so the flag is lifted for that one check in `ray start`'s own module, and nowhere else.
+_JOIN = ("import sys, types, ray._private.ray_constants as c, ray.scripts.scripts as s; "
+         "s.ray_constants = types.SimpleNamespace(**{**vars(c), 'ENABLE_RAY_CLUSTER': True}); "
+         "sys.argv = ['ray', *sys.argv[1:]]; s.main()")
 
-    def __init__(self, num_cpus: int = 2, auth_token_path: Path | None = None, cwd: Path | None = None) -> None:
+
+def node_types(path: Path = CLUSTER_YAML) -> dict[str, dict[str, float]]:
+    """cluster.yaml's `available_node_types`: node type -> its custom resources (e.g. `client_node`).
+
+    CPU and GPU are left out: a local cluster advertises what this machine can hold, not a cloud
+    instance's counts; the custom resources are what placement asks for, so they are kept exactly."""
+    types = yaml.safe_load(path.read_text())["available_node_types"]
+    return {name: {k: float(v) for k, v in t.get("resources", {}).items() if k not in ("CPU", "GPU")}
+            for name, t in types.items()}
+
+
+def _agent_ports() -> list[str]:
+    """Free ports for a node's agents: their defaults (e.g. 52365) would clash between raylets on one host."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+
+
+class LocalCluster:
+    """`address` for ray.init / --address, `dashboard_url` for `ray job submit`, `env` for children.
+
+    `resources` are the head's custom resources; `add_node` starts worker nodes (`node_ids` maps
+    each node's name to its Ray node id) and `kill_node` takes one away as a machine failure would."""
+
+    def __init__(self, num_cpus: int = 2, auth_token_path: Path | None = None, cwd: Path | None = None,
+                 resources: dict[str, float] | None = None) -> None:
         self.port, self.dashboard_port = free_port(), free_port()
         self.temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: socket paths are length-limited
         self.address = f"127.0.0.1:{self.port}"
@@ -51,21 +89,26 @@ class LocalCluster:
             self.auth_env = {"RAY_AUTH_MODE": "disabled"}
         self.env |= self.auth_env
         self.log = self.temp_dir / "ray-start.log"
-        self.num_cpus, self.cwd = num_cpus, cwd
+        self.num_cpus, self.cwd, self.resources = num_cpus, cwd, resources or {}
         self.proc: subprocess.Popen | None = None
+        self.nodes: dict[str, subprocess.Popen] = {}  # worker nodes by name, each its own process group
+        self.node_ids: dict[str, str] = {}
 
     def start(self, timeout: float = 180) -> "LocalCluster":
         cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                f"--port={self.port}", f"--num-cpus={self.num_cpus}", "--include-dashboard=true",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-               f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", *_agent_ports(),
                f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
-                                         start_new_session=True)
+        if self.resources:
+            cmd.append(f"--resources={json.dumps(self.resources)}")
+        self.proc = self._popen(cmd, self.log)
         self._wait_jobs_api(timeout)
         return self
+
+    def _popen(self, cmd: list[str], log: Path) -> subprocess.Popen:
+        with open(log, "wb") as out:  # a new session: the node's own process group, killed as one
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
+                                    start_new_session=True)
 
     def _wait_jobs_api(self, timeout: float) -> None:
         """Up means the job API answers (401 counts: with token auth the agent is there)."""
@@ -85,18 +128,59 @@ class LocalCluster:
             time.sleep(0.5)
         raise TimeoutError(f"Ray dashboard at {url} not up after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
 
+    def add_node(self, name: str, resources: dict[str, float], num_cpus: int = 1, timeout: float = 120) -> str:
+        """Start a worker node called `name` with these custom resources; its Ray node id once it is up.
+
+        Its own temp dir (short: socket paths are length-limited) keeps its sockets and logs apart."""
+        if name in self.nodes:
+            raise ValueError(f"a node named {name!r} was already added to this cluster")
+        temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir=self.temp_dir))
+        cmd = [sys.executable, "-c", _JOIN, "start", f"--address={self.address}", "--block", "--node-ip-address=127.0.0.1",
+               f"--node-name={name}", f"--num-cpus={num_cpus}", "--num-gpus=0", f"--resources={json.dumps(resources)}",
+               f"--object-store-memory={NODE_OBJECT_STORE_BYTES}", *_agent_ports(), f"--temp-dir={temp_dir}",
+               "--disable-usage-stats"]
+        self.nodes[name] = self._popen(cmd, self.temp_dir / f"ray-start-{name}.log")
+        self.node_ids[name] = self._wait_node(name, timeout)
+        return self.node_ids[name]
+
+    def _wait_node(self, name: str, timeout: float) -> str:
+        from ray.util.state import list_nodes  # imported here: a head-only cluster never needs the state API
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.nodes[name].poll() is not None:
+                raise RuntimeError(f"`ray start` of node {name!r} exited with {self.nodes[name].returncode}:\n"
+                                   f"{(self.temp_dir / f'ray-start-{name}.log').read_text()[-3000:]}")
+            try:
+                alive = list_nodes(address=self.dashboard_url, filters=[("node_name", "=", name), ("state", "=", "ALIVE")],
+                                   raise_on_missing_output=False)
+            except Exception:  # noqa: BLE001 - the state API answers errors while the node registers
+                alive = []
+            if alive:
+                return alive[0].node_id
+            time.sleep(0.5)
+        raise TimeoutError(f"node {name!r} did not join the cluster at {self.address} within {timeout:.0f} s")
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL everything the node runs, as when its machine is lost: its process group (`ray start`,
+        raylet, agents) and every process descended from it, which includes the workers and job drivers
+        that Ray puts in process groups of their own."""
+        proc = self.nodes.pop(name)
+        doomed = _descendants(proc.pid)
+        _end_group(proc, (signal.SIGKILL,))
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def stop(self) -> None:
-        """End this cluster's process group: graceful first, then whatever is left."""
+        """End the worker nodes' process groups (SIGKILL: they hold no state, and `ray start --block`
+        takes some 30 s over SIGTERM), then the head's: graceful first, then whatever is left."""
+        for name in list(self.nodes):
+            self.kill_node(name)
         if self.proc is not None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    pass
+            _end_group(self.proc, (signal.SIGTERM, signal.SIGKILL))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> "LocalCluster":
@@ -104,3 +188,56 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _descendants(root: int) -> list[int]:
+    """Every living process below `root` (children, grandchildren, ...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _end_group(proc: subprocess.Popen, signals: tuple[signal.Signals, ...]) -> None:
+    """Send each signal in turn to the process group `proc` leads, until it has exited."""
+    for sig in signals:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(30)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def shaped_like_cluster_yaml(workers: dict[str, int], cwd: Path | None = None, num_cpus: int = 1,
+                             path: Path = CLUSTER_YAML, timeout: float = 180) -> LocalCluster:
+    """A started cluster with cluster.yaml's head and `workers` (node type -> count) worker nodes,
+    named `<type>-<i>`, each with its type's custom resources and `num_cpus` CPUs (what this machine
+    holds, not the cloud's). On a failure to start, what did start is stopped."""
+    types = node_types(path)
+    unknown = sorted(set(workers) - set(types))
+    if unknown:
+        raise ValueError(f"node type(s) {unknown} are not in {path.name}; it declares {sorted(types)}")
+    head_type = yaml.safe_load(path.read_text())["head_node_type"]
+    cluster = LocalCluster(num_cpus=num_cpus, cwd=cwd, resources=types[head_type])
+    try:
+        cluster.start(timeout)
+        for node_type, count in workers.items():
+            for i in range(count):
+                cluster.add_node(f"{node_type}-{i}", types[node_type], num_cpus, timeout)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

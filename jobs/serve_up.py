@@ -1,7 +1,8 @@
 """Serve the federation over HTTP: generation with any subset of the live concepts, under /v1.
 
     python jobs/serve_up.py --address auto --host 127.0.0.1 --port 8000 [--namespace blocklora] \
-        [--coordinator blocklora-coordinator] [--replicas 1] [--api-key-file FILE]
+        [--coordinator blocklora-coordinator] [--replicas 1] [--api-key-file FILE] \
+        [--generator-resource serve_gpu --ingress-resource head_services]   # on a cluster.yaml cluster
 
 Needs a running cluster and coordinator (jobs/start_coordinator.py). The app keeps running after
 this script exits; `serve shutdown` (or `serve.delete("blocklora")`) stops it. Docs: /v1/docs.
@@ -39,8 +40,9 @@ def main() -> None:
     p.add_argument("--replicas", type=int, default=1, help="generator replicas (one base copy each)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per generator replica")
     p.add_argument("--api-key-file", help="file holding the API key /v1/generate will require (default: open)")
-    p.add_argument("--max-pixel-steps", type=int, default=AppArgs.model_fields["max_pixel_steps"].default,
-                   help=AppArgs.model_fields["max_pixel_steps"].description)
+    for name, kind in (("generator_resource", str), ("ingress_resource", str), ("max_pixel_steps", int)):
+        field = AppArgs.model_fields[name]
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=field.default, help=field.description)
     args = p.parse_args()
 
     api_key = Path(args.api_key_file).read_text().strip() if args.api_key_file else None
@@ -50,6 +52,7 @@ def main() -> None:
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build(AppArgs(coordinator=args.coordinator, namespace=args.namespace, api_key=api_key,
                             replicas=args.replicas, num_cpus=args.num_cpus,
+                            generator_resource=args.generator_resource, ingress_resource=args.ingress_resource,
                             max_pixel_steps=args.max_pixel_steps)),
               name=APP_NAME, route_prefix="/")
     print(f"serving on http://{args.host}:{args.port}/v1 (docs: /v1/docs), following coordinator "

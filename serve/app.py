@@ -22,11 +22,24 @@ class AppArgs(BaseModel):
     replicas: int = Field(1, ge=1, description="generator replicas, each with its own copy of the base")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per generator replica")
     device: str | None = Field(None, description="torch device of the replicas; default CUDA if present")
+    generator_resource: str | None = Field(None, description="custom resource each generator replica takes one "
+                                                             "unit of, e.g. serve_gpu on a cluster.yaml cluster "
+                                                             "(default: none, any node)")
+    ingress_resource: str | None = Field(None, description="custom resource the ingress takes a sliver of, e.g. "
+                                                           "head_services to keep it on the head (default: any node)")
     max_pixel_steps: int = Field(MAX_PIXEL_STEPS, ge=1, description="most width x height x steps x images "
                                                                      "one /v1/generate request may ask for")
 
 
+INGRESS_SHARE = 0.01  # of `ingress_resource`: the ingress is light, and the head's services share one unit
+
+
 def build(args: AppArgs) -> Application:
-    generator = Generator.options(num_replicas=args.replicas, ray_actor_options={"num_cpus": args.num_cpus})
-    return Ingress.bind(generator.bind(args.coordinator, args.namespace, args.device),
+    """The app; with `generator_resource` / `ingress_resource` set, Ray places each part on the node
+    type that advertises it (cluster.yaml: replicas on serve_gpu nodes, the ingress on the head)."""
+    on = lambda name, amount: {"resources": {name: amount}} if name else {}  # noqa: E731
+    generator = Generator.options(num_replicas=args.replicas, ray_actor_options={
+        "num_cpus": args.num_cpus, **on(args.generator_resource, 1)})
+    ingress = Ingress.options(ray_actor_options={"num_cpus": 0, **on(args.ingress_resource, INGRESS_SHARE)})
+    return ingress.bind(generator.bind(args.coordinator, args.namespace, args.device),
                         args.coordinator, args.namespace, args.api_key, args.max_pixel_steps)

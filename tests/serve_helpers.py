@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -19,7 +20,8 @@ import blocklora
 import federation
 import serve as serve_pkg
 from blocklora.config import AdapterConfig, FederationConfig
-from conftest import REPO
+from conftest import REPO, VENV_BIN
+from core_helpers import write_images
 from federation import coordinator
 from federation.auth import token_hash
 from serve.app import AppArgs, build
@@ -47,17 +49,34 @@ def serve_up(head, port: int, namespace: str, name: str, api_key_file: Path | No
 
 
 def start_in_process(head, state_dir: Path, namespace: str, name: str, adapter: AdapterConfig, admin_token: str,
-                     port: int, api_key: str | None = None, replicas: int = 1,
-                     num_cpus: float = 1.0) -> tuple[ray.actor.ActorHandle, httpx.Client]:
-    """What the two scripts do, from this process (connects it, with the code as py_modules)."""
+                     port: int, api_key: str | None = None, replicas: int = 1, num_cpus: float = 1.0,
+                     **app: Any) -> tuple[ray.actor.ActorHandle, httpx.Client]:
+    """What the two scripts do, from this process (connects it, with the code as py_modules); `app`:
+    further AppArgs. One HTTP proxy, on the head: on a multi-node test cluster every raylet shares
+    127.0.0.1, where a proxy per node would fight over the port."""
     from ray import serve
     ray.init(address=head.address, namespace=namespace, log_to_driver=False, runtime_env={"py_modules": CODE})
     actor = coordinator.start(state_dir, adapter, FederationConfig(), token_hash(admin_token), name, namespace)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(AppArgs(coordinator=name, namespace=namespace, api_key=api_key, replicas=replicas,
-                            num_cpus=num_cpus)), name="blocklora",
-              route_prefix="/")
+                            num_cpus=num_cpus, **app)), name="blocklora", route_prefix="/")
     return actor, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+
+
+def submit_client(head, root: Path, name: str, seed: int, namespace: str, coordinator_name: str,
+                  train: tuple[str, ...] = ("--steps", "3"), workers: int = 1,
+                  submit: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`ray job submit` of jobs/client_train.py for concept `name` (3 generated images under `root`,
+    its token in root/NAME.token, checkpoints in root/train); `submit`: more `ray job submit` flags,
+    e.g. --entrypoint-resources. The process streams the job's output and exits with its status."""
+    images = write_images(root / f"images-{name}", n=3, seed=seed)
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--working-dir", str(REPO),
+           *submit, "--", "python", "jobs/client_train.py", "--images", str(images), "--class-word", "dog",
+           "--name", name, "--batch-size", "1", "--seed", str(seed), "--workers", str(workers), *train,
+           "--token-file", str(root / f"{name}.token"), "--client-name", f"owner-{name}",
+           "--storage-path", str(root / "train"), "--address", head.address, "--namespace", namespace,
+           "--coordinator", coordinator_name]
+    return subprocess.Popen(cmd, cwd=REPO, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def pixels(png: bytes) -> np.ndarray:

@@ -19,11 +19,10 @@ import torch
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig
-from conftest import REPO, VENV_BIN
-from core_helpers import make_artifact, write_images
+from core_helpers import make_artifact
 from federation import coordinator
 from federation.errors import ArtifactRejected, ReservationError, SlotUnavailable, Unauthorized
-from serve_helpers import start_coordinator as start_script
+from serve_helpers import start_coordinator as start_script, submit_client
 
 pytestmark = pytest.mark.slow
 
@@ -50,16 +49,7 @@ def fed(ray_head, tmp_path_factory):
 
 
 def submit_job(fed, name: str, seed: int, workers: int) -> subprocess.Popen:
-    images = write_images(fed.root / f"images-{name}", n=3, seed=seed)
-    cmd = [str(VENV_BIN / "ray"), "job", "submit",
-           "--address", fed.head.dashboard_url, "--working-dir", str(REPO), "--",
-           "python", "jobs/client_train.py", "--images", str(images), "--class-word", "dog", "--name", name,
-           "--steps", "3", "--batch-size", "1", "--seed", str(seed), "--workers", str(workers),
-           "--token-file", str(fed.root / f"{name}.token"), "--client-name", f"owner-{name}",
-           "--storage-path", str(fed.root / "train"), "--address", fed.head.address, "--namespace", NAMESPACE,
-           "--coordinator", NAME]
-    return subprocess.Popen(cmd, cwd=REPO, env=fed.head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return submit_client(fed.head, fed.root, name, seed, NAMESPACE, NAME, workers=workers)
 
 
 def live_artifacts(actor) -> dict[str, ConceptArtifact]:

@@ -1,0 +1,141 @@
+"""The federation on a cluster shaped like cluster.yaml, on this machine: a head (coordinator, Serve
+ingress), two client nodes and two serve nodes, each its own raylet on 127.0.0.1 with its node type's
+custom resources (federation.local_cluster.shaped_like_cluster_yaml).
+
+(a) a client job that asks for `client_node` gets a client node, and its Ray Train workers run there
+only; (b) SIGKILL of that node mid-training leaves no partial concept live, the slot stays held
+for the client, and the job resubmitted lands on the other client node and resumes from its
+checkpoint; (c) SIGKILL of the serve node that hosts the generator: the replica comes back on the
+other serve node with the same live set, and draws the same pictures over HTTP.
+
+The tests of this module run in order and share one cluster and federation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import ray
+from ray.util.state import list_actors
+
+from blocklora.config import AdapterConfig
+from conftest import REPO, free_port
+from federation.local_cluster import shaped_like_cluster_yaml
+from serve_helpers import pixels, start_in_process, stop_app, submit_client, wait_until
+
+pytestmark = pytest.mark.slow
+
+NAMESPACE, NAME = "blocklora-nodes", "coordinator-nodes"
+ADAPTER = AdapterConfig(rank=2, num_slots=4)
+ADMIN = "nodes-admin-token"
+ON_CLIENT_NODE = ("--entrypoint-resources", json.dumps({"client_node": 1}))
+SAMPLING = {"steps": 2, "guidance_scale": 4.0, "seed": 11}
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    """The cluster (its nodes by name in `cluster.node_ids`), the coordinator, the Serve app (replica on a
+    serve node, ingress on the head) and an HTTP client; everything stopped, also when a test fails."""
+    root = tmp_path_factory.mktemp("nodes")
+    cluster = shaped_like_cluster_yaml({"client_gpu": 2, "serve_gpu": 2}, cwd=REPO)
+    try:
+        actor, http = start_in_process(cluster, root / "state", NAMESPACE, NAME, ADAPTER, ADMIN, free_port(),
+                                       generator_resource="serve_gpu", ingress_resource="head_services")
+        try:
+            yield dataclasses.make_dataclass("Fed", ["cluster", "root", "actor", "http"])(cluster, root, actor, http)
+        finally:
+            http.close()
+            stop_app(actor)
+    finally:
+        ray.shutdown()
+        cluster.stop()
+
+
+def nodes_of(fed, match, state: str | None = None) -> set[str]:
+    """Names of the nodes where actors `match` (by their state-API record) run or ran."""
+    filters = [("state", "=", state)] if state else []
+    rows = list_actors(address=fed.cluster.dashboard_url, filters=filters, detail=True, limit=10_000,
+                       raise_on_missing_output=False)
+    by_id = {v: k for k, v in fed.cluster.node_ids.items()}
+    return {by_id.get(a.node_id, "head") for a in rows if match(a)}
+
+
+def finish(job, timeout: float = 300) -> str:
+    out, _ = job.communicate(timeout=timeout)
+    return out
+
+
+def live(fed) -> set[str]:
+    return set(ray.get(fed.actor.state.remote(-1)).concepts)
+
+
+def test_client_workers_run_on_its_own_client_node(fed):
+    job = submit_client(fed.cluster, fed.root, "pup", 1, NAMESPACE, NAME, submit=ON_CLIENT_NODE)
+    out = finish(job)
+    assert job.returncode == 0 and "concept 'pup' is live in slot" in out, out[-4000:]
+    supervisor = nodes_of(fed, lambda a: a.class_name == "JobSupervisor")
+    assert supervisor <= {"client_gpu-0", "client_gpu-1"} and len(supervisor) == 1, supervisor
+    node = supervisor.pop()
+    assert f"training on node {fed.cluster.node_ids[node][:12]}" in out, out[-4000:]
+    workers = [a for a in list_actors(address=fed.cluster.dashboard_url, detail=True, limit=10_000,
+                                      raise_on_missing_output=False) if "TrainWorker" in (a.class_name or "")]
+    assert workers and {a.node_id for a in workers} == {fed.cluster.node_ids[node]}, workers
+    assert live(fed) == {"pup"}
+
+
+def test_client_node_killed_mid_training_then_resubmitted_resumes(fed):
+    train = ("--steps", "150", "--checkpoint-every", "5", "--report-every", "5")
+    job = submit_client(fed.cluster, fed.root, "lost", 2, NAMESPACE, NAME, train, submit=ON_CLIENT_NODE)
+    runs = fed.root / "train"
+    try:
+        wait_until(lambda: any(runs.glob("lost-slot*/checkpoint_*")), 240, "the first checkpoint", every=0.2)
+        nodes = nodes_of(fed, lambda a: "TrainWorker" in (a.class_name or ""), state="ALIVE")
+        assert len(nodes) == 1 and nodes <= {"client_gpu-0", "client_gpu-1"}, nodes
+        victim = nodes.pop()
+        assert job.poll() is None, "training finished before the kill; give it more steps"
+        fed.cluster.kill_node(victim)
+        out = finish(job, 180)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0, out[-3000:]
+    concepts = {c.name: c for c in ray.get(fed.actor.list_concepts.remote())}
+    assert live(fed) == {"pup"} and concepts["lost"].status != "live", concepts  # nothing partial went live
+    held_slot = concepts["lost"].slot
+
+    again = submit_client(fed.cluster, fed.root, "lost", 2, NAMESPACE, NAME, train, submit=ON_CLIENT_NODE)
+    out = finish(again)
+    assert again.returncode == 0 and f"concept 'lost' is live in slot {held_slot}" in out, out[-4000:]
+    survivor = ({"client_gpu-0", "client_gpu-1"} - {victim}).pop()
+    assert f"training on node {fed.cluster.node_ids[survivor][:12]}" in out, out[-4000:]
+    assert "] step 150/150 " in out and "] step 1/150 " not in out, out[-4000:]  # resumed, not restarted
+    assert live(fed) == {"pup", "lost"}
+
+
+def test_serve_node_killed_replica_comes_back_with_same_pictures(fed):
+    app, version = fed.http, ray.get(fed.actor.version.remote())
+    bodies = [{"prompt": "a photo of a dog"}, {"prompt": "a photo of {pup} and {lost}"}]
+    before = []
+    for body in bodies:
+        r = app.post("/v1/generate", json={**SAMPLING, **body})
+        assert r.status_code == 200 and int(r.headers["x-blocklora-version"]) == version, r.text
+        before.append(pixels(r.content))
+    is_generator = lambda a: "Generator" in (a.class_name or "")  # noqa: E731
+    first = nodes_of(fed, is_generator, state="ALIVE")
+    assert len(first) == 1 and first <= {"serve_gpu-0", "serve_gpu-1"}, first
+    assert nodes_of(fed, lambda a: "Ingress" in (a.class_name or ""), state="ALIVE") == {"head"}
+    fed.cluster.kill_node(first.pop())
+    moved = wait_until(lambda: nodes_of(fed, is_generator, state="ALIVE") & set(fed.cluster.nodes), 180,
+                       "a generator replica on the remaining serve node")
+    assert moved == {"serve_gpu-0", "serve_gpu-1"} & set(fed.cluster.nodes), moved
+    health = wait_until(lambda: app.get("/v1/healthz", timeout=30).json(), 180, "healthz")
+    assert health["replica_version"] == version == health["version"], health
+    assert {c["name"] for c in app.get("/v1/concepts").json()["concepts"]} == {"pup", "lost"}
+    for body, expected in zip(bodies, before):
+        r = wait_until(lambda: (x := app.post("/v1/generate", json={**SAMPLING, **body})).status_code == 200 and x,
+                       120, "a picture from the new replica")
+        assert np.abs(pixels(r.content) - expected).max() <= 2, body
+    assert not np.array_equal(before[0], before[1])
