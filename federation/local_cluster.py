@@ -161,6 +161,13 @@ class LocalCluster:
             time.sleep(0.5)
         raise TimeoutError(f"node {name!r} did not join the cluster at {self.address} within {timeout:.0f} s")
 
+    def job_log(self, submission_id: str) -> str:
+        """The driver log of job `submission_id`, from the node that ran it. Ray writes it there; the
+        dashboard finds a node's logs by IP, so where every node is 127.0.0.1 `ray job logs` reads
+        the head's copy, which holds only the job's first line when the job ran on a worker node."""
+        logs = sorted(self.temp_dir.glob(f"**/session_*/logs/job-driver-{submission_id}.log"), key=lambda p: p.stat().st_size)
+        return logs[-1].read_text(errors="replace") if logs else ""
+
     def kill_node(self, name: str) -> None:
         """SIGKILL everything the node runs, as when its machine is lost: its process group (`ray start`,
         raylet, agents) and every process descended from it, which includes the workers and job drivers

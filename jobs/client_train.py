@@ -21,6 +21,10 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a plain script
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# submitted with --entrypoint-resources (e.g. client_node on a cluster.yaml cluster), the job inherits
+# its supervisor's env_vars (RAY_worker_niceness), and Ray refuses ray.init's own env_vars for
+# repeating a key unless told to let the driver's values win
+os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
 
 import ray  # noqa: E402
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import uuid
 
 import numpy as np
 import pytest
@@ -31,7 +33,6 @@ pytestmark = pytest.mark.slow
 NAMESPACE, NAME = "blocklora-nodes", "coordinator-nodes"
 ADAPTER = AdapterConfig(rank=2, num_slots=4)
 ADMIN = "nodes-admin-token"
-ON_CLIENT_NODE = ("--entrypoint-resources", json.dumps({"client_node": 1}))
 SAMPLING = {"steps": 2, "guidance_scale": 4.0, "seed": 11}
 
 
@@ -63,9 +64,18 @@ def nodes_of(fed, match, state: str | None = None) -> set[str]:
     return {by_id.get(a.node_id, "head") for a in rows if match(a)}
 
 
-def finish(job, timeout: float = 300) -> str:
+def submit(fed, name: str, seed: int, train: tuple[str, ...] = ("--steps", "3")) -> tuple[subprocess.Popen, str]:
+    """A client job asking for a client node, as cluster.yaml says it should; (process, submission id)."""
+    job_id = f"{name}-{uuid.uuid4().hex[:8]}"
+    return submit_client(fed.cluster, fed.root, name, seed, NAMESPACE, NAME, train,
+                         submit=("--entrypoint-resources", json.dumps({"client_node": 1}),
+                                 "--submission-id", job_id)), job_id
+
+
+def finish(fed, job: subprocess.Popen, job_id: str, timeout: float = 300) -> str:
+    """Wait for the job; its driver's log (the CLI's own lines and the log stream before it)."""
     out, _ = job.communicate(timeout=timeout)
-    return out
+    return out + fed.cluster.job_log(job_id)
 
 
 def live(fed) -> set[str]:
@@ -73,8 +83,8 @@ def live(fed) -> set[str]:
 
 
 def test_client_workers_run_on_its_own_client_node(fed):
-    job = submit_client(fed.cluster, fed.root, "pup", 1, NAMESPACE, NAME, submit=ON_CLIENT_NODE)
-    out = finish(job)
+    job, job_id = submit(fed, "pup", 1)
+    out = finish(fed, job, job_id)
     assert job.returncode == 0 and "concept 'pup' is live in slot" in out, out[-4000:]
     supervisor = nodes_of(fed, lambda a: a.class_name == "JobSupervisor")
     assert supervisor <= {"client_gpu-0", "client_gpu-1"} and len(supervisor) == 1, supervisor
@@ -88,7 +98,7 @@ def test_client_workers_run_on_its_own_client_node(fed):
 
 def test_client_node_killed_mid_training_then_resubmitted_resumes(fed):
     train = ("--steps", "150", "--checkpoint-every", "5", "--report-every", "5")
-    job = submit_client(fed.cluster, fed.root, "lost", 2, NAMESPACE, NAME, train, submit=ON_CLIENT_NODE)
+    job, job_id = submit(fed, "lost", 2, train)
     runs = fed.root / "train"
     try:
         wait_until(lambda: any(runs.glob("lost-slot*/checkpoint_*")), 240, "the first checkpoint", every=0.2)
@@ -97,7 +107,7 @@ def test_client_node_killed_mid_training_then_resubmitted_resumes(fed):
         victim = nodes.pop()
         assert job.poll() is None, "training finished before the kill; give it more steps"
         fed.cluster.kill_node(victim)
-        out = finish(job, 180)
+        out = finish(fed, job, job_id, 180)
     finally:
         if job.poll() is None:
             job.kill()
@@ -106,8 +116,8 @@ def test_client_node_killed_mid_training_then_resubmitted_resumes(fed):
     assert live(fed) == {"pup"} and concepts["lost"].status != "live", concepts  # nothing partial went live
     held_slot = concepts["lost"].slot
 
-    again = submit_client(fed.cluster, fed.root, "lost", 2, NAMESPACE, NAME, train, submit=ON_CLIENT_NODE)
-    out = finish(again)
+    again, job_id = submit(fed, "lost", 2, train)
+    out = finish(fed, again, job_id)
     assert again.returncode == 0 and f"concept 'lost' is live in slot {held_slot}" in out, out[-4000:]
     survivor = ({"client_gpu-0", "client_gpu-1"} - {victim}).pop()
     assert f"training on node {fed.cluster.node_ids[survivor][:12]}" in out, out[-4000:]
