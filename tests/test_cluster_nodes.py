@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import uuid
 
 import numpy as np
 import pytest
 import ray
+from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors
 
 from blocklora.config import AdapterConfig
@@ -64,18 +64,21 @@ def nodes_of(fed, match, state: str | None = None) -> set[str]:
     return {by_id.get(a.node_id, "head") for a in rows if match(a)}
 
 
-def submit(fed, name: str, seed: int, train: tuple[str, ...] = ("--steps", "3")) -> tuple[subprocess.Popen, str]:
-    """A client job asking for a client node, as cluster.yaml says it should; (process, submission id)."""
+def submit(fed, name: str, seed: int, train: tuple[str, ...] = ("--steps", "3")) -> str:
+    """Submit a client job asking for a client node, as cluster.yaml says it should; its submission id."""
     job_id = f"{name}-{uuid.uuid4().hex[:8]}"
-    return submit_client(fed.cluster, fed.root, name, seed, NAMESPACE, NAME, train,
-                         submit=("--entrypoint-resources", json.dumps({"client_node": 1}),
-                                 "--submission-id", job_id)), job_id
+    cli = submit_client(fed.cluster, fed.root, name, seed, NAMESPACE, NAME, train, submit=(
+        "--entrypoint-resources", json.dumps({"client_node": 1}), "--submission-id", job_id, "--no-wait"))
+    out, _ = cli.communicate(timeout=120)
+    assert cli.returncode == 0, out[-3000:]
+    return job_id
 
 
-def finish(fed, job: subprocess.Popen, job_id: str, timeout: float = 300) -> str:
-    """Wait for the job; its driver's log (the CLI's own lines and the log stream before it)."""
-    out, _ = job.communicate(timeout=timeout)
-    return out + fed.cluster.job_log(job_id)
+def finish(fed, job_id: str, timeout: float = 300) -> tuple[JobStatus, str]:
+    """Wait (bounded) until the job has ended; its status and its driver's log."""
+    jobs = JobSubmissionClient(fed.cluster.dashboard_url)
+    status = wait_until(lambda: (s := jobs.get_job_status(job_id)).is_terminal() and s, timeout, f"job {job_id} ended")
+    return status, fed.cluster.job_log(job_id)
 
 
 def live(fed) -> set[str]:
@@ -83,9 +86,8 @@ def live(fed) -> set[str]:
 
 
 def test_client_workers_run_on_its_own_client_node(fed):
-    job, job_id = submit(fed, "pup", 1)
-    out = finish(fed, job, job_id)
-    assert job.returncode == 0 and "concept 'pup' is live in slot" in out, out[-4000:]
+    status, out = finish(fed, submit(fed, "pup", 1))
+    assert status == JobStatus.SUCCEEDED and "concept 'pup' is live in slot" in out, out[-4000:]
     supervisor = nodes_of(fed, lambda a: a.class_name == "JobSupervisor")
     assert supervisor <= {"client_gpu-0", "client_gpu-1"} and len(supervisor) == 1, supervisor
     node = supervisor.pop()
@@ -98,27 +100,21 @@ def test_client_workers_run_on_its_own_client_node(fed):
 
 def test_client_node_killed_mid_training_then_resubmitted_resumes(fed):
     train = ("--steps", "150", "--checkpoint-every", "5", "--report-every", "5")
-    job, job_id = submit(fed, "lost", 2, train)
+    job_id = submit(fed, "lost", 2, train)
     runs = fed.root / "train"
-    try:
-        wait_until(lambda: any(runs.glob("lost-slot*/checkpoint_*")), 240, "the first checkpoint", every=0.2)
-        nodes = nodes_of(fed, lambda a: "TrainWorker" in (a.class_name or ""), state="ALIVE")
-        assert len(nodes) == 1 and nodes <= {"client_gpu-0", "client_gpu-1"}, nodes
-        victim = nodes.pop()
-        assert job.poll() is None, "training finished before the kill; give it more steps"
-        fed.cluster.kill_node(victim)
-        out = finish(fed, job, job_id, 180)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode != 0, out[-3000:]
+    wait_until(lambda: any(runs.glob("lost-slot*/checkpoint_*")), 240, "the first checkpoint", every=0.2)
+    nodes = nodes_of(fed, lambda a: "TrainWorker" in (a.class_name or ""), state="ALIVE")
+    assert len(nodes) == 1 and nodes <= {"client_gpu-0", "client_gpu-1"}, nodes
+    victim = nodes.pop()
+    fed.cluster.kill_node(victim)
+    status, out = finish(fed, job_id, 180)
+    assert status == JobStatus.FAILED and "step 150/150" not in out, out[-3000:]  # it did not finish first
     concepts = {c.name: c for c in ray.get(fed.actor.list_concepts.remote())}
     assert live(fed) == {"pup"} and concepts["lost"].status != "live", concepts  # nothing partial went live
     held_slot = concepts["lost"].slot
 
-    again, job_id = submit(fed, "lost", 2, train)
-    out = finish(fed, again, job_id)
-    assert again.returncode == 0 and f"concept 'lost' is live in slot {held_slot}" in out, out[-4000:]
+    status, out = finish(fed, submit(fed, "lost", 2, train))
+    assert status == JobStatus.SUCCEEDED and f"concept 'lost' is live in slot {held_slot}" in out, out[-4000:]
     survivor = ({"client_gpu-0", "client_gpu-1"} - {victim}).pop()
     assert f"training on node {fed.cluster.node_ids[survivor][:12]}" in out, out[-4000:]
     assert "] step 150/150 " in out and "] step 1/150 " not in out, out[-4000:]  # resumed, not restarted
