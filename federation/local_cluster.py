@@ -67,7 +67,7 @@ def _agent_ports() -> list[str]:
 class LocalCluster:
     """`address` for ray.init / --address, `dashboard_url` for `ray job submit`, `env` for children.
 
-    `resources` are the head's custom resources; `add_node` starts worker nodes (`node_ids` maps
+    `resources` are the head's custom resources; `add_nodes` starts worker nodes (`node_ids` maps
     each node's name to its Ray node id) and `kill_node` takes one away as a machine failure would."""
 
     def __init__(self, num_cpus: int = 2, auth_token_path: Path | None = None, cwd: Path | None = None,
@@ -128,20 +128,23 @@ class LocalCluster:
             time.sleep(0.5)
         raise TimeoutError(f"Ray dashboard at {url} not up after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
 
-    def add_node(self, name: str, resources: dict[str, float], num_cpus: int = 1, timeout: float = 120) -> str:
-        """Start a worker node called `name` with these custom resources; its Ray node id once it is up.
+    def add_nodes(self, nodes: dict[str, dict[str, float]], num_cpus: int = 1, timeout: float = 120) -> dict[str, str]:
+        """Start worker nodes (name -> custom resources), side by side; their Ray node ids once all are up.
 
-        Its own temp dir (short: socket paths are length-limited) keeps its sockets and logs apart."""
-        if name in self.nodes:
-            raise ValueError(f"a node named {name!r} was already added to this cluster")
-        temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir=self.temp_dir))
-        cmd = [sys.executable, "-c", _JOIN, "start", f"--address={self.address}", "--block", "--node-ip-address=127.0.0.1",
-               f"--node-name={name}", f"--num-cpus={num_cpus}", "--num-gpus=0", f"--resources={json.dumps(resources)}",
-               f"--object-store-memory={NODE_OBJECT_STORE_BYTES}", *_agent_ports(), f"--temp-dir={temp_dir}",
-               "--disable-usage-stats"]
-        self.nodes[name] = self._popen(cmd, self.temp_dir / f"ray-start-{name}.log")
-        self.node_ids[name] = self._wait_node(name, timeout)
-        return self.node_ids[name]
+        Each has its own temp dir (short: socket paths are length-limited) for its sockets and logs."""
+        taken = sorted(set(nodes) & set(self.node_ids))
+        if taken:
+            raise ValueError(f"node name(s) {taken} were already used in this cluster")
+        for name, resources in nodes.items():
+            temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir=self.temp_dir))
+            cmd = [sys.executable, "-c", _JOIN, "start", f"--address={self.address}", "--block",
+                   "--node-ip-address=127.0.0.1", f"--node-name={name}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+                   f"--resources={json.dumps(resources)}", f"--object-store-memory={NODE_OBJECT_STORE_BYTES}",
+                   *_agent_ports(), f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+            self.nodes[name] = self._popen(cmd, self.temp_dir / f"ray-start-{name}.log")
+        for name in nodes:
+            self.node_ids[name] = self._wait_node(name, timeout)
+        return {name: self.node_ids[name] for name in nodes}
 
     def _wait_node(self, name: str, timeout: float) -> str:
         from ray.util.state import list_nodes  # imported here: a head-only cluster never needs the state API
@@ -241,9 +244,8 @@ def shaped_like_cluster_yaml(workers: dict[str, int], cwd: Path | None = None, n
     cluster = LocalCluster(num_cpus=num_cpus, cwd=cwd, resources=types[head_type])
     try:
         cluster.start(timeout)
-        for node_type, count in workers.items():
-            for i in range(count):
-                cluster.add_node(f"{node_type}-{i}", types[node_type], num_cpus, timeout)
+        cluster.add_nodes({f"{kind}-{i}": types[kind] for kind, count in workers.items() for i in range(count)},
+                          num_cpus, timeout)
     except BaseException:
         cluster.stop()
         raise
