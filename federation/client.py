@@ -23,10 +23,13 @@ from ray.train.torch import TorchTrainer
 from blocklora.config import TrainConfig
 from blocklora.data import load_concept_images
 from federation.errors import Unauthorized
+from federation.procfs import argv, parent_pid
 from federation.protocol import Grant, LiveConcept
 
 DEFAULT_STORAGE = "~/blocklora-train"  # Ray Train run folders (checkpoints) on the client's node
 ARTIFACT_FILE = "artifact.safetensors"  # in the final checkpoint: the only thing the client uploads
+
+
 def job_node_id() -> str:
     """The Ray node this process runs on: where a client job's images are, so its workers go there.
 
@@ -35,17 +38,13 @@ def job_node_id() -> str:
     Ray connects every driver to the head's. A job's driver descends from its node's raylet
     (raylet -> JobSupervisor -> driver), so the nearest raylet ancestor names its node; a driver
     started by hand has none, and then the connected node is the answer."""
-    pid = os.getpid()
-    while pid > 1:
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:  # no /proc (not Linux), or the ancestor is gone
-            break
-        if Path(argv[0]).name == "raylet":
-            return next((a.split("=", 1)[1] for a in argv if a.startswith("--node_id=")),
+    pid: int | None = os.getpid()
+    while pid is not None and pid > 1:
+        args = argv(pid)
+        if args and Path(args[0]).name == "raylet":
+            return next((a.split("=", 1)[1] for a in args if a.startswith("--node_id=")),
                         ray.get_runtime_context().get_node_id())
-        pid = int(stat.rsplit(")", 1)[1].split()[1])  # ppid: the field after the state, past the (name)
+        pid = parent_pid(pid)
     return ray.get_runtime_context().get_node_id()
 
 

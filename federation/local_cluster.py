@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from federation.procfs import descendants
+
 VENV_BIN = Path(sys.executable).parent
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 # a worker node's object store: Ray's default (30% of RAM) for each of several raylets would promise
@@ -176,7 +178,7 @@ class LocalCluster:
         raylet, agents) and every process descended from it, which includes the workers and job drivers
         that Ray puts in process groups of their own."""
         proc = self.nodes.pop(name)
-        doomed = _descendants(proc.pid)
+        doomed = descendants(proc.pid)
         _end_group(proc, (signal.SIGKILL,))
         for pid in doomed:
             try:
@@ -198,23 +200,6 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _descendants(root: int) -> list[int]:
-    """Every living process below `root` (children, grandchildren, ...), read from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):  # gone meanwhile
-            continue
-        children.setdefault(ppid, []).append(pid)
-    found, todo = [], [root]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
 
 
 def _end_group(proc: subprocess.Popen, signals: tuple[signal.Signals, ...]) -> None:

@@ -84,6 +84,21 @@ def pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
+def draw(app: httpx.Client, bodies: list[dict], version: int) -> list[np.ndarray]:
+    """The picture of each /v1/generate body, each checked to come from federation `version`."""
+    images = []
+    for body in bodies:
+        r = app.post("/v1/generate", json=body)
+        assert r.status_code == 200 and int(r.headers["x-blocklora-version"]) == version, r.text
+        images.append(pixels(r.content))
+    return images
+
+
+def is_generator(actor) -> bool:
+    """A state-API actor record of a generator replica."""
+    return "Generator" in (actor.class_name or "")
+
+
 def stop_app(actor: ray.actor.ActorHandle) -> None:
     """Delete the Serve app (the proxy stays, on the session's port) and the coordinator."""
     from ray import serve

@@ -33,3 +33,10 @@ def test_token_auth_on_every_ray_start_and_nothing_public():
     assert "0.0.0.0/0" not in ranges
     resources = {n: t["resources"] for n, t in CONFIG["available_node_types"].items()}
     assert resources["client_gpu"]["client_node"] == 1 and resources["serve_gpu"]["GPU"] >= 1
+
+
+def test_local_cluster_reads_the_node_types_custom_resources():
+    """What the local multi-node cluster (federation.local_cluster) gives each node type."""
+    from federation.local_cluster import node_types
+    assert node_types() == {"head": {"head_services": 1.0}, "client_gpu": {"client_node": 1.0},
+                            "serve_gpu": {"serve_gpu": 1.0}}

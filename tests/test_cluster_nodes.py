@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
 import uuid
 
 import numpy as np
@@ -25,8 +28,9 @@ from ray.util.state import list_actors
 
 from blocklora.config import AdapterConfig
 from conftest import REPO, free_port
+from federation import procfs
 from federation.local_cluster import shaped_like_cluster_yaml
-from serve_helpers import pixels, start_in_process, stop_app, submit_client, wait_until
+from serve_helpers import draw, is_generator, pixels, start_in_process, stop_app, submit_client, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +89,21 @@ def live(fed) -> set[str]:
     return set(ray.get(fed.actor.state.remote(-1)).concepts)
 
 
+def test_process_ancestry_from_proc():
+    """What kill_node and job_node_id read: a shell's sleeping grandchild is found below this process."""
+    shell = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
+    try:
+        found = wait_until(lambda: [p for p in procfs.descendants(os.getpid()) if procfs.argv(p)[:1] == ["sleep"]],
+                           10, "the sleep below the shell", every=0.05)
+        assert procfs.parent_pid(found[0]) == shell.pid and procfs.parent_pid(shell.pid) == os.getpid()
+        assert procfs.parent_pid(2**22 + 1) is None and procfs.argv(2**22 + 1) == []
+    finally:
+        for pid in procfs.descendants(shell.pid):
+            os.kill(pid, signal.SIGKILL)
+        shell.kill()
+        shell.wait()
+
+
 def test_client_workers_run_on_its_own_client_node(fed):
     status, out = finish(fed, submit(fed, "pup", 1))
     assert status == JobStatus.SUCCEEDED and "concept 'pup' is live in slot" in out, out[-4000:]
@@ -125,12 +144,7 @@ def test_client_node_killed_mid_training_then_resubmitted_resumes(fed):
 def test_serve_node_killed_replica_comes_back_with_same_pictures(fed):
     app, version = fed.http, ray.get(fed.actor.version.remote())
     bodies = [{"prompt": "a photo of a dog"}, {"prompt": "a photo of {pup} and {lost}"}]
-    before = []
-    for body in bodies:
-        r = app.post("/v1/generate", json={**SAMPLING, **body})
-        assert r.status_code == 200 and int(r.headers["x-blocklora-version"]) == version, r.text
-        before.append(pixels(r.content))
-    is_generator = lambda a: "Generator" in (a.class_name or "")  # noqa: E731
+    before = draw(app, [{**SAMPLING, **body} for body in bodies], version)
     first = nodes_of(fed, is_generator, state="ALIVE")
     assert len(first) == 1 and first <= {"serve_gpu-0", "serve_gpu-1"}, first
     assert nodes_of(fed, lambda a: "Ingress" in (a.class_name or ""), state="ALIVE") == {"head"}

@@ -40,7 +40,7 @@ from federation.errors import FederationError
 from federation.protocol import Grant
 from federation.registry import Registry
 from federation.store import StateStore
-from serve_helpers import pixels, start_in_process, stop_app, wait_until
+from serve_helpers import draw, is_generator, pixels, start_in_process, stop_app, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -230,12 +230,7 @@ def test_generator_replica_killed_under_traffic(fed):
     names = sorted(c["name"] for c in app.get("/v1/concepts").json()["concepts"])[:2]
     bodies = [{"prompt": "a photo of a dog"}, {"prompt": f"a photo of {{{names[0]}}}"},
               {"prompt": " and ".join(f"{{{n}}}" for n in names)}]
-    expected = []
-    for body in bodies:
-        r = app.post("/v1/generate", json={**SAMPLING, **body})
-        assert r.status_code == 200 and int(r.headers["x-blocklora-version"]) == version, r.text
-        expected.append(pixels(r.content))
-    is_generator = lambda a: "Generator" in (a.class_name or "")  # noqa: E731
+    expected = draw(app, [{**SAMPLING, **body} for body in bodies], version)
     old = alive_pids(fed.head, is_generator)
     assert len(old) == 1
     stop, results = threading.Event(), []
