@@ -23,6 +23,7 @@ from ray import serve  # noqa: E402
 import blocklora  # noqa: E402
 import federation  # noqa: E402
 import serve as serve_pkg  # noqa: E402
+from blocklora.config import PrecisionConfig, add_flags, from_args  # noqa: E402
 from federation.coordinator import DEFAULT_NAME, DEFAULT_NAMESPACE  # noqa: E402
 from serve.app import AppArgs, build  # noqa: E402
 
@@ -41,6 +42,7 @@ def main() -> None:
     p.add_argument("--api-key-file", help="file holding the API key /v1/generate will require (default: open)")
     p.add_argument("--max-pixel-steps", type=int, default=AppArgs.model_fields["max_pixel_steps"].default,
                    help=AppArgs.model_fields["max_pixel_steps"].description)
+    add_flags(p, PrecisionConfig)
     args = p.parse_args()
 
     api_key = Path(args.api_key_file).read_text().strip() if args.api_key_file else None
@@ -50,7 +52,7 @@ def main() -> None:
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build(AppArgs(coordinator=args.coordinator, namespace=args.namespace, api_key=api_key,
                             replicas=args.replicas, num_cpus=args.num_cpus,
-                            max_pixel_steps=args.max_pixel_steps)),
+                            max_pixel_steps=args.max_pixel_steps, dtype=from_args(PrecisionConfig, args, p).dtype)),
               name=APP_NAME, route_prefix="/")
     print(f"serving on http://{args.host}:{args.port}/v1 (docs: /v1/docs), following coordinator "
           f"{args.coordinator!r} in namespace {args.namespace!r}")

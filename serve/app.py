@@ -6,9 +6,12 @@ or `python jobs/serve_up.py`, which also pins the HTTP host and port and ships t
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+import dataclasses
+
+from pydantic import BaseModel, Field, field_validator
 from ray.serve import Application
 
+from blocklora.config import PrecisionConfig
 from federation.coordinator import DEFAULT_NAME, DEFAULT_NAMESPACE
 from serve.generator import Generator
 from serve.ingress import Ingress
@@ -22,11 +25,17 @@ class AppArgs(BaseModel):
     replicas: int = Field(1, ge=1, description="generator replicas, each with its own copy of the base")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per generator replica")
     device: str | None = Field(None, description="torch device of the replicas; default CUDA if present")
+    dtype: str = Field(PrecisionConfig.dtype, description=dataclasses.fields(PrecisionConfig)[0].metadata["help"])
     max_pixel_steps: int = Field(MAX_PIXEL_STEPS, ge=1, description="most width x height x steps x images "
                                                                      "one /v1/generate request may ask for")
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, dtype: str) -> str:
+        return PrecisionConfig(dtype=dtype).dtype  # its ValueError names the allowed dtypes
 
 
 def build(args: AppArgs) -> Application:
     generator = Generator.options(num_replicas=args.replicas, ray_actor_options={"num_cpus": args.num_cpus})
-    return Ingress.bind(generator.bind(args.coordinator, args.namespace, args.device),
+    return Ingress.bind(generator.bind(args.coordinator, args.namespace, args.device, args.dtype),
                         args.coordinator, args.namespace, args.api_key, args.max_pixel_steps)
