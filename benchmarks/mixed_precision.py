@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -85,9 +87,14 @@ def run(model: str, steps: int, last: int, batch: int, image_size: int, mixed: s
     captions: list[str | None] = [None] * images.shape[0]
     arms = [Arm(m, model, device, adapter, steps, batch, image_size) for m in ("no", mixed)]
     try:
-        for _ in range(steps):
+        t0 = time.perf_counter()
+        for k in range(1, steps + 1):
             for arm in arms:
                 arm.step(images, captions)
+            if k % 10 == 0 or k == steps:  # stderr: stdout's last line is the JSON
+                eta = (time.perf_counter() - t0) / k * (steps - k)
+                print(f"[mixed_precision] step {k}/{steps}  loss " + "  ".join(f"{a.mixed} {a.losses[-1]:.4f}" for a in arms)
+                      + f"  ETA {eta:.0f} s", file=sys.stderr, flush=True)
         ref, half = arms
         final = {a.mixed: statistics.fmean(a.losses[-last:]) for a in arms}
         rows = {a.mixed: {"final_loss": final[a.mixed], "first_loss": a.losses[0],

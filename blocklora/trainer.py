@@ -36,7 +36,11 @@ StepCallback = Callable[["ConceptTrainer", float], None]  # called after every s
 
 
 class ConceptTrainer:
-    """Holds a base with one slot's BlockLoRA layers injected; `close()` gives the base back."""
+    """Holds a base with one slot's BlockLoRA layers injected; `close()` gives the base back.
+
+    With `train.mixed_precision` bf16/fp16 the base must already be in that half dtype (load it with
+    `load_base(..., dtype=base_dtype(...))`); the trained tensors and AdamW's state are then float32,
+    the forward runs under autocast and, for fp16, the loss is scaled (GradScaler)."""
 
     def __init__(self, base: Base, adapter: AdapterConfig, train: TrainConfig, slot: int,
                  name: str, class_word: str) -> None:

@@ -1,7 +1,7 @@
 """Serve the federation over HTTP: generation with any subset of the live concepts, under /v1.
 
     python jobs/serve_up.py --address auto --host 127.0.0.1 --port 8000 [--namespace blocklora] \
-        [--coordinator blocklora-coordinator] [--replicas 1] [--api-key-file FILE]
+        [--coordinator blocklora-coordinator] [--replicas 1] [--api-key-file FILE] [--dtype float16]
 
 Needs a running cluster and coordinator (jobs/start_coordinator.py). The app keeps running after
 this script exits; `serve shutdown` (or `serve.delete("blocklora")`) stops it. Docs: /v1/docs.

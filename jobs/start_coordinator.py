@@ -1,7 +1,7 @@
 """Start a federation's coordinator: a detached, named Ray actor that outlives this script.
 
     python jobs/start_coordinator.py --base-model tiny --slots 16 --rank 4 --state-dir ~/federation \
-        [--address auto] [--namespace blocklora] [--name blocklora-coordinator]
+        [--address auto] [--namespace blocklora] [--name blocklora-coordinator] [--dtype float32]
 
 The admin token comes from BLOCKLORA_ADMIN_TOKEN or is generated and written to
 STATE_DIR/admin_token (mode 0600); it is never printed. On a state folder that already holds a
