@@ -49,7 +49,7 @@ def fed(ray_head, tmp_path_factory):
     ray.shutdown()
 
 
-def submit_job(fed, name: str, seed: int, workers: int) -> subprocess.Popen:
+def submit_job(fed, name: str, seed: int, workers: int, *flags: str) -> subprocess.Popen:
     images = write_images(fed.root / f"images-{name}", n=3, seed=seed)
     cmd = [str(VENV_BIN / "ray"), "job", "submit",
            "--address", fed.head.dashboard_url, "--working-dir", str(REPO), "--",
@@ -57,7 +57,7 @@ def submit_job(fed, name: str, seed: int, workers: int) -> subprocess.Popen:
            "--steps", "3", "--batch-size", "1", "--seed", str(seed), "--workers", str(workers),
            "--token-file", str(fed.root / f"{name}.token"), "--client-name", f"owner-{name}",
            "--storage-path", str(fed.root / "train"), "--address", fed.head.address, "--namespace", NAMESPACE,
-           "--coordinator", NAME]
+           "--coordinator", NAME, *flags]
     return subprocess.Popen(cmd, cwd=REPO, env=fed.head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -83,8 +83,10 @@ def observable(actor) -> tuple:
 
 
 def test_two_concurrent_client_jobs(fed):
-    # dog-b trains data-parallel on 2 workers (gradients all-reduced), beside dog-a's one worker
-    jobs = {name: submit_job(fed, name, seed, workers) for name, seed, workers in (("dog-a", 1, 1), ("dog-b", 2, 2))}
+    # dog-b trains data-parallel on 2 workers (gradients all-reduced) in bf16 mixed precision (each worker
+    # loads the base in bf16), beside dog-a's one worker in float32
+    jobs = {name: submit_job(fed, name, seed, workers, *flags) for name, seed, workers, flags in
+            (("dog-a", 1, 1, ()), ("dog-b", 2, 2, ("--mixed-precision", "bf16")))}
     for name, job in jobs.items():
         out, _ = job.communicate(timeout=540)
         assert job.returncode == 0, out[-4000:]
@@ -99,6 +101,8 @@ def test_two_concurrent_client_jobs(fed):
     assert ray.get(fed.actor.version.remote()) == 2
     arts = live_artifacts(fed.actor)
     assert all(a.meta.train_config["steps_done"] == 3 for a in arts.values())
+    assert {n: a.meta.train_config["mixed_precision"] for n, a in arts.items()} == {"dog-a": "no", "dog-b": "bf16"}
+    assert all(v.dtype == torch.float32 for a in arts.values() for v in a.tensors.values())  # fp32 on the wire
     assert_residual_is_sum(fed.actor)
 
 
