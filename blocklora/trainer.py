@@ -150,7 +150,8 @@ class ConceptTrainer:
         tensors["rng.torch"] = torch.get_rng_state()
         atomic_write(folder / "checkpoint.safetensors", safetensors_bytes(tensors))
         atomic_write(folder / "checkpoint.json", json.dumps({"step": self.step_count, "name": self.name,
-                                                             "slot": self.slot}).encode())
+                                                             "slot": self.slot,
+                                                             "scaler": self.scaler.state_dict()}).encode())
         return folder
 
     def load_checkpoint(self, folder: str | Path) -> bool:
@@ -171,6 +172,8 @@ class ConceptTrainer:
         self.gen.set_state(tensors["rng.gen"])
         torch.set_rng_state(tensors["rng.torch"])
         self.step_count = info["step"]
+        if info.get("scaler"):  # fp16's loss scale and its growth count; {} when no scaler runs
+            self.scaler.load_state_dict(info["scaler"])
         return True
 
     def close(self) -> None:
