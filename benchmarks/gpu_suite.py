@@ -38,22 +38,24 @@ ROOT = Path(__file__).resolve().parents[1]
 # part -> (benchmark module, its arguments beside --device/--dtype, dtype)
 PARTS: dict[str, tuple[str, list[str], str]] = {
     "train_fp32": ("train_bench", [], "float32"),
-    "train_bf16": ("train_bench", ["--mixed-precision", "bf16"], "float32"),
+    "train_bf16": ("train_bench", [], "float32"),  # the base's dtype comes from MODES
     "mixed_bf16": ("mixed_precision", [], "bfloat16"),
     "merge_fp16": ("merge_bench", ["--ranks", "4", "--ns", "1", "15", "--diffusers-cycles", "4"], "float16"),
     "serve_fp16": ("serve_bench", ["--batch", "8", "--latent", "64"], "float16"),
     "serve_fp32": ("serve_bench", ["--batch", "8", "--latent", "64"], "float32"),
     "e2e_fp16": ("", [], "float16"),  # in this process: end_to_end()
 }
+# what a part measures, kept under --quick too (PARTS' arguments are sizes, which --quick replaces)
+MODES: dict[str, list[str]] = {"train_bf16": ["--mixed-precision", "bf16"]}
 
 
 def run_part(name: str, device: str, quick: bool, out: Path, timeout: float) -> dict:
     """One benchmark as a child process; its last stdout line is its JSON."""
     module, extra, dtype = PARTS[name]
     if quick:
-        extra = [x for x in extra if x in ("--mixed-precision", "bf16")]  # each benchmark's own --quick sizes
+        extra = []  # each benchmark's own --quick sizes
     cmd = [sys.executable, "-m", f"benchmarks.{module}", "--device", device, "--dtype", dtype,
-           "--out", str(out / name), *extra, *(["--quick"] if quick else [])]
+           "--out", str(out / name), *MODES.get(name, []), *extra, *(["--quick"] if quick else [])]
     if module == "serve_bench":
         cmd.remove("--out"), cmd.remove(str(out / name))  # it writes no files
     t0 = time.perf_counter()
@@ -114,7 +116,8 @@ def table(parts: list[dict]) -> str:
         elif name.startswith("train"):
             rows = {(x["model"], x["arm"]): x for x in r["rows"]}
             ours, peft = rows["sd15-shaped", "blocklora"], rows["sd15-shaped", "peft-lora"]
-            lines.append(f"| {name} | step, SD1.5 shapes, batch {ours['batch']} | BlockLoRA {ours['step_s_median'] * 1e3:.1f} ms "
+            mixed = "" if r.get("mixed_precision", "no") == "no" else f", {r['mixed_precision']} mixed precision"
+            lines.append(f"| {name} | step, SD1.5 shapes, batch {ours['batch']}{mixed} | BlockLoRA {ours['step_s_median'] * 1e3:.1f} ms "
                          f"vs peft {peft['step_s_median'] * 1e3:.1f} ms ({r['summary']['sd15-shaped']['step_time_ratio']:.2f}x) |")
         elif name.startswith("merge"):
             n = max(r["N"])
