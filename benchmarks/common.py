@@ -27,13 +27,11 @@ from blocklora import synthetic
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import Base, tiny_pipeline
 from blocklora.config import AdapterConfig
+from blocklora.precision import DTYPES  # --dtype names, as the CLI and the serve app take them
 from blocklora.slots import SlotSpace
 from blocklora.tokenizer import VOCAB_SIZE
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,10 @@
 Each part is one of the project's benchmarks run as its own process (a crash or a timeout in one
 leaves the others' figures), with the same --device and its own --dtype:
 - train_fp32 / train_bf16: one client step, BlockLoRA vs peft LoRA, at SD1.5 shapes (train_bench;
-  in bf16 the whole base is bf16, adapters too: fp32 master weights under autocast are not built yet);
+  train_bf16 is bf16 mixed precision: the base in bf16, both arms' adapters and AdamW state in
+  float32, the step under autocast);
+- mixed_bf16: float32 vs bf16-mixed training of one concept, same seed, 60 steps at SD1.5 shapes:
+  the final loss of each (#14: within 2%) and the step times (mixed_precision);
 - merge_fp16: LiveMerge add/remove at N = 1 and 15 vs diffusers' unfuse -> load -> set_adapters -> fuse;
 - serve_fp16 / serve_fp32: 8 requests with CFG, 16 live, each request its own pair: base, fused,
   mixed (serve.residual) and peft per request (serve_bench at latent 64);
@@ -35,12 +38,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # part -> (benchmark module, its arguments beside --device/--dtype, dtype)
 PARTS: dict[str, tuple[str, list[str], str]] = {
     "train_fp32": ("train_bench", [], "float32"),
-    "train_bf16": ("train_bench", [], "bfloat16"),
+    "train_bf16": ("train_bench", [], "float32"),  # the base's dtype comes from MODES
+    "mixed_bf16": ("mixed_precision", [], "bfloat16"),
     "merge_fp16": ("merge_bench", ["--ranks", "4", "--ns", "1", "15", "--diffusers-cycles", "4"], "float16"),
     "serve_fp16": ("serve_bench", ["--batch", "8", "--latent", "64"], "float16"),
     "serve_fp32": ("serve_bench", ["--batch", "8", "--latent", "64"], "float32"),
     "e2e_fp16": ("", [], "float16"),  # in this process: end_to_end()
 }
+# what a part measures, kept under --quick too (PARTS' arguments are sizes, which --quick replaces)
+MODES: dict[str, list[str]] = {"train_bf16": ["--mixed-precision", "bf16"]}
 
 
 def run_part(name: str, device: str, quick: bool, out: Path, timeout: float) -> dict:
@@ -49,7 +55,7 @@ def run_part(name: str, device: str, quick: bool, out: Path, timeout: float) -> 
     if quick:
         extra = []  # each benchmark's own --quick sizes
     cmd = [sys.executable, "-m", f"benchmarks.{module}", "--device", device, "--dtype", dtype,
-           "--out", str(out / name), *extra, *(["--quick"] if quick else [])]
+           "--out", str(out / name), *MODES.get(name, []), *extra, *(["--quick"] if quick else [])]
     if module == "serve_bench":
         cmd.remove("--out"), cmd.remove(str(out / name))  # it writes no files
     t0 = time.perf_counter()
@@ -100,10 +106,18 @@ def table(parts: list[dict]) -> str:
         if r is None:
             lines.append(f"| {name} | failed | {p['error'].strip().splitlines()[-1][:120] if p['error'].strip() else '?'} |")
             continue
-        if name.startswith("train"):
+        if name.startswith("mixed"):
+            arms = r["arms"]
+            lines.append(f"| {name} | {r['steps']} steps, {r['model']}, float32 vs {r['mixed_precision']} mixed | final loss "
+                         f"{arms['no']['final_loss']:.4f} vs {arms[r['mixed_precision']]['final_loss']:.4f} "
+                         f"({r['loss_ratio']:.4f}x, target within {r['target']:.0%}); step "
+                         f"{arms['no']['step_s_median'] * 1e3:.1f} vs {arms[r['mixed_precision']]['step_s_median'] * 1e3:.1f} ms "
+                         f"({r['step_time_ratio']:.2f}x) |")
+        elif name.startswith("train"):
             rows = {(x["model"], x["arm"]): x for x in r["rows"]}
             ours, peft = rows["sd15-shaped", "blocklora"], rows["sd15-shaped", "peft-lora"]
-            lines.append(f"| {name} | step, SD1.5 shapes, batch {ours['batch']} | BlockLoRA {ours['step_s_median'] * 1e3:.1f} ms "
+            mixed = "" if r.get("mixed_precision", "no") == "no" else f", {r['mixed_precision']} mixed precision"
+            lines.append(f"| {name} | step, SD1.5 shapes, batch {ours['batch']}{mixed} | BlockLoRA {ours['step_s_median'] * 1e3:.1f} ms "
                          f"vs peft {peft['step_s_median'] * 1e3:.1f} ms ({r['summary']['sd15-shaped']['step_time_ratio']:.2f}x) |")
         elif name.startswith("merge"):
             n = max(r["N"])
@@ -131,8 +145,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for <part>.json, suite.json and suite.md")
     p.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS), help="which parts to run")
     p.add_argument("--quick", action="store_true", help="every part at its --quick size (for CPU checks)")
-    p.add_argument("--part-timeout", type=float, default=90.0,
-                   help="seconds before a part is given up (5 parts x 90 s + e2e keep the suite under 8 min)")
+    p.add_argument("--part-timeout", type=float, default=70.0,
+                   help="seconds before a part is given up (6 parts x 70 s + e2e keep the suite under 8 min)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     parts = []

@@ -2,7 +2,7 @@
 Figure 4's weight statistics, with every method trained on the same concepts, seeds and slots.
 
     python -m benchmarks.retention --quick                # CI smoke: 2 concepts, structure only (~3 CPU-min)
-    nohup python -m benchmarks.retention --profile medium &   # 16 concepts, 24 steps, N in {1, 15}
+    nohup python -m benchmarks.retention --profile medium &   # 16 concepts, 100 steps, N in {1, 15}
     nohup python -m benchmarks.retention &                # full: 16 concepts, N = 1..15
 
 Arms (`ARMS`): BlockLoRA merged with α = 1/N (Eq. 5) and α = 1, its two ablations (no erasure,
@@ -73,7 +73,8 @@ class Profile:
 PROFILES = {
     "quick": Profile(2, 2, 1, (1, 2), (0, 1), 2, 1, 1),
     "small": Profile(8, 24, 1, (1, 8), (0, 1, 2), 6, 1, 0),  # what a 2-core machine under load 10-30 allowed
-    "medium": Profile(16, 24, 1, (1, 15), (0, 1, 2), 6, 1, 0),  # about an hour on a quiet 2-core machine
+    # 16 concepts at N in {1, 15}, trained long enough that the weights (not only the token) carry identity
+    "medium": Profile(16, 100, 1, (1, 15), (0, 1, 2), 10, 1, 0),
     "full": Profile(16, 150, 2, tuple(range(1, 16)), (0, 1, 2), 10, 4, 3),
 }
 

@@ -186,6 +186,14 @@ def evaluate(base: Base, world: World, concepts: Concepts, rule: str, cfg: EvalC
                           seeds * 2, cfg)
             base_class[r] = world.image_alignment(pics[:s], refs[r]).numpy()
             out["ia_floor"][r] = world.image_alignment(pics[s:], refs[r]).numpy()
+    # Its own trigger embeddings and no weights: what any merge that shrinks the weights tends to
+    # (α = 1/N -> 0), so the share of IA that a merge can keep or lose is ia[1] - ia_token.
+    out["ia_token"] = np.zeros((m, s))
+    for r, c in enumerate(world.concepts[:m]):
+        art = concepts.arts[r]
+        with residual_applied(base, concepts.adapter, {}, [art]):
+            pics = sample(base, [world.instance_prompt(c, phrase(art), world.identity_attributes(c))] * s, seeds, cfg)
+        out["ia_token"][r] = world.image_alignment(pics, refs[r]).numpy()
     out["eps_loss"]["base"] = np.array([sq(e, p.noise) for e, p in zip(e0, probes)])
     for n in sorted(set(cfg.ns) | set(ends)):
         losses, rets = [], []

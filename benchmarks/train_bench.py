@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_bench            # tiny base and SD1.5 shapes, rank 4 (~5 min)
     python -m benchmarks.train_bench --quick    # fewer timed steps (< 3 min)
+    python -m benchmarks.train_bench --device cuda --mixed-precision bf16   # bf16 base, fp32 adapters, autocast
 
 Both arms run the very same `ConceptTrainer.step` (flip, VAE encode, prompt encode with the
 trainable trigger embedding, UNet, MSE, backward, AdamW): for the peft arm the BlockLoRA layers
@@ -23,8 +24,9 @@ from safetensors.torch import save as safetensors_bytes
 from benchmarks.common import (DTYPES, RESULTS_DIR, add_device_args, emit, environment, line_plot, peak_rss,
                                saved_activation_bytes, sd15_base, timed, write_csv)
 from blocklora.base import Base, load_base
-from blocklora.config import AdapterConfig, TrainConfig
+from blocklora.config import AdapterConfig, TrainConfig, add_flags, from_args
 from blocklora.inject import eject
+from blocklora.precision import base_dtype
 from blocklora.trainer import ConceptTrainer
 
 ARMS = ("blocklora", "peft-lora")
@@ -39,6 +41,9 @@ def make_trainer(base: Base, arm: str, adapter: AdapterConfig, train: TrainConfi
         base.pipe.unet.add_adapter(LoraConfig(r=adapter.rank, lora_alpha=adapter.rank,
                                               target_modules=list(adapter.unet_targets)), PEFT_ADAPTER)
         lora = [p for n, p in base.pipe.unet.named_parameters() if ".lora_" in n]
+        if train.mixed_precision != "no":
+            for p in lora:  # as BlockLoRA's: float32 beside the half-precision base
+                p.data = p.data.float()
         groups = [{"params": lora, "lr": train.lr},
                   {"params": [t.vectors for t in trainer.tokens.values()], "lr": train.token_lr}]
         trainer.opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -84,10 +89,10 @@ def measure_arm(base: Base, arm: str, adapter: AdapterConfig, train: TrainConfig
 
 
 def bench_model(name: str, base: Base, rank: int, batch: int, image_size: int, rounds: int,
-                steps: int) -> list[dict]:
+                steps: int, mixed_precision: str = "no") -> list[dict]:
     """Alternate the arms `rounds` times so a noisy neighbour slows both alike; medians of all steps."""
     adapter = AdapterConfig(rank=rank, text_targets=())
-    train = TrainConfig(batch_size=batch, resolution=image_size, seed=0)
+    train = TrainConfig(batch_size=batch, resolution=image_size, seed=0, mixed_precision=mixed_precision)
     images = torch.rand(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for _ in range(rounds):
@@ -105,12 +110,13 @@ def bench_model(name: str, base: Base, rank: int, batch: int, image_size: int, r
 
 
 def run(rounds: int, steps: int, rank: int, out: Path, device: str = "cpu",
-        dtype: torch.dtype = torch.float32) -> dict:
-    """`dtype` is the whole base's, adapters included (no fp32 master weights or autocast here)."""
+        dtype: torch.dtype = torch.float32, mixed_precision: str = "no") -> dict:
+    """`dtype` is the whole base's, adapters included; with `mixed_precision` (then dtype is that
+    half dtype) the adapters of both arms are float32 and the step runs under autocast."""
     rows = bench_model("tiny", load_base("tiny", device=device, dtype=dtype), rank, batch=2, image_size=32,
-                       rounds=rounds, steps=steps)
+                       rounds=rounds, steps=steps, mixed_precision=mixed_precision)
     rows += bench_model("sd15-shaped", sd15_base(device=device, dtype=dtype), rank, batch=1, image_size=32,
-                        rounds=rounds, steps=max(2, steps // 3))
+                        rounds=rounds, steps=max(2, steps // 3), mixed_precision=mixed_precision)
     write_csv(out / "train_cost.csv", rows)
     get = {(r["model"], r["arm"]): r for r in rows}
     summary = {}
@@ -126,7 +132,8 @@ def run(rounds: int, steps: int, rank: int, out: Path, device: str = "cpu",
               for arm in ARMS}
     line_plot(out / "train_step.png", series, "model", "seconds per step (median)",
               f"one training step, rank {rank}", logy=True)
-    return {"benchmark": "train", "env": environment(device, dtype), "rank": rank, "rounds": rounds,
+    return {"benchmark": "train", "env": environment(device, dtype), "mixed_precision": mixed_precision,
+            "rank": rank, "rounds": rounds,
             "summary": summary, "rows": rows}
 
 
@@ -136,13 +143,18 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "train", help="folder for CSV and PNG")
     add_device_args(p)
+    add_flags(p, TrainConfig, only=("mixed_precision",))
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 by default: on a shared machine, idle-waiting OpenMP threads "
                         "of an oversubscribed CPU make small ops erratic")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rounds, steps = (1, 3) if args.quick else (3, 10)
-    result = run(rounds, steps, args.rank, args.out, args.device, DTYPES[args.dtype])
+    mixed = from_args(TrainConfig, args, p).mixed_precision
+    if mixed != "no" and args.dtype != "float32":
+        p.error(f"--mixed-precision {mixed} sets the base's dtype ({base_dtype(mixed)}); leave --dtype out")
+    dtype = base_dtype(mixed) if mixed != "no" else DTYPES[args.dtype]
+    result = run(rounds, steps, args.rank, args.out, args.device, dtype, mixed)
     result["quick"] = args.quick
     emit(result)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 _EXPORTS = {"ConceptArtifact": "artifact", "InvalidArtifact": "artifact", "Base": "base", "load_base": "base",
             "AdapterConfig": "config", "GenerateConfig": "config", "TrainConfig": "config",
+            "PrecisionConfig": "config",
             "BlockLoRALinear": "layer", "LiveMerge": "merge"}
 __all__ = sorted(_EXPORTS)
 

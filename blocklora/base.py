@@ -123,11 +123,13 @@ def weights_fingerprint(*modules: torch.nn.Module) -> str:
 
 def load_base(spec: str = TINY, device: torch.device | str | None = None,
               dtype: torch.dtype = torch.float32) -> Base:
-    """Load a base by spec; the fingerprint is taken before anything touches the weights."""
+    """Load a base by spec, in `dtype`. The fingerprint is taken before anything touches the weights,
+    on them as float32 (a folder is read in float32, then cast): a half-precision replica or client
+    and a float32 one of the same files agree on it."""
     if spec == TINY:
         pipe = tiny_pipeline()
     else:
-        pipe = _from_pretrained(spec, dtype)
+        pipe = _from_pretrained(spec, torch.float32)
     pipe.set_progress_bar_config(disable=True)
     encoders = list(text_encoders(pipe).values())
     for module in (pipe.unet, pipe.vae, *encoders):
@@ -135,8 +137,9 @@ def load_base(spec: str = TINY, device: torch.device | str | None = None,
         module.eval()
     fp = weights_fingerprint(pipe.unet, *encoders)
     pipe.to(device or default_device())
-    if pipe.unet.dtype != dtype:
-        pipe.to(dtype=dtype)
+    if pipe.unet.dtype != dtype:  # torch's Module.to: diffusers' warns on every cast (0.42, an empty fp32 list)
+        for module in (pipe.unet, pipe.vae, *encoders):
+            torch.nn.Module.to(module, dtype=dtype)
     return Base(pipe=pipe, fingerprint=fp, spec=spec)
 
 

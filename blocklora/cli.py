@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
 from blocklora.artifact import ConceptArtifact
-from blocklora.base import TINY, load_base
-from blocklora.config import AdapterConfig, GenerateConfig, TrainConfig, add_flags, from_args
+from blocklora.base import TINY, default_device, load_base
+from blocklora.config import AdapterConfig, GenerateConfig, PrecisionConfig, TrainConfig, add_flags, from_args
+from blocklora.precision import base_dtype, check_mixed, dtype_of
 
 
 def _load(paths: list[str]) -> list[ConceptArtifact]:
@@ -20,7 +22,7 @@ def _merged_base(args: argparse.Namespace):
     """The base with the given concept files merged, and the {name} -> phrase table for prompts."""
     from blocklora.merge import LiveMerge
 
-    base = load_base(args.base)
+    base = load_base(args.base, dtype=dtype_of(from_args(PrecisionConfig, args, args.parser).dtype))
     arts = _load(args.concepts)
     lm = None
     if arts:
@@ -33,8 +35,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     from blocklora.trainer import train_concept
 
     adapter = from_args(AdapterConfig, args, args.parser)
-    base = load_base(args.base)
-    train = from_args(TrainConfig, args, args.parser, resolution=args.resolution or base.resolution)
+    train = from_args(TrainConfig, args, args.parser, resolution=args.resolution or TrainConfig.resolution)
+    try:
+        check_mixed(train.mixed_precision, default_device())
+    except ValueError as e:
+        args.parser.error(str(e))
+    base = load_base(args.base, dtype=base_dtype(train.mixed_precision))
+    if not args.resolution:
+        train = dataclasses.replace(train, resolution=base.resolution)
     art = train_concept(base, args.images, args.name, args.class_word, args.slot, adapter, train,
                         checkpoint_dir=args.checkpoint_dir)
     path = art.save(args.out)
@@ -113,6 +121,7 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", type=int, default=0, help="0: the base's native size")
     gen.add_argument("--num-images", type=int, default=1)
     add_flags(gen, GenerateConfig, skip=("width", "height"))
+    add_flags(gen, PrecisionConfig)
 
     i = sub.add_parser("inspect", help="show artifacts' metadata and their pairwise weight statistics")
     i.add_argument("concepts", nargs="+")

@@ -18,6 +18,10 @@ from typing import Any, Iterable
 UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 # Attention projections of transformers' CLIPTextModel.
 TEXT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+# Precision names (blocklora/precision.py maps them to torch dtypes): accelerate's for training,
+# torch's for the dtype a base is loaded in to generate and serve.
+MIXED_PRECISION: tuple[str, ...] = ("no", "fp16", "bf16")
+DTYPE_NAMES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 
 
 def knob(default: Any, help: str, flag: str | None = None) -> Any:
@@ -76,8 +80,13 @@ class TrainConfig:
                                  "round trip through the Train controller)")
     flip: bool = knob(True, "random horizontal flips as augmentation")
     prompt_template: str = knob("a photo of {trigger} {class_word}", "instance prompt when an image has no caption")
+    mixed_precision: str = knob("no", "'no' (float32), 'bf16' or 'fp16' (CUDA only): the frozen base in that "
+                                      "half dtype, adapters, trigger embeddings and optimizer state float32, "
+                                      "forward under autocast; the artifact is float32 either way")
 
     def __post_init__(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         for name in ("steps", "batch_size", "resolution", "report_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -111,6 +120,18 @@ class GenerateConfig:
     width: int = knob(64, "image width in pixels")
     height: int = knob(64, "image height in pixels")
     negative_prompt: str = knob("", "what the images should not show")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """The dtype of a frozen base that generates: the CLI, the coordinator and the serve replicas."""
+
+    dtype: str = knob("float32", "dtype the base is loaded in to generate and serve: float32, float16 or "
+                                 "bfloat16 (concepts are applied in it; artifacts stay float32)")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {list(DTYPE_NAMES)}, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

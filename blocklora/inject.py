@@ -65,8 +65,9 @@ def orthogonal_a(key: str, n: int, rank: int, slot: int, num_slots: int, seed: i
     return q.T[slot * rank:(slot + 1) * rank].contiguous()  # (r, n)
 
 
-def inject(pipe, cfg: AdapterConfig, slot: int) -> dict[str, BlockLoRALinear]:
-    """Wrap every target of `pipe` for `slot`; refuses a pipeline that is already wrapped."""
+def inject(pipe, cfg: AdapterConfig, slot: int, dtype: torch.dtype | None = None) -> dict[str, BlockLoRALinear]:
+    """Wrap every target of `pipe` for `slot` (adapters in `dtype`, None: each base weight's);
+    refuses a pipeline that is already wrapped."""
     targets = find_targets(pipe, cfg)
     layers: dict[str, BlockLoRALinear] = {}
     for key in targets:
@@ -75,7 +76,7 @@ def inject(pipe, cfg: AdapterConfig, slot: int) -> dict[str, BlockLoRALinear]:
     for key, lin in targets.items():
         frozen = (orthogonal_a(key, lin.in_features, cfg.rank, slot, cfg.num_slots)
                   if cfg.freeze_a == "orthogonal" else None)
-        layer = BlockLoRALinear(lin, cfg.rank, cfg.num_slots, slot, cfg.erasure, cfg.blockwise, frozen)
+        layer = BlockLoRALinear(lin, cfg.rank, cfg.num_slots, slot, cfg.erasure, cfg.blockwise, frozen, dtype)
         set_module(pipe, key, layer)
         layers[key] = layer
     return layers

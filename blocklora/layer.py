@@ -37,7 +37,10 @@ class BlockLoRALinear(nn.Module):
         erasure: float = 0.0,
         blockwise: bool = True,
         frozen_a: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        """`dtype` of A and B: None keeps the base weight's; float32 beside a half-precision base is
+        mixed-precision training (the residual then runs in the half dtype under autocast)."""
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"BlockLoRALinear wraps nn.Linear, got {type(base).__name__}")
@@ -47,7 +50,7 @@ class BlockLoRALinear(nn.Module):
         m, n = base.out_features, base.in_features
         self.rank, self.num_slots, self.slot, self.erasure = rank, num_slots, slot, erasure
         self.rows = row_block(m, num_slots, slot) if blockwise else slice(0, m)
-        dev, dt = base.weight.device, base.weight.dtype
+        dev, dt = base.weight.device, dtype or base.weight.dtype
         if frozen_a is not None:
             if frozen_a.shape != (rank, n):
                 raise ValueError(f"frozen A must be {(rank, n)}, got {tuple(frozen_a.shape)}")

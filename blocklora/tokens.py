@@ -67,11 +67,13 @@ def rare_token_init(tokenizer, embedding: nn.Embedding, slot: int, count: int) -
 class TokenOverride(nn.Module):
     """Wraps a token embedding: the concept's ids read trainable vectors, all others the frozen table."""
 
-    def __init__(self, base: nn.Embedding, ids: list[int], init: torch.Tensor) -> None:
+    def __init__(self, base: nn.Embedding, ids: list[int], init: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """`dtype` of the trainable vectors (None: the table's); float32 beside a half-precision table
+        is mixed-precision training: they are cast to the table's dtype where they replace its rows."""
         super().__init__()
         self.base = base
         self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=base.weight.device))
-        self.vectors = nn.Parameter(init.to(base.weight.device, base.weight.dtype))  # (t, d)
+        self.vectors = nn.Parameter(init.to(base.weight.device, dtype or base.weight.dtype))  # (t, d)
 
     @property
     def weight(self) -> torch.Tensor:  # transformers reads .weight of the input embeddings
@@ -86,9 +88,10 @@ class TokenOverride(nn.Module):
 
 
 def wrap_token_embeddings(base: Base, ids: dict[str, list[int]], class_word: str,
-                          rare_slot: int | None = None) -> dict[str, TokenOverride]:
+                          rare_slot: int | None = None, dtype: torch.dtype | None = None) -> dict[str, TokenOverride]:
     """Install a TokenOverride on each text encoder (ids by component name), initialised from the
-    class word (or, with `rare_slot`, from that slot's rare word: DB-LoRA's fixed identifier)."""
+    class word (or, with `rare_slot`, from that slot's rare word: DB-LoRA's fixed identifier);
+    trainable vectors in `dtype` (None: the table's)."""
     wrappers = {}
     for comp, te in base.text_encoders.items():
         emb = te.get_input_embeddings()
@@ -97,7 +100,7 @@ def wrap_token_embeddings(base: Base, ids: dict[str, list[int]], class_word: str
         tok = base.tokenizers[comp]
         init = (class_word_init(tok, emb, class_word, len(ids[comp])) if rare_slot is None
                 else rare_token_init(tok, emb, rare_slot, len(ids[comp])))
-        w = TokenOverride(emb, ids[comp], init)
+        w = TokenOverride(emb, ids[comp], init, dtype)
         te.set_input_embeddings(w)
         wrappers[comp] = w
     return wrappers

@@ -28,6 +28,7 @@ from blocklora.config import AdapterConfig, TrainConfig
 from blocklora.conditioning import encode_prompts
 from blocklora.data import load_concept_images
 from blocklora.inject import eject, inject
+from blocklora.precision import MIXED, autocast, check_mixed
 from blocklora.tokens import add_slot_tokens, token_ids, trigger_names, unwrap_token_embeddings, wrap_token_embeddings
 
 log = logging.getLogger(__name__)
@@ -35,20 +36,29 @@ StepCallback = Callable[["ConceptTrainer", float], None]  # called after every s
 
 
 class ConceptTrainer:
-    """Holds a base with one slot's BlockLoRA layers injected; `close()` gives the base back."""
+    """Holds a base with one slot's BlockLoRA layers injected; `close()` gives the base back.
+
+    With `train.mixed_precision` bf16/fp16 the base must already be in that half dtype (load it with
+    `load_base(..., dtype=base_dtype(...))`); the trained tensors and AdamW's state are then float32,
+    the forward runs under autocast and, for fp16, the loss is scaled (GradScaler)."""
 
     def __init__(self, base: Base, adapter: AdapterConfig, train: TrainConfig, slot: int,
                  name: str, class_word: str) -> None:
-        self.base, self.adapter, self.train_cfg = base, adapter, train
         self.name, self.class_word, self.slot = check_name(name), class_word, slot
+        device = base.pipe.unet.device
+        trained_dtype = _check_precision(base, train.mixed_precision)  # before anything changes the base
+        self.base, self.adapter, self.train_cfg = base, adapter, train
         self.step_count = 0
         torch.manual_seed(train.seed)  # erasure masks use the global RNG
         self.gen = torch.Generator().manual_seed(train.seed)  # noise, timesteps, sampling, flips
         add_slot_tokens(base, adapter.num_slots, adapter.tokens_per_concept)
         self.triggers = trigger_names(slot, adapter.tokens_per_concept)
-        self.layers = inject(base.pipe, adapter, slot)
+        self.layers = inject(base.pipe, adapter, slot, trained_dtype)
         self.tokens = wrap_token_embeddings(base, token_ids(base, slot, adapter.tokens_per_concept), class_word,
-                                            rare_slot=slot if train.token_init == "rare" else None)
+                                            rare_slot=slot if train.token_init == "rare" else None,
+                                            dtype=trained_dtype)
+        # fp16 gradients underflow without loss scaling; disabled (bf16, float32) it is a pass-through
+        self.scaler = torch.amp.GradScaler(device.type, enabled=train.mixed_precision == "fp16")
         self.noise_scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
         lora = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B) if p.requires_grad]
         groups = [{"params": lora, "lr": train.lr}]
@@ -76,11 +86,14 @@ class ConceptTrainer:
         with torch.no_grad():
             latents = pipe.vae.encode(images.to(dev, pipe.vae.dtype)).latent_dist.sample(self.gen)
             latents = latents * pipe.vae.config.scaling_factor
+        if self.train_cfg.mixed_precision != "no":
+            latents = latents.float()  # noise and target in float32; autocast casts what the UNet reads
         noise = torch.randn(latents.shape, generator=self.gen).to(dev, latents.dtype)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.gen).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        cond, added = encode_prompts(self.base, prompts)
-        pred = pipe.unet(noisy, t, cond, added_cond_kwargs=added).sample
+        with autocast(self.train_cfg.mixed_precision, dev):
+            cond, added = encode_prompts(self.base, prompts)
+            pred = pipe.unet(noisy, t, cond, added_cond_kwargs=added).sample
         target = (self.noise_scheduler.get_velocity(latents, noise, t)
                   if self.noise_scheduler.config.prediction_type == "v_prediction" else noise)
         return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -98,8 +111,9 @@ class ConceptTrainer:
             prior = self.loss(class_images, [f"a photo of {self.class_word}"] * class_images.shape[0])
             loss = loss + self.train_cfg.prior_weight * prior.mean()
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)  # unscales first; skips a step whose fp16 gradients overflowed
+        self.scaler.update()
         self.step_count += 1
         return float(loss.detach())
 
@@ -136,7 +150,8 @@ class ConceptTrainer:
         tensors["rng.torch"] = torch.get_rng_state()
         atomic_write(folder / "checkpoint.safetensors", safetensors_bytes(tensors))
         atomic_write(folder / "checkpoint.json", json.dumps({"step": self.step_count, "name": self.name,
-                                                             "slot": self.slot}).encode())
+                                                             "slot": self.slot,
+                                                             "scaler": self.scaler.state_dict()}).encode())
         return folder
 
     def load_checkpoint(self, folder: str | Path) -> bool:
@@ -157,6 +172,8 @@ class ConceptTrainer:
         self.gen.set_state(tensors["rng.gen"])
         torch.set_rng_state(tensors["rng.torch"])
         self.step_count = info["step"]
+        if info.get("scaler"):  # fp16's loss scale and its growth count; {} when no scaler runs
+            self.scaler.load_state_dict(info["scaler"])
         return True
 
     def close(self) -> None:
@@ -166,6 +183,19 @@ class ConceptTrainer:
         self.base.pipe.unet.eval()
         for te in self.base.text_encoders.values():
             te.eval()
+
+
+def _check_precision(base: Base, mixed_precision: str) -> torch.dtype | None:
+    """The dtype of the trained parameters: float32 under mixed precision, else None (the base's).
+    Refuses a base that is not in the mixed-precision half dtype, or a device that cannot run it."""
+    half = MIXED[mixed_precision]
+    if half is None:
+        return None
+    check_mixed(mixed_precision, base.pipe.unet.device)
+    if base.pipe.unet.dtype != half:
+        raise ValueError(f"mixed_precision={mixed_precision!r} trains on a {half} base, but this base is "
+                         f"{base.pipe.unet.dtype}; load it with load_base(..., dtype=base_dtype({mixed_precision!r}))")
+    return torch.float32
 
 
 @torch.no_grad()

@@ -34,14 +34,16 @@ class Coordinator:
     """Every public method is a remote call; errors are `federation.registry.FederationError`s."""
 
     def __init__(self, state_dir: str, adapter: dict[str, Any], config: dict[str, Any],
-                 admin_token_sha256: str | None) -> None:
+                 admin_token_sha256: str | None, dtype: str = "float32") -> None:
         # imported here, in the actor's process: a client's driver that only looks the actor up by
         # name (`get`) then starts without torch and diffusers
         from blocklora.base import load_base
+        from blocklora.precision import dtype_of
         from federation.registry import Registry
 
         cfg = from_dict(FederationConfig, config)
-        base = load_base(cfg.base, device="cpu")  # only shapes and the fingerprint are needed
+        # only shapes, the fingerprint (dtype-independent) and the dtype of the merged LoRA it serves
+        base = load_base(cfg.base, device="cpu", dtype=dtype_of(dtype))
         self.registry = Registry(base, from_dict(AdapterConfig, adapter), cfg, StateStore(state_dir),
                                  admin_token_sha256)
         self._refs: dict[str, ray.ObjectRef] = {}  # artifact sha256 -> its bytes in the object store
@@ -94,8 +96,9 @@ def connect(address: str = "auto", namespace: str = DEFAULT_NAMESPACE) -> None:
 
 def start(state_dir: str | Path, adapter: AdapterConfig, config: FederationConfig,
           admin_token_sha256: str | None, name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE,
-          max_restarts: int = -1, max_task_retries: int = 3) -> ray.actor.ActorHandle:
-    """Create the detached coordinator on this driver's node and wait until it has loaded its state.
+          max_restarts: int = -1, max_task_retries: int = 3, dtype: str = "float32") -> ray.actor.ActorHandle:
+    """Create the detached coordinator on this driver's node and wait until it has loaded its state;
+    `dtype` (a --dtype name) is its base's, and so the merged LoRA's it serves.
 
     Needs `connect` first (the code the actor runs comes with it); refuses to start a second
     coordinator under `name`.
@@ -113,7 +116,7 @@ def start(state_dir: str | Path, adapter: AdapterConfig, config: FederationConfi
         max_restarts=max_restarts, max_task_retries=max_task_retries,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
     ).remote(str(Path(state_dir).expanduser().resolve()), dataclasses.asdict(adapter),
-             dataclasses.asdict(config), admin_token_sha256)
+             dataclasses.asdict(config), admin_token_sha256, dtype)
     ray.get(actor.info.remote())  # surfaces a failed __init__ (wrong base, foreign state folder) here
     return actor
 

@@ -27,6 +27,7 @@ from transformers.utils import logging as transformers_logging
 
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig, TrainConfig, from_dict
+from blocklora.precision import base_dtype
 from blocklora.trainer import ConceptTrainer, Progress, checkpoint_due, class_images, run_steps
 from federation.client import ARTIFACT_FILE
 
@@ -111,7 +112,11 @@ def train_func(config: dict[str, Any]) -> None:
     train = from_dict(TrainConfig, config["train"])
     ctx = ray.train.get_context()  # Ray
     rank, world = ctx.get_world_rank(), ctx.get_world_size()  # Ray
-    base = load_base(config["base_spec"], device=ray.train.torch.get_device())  # Ray: this worker's device
+    if world > 1 and train.mixed_precision == "fp16":
+        raise ValueError("mixed_precision='fp16' trains on one worker only: each worker's GradScaler would skip "
+                         "overflowing steps on its own and the workers' collectives would part; use bf16")
+    base = load_base(config["base_spec"], device=ray.train.torch.get_device(),  # Ray: this worker's device
+                     dtype=base_dtype(train.mixed_precision))
     if base.fingerprint != config["base_fingerprint"]:
         raise RuntimeError(f"base {config['base_spec']!r} loads as {base.fingerprint[:12]}… on this worker, but "
                            f"the federation's is {config['base_fingerprint'][:12]}…; use the same base files")

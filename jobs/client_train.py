@@ -1,7 +1,8 @@
 """Train one concept for a federation and upload it; meant to run as a Ray job on the client's node.
 
     ray job submit --working-dir . -- python jobs/client_train.py --images /data/my-dog \
-        --class-word dog --name my-dog [--steps 200] [--workers 1] [--use-gpu] [--token-file PATH]
+        --class-word dog --name my-dog [--steps 200] [--workers 1] [--use-gpu] [--mixed-precision bf16] \
+        [--token-file PATH]
 
 --images is a folder on the node the job runs on. The client token is kept in --token-file
 (created with mode 0600 on first use, reused afterwards). Prints the trigger and the new version.

@@ -9,6 +9,7 @@ TOY_BASE_TRAIN / TOY_BASE_GENERATE); every TrainConfig and AdapterConfig field h
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ from blocklora.config import (TOY_BASE_GENERATE, TOY_BASE_TRAIN, AdapterConfig, 
 from blocklora.data import image_files  # noqa: E402
 from blocklora.generate import contact_sheet, generate  # noqa: E402
 from blocklora.merge import LiveMerge  # noqa: E402
+from blocklora.precision import base_dtype  # noqa: E402
 from blocklora.prompts import expand  # noqa: E402
 from blocklora.trainer import train_concept  # noqa: E402
 
@@ -47,10 +49,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    base = load_base(args.base)
-    print(f"[1/3] base {args.base} loaded (fingerprint {base.fingerprint[:12]}…, {base.resolution}px)")
+    train = from_args(TrainConfig, args, ap)
+    base = load_base(args.base, dtype=base_dtype(train.mixed_precision))  # generates in that dtype too
+    print(f"[1/3] base {args.base} loaded (fingerprint {base.fingerprint[:12]}…, {base.resolution}px, {base.pipe.unet.dtype})")
     art = train_concept(base, folder, info["name"], info["class_word"], args.slot, adapter,
-                        from_args(TrainConfig, args, ap, resolution=base.resolution))
+                        dataclasses.replace(train, resolution=base.resolution))
     path = art.save(out / f"{art.name}.safetensors")
     print(f"[2/3] trained {art.name!r} in slot {art.meta.slot}: {path} ({path.stat().st_size:,} bytes)")
 

@@ -31,8 +31,8 @@ import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from blocklora.base import default_base_spec  # noqa: E402
-from blocklora.config import (TOY_BASE_GENERATE, TOY_BASE_TRAIN, GenerateConfig, TrainConfig,  # noqa: E402
-                              add_flags, from_args, to_argv)
+from blocklora.config import (TOY_BASE_GENERATE, TOY_BASE_TRAIN, GenerateConfig, PrecisionConfig,  # noqa: E402
+                              TrainConfig, add_flags, from_args, to_argv)
 from blocklora.generate import contact_sheet  # noqa: E402
 from blocklora.toy.concepts import (ToyConcept, class_prompt, concept_from_json, eval_attributes,  # noqa: E402
                                     instance_prompt, reference_pictures, training_pictures)
@@ -213,6 +213,7 @@ def main() -> None:
     ap.add_argument("--concepts", type=int, default=3, help="how many bundled example concepts to train")
     add_flags(ap, TrainConfig, TOY_BASE_TRAIN, skip=("resolution",))  # clients train at the base's resolution
     add_flags(ap, GenerateConfig, TOY_BASE_GENERATE, only=("guidance_scale",))
+    add_flags(ap, PrecisionConfig)  # the coordinator's and the Serve replicas' base
     ap.add_argument("--gen-steps", type=int, default=TOY_BASE_GENERATE.steps,
                     help="denoising steps per generated image")
     ap.add_argument("--num-images", type=int, default=2, help="images per request")
@@ -221,6 +222,7 @@ def main() -> None:
     args = ap.parse_args()
     train = from_args(TrainConfig, args, ap)
     sampling = from_args(GenerateConfig, args, ap, steps=args.gen_steps)
+    precision = to_argv(from_args(PrecisionConfig, args, ap))
 
     out = Path(args.out).resolve()
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -239,10 +241,11 @@ def main() -> None:
     try:
         with stage(f"start the coordinator (base {base}, 16 slots)"):
             run([sys.executable, "jobs/start_coordinator.py", "--base-model", base, "--slots", "16",
-                 "--state-dir", str(out / "state"), "--address", cluster.address], cluster.env)
+                 "--state-dir", str(out / "state"), "--address", cluster.address, *precision], cluster.env)
         port = free_port()
         with stage(f"start the Serve app on http://127.0.0.1:{port}/v1"):
-            run([sys.executable, "jobs/serve_up.py", "--address", cluster.address, "--port", str(port)], cluster.env)
+            run([sys.executable, "jobs/serve_up.py", "--address", cluster.address, "--port", str(port), *precision],
+                cluster.env)
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
         admin = {"Authorization": f"Bearer {(out / 'state' / 'admin_token').read_text().strip()}"}
 

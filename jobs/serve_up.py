@@ -1,7 +1,7 @@
 """Serve the federation over HTTP: generation with any subset of the live concepts, under /v1.
 
     python jobs/serve_up.py --address auto --host 127.0.0.1 --port 8000 [--namespace blocklora] \
-        [--coordinator blocklora-coordinator] [--replicas 1] [--api-key-file FILE] \
+        [--coordinator blocklora-coordinator] [--replicas 1] [--api-key-file FILE] [--dtype float16] \
         [--generator-resource serve_gpu --ingress-resource head_services]   # on a cluster.yaml cluster
 
 Needs a running cluster and coordinator (jobs/start_coordinator.py). The app keeps running after
@@ -24,6 +24,7 @@ from ray import serve  # noqa: E402
 import blocklora  # noqa: E402
 import federation  # noqa: E402
 import serve as serve_pkg  # noqa: E402
+from blocklora.config import PrecisionConfig, add_flags, from_args  # noqa: E402
 from federation.coordinator import DEFAULT_NAME, DEFAULT_NAMESPACE  # noqa: E402
 from serve.app import AppArgs, build  # noqa: E402
 
@@ -43,6 +44,7 @@ def main() -> None:
     for name, kind in (("generator_resource", str), ("ingress_resource", str), ("max_pixel_steps", int)):
         field = AppArgs.model_fields[name]
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=field.default, help=field.description)
+    add_flags(p, PrecisionConfig)
     args = p.parse_args()
 
     api_key = Path(args.api_key_file).read_text().strip() if args.api_key_file else None
@@ -53,7 +55,7 @@ def main() -> None:
     serve.run(build(AppArgs(coordinator=args.coordinator, namespace=args.namespace, api_key=api_key,
                             replicas=args.replicas, num_cpus=args.num_cpus,
                             generator_resource=args.generator_resource, ingress_resource=args.ingress_resource,
-                            max_pixel_steps=args.max_pixel_steps)),
+                            max_pixel_steps=args.max_pixel_steps, dtype=from_args(PrecisionConfig, args, p).dtype)),
               name=APP_NAME, route_prefix="/")
     print(f"serving on http://{args.host}:{args.port}/v1 (docs: /v1/docs), following coordinator "
           f"{args.coordinator!r} in namespace {args.namespace!r}")

@@ -1,7 +1,7 @@
 """Start a federation's coordinator: a detached, named Ray actor that outlives this script.
 
     python jobs/start_coordinator.py --base-model tiny --slots 16 --rank 4 --state-dir ~/federation \
-        [--address auto] [--namespace blocklora] [--name blocklora-coordinator]
+        [--address auto] [--namespace blocklora] [--name blocklora-coordinator] [--dtype float32]
 
 The admin token comes from BLOCKLORA_ADMIN_TOKEN or is generated and written to
 STATE_DIR/admin_token (mode 0600); it is never printed. On a state folder that already holds a
@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import ray  # noqa: E402
 
 from blocklora.atomic import atomic_write  # noqa: E402
-from blocklora.config import AdapterConfig, FederationConfig, add_flags, from_args  # noqa: E402
+from blocklora.config import AdapterConfig, FederationConfig, PrecisionConfig, add_flags, from_args  # noqa: E402
 from federation import coordinator  # noqa: E402
 from federation.auth import new_token, token_hash  # noqa: E402
 from federation.store import MANIFEST  # noqa: E402
@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--name", default=coordinator.DEFAULT_NAME)
     add_flags(p, FederationConfig, skip=("max_artifact_bytes",))
     add_flags(p, AdapterConfig, skip=("blockwise", "freeze_a"))  # ablations: a federation is always blockwise
+    add_flags(p, PrecisionConfig)
     args = p.parse_args()
 
     adapter = from_args(AdapterConfig, args, p)
@@ -57,7 +58,7 @@ def main() -> None:
     state_dir = Path(args.state_dir).expanduser().resolve()
     coordinator.connect(args.address, args.namespace)
     actor = coordinator.start(state_dir, adapter, config, admin_token_sha256(state_dir), args.name,
-                              args.namespace, args.max_restarts)
+                              args.namespace, args.max_restarts, dtype=from_args(PrecisionConfig, args, p).dtype)
     info = ray.get(actor.info.remote())
     print(f"coordinator {args.name!r} (namespace {args.namespace!r}) is up: base {info.base_spec} "
           f"{info.base_fingerprint[:12]}…, {info.num_slots} slots, {info.live} live concept(s), "

@@ -6,9 +6,12 @@ or `python jobs/serve_up.py`, which also pins the HTTP host and port and ships t
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+import dataclasses
+
+from pydantic import BaseModel, Field, field_validator
 from ray.serve import Application
 
+from blocklora.config import PrecisionConfig
 from federation.coordinator import DEFAULT_NAME, DEFAULT_NAMESPACE
 from serve.generator import Generator
 from serve.ingress import Ingress
@@ -27,8 +30,14 @@ class AppArgs(BaseModel):
                                                              "(default: none, any node)")
     ingress_resource: str | None = Field(None, description="custom resource the ingress takes a sliver of, e.g. "
                                                            "head_services to keep it on the head (default: any node)")
+    dtype: str = Field(PrecisionConfig.dtype, description=dataclasses.fields(PrecisionConfig)[0].metadata["help"])
     max_pixel_steps: int = Field(MAX_PIXEL_STEPS, ge=1, description="most width x height x steps x images "
                                                                      "one /v1/generate request may ask for")
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, dtype: str) -> str:
+        return PrecisionConfig(dtype=dtype).dtype  # its ValueError names the allowed dtypes
 
 
 INGRESS_SHARE = 0.01  # of `ingress_resource`: the ingress is light, and the head's services share one unit
@@ -41,5 +50,5 @@ def build(args: AppArgs) -> Application:
     generator = Generator.options(num_replicas=args.replicas, ray_actor_options={
         "num_cpus": args.num_cpus, **on(args.generator_resource, 1)})
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0, **on(args.ingress_resource, INGRESS_SHARE)})
-    return ingress.bind(generator.bind(args.coordinator, args.namespace, args.device),
+    return ingress.bind(generator.bind(args.coordinator, args.namespace, args.device, args.dtype),
                         args.coordinator, args.namespace, args.api_key, args.max_pixel_steps)

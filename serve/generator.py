@@ -20,6 +20,7 @@ from ray import serve
 
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import load_base
+from blocklora.precision import dtype_of
 from blocklora.prompts import expand
 from federation.protocol import FederationInfo, LiveSet
 from serve.residual import ConceptBank
@@ -58,12 +59,13 @@ class DrawnImages:
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16,
                   user_config={"max_batch_size": 4, "batch_wait_timeout_s": 0.05})
 class Generator:
-    """Follows the coordinator named `coordinator` in `namespace`; `device` None: CUDA if present."""
+    """Follows the coordinator named `coordinator` in `namespace`; `device` None: CUDA if present;
+    `dtype` (a --dtype name) is the base's, and the concepts' rows are applied in it."""
 
-    def __init__(self, coordinator: str, namespace: str, device: str | None = None) -> None:
+    def __init__(self, coordinator: str, namespace: str, device: str | None = None, dtype: str = "float32") -> None:
         self.coordinator = ray.get_actor(coordinator, namespace=namespace)
         info: FederationInfo = ray.get(self.coordinator.info.remote())
-        base = load_base(info.base_spec, device=device)
+        base = load_base(info.base_spec, device=device, dtype=dtype_of(dtype))
         if base.fingerprint != info.base_fingerprint:
             raise RuntimeError(f"base {info.base_spec!r} loaded here has fingerprint {base.fingerprint[:12]}…, "
                                f"the federation's is {info.base_fingerprint[:12]}…; replicas need the same weights")

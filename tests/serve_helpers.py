@@ -39,9 +39,12 @@ def start_coordinator(head, state_dir: Path, namespace: str, name: str, adapter:
     return coordinator.get(name, namespace)
 
 
-def serve_up(head, port: int, namespace: str, name: str, api_key_file: Path | None = None) -> httpx.Client:
-    """Run jobs/serve_up.py against the coordinator `name`; an HTTP client for it on 127.0.0.1."""
+def serve_up(head, port: int, namespace: str, name: str, api_key_file: Path | None = None,
+             flags: tuple[str, ...] = ()) -> httpx.Client:
+    """Run jobs/serve_up.py against the coordinator `name` (with `flags`, e.g. --dtype); an HTTP
+    client for it on 127.0.0.1."""
     extra = ["--api-key-file", str(api_key_file)] if api_key_file else []
+    extra += flags
     subprocess.run([sys.executable, "jobs/serve_up.py", "--address", head.address, "--host", "127.0.0.1",
                     "--port", str(port), "--namespace", namespace, "--coordinator", name, *extra],
                    cwd=REPO, env=head.env, check=True, timeout=300)

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from blocklora.base import load_base
 
@@ -7,6 +8,10 @@ def test_tiny_fingerprint_is_stable_and_survives_a_save_load(tiny_base, tmp_path
     assert load_base("tiny").fingerprint == tiny_base.fingerprint
     tiny_base.pipe.save_pretrained(tmp_path / "tiny")
     assert load_base(str(tmp_path / "tiny")).fingerprint == tiny_base.fingerprint
+    # a half-precision replica or client of the same files agrees on it (and is loaded in that dtype)
+    half = load_base(str(tmp_path / "tiny"), dtype=torch.bfloat16)
+    assert half.fingerprint == tiny_base.fingerprint and half.pipe.unet.dtype == torch.bfloat16
+    assert {p.dtype for p in half.pipe.text_encoder.parameters()} == {torch.bfloat16}
 
 
 def test_tokenizer_matches_clip_ids(tiny_base):

@@ -109,13 +109,19 @@ def test_retention_quick_covers_every_arm(tmp_path):
 
 
 def test_gpu_suite_quick_writes_json_and_table(tmp_path):
-    """The GPU suite's structure on the CPU: a part's JSON, the suite's JSON and the markdown table."""
+    """The GPU suite's structure on the CPU: a part's JSON, the suite's JSON and the markdown table;
+    the mixed-precision part trains both arms on the same draws, so their losses agree closely."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--quick", "--device", "cpu",
-                           "--parts", "e2e_fp16", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                           "--parts", "mixed_bf16", "e2e_fp16", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     suite = json.loads((tmp_path / "suite.json").read_text())
-    assert suite["quick"] is True and [p["part"] for p in suite["parts"]] == ["e2e_fp16"]
+    assert suite["quick"] is True and [p["part"] for p in suite["parts"]] == ["mixed_bf16", "e2e_fp16"]
     e2e = json.loads((tmp_path / "e2e_fp16.json").read_text())["result"]
     assert e2e["env"]["dtype"] == "float16" and e2e["merged"] == 15 and e2e["images_per_s"] > 0
-    assert "| e2e_fp16 |" in (tmp_path / "suite.md").read_text()
+    mixed = json.loads((tmp_path / "mixed_bf16.json").read_text())["result"]
+    assert mixed["env"]["dtype"] == "bfloat16" and set(mixed["arms"]) == {"no", "bf16"}
+    assert all(len(arm["losses"]) == mixed["steps"] and arm["step_s_median"] > 0 for arm in mixed["arms"].values())
+    assert abs(mixed["loss_ratio"] - 1) < mixed["target"] and 0 < mixed["lora_b_rel_diff"] < 1
+    table = (tmp_path / "suite.md").read_text()
+    assert "| e2e_fp16 |" in table and "| mixed_bf16 |" in table

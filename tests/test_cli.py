@@ -50,3 +50,17 @@ def test_local_demo_writes_a_three_row_sheet(tmp_path):
     sheet = Image.open(tmp_path / "contact_sheet.png")
     assert sheet.height >= 3 * 128 and sheet.width >= 4 * 128
     assert (tmp_path / "swirl.safetensors").stat().st_size > 0
+
+
+def test_bf16_mixed_precision_train_then_generate_in_bfloat16(tmp_path):
+    """`--mixed-precision bf16` writes a float32 artifact; `--dtype bfloat16` draws with it merged."""
+    from blocklora.artifact import ConceptArtifact
+
+    _cli("train", "--images", str(write_images(tmp_path / "img")), "--name", "a", "--class-word", "dog",
+         "--steps", "2", "--mixed-precision", "bf16", "--out", str(tmp_path / "a.safetensors"))
+    art = ConceptArtifact.load(tmp_path / "a.safetensors")
+    assert {str(v.dtype) for v in art.tensors.values()} == {"torch.float32"}
+    assert art.meta.train_config["mixed_precision"] == "bf16"
+    _cli("generate", "--concepts", str(tmp_path / "a.safetensors"), "--prompt", "{a} on grass", "--steps", "2",
+         "--dtype", "bfloat16", "--out", str(tmp_path / "img.png"))
+    assert Image.open(tmp_path / "img.png").size == (32, 32)

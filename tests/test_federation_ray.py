@@ -48,8 +48,8 @@ def fed(ray_head, tmp_path_factory):
     ray.shutdown()
 
 
-def submit_job(fed, name: str, seed: int, workers: int) -> subprocess.Popen:
-    return submit_client(fed.head, fed.root, name, seed, NAMESPACE, NAME, workers=workers)
+def submit_job(fed, name: str, seed: int, workers: int, *flags: str) -> subprocess.Popen:
+    return submit_client(fed.head, fed.root, name, seed, NAMESPACE, NAME, ("--steps", "3", *flags), workers)
 
 
 def live_artifacts(actor) -> dict[str, ConceptArtifact]:
@@ -73,8 +73,10 @@ def observable(actor) -> tuple:
 
 
 def test_two_concurrent_client_jobs(fed):
-    # dog-b trains data-parallel on 2 workers (gradients all-reduced), beside dog-a's one worker
-    jobs = {name: submit_job(fed, name, seed, workers) for name, seed, workers in (("dog-a", 1, 1), ("dog-b", 2, 2))}
+    # dog-b trains data-parallel on 2 workers (gradients all-reduced) in bf16 mixed precision (each worker
+    # loads the base in bf16), beside dog-a's one worker in float32
+    jobs = {name: submit_job(fed, name, seed, workers, *flags) for name, seed, workers, flags in
+            (("dog-a", 1, 1, ()), ("dog-b", 2, 2, ("--mixed-precision", "bf16")))}
     for name, job in jobs.items():
         out, _ = job.communicate(timeout=540)
         assert job.returncode == 0, out[-4000:]
@@ -89,6 +91,8 @@ def test_two_concurrent_client_jobs(fed):
     assert ray.get(fed.actor.version.remote()) == 2
     arts = live_artifacts(fed.actor)
     assert all(a.meta.train_config["steps_done"] == 3 for a in arts.values())
+    assert {n: a.meta.train_config["mixed_precision"] for n, a in arts.items()} == {"dog-a": "no", "dog-b": "bf16"}
+    assert all(v.dtype == torch.float32 for a in arts.values() for v in a.tensors.values())  # fp32 on the wire
     assert_residual_is_sum(fed.actor)
 
 

@@ -284,3 +284,17 @@ def test_base_untouched_and_live_set_served_as_one_lora(base, tmp_path, clock):
     for k in arts[0].meta.layout:
         got = tensors[f"{k}.lora_B.weight"] @ tensors[f"{k}.lora_A.weight"]
         torch.testing.assert_close(got, 0.5 * (arts[0].delta(k) + arts[1].delta(k)), rtol=1e-6, atol=1e-7)
+
+
+def test_a_bfloat16_coordinator_reopens_a_float32_federation(base, tmp_path, clock):
+    """`start_coordinator.py --dtype bfloat16` on a float32 federation's folder: the base's fingerprint
+    does not depend on its dtype, so the state is accepted; the float32 artifacts go into a merged
+    residual held in bf16, equal to the float32 one within bf16 rounding."""
+    reg = make_registry(base, tmp_path, clock)
+    a, _ = submit_new(reg, base, reg.register("alice").token, "a", seed=1)
+    half = make_registry(load_base("tiny", dtype=torch.bfloat16), tmp_path, clock)
+    assert half.info().base_fingerprint == reg.info().base_fingerprint and half.version == reg.version
+    res = half.merged_residual()
+    for k, v in expected_residual([a]).items():
+        assert res[k].dtype == torch.bfloat16
+        torch.testing.assert_close(res[k].float(), v, rtol=1e-2, atol=1e-2 * float(v.abs().max()))

@@ -182,3 +182,19 @@ def test_removed_concept_refused_within_a_second_then_served_again(srv):
     assert r.status_code == 201, r.text
     again = post(srv, prompt="a photo of {a}")
     assert again.status_code == 200 and again.content == before
+
+
+def test_a_bfloat16_app_serves_the_live_concepts(srv, ray_head, serve_port):
+    """`serve_up.py --dtype bfloat16` replaces the app: its replica loads the base in bf16 (the same
+    fingerprint, so it follows the same federation) and draws a live concept within rounding of the
+    float32 app's picture, not bit for bit."""
+    body = {"prompt": "a photo of {b}"}
+    f32 = pixels(post(srv, **body).content)
+    client = serve_up(ray_head, serve_port, NAMESPACE, NAME, flags=("--dtype", "bfloat16"))
+    try:
+        r = client.post("/v1/generate", json={**SAMPLING, **body})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+        diff = np.abs(pixels(r.content) - f32)
+        assert 0 < diff.mean() < 4, diff.mean()
+    finally:
+        client.close()

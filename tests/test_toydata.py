@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blocklora.toy.data import (COLOUR_NAMES, HELDOUT_PAIRS, SHAPES, TRAIN_PAIRS, ToyShapes, caption_for,
-                               make_sample)
+from blocklora.toy.concepts import BY_NAME
+from blocklora.toy.data import (COLOUR_NAMES, DRESSED_RATE, HELDOUT_PAIRS, PATTERNS, SHAPES, TRAIN_PAIRS, ToyShapes,
+                               _pick_dress, caption_for, make_sample)
 
 N = 200
 
@@ -28,9 +29,27 @@ def test_caption_names_what_was_drawn(split: str) -> None:
         assert s.caption.startswith("a ") or s.caption.startswith("an ")
         assert s.caption in {caption_for(s.objects, s.background, s.texture, size, bg)
                              for size in (True, False) for bg in (True, False)}
-        assert s.background not in {o.colour for o in s.objects}
+        assert s.background not in {c for o in s.objects for c in o.colours}
         if len(s.objects) == 2:
             assert s.main.size == "large" and s.objects[1].size == "small"
+
+
+def test_dresses_are_common_unnamed_and_never_a_benchmark_concept() -> None:
+    """The base sees many dresses, captions never say which, and no benchmark concept is ever drawn."""
+    mains = [make_sample(i, seed=5).main for i in range(1000)]
+    dressed = [o for o in mains if o.dress is not None]
+    assert abs(len(dressed) / len(mains) - DRESSED_RATE) < 0.06
+    assert {o.dress.pattern for o in dressed} == set(PATTERNS)
+    assert all(len(set(o.colours)) == 4 for o in dressed)
+    for i in range(N):
+        s = make_sample(i, seed=5)
+        assert not any(p in s.caption for p in (*PATTERNS, "outline", "accent"))
+    # a red star has 630 possible dresses, one of them ember's: 5,000 draws would hit it about 8 times
+    ember = BY_NAME["ember"]
+    rng = np.random.default_rng(0)
+    dresses = [_pick_dress(rng, "star", "red") for _ in range(5000)]
+    assert len(set(dresses)) > 600
+    assert all(("star", ("red", d.fill2), d.pattern, d.outline, d.accent) != ember.identity for d in dresses)
 
 
 def test_heldout_pairs_never_in_training() -> None:
