@@ -186,13 +186,14 @@ class LocalCluster:
             except ProcessLookupError:
                 pass
 
-    def stop(self) -> None:
-        """End the worker nodes' process groups (SIGKILL: they hold no state, and `ray start --block`
-        takes some 30 s over SIGTERM), then the head's: graceful first, then whatever is left."""
+    def stop(self, grace_s: float = 30) -> None:
+        """End the worker nodes (SIGKILL: they hold no state, and `ray start --block` can take some
+        30 s over SIGTERM), then the head's process group: SIGTERM, up to `grace_s` to end, then
+        SIGKILL for whatever is left (a test cluster whose state is on disk need not wait long)."""
         for name in list(self.nodes):
             self.kill_node(name)
         if self.proc is not None:
-            _end_group(self.proc, (signal.SIGTERM, signal.SIGKILL))
+            _end_group(self.proc, (signal.SIGTERM, signal.SIGKILL), grace_s)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> "LocalCluster":
@@ -202,16 +203,16 @@ class LocalCluster:
         self.stop()
 
 
-def _end_group(proc: subprocess.Popen, signals: tuple[signal.Signals, ...]) -> None:
-    """Send each signal in turn to the process group `proc` leads, until it has exited."""
+def _end_group(proc: subprocess.Popen, signals: tuple[signal.Signals, ...], wait_s: float = 30) -> None:
+    """Send each signal in turn to the process group `proc` leads (all of them: a leader that has
+    exited may leave members behind), waiting up to `wait_s` for the leader after each."""
     for sig in signals:
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             break
         try:
-            proc.wait(30)
-            break
+            proc.wait(wait_s)
         except subprocess.TimeoutExpired:
             pass
 

@@ -56,7 +56,7 @@ def fed(tmp_path_factory):
             stop_app(actor)
     finally:
         ray.shutdown()
-        cluster.stop()
+        cluster.stop(grace_s=5)
 
 
 def nodes_of(fed, match, state: str | None = None) -> set[str]:
