@@ -18,6 +18,7 @@ from PIL import Image
 import blocklora
 import federation
 import serve as serve_pkg
+from blocklora.base import TINY
 from blocklora.config import AdapterConfig, FederationConfig
 from conftest import REPO
 from federation import coordinator
@@ -51,11 +52,12 @@ def serve_up(head, port: int, namespace: str, name: str, api_key_file: Path | No
 
 def start_in_process(head, state_dir: Path, namespace: str, name: str, adapter: AdapterConfig, admin_token: str,
                      port: int, api_key: str | None = None, replicas: int = 1,
-                     num_cpus: float = 1.0) -> tuple[ray.actor.ActorHandle, httpx.Client]:
-    """What the two scripts do, from this process (connects it, with the code as py_modules)."""
+                     num_cpus: float = 1.0, base: str = TINY) -> tuple[ray.actor.ActorHandle, httpx.Client]:
+    """What the two scripts do, from this process (connects it, with the code as py_modules), for a
+    federation on the base spec `base`."""
     from ray import serve
     ray.init(address=head.address, namespace=namespace, log_to_driver=False, runtime_env={"py_modules": CODE})
-    actor = coordinator.start(state_dir, adapter, FederationConfig(), token_hash(admin_token), name, namespace)
+    actor = coordinator.start(state_dir, adapter, FederationConfig(base=base), token_hash(admin_token), name, namespace)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(AppArgs(coordinator=name, namespace=namespace, api_key=api_key, replicas=replicas,
                             num_cpus=num_cpus)), name="blocklora",
