@@ -18,7 +18,6 @@ from PIL import Image
 import blocklora
 import federation
 import serve as serve_pkg
-from blocklora.base import TINY
 from blocklora.config import AdapterConfig, FederationConfig
 from conftest import REPO
 from federation import coordinator
@@ -50,14 +49,18 @@ def serve_up(head, port: int, namespace: str, name: str, api_key_file: Path | No
     return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
 
 
+def connect(head, namespace: str) -> None:
+    """Connect this process to the test cluster, shipping this checkout's code to the workers."""
+    ray.init(address=head.address, namespace=namespace, log_to_driver=False, runtime_env={"py_modules": CODE})
+
+
 def start_in_process(head, state_dir: Path, namespace: str, name: str, adapter: AdapterConfig, admin_token: str,
                      port: int, api_key: str | None = None, replicas: int = 1,
-                     num_cpus: float = 1.0, base: str = TINY) -> tuple[ray.actor.ActorHandle, httpx.Client]:
-    """What the two scripts do, from this process (connects it, with the code as py_modules), for a
-    federation on the base spec `base`."""
+                     num_cpus: float = 1.0) -> tuple[ray.actor.ActorHandle, httpx.Client]:
+    """What the two scripts do, from this process (connects it, with the code as py_modules)."""
     from ray import serve
-    ray.init(address=head.address, namespace=namespace, log_to_driver=False, runtime_env={"py_modules": CODE})
-    actor = coordinator.start(state_dir, adapter, FederationConfig(base=base), token_hash(admin_token), name, namespace)
+    connect(head, namespace)
+    actor = coordinator.start(state_dir, adapter, FederationConfig(), token_hash(admin_token), name, namespace)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(AppArgs(coordinator=name, namespace=namespace, api_key=api_key, replicas=replicas,
                             num_cpus=num_cpus)), name="blocklora",
@@ -70,10 +73,10 @@ def pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
-def stop_app(actor: ray.actor.ActorHandle) -> None:
+def stop_app(actor: ray.actor.ActorHandle, app: str = "blocklora") -> None:
     """Delete the Serve app (the proxy stays, on the session's port) and the coordinator."""
     from ray import serve
-    serve.delete("blocklora")
+    serve.delete(app)
     ray.kill(actor, no_restart=True)
 
 
