@@ -12,14 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from typing import Callable
+
 from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline,
-                       UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
 from blocklora.tokenizer import VOCAB_SIZE, clip_tokenizer
 from blocklora.toy.base import TOY_BASE_DIR
 
 TINY = "tiny"  # the random tiny SD-architecture pipeline, built from config with a fixed seed
+TINY_SD2, TINY_SDXL = "tiny-sd2", "tiny-sdxl"  # the same for the SD 2.x (v-prediction) and SDXL families
 # The pipeline components that encode prompts, in conditioning order, and the tokenizer feeding each.
 # Everything per text encoder (token ids, trigger vectors, widths) is keyed by these names.
 TEXT_ENCODERS: dict[str, str] = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -32,7 +35,7 @@ class Base:
 
     pipe: DiffusionPipeline
     fingerprint: str  # sha256 of the UNet and text encoder weights as loaded, before any concept
-    spec: str  # what was asked for: "tiny", a folder, or a hub id
+    spec: str  # what was asked for: a name in TINY_BUILDERS, a folder, or a hub id
 
     @property
     def resolution(self) -> int:
@@ -88,26 +91,69 @@ def tiny_sdxl_unet() -> UNet2DConditionModel:
     )
 
 
-def tiny_pipeline() -> StableDiffusionPipeline:
-    """The embedded default: every weight drawn from `TINY_SEED`, so every machine builds the same."""
-    torch.manual_seed(TINY_SEED)
-    unet = tiny_unet()
-    vae = AutoencoderKL(
+def tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=32, sample_size=32,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
+
+
+def tiny_clip(projection: bool = False, hidden_act: str = "quick_gelu") -> CLIPTextModel:
+    """A 2-layer, 32-wide CLIP text encoder; `projection`: SDXL's second one (pooled, projected)."""
+    config = CLIPTextConfig(
         vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_attention_heads=4,
         num_hidden_layers=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-        pad_token_id=49407, projection_dim=32,
-    ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        pad_token_id=49407, projection_dim=32, hidden_act=hidden_act,
     )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def tiny_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
+def tiny_pipeline() -> StableDiffusionPipeline:
+    """The embedded default (SD 1.x): every weight drawn from `TINY_SEED`, so every machine builds the same."""
+    torch.manual_seed(TINY_SEED)
+    return StableDiffusionPipeline(
+        unet=tiny_unet(), vae=tiny_vae(), text_encoder=tiny_clip(), tokenizer=clip_tokenizer(),
+        scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_sd2_pipeline() -> StableDiffusionPipeline:
+    """SD 2.x in miniature: v-prediction, linear attention projections, per-block head dims and a
+    GELU text encoder (OpenCLIP's activation); one text encoder, so the SD 1.x pipeline class."""
+    torch.manual_seed(TINY_SEED)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=32, attention_head_dim=(2, 4),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        use_linear_projection=True, cross_attention_dim=32,
+    )
+    return StableDiffusionPipeline(
+        unet=unet, vae=tiny_vae(), text_encoder=tiny_clip(hidden_act="gelu"), tokenizer=clip_tokenizer(),
+        scheduler=tiny_scheduler("v_prediction"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_pipeline() -> StableDiffusionXLPipeline:
+    """SDXL in miniature: two text encoders (hidden states side by side: 32 + 32 = the UNet's 64),
+    the second's pooled projection (32) plus 6 time ids x 8 as the added embedding (80)."""
+    torch.manual_seed(TINY_SEED)
+    return StableDiffusionXLPipeline(
+        unet=tiny_sdxl_unet(), vae=tiny_vae(), text_encoder=tiny_clip(), text_encoder_2=tiny_clip(projection=True),
+        tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), scheduler=tiny_scheduler(),
+    )
+
+
+# Named specs that build a random tiny pipeline from code instead of reading a folder.
+TINY_BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
+    TINY: tiny_pipeline, TINY_SD2: tiny_sd2_pipeline, TINY_SDXL: tiny_sdxl_pipeline}
 
 
 def weights_fingerprint(*modules: torch.nn.Module) -> str:
@@ -126,8 +172,8 @@ def load_base(spec: str = TINY, device: torch.device | str | None = None,
     """Load a base by spec, in `dtype`. The fingerprint is taken before anything touches the weights,
     on them as float32 (a folder is read in float32, then cast): a half-precision replica or client
     and a float32 one of the same files agree on it."""
-    if spec == TINY:
-        pipe = tiny_pipeline()
+    if spec in TINY_BUILDERS:
+        pipe = TINY_BUILDERS[spec]()
     else:
         pipe = _from_pretrained(spec, torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -150,7 +196,7 @@ def _from_pretrained(spec: str, dtype: torch.dtype) -> DiffusionPipeline:
     if looks_local and not (path / "model_index.json").is_file():
         raise FileNotFoundError(
             f"base model {spec!r} is not a diffusers pipeline folder (no model_index.json there); "
-            f"pass '{TINY}', a folder saved with pipe.save_pretrained(), or a hub id such as "
+            f"pass one of {sorted(TINY_BUILDERS)}, a folder saved with pipe.save_pretrained(), or a hub id such as "
             f"'stable-diffusion-v1-5/stable-diffusion-v1-5'"
         )
     try:

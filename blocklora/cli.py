@@ -95,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train one concept from a folder of images into an artifact")
-    t.add_argument("--base", default=TINY, help="'tiny', a diffusers folder, or a hub id")
+    t.add_argument("--base", default=TINY, help="'tiny' (or 'tiny-sd2', 'tiny-sdxl'), a diffusers folder, or a hub id")
     t.add_argument("--images", required=True)
     t.add_argument("--name", required=True)
     t.add_argument("--class-word", required=True)

@@ -138,7 +138,8 @@ class PrecisionConfig:
 class FederationConfig:
     """Knobs of one federation's coordinator (the adapter shape is its AdapterConfig)."""
 
-    base: str = knob("tiny", "'tiny', a diffusers folder or a hub id", flag="--base-model")
+    base: str = knob("tiny", "'tiny' (or 'tiny-sd2', 'tiny-sdxl'), a diffusers folder or a hub id",
+                     flag="--base-model")
     reservation_ttl_s: float = knob(3600.0, "seconds before a reserved slot with no submitted concept returns",
                                     flag="--reservation-ttl")
     max_artifact_bytes: int = knob(64 * 1024 * 1024, "submissions above this many bytes are refused before parsing")

@@ -51,6 +51,11 @@ def serve_up(head, port: int, namespace: str, name: str, api_key_file: Path | No
     return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
 
 
+def connect(head, namespace: str) -> None:
+    """Connect this process to the test cluster, shipping this checkout's code to the workers."""
+    ray.init(address=head.address, namespace=namespace, log_to_driver=False, runtime_env={"py_modules": CODE})
+
+
 def start_in_process(head, state_dir: Path, namespace: str, name: str, adapter: AdapterConfig, admin_token: str,
                      port: int, api_key: str | None = None, replicas: int = 1, num_cpus: float = 1.0,
                      **app: Any) -> tuple[ray.actor.ActorHandle, httpx.Client]:
@@ -58,7 +63,7 @@ def start_in_process(head, state_dir: Path, namespace: str, name: str, adapter: 
     further AppArgs. One HTTP proxy, on the head: on a multi-node test cluster every raylet shares
     127.0.0.1, where a proxy per node would fight over the port."""
     from ray import serve
-    ray.init(address=head.address, namespace=namespace, log_to_driver=False, runtime_env={"py_modules": CODE})
+    connect(head, namespace)
     actor = coordinator.start(state_dir, adapter, FederationConfig(), token_hash(admin_token), name, namespace)
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(AppArgs(coordinator=name, namespace=namespace, api_key=api_key, replicas=replicas,
@@ -102,10 +107,10 @@ def is_generator(actor) -> bool:
     return "Generator" in (actor.class_name or "")
 
 
-def stop_app(actor: ray.actor.ActorHandle) -> None:
+def stop_app(actor: ray.actor.ActorHandle, app: str = "blocklora") -> None:
     """Delete the Serve app (the proxy stays, on the session's port) and the coordinator."""
     from ray import serve
-    serve.delete("blocklora")
+    serve.delete(app)
     ray.kill(actor, no_restart=True)
 
 

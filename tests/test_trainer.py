@@ -1,5 +1,6 @@
 import re
 
+import pytest
 import torch
 
 from blocklora.artifact import ConceptArtifact
@@ -70,3 +71,30 @@ def test_progress_lines_a_person_can_follow(tiny_base, tmp_path, capsys):
     assert re.search(r"^\[pet\] step 1/3  loss \d+\.\d{4}  first step$", out, re.M), out
     assert re.search(r"^\[pet\] step 3/3  loss \d+\.\d{4}  \d+\.\d\d steps/s  ETA 0 s$", out, re.M), out
     assert re.search(r"^\[pet\] trained to step 3: \d+\.\d{3} steps/s steady \(after the first step\), \d+ torch thread\(s\)$", out, re.M), out
+
+
+@pytest.mark.parametrize("spec, target", [("tiny", "noise"), ("tiny-sd2", "velocity")])
+def test_loss_target_follows_the_schedulers_prediction_type(spec, target):
+    """SD 2.x's v-prediction UNet learns v = √ᾱ ε − √(1−ᾱ) x0 (diffusers' get_velocity); SD 1.x the noise.
+    The loss is recomputed here from the trainer's own random draws (no erasure: a fixed forward)."""
+    from blocklora.base import load_base
+    from blocklora.conditioning import encode_prompts
+    from blocklora.trainer import ConceptTrainer
+
+    base = load_base(spec)
+    trainer = ConceptTrainer(base, AdapterConfig(erasure=0.0), TrainConfig(resolution=32), 1, "pet", "dog")
+    images, prompts = torch.rand(2, 3, 32, 32) * 2 - 1, [f"a photo of {trainer.trigger_text} dog"] * 2
+    state = trainer.gen.get_state()
+    loss = trainer.loss(images, prompts)
+    trainer.gen.set_state(state)  # the same draws again, by hand
+    pipe, sched = base.pipe, trainer.noise_scheduler
+    with torch.no_grad():
+        latents = pipe.vae.encode(images).latent_dist.sample(trainer.gen) * pipe.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=trainer.gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (2,), generator=trainer.gen)
+        pred = pipe.unet(sched.add_noise(latents, noise, t), t, encode_prompts(base, prompts)[0]).sample
+    want = {"noise": noise, "velocity": sched.get_velocity(latents, noise, t)}
+    per_target = {k: ((pred - v) ** 2).mean(dim=(1, 2, 3)) for k, v in want.items()}
+    torch.testing.assert_close(loss.detach(), per_target[target])
+    assert not torch.allclose(per_target["noise"], per_target["velocity"])  # the two targets do differ here
+    trainer.close()
