@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from blocklora.base import load_base
@@ -47,3 +48,12 @@ def test_pretrain_resumes_and_exports_a_loadable_base(tmp_path: Path) -> None:
     grid = Image.open(out / SAMPLES_FILE)
     assert grid.size == (64 * len(GRID_SEEDS), 64 * len(GRID_PROMPTS))
     assert Image.open(out / "loss.png").size[0] > 0
+
+
+def test_worker_processes_draw_the_same_batches() -> None:
+    """A GPU run draws batches in worker processes; a resumed CPU run must see the very same stream."""
+    from blocklora.toy.pretrain import batches
+
+    alone, workers = list(batches(3, 7, 4, 0, 0)), list(batches(3, 7, 4, 0, 2))
+    assert [s for s, _, _ in alone] == [s for s, _, _ in workers] == [3, 4, 5, 6]
+    assert all(torch.equal(a[1], b[1]) and a[2] == b[2] for a, b in zip(alone, workers))

@@ -194,7 +194,8 @@ def _pick_dress(rng: np.random.Generator, shape: str, colour: str) -> Dress:
     from blocklora.toy.concepts import IDENTITIES  # concepts build on this module
 
     while True:
-        fill2, outline, accent = (str(c) for c in rng.choice([c for c in COLOUR_NAMES if c != colour], 3, replace=False))
+        others = [c for c in COLOUR_NAMES if c != colour]
+        fill2, outline, accent = (str(c) for c in rng.choice(others, 3, replace=False))
         dress = Dress(fill2, str(rng.choice(PATTERNS)), outline, accent)
         if (shape, (colour, fill2), dress.pattern, outline, accent) not in IDENTITIES:
             return dress

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,8 @@ class _Batches(torch.utils.data.Dataset):
         return batch(step, self.size, self.seed)
 
 
-def batches(start: int, steps: int, size: int, seed: int, workers: int):
+def batches(start: int, steps: int, size: int, seed: int,
+            workers: int) -> Iterator[tuple[int, torch.Tensor, list[str]]]:
     """(step, pixels, captions) for steps [start, steps), the same whatever `workers` is."""
     loader = torch.utils.data.DataLoader(
         _Batches(steps, size, seed), batch_size=None, sampler=range(start, steps), num_workers=workers,
@@ -63,8 +65,9 @@ class Run:
 
     def __init__(self, work: Path, device: str = "cpu") -> None:
         self.work = work
-        dev = torch.device(device)
-        self.device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} ({torch.get_num_threads()} threads)"
+        dev = torch.device(device)  # named on the model card: where each segment of the run trained
+        self.device_name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                            else f"{dev.type} ({torch.get_num_threads()} threads)")
         work.mkdir(parents=True, exist_ok=True)
         state_path = work / "state.json"
         self.state = json.loads(state_path.read_text()) if state_path.exists() else {
