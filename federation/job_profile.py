@@ -11,8 +11,10 @@ import json
 # job's report and benchmarks/client_profile.py turn them into seconds with `phase_seconds`.
 MARKS_LINE = "client phase marks "
 PHASES = (
-    ("submit CLI: start, package + upload the working dir", "t_submit", "t_submitted"),
-    ("job start: supervisor, unpack code, driver process", "t_submitted", "t_driver_start"),
+    # The CLI can still be exiting when the driver already runs, so these two overlap (both from t_submit):
+    # "t_submitted -> t_driver_start" came out negative whenever the driver won that race.
+    ("submit CLI: start, package + upload the working dir, exit", "t_submit", "t_submitted"),
+    ("submit -> driver process running (supervisor, unpack code; overlaps the CLI)", "t_submit", "t_driver_start"),
     ("driver imports", "t_driver_start", "t_imported"),
     ("connect, register, reserve", "t_imported", "t_reserved"),
     ("read the pictures into a Ray Dataset", "t_data_start", "t_data_read"),
