@@ -80,7 +80,9 @@ def close(base: Base, arm: str, trainer: ConceptTrainer) -> None:
 
 
 def measure_arm(base: Base, arm: str, adapter: AdapterConfig, train: TrainConfig, images: torch.Tensor,
-                warmup: int, steps: int) -> dict:
+                warmup: int, steps: int, profile_to: Path | None = None) -> dict:
+    """One arm's step times and memory; with `profile_to`, one more step under torch.profiler
+    whose table of operators (by self CPU time) is written there."""
     trainer = make_trainer(base, arm, adapter, train)
     try:
         captions: list[str | None] = [None] * images.shape[0]
@@ -92,6 +94,10 @@ def measure_arm(base: Base, arm: str, adapter: AdapterConfig, train: TrainConfig
         activations = saved_activation_bytes(lambda: trainer.step(images, captions), frozen)
         with peak_rss() as mem:
             times = [timed_cpu(lambda: trainer.step(images, captions)) for _ in range(steps)]
+        if profile_to is not None:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                trainer.step(images, captions)
+            profile_to.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
         n_train = sum(p.numel() for p in trainable)
         return {"arm": arm, "step_times": [t[0] for t in times], "step_cpu_times": [t[1] for t in times],
                 "trainable_params": n_train,
@@ -113,15 +119,17 @@ def timed_cpu(fn: Callable[[], object], device: torch.device | str | None = None
 
 def bench_model(name: str, base: Base, rank: int, batch: int, image_size: int, rounds: int,
                 steps: int, mixed_precision: str = "no", erasure: float = AdapterConfig.erasure,
-                arms: tuple[str, ...] = ARMS) -> list[dict]:
-    """Alternate the arms `rounds` times so a noisy neighbour slows all alike; medians of all steps."""
+                arms: tuple[str, ...] = ARMS, profile_dir: Path | None = None) -> list[dict]:
+    """Alternate the arms `rounds` times, rotating their order, so a noisy neighbour or a drift
+    within a round slows all alike; medians of all steps."""
     adapter = AdapterConfig(rank=rank, text_targets=(), erasure=erasure)
     train = TrainConfig(batch_size=batch, resolution=image_size, seed=0, mixed_precision=mixed_precision)
     images = torch.rand(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
-    for _ in range(rounds):
-        for arm in arms:
-            runs[arm].append(measure_arm(base, arm, adapter, train, images, warmup=1, steps=steps))
+    for i in range(rounds):
+        for arm in arms[i % len(arms):] + arms[:i % len(arms)]:  # each arm leads in turn: no arm always first
+            prof = None if profile_dir is None else profile_dir / f"profile-{name}-{arm}.txt"
+            runs[arm].append(measure_arm(base, arm, adapter, train, images, warmup=1, steps=steps, profile_to=prof))
     rows = []
     for arm, rs in runs.items():
         times = [t for r in rs for t in r.pop("step_times")]
@@ -130,6 +138,7 @@ def bench_model(name: str, base: Base, rank: int, batch: int, image_size: int, r
                      "latent": image_size // base.pipe.vae_scale_factor, "step_s_median": statistics.median(times),
                      "step_s_min": min(times), "step_cpu_s_median": statistics.median(cpu),
                      "timed_steps": len(times), "round_medians_s": [statistics.median(r) for r in _rounds(times, rounds)],
+                     "round_cpu_medians_s": [statistics.median(r) for r in _rounds(cpu, rounds)],
                      **{k: v for k, v in rs[0].items() if k != "arm"},
                      "peak_rss_extra_bytes": max(r["peak_rss_extra_bytes"] for r in rs)})
     return rows
@@ -144,19 +153,22 @@ def _rounds(times: list[float], rounds: int) -> list[list[float]]:
 def _compare(ours: dict, theirs: dict) -> dict:
     """Ratios of two arms of one model (< 1: `ours` faster); per round too, since the arms of one
     round ran back to back under much the same load of the shared machine."""
-    per_round = [a / b for a, b in zip(ours["round_medians_s"], theirs["round_medians_s"])]
+    wall, cpu = ([a / b for a, b in zip(ours[key], theirs[key])] for key in ("round_medians_s", "round_cpu_medians_s"))
     return {"step_time_ratio": ours["step_s_median"] / theirs["step_s_median"],
             "step_cpu_ratio": ours["step_cpu_s_median"] / theirs["step_cpu_s_median"],
-            "round_ratios": per_round, "round_ratio_range": [min(per_round), max(per_round)]}
+            "round_ratios": wall, "round_ratio_range": [min(wall), max(wall)],
+            "round_cpu_ratios": cpu, "round_cpu_ratio_range": [min(cpu), max(cpu)]}
 
 
 def run(rounds: int, steps: int, rank: int, out: Path, device: str = "cpu",
         dtype: torch.dtype = torch.float32, mixed_precision: str = "no",
-        erasure: float = AdapterConfig.erasure, floor: bool = False) -> dict:
+        erasure: float = AdapterConfig.erasure, floor: bool = False, profile: bool = False) -> dict:
     """`dtype` is the whole base's, adapters included; with `mixed_precision` (then dtype is that
     half dtype) the adapters of both arms are float32 and the step runs under autocast."""
     arms = ARMS + ((FLOOR,) if floor else ())
-    common = dict(rounds=rounds, mixed_precision=mixed_precision, erasure=erasure, arms=arms)
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(rounds=rounds, mixed_precision=mixed_precision, erasure=erasure, arms=arms,
+                  profile_dir=out if profile else None)
     rows = bench_model("tiny", load_base("tiny", device=device, dtype=dtype), rank, batch=2, image_size=32,
                        steps=steps, **common)
     rows += bench_model("sd15-shaped", sd15_base(device=device, dtype=dtype), rank, batch=1, image_size=32,
@@ -193,6 +205,8 @@ def main() -> None:
     add_flags(p, AdapterConfig, only=("erasure",))
     p.add_argument("--rounds", type=int, help="times the arms alternate (default: 3, --quick 1)")
     p.add_argument("--floor", action="store_true", help="add the arm without any UNet adapter")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more step per arm (torch.profiler): OUT/profile-MODEL-ARM.txt")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 by default: on a shared machine, idle-waiting OpenMP threads "
                         "of an oversubscribed CPU make small ops erratic")
@@ -205,7 +219,8 @@ def main() -> None:
         p.error(f"--mixed-precision {mixed} sets the base's dtype ({base_dtype(mixed)}); leave --dtype out")
     dtype = base_dtype(mixed) if mixed != "no" else DTYPES[args.dtype]
     erasure = from_args(AdapterConfig, args, p).erasure
-    result = run(rounds, steps, args.rank, args.out, args.device, dtype, mixed, erasure, args.floor)
+    result = run(rounds, steps, args.rank, args.out, args.device, dtype, mixed, erasure, args.floor,
+                 args.profile)
     result["quick"] = args.quick
     emit(result)
 
