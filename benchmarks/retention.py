@@ -126,7 +126,7 @@ class Trainings:
                 pic.save(Path(folder) / f"{k}.png")
                 (Path(folder) / f"{k}.txt").write_text(caption)
             t0 = time.perf_counter()
-            art = train_concept(self.base, folder, c.name, c.class_word, slot=i, adapter=v.adapter,
+            art = train_concept(self.base, folder, c.name, c.class_word, slot=i % v.adapter.num_slots, adapter=v.adapter,
                                 train=dataclasses.replace(train, seed=train.seed + i), progress=False)
         art.save(path)
         self.progress(f"trained {v.label} x{factor:g} {c.name} ({train.steps} steps, {time.perf_counter() - t0:.0f} s)")

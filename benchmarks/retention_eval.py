@@ -172,7 +172,8 @@ def evaluate(base: Base, world: World, concepts: Concepts, rule: str, cfg: EvalC
     s = len(seeds)
     refs = [world.references(c, cfg.references, seed=0) for c in world.concepts[:m]]
     ends = (1, max(cfg.ns))
-    out: dict = {"ia": {n: np.zeros((m, s)) for n in cfg.ns}, "ta": {n: np.zeros((m, s)) for n in ends},
+    out: dict = {"ia": {n: np.zeros((m, s)) for n in cfg.ns}, "sa": {n: np.zeros((m, s)) for n in ends},
+                 "ta": {n: np.zeros((m, s)) for n in ends},
                  "drift": {n: np.zeros((m, s)) for n in ends}, "eps_loss": {}, "eps_retention": {}}
     probes = [make_probe(base, world, world.concepts[r], concepts.arts[r]) for r in range(m)]
     alone: list[torch.Tensor] = []
@@ -209,6 +210,7 @@ def evaluate(base: Base, world: World, concepts: Concepts, rule: str, cfg: EvalC
             if n in cfg.ns:
                 out["ia"][n][r] = world.image_alignment(pics[:s], refs[r]).numpy()
             if n in ends:
+                out["sa"][n][r] = world.shape_alignment(pics[:s], refs[r]).numpy()
                 out["ta"][n][r] = world.text_alignment(pics[s:2 * s], attrs).numpy()
                 out["drift"][n][r] = world.image_alignment(pics[2 * s:], refs[r]).numpy() - base_class[r]
                 if n == 1:

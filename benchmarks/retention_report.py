@@ -84,6 +84,7 @@ def report(results: dict, labels: dict[str, str], factors: dict[str, float], cal
             "ia_floor": ci(r["ia_floor"]) if "ia_floor" in r else NO_INTERVAL,
             "ia_token": ci(r["ia_token"]) if "ia_token" in r else NO_INTERVAL,
             "ia_1": ci(r["ia"][1]), f"ia_{top}": ci(r["ia"][top]), "ia_kept": kept,
+            "sa_1": ci(r["sa"][1]), f"sa_{top}": ci(r["sa"][top]),
             "ta_1": ci(r["ta"][1]), f"ta_{top}": ci(r["ta"][top]),
             "drift_1": ci(r["drift"][1]), f"drift_{top}": ci(r["drift"][top]),
             "eps_loss_base": float(np.mean(r["eps_loss"]["base"])), "eps_loss_1": float(np.mean(r["eps_loss"][1])),
@@ -94,6 +95,7 @@ def report(results: dict, labels: dict[str, str], factors: dict[str, float], cal
         for n, a in r["ia"].items():
             for (c, s), v in np.ndenumerate(a):
                 long_rows.append({"method": name, "N": n, "concept": c, "seed": cfg.seeds[s], "image_alignment": v,
+                                  "shape_alignment": r["sa"][n][c, s] if n in r["sa"] else "",
                                   "text_alignment": r["ta"][n][c, s] if n in r["ta"] else "",
                                   "prior_drift": r["drift"][n][c, s] if n in r["drift"] else ""})
     write_csv(out / "scores.csv", long_rows)
@@ -126,13 +128,14 @@ def report(results: dict, labels: dict[str, str], factors: dict[str, float], cal
 def tables_md(methods: list[dict], crit: list[dict], interference: list[dict], calibration: list[dict],
               top: int, spread: float) -> str:
     t1 = md_table(
-        ["method", "trained as (lr x)", "merge s (N=%d)" % top, "IA no concept", "IA token only", "IA N=1", f"IA N={top}", "kept", "TA N=1",
+        ["method", "trained as (lr x)", "merge s (N=%d)" % top, "IA no concept", "IA token only", "IA N=1", f"IA N={top}", "kept", "SA N=1",
+         f"SA N={top}", "TA N=1",
          f"TA N={top}", "drift N=1", f"drift N={top}", "ε loss base / 1 / %d" % top, "ε retention",
          "abs cos", "sign conflict"],
         [[m["method"], f'{m["trained_as"]} ({m["lr_factor"]:g})',
           fmt(m["merge_s"], 4) + ("" if not np.isfinite(m["livemerge_s"]) else f' (live {m["livemerge_s"]:.4f})')
           + (f' + stats {m["fusion_statistics_s"]:.1f}' if m["fusion_statistics_s"] else ""),
-          str(m["ia_floor"]), str(m["ia_token"]), str(m["ia_1"]), str(m[f"ia_{top}"]), str(m["ia_kept"]), str(m["ta_1"]), str(m[f"ta_{top}"]),
+          str(m["ia_floor"]), str(m["ia_token"]), str(m["ia_1"]), str(m[f"ia_{top}"]), str(m["ia_kept"]), str(m["sa_1"]), str(m[f"sa_{top}"]), str(m["ta_1"]), str(m[f"ta_{top}"]),
           str(m["drift_1"]), str(m[f"drift_{top}"]),
           f'{m["eps_loss_base"]:.4f} / {m["eps_loss_1"]:.4f} / {m[f"eps_loss_{top}"]:.4f}',
           fmt(m[f"eps_retention_{top}"], 2), fmt(m["mean_abs_cosine"], 3), fmt(m["mean_sign_conflict"], 3)]
@@ -149,7 +152,9 @@ def tables_md(methods: list[dict], crit: list[dict], interference: list[dict], c
     return (f"## Table 1 (IA: image alignment, TA: text alignment, drift: class-prompt pictures' IA to the concept "
             f"minus the base's; mean [95% CI])\n\nIA no concept: the instance prompt with the trigger rows at the "
             f"table's mean; IA token only: the concept's own trigger embeddings and no weights, what a merge that "
-            f"shrinks the weights (α = 1/N) tends to as N grows.\n\n{t1}\n\n"
+            f"shrinks the weights (α = 1/N) tends to as N grows. SA: shape alignment, the silhouette's cosine to the "
+            f"references (colours aside): a held-out drawn picture of the concept scores ~0.8, a shape unlike "
+            f"its own ~0 (models/judge/README.md).\n\n{t1}\n\n"
             f"Strength spread at N=1 (max/min mean IA over arms): {spread:.3f} "
             f"({'within' if spread <= 1 + STRENGTH_SPREAD else 'NOT within'} {STRENGTH_SPREAD:.0%}).\n\n"
             f"## Reproduction criteria\n\n{t2}\n\n"

@@ -1,7 +1,8 @@
 """The concepts and identity judge the retention benchmark scores with, behind one small interface.
 
 Concepts are `blocklora.toy.concepts` (16 identities, several per class word). The judge is
-`blocklora.toy.identity` (CLIP-I / CLIP-T analogues). The interim judge the first results were
+`blocklora.toy.identity` (CLIP-I / CLIP-T analogues); shape alignment is always its silhouette
+descriptor, whichever judge scores identity. The interim judge the first results were
 scored with stays selectable (`--judge interim`): the toy shape/colour judge's pooled features as
 the embedding and, for text alignment, the share of border pixels nearest the asked background
 colour (size not checked).
@@ -35,6 +36,7 @@ class World:
     def __init__(self, judge: Judge) -> None:
         self.concepts: list[ToyConcept] = list(toy.CONCEPTS)
         self.judge = judge
+        self.shapes = load_identity_judge()  # the silhouette descriptor: fixed, nothing to choose
         self.name = type(judge).__name__
 
     def training(self, c: ToyConcept) -> list[tuple[Image.Image, str]]:
@@ -64,6 +66,10 @@ class World:
 
     def text_alignment(self, generated: torch.Tensor, attrs: Attributes) -> torch.Tensor:
         return self.judge.text_alignment(generated, attrs)
+
+    def shape_alignment(self, generated: torch.Tensor, references: Sequence[Image.Image]) -> torch.Tensor:
+        """(B,): does the object have the concept's silhouette (colours aside)? ~0: not its shape."""
+        return self.shapes.shape_alignment(generated, references)
 
 
 def load_world(judge: str = "identity") -> World:

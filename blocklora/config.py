@@ -161,6 +161,8 @@ class PretrainConfig:
     batch: int = knob(16, "denoiser batch size")
     lr: float = knob(1e-3, "denoiser peak learning rate")
     snr_gamma: float = knob(5.0, "min-SNR loss weighting cap (0: plain MSE)")
+    unet_width: int = knob(32, "UNet channels at its first level, doubling per level (32: the committed base; "
+                               "wider gives each concept's slot more rows, at a cost a GPU can pay)")
     vae_steps: int = knob(1500, "VAE optimizer steps (stage 1)")
     vae_batch: int = knob(32, "VAE batch size")
     seed: int = knob(0, "weights, data stream and noise all derive from it")
@@ -179,6 +181,8 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.data_workers < 0:
             raise ValueError(f"data_workers must be >= 0, got {self.data_workers}")
+        if self.unet_width < 16 or self.unet_width % 8:
+            raise ValueError(f"unet_width must be a multiple of 8 (norm groups, attention heads) >= 16, got {self.unet_width}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 

@@ -7,7 +7,7 @@ submits one `ray job submit` client training job per bundled toy concept (MAIN_C
 concurrently; waits until they are live; asks the HTTP API for each concept's prompt with no
 concept, alone and with all merged, and for its class prompt with all merged (plus one prompt that
 names two); removes one concept at runtime and shows it is refused; writes `contact_sheet.png`
-(every generated picture labelled with its image alignment to the concept, by the identity judge)
+(every generated picture labelled with its image and shape alignment to the concept, by the identity judge)
 and `report.json` to --out; stops the cluster (unless --keep).
 """
 
@@ -166,7 +166,7 @@ def query_subsets(http: httpx.Client, concepts: list[ToyConcept], out: Path, num
     class prompt with all merged; then one prompt that names two concepts (the subset it implies).
 
     Returns the report's request records, the contact sheet's rows (training pictures first) and each
-    generated picture's image alignment to the concept's reference pictures, as the sheet's notes."""
+    generated picture's image and shape alignment to the concept's reference pictures, as the sheet's notes."""
     judge = load_identity_judge()
     names = [c.name for c in concepts]
     refs = {c.name: reference_pictures(c, REFERENCES, seed=0) for c in concepts}
@@ -181,9 +181,11 @@ def query_subsets(http: httpx.Client, concepts: list[ToyConcept], out: Path, num
             body = {"prompt": make_prompt(c, eval_attributes(c, 1)[0]), "concepts": [c.name] if subset is None else subset}
             code, images, result = _request(http, body, len(results), out, num_images, steps, guidance)
             scores = judge.image_alignment(images, refs[c.name]).tolist() if images else []
-            results.append(result | {"sheet_row": label, "concept": c.name, "image_alignment": scores})
+            shapes = judge.shape_alignment(images, refs[c.name]).tolist() if images else []
+            results.append(result | {"sheet_row": label, "concept": c.name, "image_alignment": scores,
+                                     "shape_alignment": shapes})
             row += images
-            row_notes += [f"{c.name} {s:.2f}" for s in scores]
+            row_notes += [f"{c.name} IA {s:.2f} sh {h:.2f}" for s, h in zip(scores, shapes)]
         rows.append((label, row))
         notes.append(row_notes)
     a, b = names[:2]

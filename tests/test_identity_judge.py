@@ -57,3 +57,32 @@ def test_text_alignment_reads_background_and_size(judge) -> None:
     assert float(right.mean()) > 0.8 and float((right > wrong).float().mean()) > 0.9
     with pytest.raises(ValueError, match="attributes"):
         judge.text_alignment([p.image for p in pictures], [pictures[0].attributes] * 3)
+
+
+def _colour_soup(x: torch.Tensor, cell: int = 4, seed: int = 0) -> torch.Tensor:
+    """(B, 3, H, W) -> the same pixels in shuffled cell x cell blocks: the concept's palette and
+    proportions with no shape, what an over-trained adapter on a base that cannot draw the shape paints."""
+    b, c, h, w = x.shape
+    blocks = x.unfold(2, cell, cell).unfold(3, cell, cell).reshape(b, c, (h // cell) * (w // cell), cell, cell)
+    blocks = blocks[:, :, torch.randperm(blocks.shape[2], generator=torch.Generator().manual_seed(seed))]
+    return blocks.reshape(b, c, h // cell, w // cell, cell, cell).permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, w)
+
+
+def test_silhouette_tells_shapes_apart(judge) -> None:
+    z = judge.silhouette(reference_pictures(CONCEPTS[0], 3, seed=5))
+    assert z.shape[0] == 3 and torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5)
+    randoms = random_identities(16, seed=321)
+    assert pair_auc(judge, randoms, per_concept=3, seed=321, silhouette=True) >= 0.85  # small objects: few pixels of shape
+    assert pair_auc(judge, CONCEPTS, per_concept=3, seed=123, silhouette=True) >= 0.9
+
+
+def test_shape_alignment_tells_the_concept_from_its_colours_without_its_shape(judge) -> None:
+    """The colour descriptor alone scores a shuffled picture of the concept far above other concepts;
+    the silhouette scores it below every held-out drawn picture of its concept."""
+    held, soup = [], []
+    for c in CONCEPTS:
+        refs = reference_pictures(c, 8, seed=0)
+        x = (to_tensor([heldout_picture(c)]) + 1) / 2
+        held.append(float(judge.shape_alignment(x, refs)[0]))
+        soup.append(float(judge.shape_alignment(_colour_soup(x), refs)[0]))
+    assert min(held) > 0.45 > 0.2 > max(soup), (held, soup)

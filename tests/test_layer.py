@@ -1,7 +1,11 @@
+import pytest
 import torch
 from torch import nn
 
+from blocklora.base import load_base
+from blocklora.config import AdapterConfig, TrainConfig
 from blocklora.layer import BlockLoRALinear
+from blocklora.trainer import ConceptTrainer
 
 
 def _layer(erasure=0.0, slot=2, seed=0):
@@ -71,3 +75,130 @@ def test_scale_reaches_delta_weight_forward_and_merge():
     w0 = layer.base.weight.clone()
     layer.merge()
     assert torch.equal(layer.base.weight, w0 + layer.delta_weight())  # the merge adds exactly delta_weight()
+
+
+# -- the fused residual node against the plain tensor expressions it replaced ---------------------------
+
+class _Reference(BlockLoRALinear):
+    """The layer's forward written as plain tensor expressions, autograd recording every op: the math
+    the fused node (`_RowResidual`) must reproduce bit for bit, forward and backward."""
+
+    def forward(self, x):
+        out = self.base(x)
+        res = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T  # (..., |R|)
+        if self.training and self.erasure > 0:
+            shape = (res.shape[0],) + (1,) * (res.dim() - 2) + (res.shape[-1],)
+            keep = torch.rand(shape, device=res.device) >= self.erasure
+            res = res * keep.to(res.dtype)
+        out[..., self.rows] += self.scale * res.to(out.dtype)
+        return out
+
+
+def _bits(t):
+    return t.view(torch.int32)  # fp32 compared as bit patterns: -0.0 and +0.0 would differ
+
+
+def _pair(erasure, blockwise=True, frozen_a=False, scale=1.0):
+    """The same layer twice, fused and reference, sharing one base and equal A and B."""
+    torch.manual_seed(3)
+    base = nn.Linear(24, 40)
+    a = torch.randn(3, 24) if frozen_a else None
+    layers = [cls(base, rank=3, num_slots=8, slot=5, erasure=erasure, blockwise=blockwise, frozen_a=a)
+              for cls in (BlockLoRALinear, _Reference)]
+    nn.init.normal_(layers[0].lora_B)
+    for layer in layers[1:]:
+        layer.load_state_dict(layers[0].state_dict())
+    for layer in layers:
+        layer.scale = scale
+    return layers
+
+
+def _run(layer, x, grad, seed):
+    """Output and gradients (x, A, B) of one training forward/backward from a given RNG state."""
+    layer.lora_A.grad = layer.lora_B.grad = None
+    x = x.detach().requires_grad_(x.requires_grad)
+    torch.manual_seed(seed)  # the erasure mask's draws
+    out = layer.train()(x)
+    out.backward(grad)
+    return [out, x.grad, layer.lora_A.grad, layer.lora_B.grad]
+
+
+INPUTS = {  # name -> (input shape, whether x requires grad, transform)
+    "tokens 3d": ((2, 7, 24), True, None),
+    "flat 2d": ((9, 24), True, None),
+    "image 4d": ((2, 3, 5, 24), True, None),
+    "frozen input": ((2, 7, 24), False, None),
+    "one token": ((1, 1, 24), True, None),
+    "non-contiguous": ((7, 2, 24), True, lambda t: t.transpose(0, 1)),
+}
+LAYERS = {  # name -> _pair kwargs
+    "erasure": dict(erasure=0.5),
+    "no erasure": dict(erasure=0.0),
+    "scaled": dict(erasure=0.3, scale=0.7),
+    "plain lora rows": dict(erasure=0.2, blockwise=False),
+    "frozen A": dict(erasure=0.2, frozen_a=True),
+}
+
+
+@pytest.mark.parametrize("layer_case", LAYERS)
+@pytest.mark.parametrize("input_case", INPUTS)
+def test_fused_residual_is_bit_identical_to_the_plain_expressions(layer_case, input_case):
+    fused, ref = _pair(**LAYERS[layer_case])
+    shape, requires_grad, transform = INPUTS[input_case]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g)
+    x = (transform(x) if transform else x).requires_grad_(requires_grad)
+    grad = torch.randn(fused.base(x).shape, generator=g)
+    # the plain expressions fail on a frozen 3-d input when R is every row (an in-place update of
+    # the whole output): there the reference runs on an input that requires grad, same numbers
+    ref_x = x.detach().requires_grad_() if layer_case == "plain lora rows" and not requires_grad else x
+    for seed in (0, 1):
+        got, want = _run(fused, x, grad, seed), _run(ref, ref_x, grad, seed)
+        if ref_x is not x:
+            want[1] = None
+        for name, a, b in zip(("out", "x.grad", "A.grad", "B.grad"), got, want):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert torch.equal(_bits(a), _bits(b)), f"{name} differs ({layer_case}, {input_case})"
+    if LAYERS[layer_case].get("frozen_a"):
+        assert fused.lora_A.grad is None
+
+
+def test_shared_input_gradients_accumulate_in_the_same_order():
+    """One input feeding three layers (q, k, v of an attention) and an upstream parameter: the
+    gradient sums it receives are float additions, whose result depends on their order; the fused
+    node must deliver its contributions in the order the plain expressions did."""
+    def model(cls):
+        torch.manual_seed(11)
+        pre = nn.Linear(24, 24)
+        qkv = [cls(nn.Linear(24, 40), rank=3, num_slots=8, slot=s, erasure=0.3) for s in (1, 4, 6)]
+        for layer in qkv:
+            nn.init.normal_(layer.lora_B)
+        return pre, qkv
+
+    grads = []
+    for cls in (BlockLoRALinear, _Reference):
+        pre, qkv = model(cls)
+        torch.manual_seed(0)
+        h = pre(torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(5)))
+        q, k, v = (layer.train()(h) for layer in qkv)
+        (q @ k.transpose(1, 2) @ v).square().mean().backward()
+        grads.append([pre.weight.grad, pre.bias.grad] + [p.grad for layer in qkv for p in (layer.lora_A, layer.lora_B)])
+    for a, b in zip(*grads):
+        assert torch.equal(_bits(a), _bits(b))
+
+
+def test_training_steps_are_bit_identical_to_the_plain_expressions(monkeypatch):
+    """Through the real trainer on the tiny UNet (inputs shared by q/k/v, erasure, AdamW): two steps
+    with the fused node and two with the plain expressions leave the very same adapter and trigger."""
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    trained = []
+    for forward in (BlockLoRALinear.forward, _Reference.forward):
+        monkeypatch.setattr(BlockLoRALinear, "forward", forward)
+        trainer = ConceptTrainer(load_base("tiny"), AdapterConfig(erasure=0.3), TrainConfig(resolution=32, seed=2),
+                                 slot=3, name="pet", class_word="dog")
+        losses = [trainer.step(images, [None]) for _ in range(2)]
+        trained.append((losses, [p.detach().clone() for g in trainer.opt.param_groups for p in g["params"]]))
+    (losses, params), (ref_losses, ref_params) = trained
+    assert losses == ref_losses
+    assert len(params) == len(ref_params) and all(torch.equal(_bits(a), _bits(b)) for a, b in zip(params, ref_params))

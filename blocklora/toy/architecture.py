@@ -29,11 +29,15 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_unet() -> UNet2DConditionModel:
-    """Cross-attention at every level; the narrowest projection still has 32 >= 16 rows for slots."""
+def build_unet(width: int = 32) -> UNet2DConditionModel:
+    """Cross-attention at every level, `width` channels at the first and doubling per level.
+
+    A slot owns width / K rows of the narrowest projection: at the committed width 32 and K = 16
+    slots that is 2 rows (SD1.5's 320 gives 20), which caps what a concept's weights can learn
+    (docs/results, concept capacity); a GPU run can afford a wider base."""
     return UNet2DConditionModel(
         sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64, 128), norm_num_groups=8, attention_head_dim=8,
+        block_out_channels=(width, 2 * width, 4 * width), norm_num_groups=8, attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=64,
     )

@@ -10,6 +10,12 @@
   reference pictures.
 - `text_alignment` is the CLIP-T analogue: does the picture show the size and background the rest
   of the prompt asked for? Background is read at the border, size from the object's extent.
+- `shape_alignment` is what colours cannot say: does the object have the concept's silhouette? The
+  colour descriptor scores a picture of the concept's palette with no shape at all (colour soup from
+  an over-trained adapter, a blob) like the concept itself; the silhouette descriptor reads, ring by
+  ring around the object's centre, how much of each angular sector it fills, keeps the magnitudes of
+  that profile's angular harmonics (so a turned star is still a star) and subtracts their mean over
+  random drawn identities (so what every compact object shares does not count).
 
 It is a fixed descriptor, not a trained network, on purpose: identity in this world *is* colours by
 region, so a descriptor cannot have learned the benchmark's concepts (every concept is unseen to it)
@@ -21,6 +27,7 @@ assigned softly to the toy palette, so blur and slight tints move the score smoo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -47,6 +54,9 @@ class IdentityJudge:
     size_threshold: float = 12.5  # px: object extent between the largest small and the smallest large
     size_softness: float = 0.8  # px
     min_object_px: float = 80.0  # object area below which a picture counts as partly empty (a small star: ~100)
+    shape_rings: tuple[float, ...] = (0.0, 0.5, 0.8, 1.1, 1.5, 2.2, 3.5)  # object radii: core, arms, beyond
+    sectors: int = 24  # angular sectors of the silhouette profile
+    harmonics: int = 7  # angular harmonics kept per ring (0 = the ring's fill; 3, 4, 5 = triangle, cross, star)
 
     def _read(self, images: ImagesLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(palette probabilities (B, H, W, 8), background probabilities (B, 8), object weight (B, H, W),
@@ -86,6 +96,35 @@ class IdentityJudge:
         return (self.embed(generated) @ self.embed(references).T).mean(dim=1)
 
     @torch.no_grad()
+    def silhouette(self, images: ImagesLike) -> torch.Tensor:
+        """(B, rings x harmonics) unit vectors: the object's angular fill profile per ring, as harmonic
+        magnitudes, minus their mean over random drawn identities (`_silhouette_mean`)."""
+        return F.normalize(self._profile(images) - _silhouette_mean(self), dim=1)
+
+    def _profile(self, images: ImagesLike) -> torch.Tensor:
+        _, _, obj, dist = self._read(images)
+        b, h, w = obj.shape
+        yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+        mass = obj.sum((1, 2)).clamp_min(1e-6)
+        cy, cx = (obj * yy).sum((1, 2)) / mass, (obj * xx).sum((1, 2)) / mass
+        r = dist / (mass / np.pi).sqrt().clamp_min(1.0)[:, None, None]  # in radii of a disc of its area
+        angle = torch.atan2(yy - cy[:, None, None], xx - cx[:, None, None])  # (B, H, W)
+        sector = F.one_hot(((angle + np.pi) / (2 * np.pi) * self.sectors).long().clamp(0, self.sectors - 1),
+                           self.sectors).float()  # (B, H, W, K)
+        parts = []
+        for lo, hi in zip(self.shape_rings[:-1], self.shape_rings[1:]):
+            cells = sector * ((r >= lo) & (r < hi)).float()[..., None]
+            fill = (cells * obj[..., None]).sum((1, 2)) / cells.sum((1, 2)).clamp_min(1.0)  # (B, K) in [0, 1]
+            parts.append(torch.fft.rfft(fill, dim=1).abs()[:, :self.harmonics] / self.sectors)
+        return torch.cat(parts, dim=1)
+
+    def shape_alignment(self, generated: ImagesLike, references: ImagesLike) -> torch.Tensor:
+        """(B,): each generated picture's mean silhouette cosine to the references; ~0 for a shape
+        unlike the concept's (or none), ~0.7-0.8 for another drawn picture of it."""
+        return (self.silhouette(generated) @ self.silhouette(references).T).mean(dim=1)
+
+    @torch.no_grad()
     def attribute_probs(self, images: ImagesLike) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 8) background-colour and (B, 2) size probabilities, in COLOUR_NAMES / SIZE_NAMES order.
 
@@ -112,6 +151,14 @@ class IdentityJudge:
     def predict_attributes(self, images: ImagesLike) -> list[Attributes]:
         bg, size = self.attribute_probs(images)
         return [Attributes(SIZE_NAMES[s], COLOUR_NAMES[b]) for b, s in zip(bg.argmax(1).tolist(), size.argmax(1).tolist())]
+
+
+@functools.cache
+def _silhouette_mean(judge: IdentityJudge) -> torch.Tensor:
+    """The mean silhouette profile of 128 drawn pictures of 64 random identities (fixed seeds; none is
+    a benchmark concept), so the descriptor centres on what an ordinary drawn object looks like."""
+    pictures = [im for c in random_identities(64, seed=99) for im in reference_pictures(c, 2, seed=5)]
+    return judge._profile(pictures).mean(dim=0)
 
 
 def load_identity_judge() -> IdentityJudge:
@@ -161,15 +208,19 @@ def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
 
 
 def pair_auc(judge: IdentityJudge, concepts: Sequence[ToyConcept], per_concept: int, seed: int,
-             degraded: bool = False, same_class_only: bool = False) -> float:
+             degraded: bool = False, same_class_only: bool = False, silhouette: bool = False) -> float:
     """Same-concept vs different-concept AUC of the cosine over every pair of fresh drawn pictures.
 
     With `degraded` the pictures first go through `degrade`; with `same_class_only` the negatives are
-    only pairs of different concepts that share a class word (three stars: the hard case)."""
+    only pairs of different concepts that share a class word (three stars: the hard case). With
+    `silhouette` the cosine is the shape descriptor's and a pair is positive when the two share a
+    class word (a shape, whatever its colours)."""
     x = (to_tensor([im for c in concepts for im in reference_pictures(c, per_concept, seed)]) + 1) / 2
-    z = judge.embed(degrade(x, seed) if degraded else x)
-    labels = torch.arange(len(concepts)).repeat_interleave(per_concept)
+    x = degrade(x, seed) if degraded else x
+    z = judge.silhouette(x) if silhouette else judge.embed(x)
     classes = [c.class_word for c in concepts for _ in range(per_concept)]
+    labels = (torch.tensor([sorted(set(classes)).index(k) for k in classes]) if silhouette
+              else torch.arange(len(concepts)).repeat_interleave(per_concept))
     keep = torch.triu(torch.ones(len(z), len(z), dtype=torch.bool), diagonal=1)
     if same_class_only:
         keep &= torch.tensor([[a == b for b in classes] for a in classes])
@@ -213,6 +264,9 @@ def validate(judge: IdentityJudge, count: int = 48, per_concept: int = 4, seed: 
               for name, cs, same_class in (("pair AUC, random identities", randoms, False),
                                            ("pair AUC, benchmark CONCEPTS", CONCEPTS, False),
                                            ("pair AUC, CONCEPTS, negatives of the same class word", CONCEPTS, True))]
+    checks.append(Check("shape pair AUC (silhouette; positive = same class word), random identities", len(randoms),
+                        pair_auc(judge, randoms, per_concept, seed, silhouette=True),
+                        pair_auc(judge, randoms, per_concept, seed, True, silhouette=True)))
     clean, degraded = (attribute_accuracy(judge, randoms, per_concept, seed, d) for d in (False, True))
     checks.append(Check("background accuracy, random identities", len(randoms), clean[0], degraded[0]))
     checks.append(Check("size accuracy, random identities", len(randoms), clean[1], degraded[1]))

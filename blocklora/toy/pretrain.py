@@ -216,7 +216,7 @@ def pretrain(cfg: PretrainConfig, work_dir: Path) -> tuple[StableDiffusionPipeli
 
     A finished run trains nothing again; it only rebuilds the pipeline from its checkpoints."""
     torch.manual_seed(cfg.seed)
-    vae, unet, te = build_vae(), build_unet(), build_text_encoder()  # init drawn from the seed, in this order
+    vae, unet, te = build_vae(), build_unet(cfg.unet_width), build_text_encoder()  # init drawn from the seed, in this order
     for m in (vae, unet, te):
         m.to(cfg.device)
     run = Run(work_dir, cfg.device)

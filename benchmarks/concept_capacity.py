@@ -1,0 +1,164 @@
+"""What one concept can learn on a base, by adapter capacity and recipe: is the base or the adapter the limit?
+
+    python -m benchmarks.concept_capacity           # ember (a star) and lagoon (a circle), 5 recipes, ~25 CPU-min
+
+Each recipe trains each concept alone (the main job's recipe otherwise: 300 steps, lr 5e-3, token lr
+5e-2, batch 2, its own slot), then samples its prompt ("a large {trigger} star on a … background") with
+8 seeds and scores image alignment (the identity judge: colours by ring) and shape alignment (the
+silhouette) against drawn reference pictures; beside them the base on the class prompt and the default
+recipe's trigger embedding with no weights. Intervals are paired bootstraps over (concept, seed).
+Rows per slot: the smallest and largest block of rows one concept owns in a target layer.
+Writes docs/results/concept-capacity/{sheet.png, result.json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.common import RESULTS_DIR, emit, environment
+from benchmarks.retention import Progress, Trainings, Variant
+from benchmarks.retention_eval import EvalConfig, phrase, sample
+from benchmarks.world import load_world
+from blocklora.base import default_base_spec, load_base
+from blocklora.baselines import residual_applied
+from blocklora.config import TOY_BASE_TRAIN, UNET_TARGETS, AdapterConfig, TrainConfig
+from blocklora.generate import contact_sheet
+from blocklora.inject import layout
+from blocklora.partition import row_block
+from blocklora.stats import Interval, paired_bootstrap
+
+FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")  # GEGLU in (8x channels out) and out of each transformer block
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    label: str
+    adapter: dict  # overrides of AdapterConfig()
+    train: dict  # overrides of the main job's recipe
+
+
+RECIPES: dict[str, Recipe] = {
+    "default": Recipe("attention, 16 slots (the default)", {}, {}),
+    "every-row": Recipe("attention, 1 slot (every row)", {"num_slots": 1}, {}),
+    "feed-forward": Recipe("attention + feed-forward, 16 slots", {"unet_targets": UNET_TARGETS + FEED_FORWARD}, {}),
+    "lr-x4": Recipe("attention, 16 slots, lr x4", {}, {"lr": 4 * TOY_BASE_TRAIN.lr}),
+    "rare-token": Recipe("fixed rare token, weights only", {}, {"token_lr": 0.0, "token_init": "rare"}),
+}
+CONCEPT_NAMES = ("ember", "lagoon")
+SHOWN = 3  # pictures per concept on the sheet
+
+
+def rows_per_slot(pipe, adapter: AdapterConfig) -> tuple[int, int]:
+    """(fewest, most) rows one slot owns in any target layer of the pipeline."""
+    sizes = [row_block(m, adapter.num_slots, 0).stop for m, _ in layout(pipe, adapter).values()]
+    return min(sizes), max(sizes)
+
+
+def mean_of(a: np.ndarray) -> float:
+    return float(np.mean(a))
+
+
+def run(base_spec: str, names: tuple[str, ...], recipes: list[Recipe], cfg: EvalConfig,
+        train: TrainConfig, cache: Path, out: Path) -> dict:
+    base = load_base(base_spec, device="cpu")
+    world = load_world()
+    index = {c.name: i for i, c in enumerate(world.concepts)}
+    concepts = [world.concepts[index[n]] for n in names]
+    refs = [world.references(c, cfg.references, seed=0) for c in concepts]
+    seeds = list(cfg.seeds)
+    progress = Progress(total=len(recipes) * len(concepts))
+    trainings = Trainings(base, world, cache, progress)
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    sheet: list[tuple[str, list[Image.Image]]] = [
+        ("training pictures", [p for c in concepts for p, _ in world.training(c)[:SHOWN]])]
+
+    def score(label: str, pictures: list[torch.Tensor]) -> None:
+        """pictures[i]: concept i's (seeds, 3, H, W) in [0, 1]."""
+        ia = np.stack([world.image_alignment(p, r).numpy() for p, r in zip(pictures, refs)])
+        sa = np.stack([world.shape_alignment(p, r).numpy() for p, r in zip(pictures, refs)])
+        scores[label] = {"image_alignment": ia, "shape_alignment": sa}
+        sheet.append((f"{label}: IA {ia.mean():.2f}, shape {sa.mean():.2f}",
+                      [to_pil(x) for p in pictures for x in p[:SHOWN]]))
+
+    score("base, class prompt", [sample(base, [world.class_prompt(c, world.identity_attributes(c))] * len(seeds),
+                                        seeds, cfg) for c in concepts])
+    info = {}
+    for recipe in recipes:
+        label = recipe.label
+        v = Variant(label, dataclasses.replace(AdapterConfig(), **recipe.adapter), dataclasses.replace(train, **recipe.train))
+        arts = [trainings.concept(v, 1.0, index[c.name]) for c in concepts]
+        pictures = []
+        for c, art in zip(concepts, arts):
+            with residual_applied(base, v.adapter, {k: art.delta(k) for k in art.meta.layout}, [art]):
+                pictures.append(sample(base, [world.instance_prompt(c, phrase(art), world.identity_attributes(c))]
+                                       * len(seeds), seeds, cfg))
+        score(label, pictures)
+        info[label] = {"rows_per_slot": rows_per_slot(base.pipe, v.adapter), "adapter": dataclasses.asdict(v.adapter),
+                       "train": dataclasses.asdict(v.train)}
+        if not recipe.adapter and not recipe.train:  # the default recipe's trigger embeddings alone
+            pictures = []
+            for c, art in zip(concepts, arts):
+                with residual_applied(base, v.adapter, {}, [art]):
+                    pictures.append(sample(base, [world.instance_prompt(c, phrase(art), world.identity_attributes(c))]
+                                           * len(seeds), seeds, cfg))
+            score("default's trigger embedding, no weights", pictures)
+    out.mkdir(parents=True, exist_ok=True)
+    contact_sheet(sheet, cell=96).save(out / "sheet.png")
+    base_ia = scores["base, class prompt"]
+    table = {label: {"image_alignment": _ci(s["image_alignment"]).__dict__,
+                     "shape_alignment": _ci(s["shape_alignment"]).__dict__,
+                     "image_alignment_minus_base": paired_bootstrap([s["image_alignment"], base_ia["image_alignment"]],
+                                                                    lambda a, b: mean_of(a) - mean_of(b)).__dict__,
+                     **info.get(label, {})} for label, s in scores.items()}
+    return {"benchmark": "concept_capacity", "env": environment("cpu", torch.float32), "base": base_spec,
+            "concepts": list(names), "eval": dataclasses.asdict(cfg), "seconds": time.perf_counter() - progress.t0,
+            "results": table}
+
+
+def _ci(a: np.ndarray) -> Interval:
+    return paired_bootstrap([a], mean_of)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> a PIL picture."""
+    return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default=None, help="a diffusers folder; default: the committed toy base")
+    p.add_argument("--concepts", default=",".join(CONCEPT_NAMES), help="names from blocklora.toy.concepts.CONCEPTS")
+    p.add_argument("--recipes", default=",".join(RECIPES),
+                   help="comma-separated subset of: " + "; ".join(f"{k} ({r.label})" for k, r in RECIPES.items()))
+    p.add_argument("--seeds", type=int, default=8, help="sampling seeds per concept")
+    p.add_argument("--steps", type=int, default=TOY_BASE_TRAIN.steps, help="training steps per concept")
+    p.add_argument("--gen-steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "concept-capacity")
+    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "blocklora-capacity-cache")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    chosen = [r for r in args.recipes.split(",") if r]
+    unknown = [r for r in chosen if r not in RECIPES]
+    if unknown:
+        raise SystemExit(f"unknown recipe(s) {unknown}; known: {list(RECIPES)}")
+    train = dataclasses.replace(TOY_BASE_TRAIN, steps=args.steps, checkpoint_every=0)
+    cfg = EvalConfig(ns=(1,), seeds=tuple(range(args.seeds)), steps=args.gen_steps, guidance=args.guidance)
+    result = run(args.base or default_base_spec(), tuple(args.concepts.split(",")), [RECIPES[r] for r in chosen],
+                 cfg, train, args.cache, args.out)
+    (args.out / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=float))
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
