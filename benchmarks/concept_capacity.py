@@ -113,11 +113,14 @@ def run(base_spec: str, names: tuple[str, ...], recipes: list[Recipe], cfg: Eval
             score("default's trigger embedding, no weights", pictures)
     out.mkdir(parents=True, exist_ok=True)
     contact_sheet(sheet, cell=96).save(out / "sheet.png")
-    base_ia = scores["base, class prompt"]
+    base_ia = scores["base, class prompt"]["image_alignment"]
+    default = scores.get(RECIPES["default"].label)
     table = {label: {"image_alignment": _ci(s["image_alignment"]).__dict__,
                      "shape_alignment": _ci(s["shape_alignment"]).__dict__,
-                     "image_alignment_minus_base": paired_bootstrap([s["image_alignment"], base_ia["image_alignment"]],
-                                                                    lambda a, b: mean_of(a) - mean_of(b)).__dict__,
+                     "image_alignment_minus_base": _minus(s["image_alignment"], base_ia),
+                     "image_alignment_minus_default": (_minus(s["image_alignment"], default["image_alignment"])
+                                                       if default else None),
+                     "per_concept": {n: {k: float(v[i].mean()) for k, v in s.items()} for i, n in enumerate(names)},
                      **info.get(label, {})} for label, s in scores.items()}
     return {"benchmark": "concept_capacity", "env": environment("cpu", torch.float32), "base": base_spec,
             "concepts": list(names), "eval": dataclasses.asdict(cfg), "seconds": time.perf_counter() - progress.t0,
@@ -126,6 +129,11 @@ def run(base_spec: str, names: tuple[str, ...], recipes: list[Recipe], cfg: Eval
 
 def _ci(a: np.ndarray) -> Interval:
     return paired_bootstrap([a], mean_of)
+
+
+def _minus(a: np.ndarray, b: np.ndarray) -> dict:
+    """Paired difference of means (same concepts, same seeds) with its interval."""
+    return paired_bootstrap([a, b], lambda x, y: mean_of(x) - mean_of(y)).__dict__
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
