@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from federation.procfs import descendants
+from federation.procfs import argv, descendants
 
 VENV_BIN = Path(sys.executable).parent
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
@@ -187,13 +187,22 @@ class LocalCluster:
                 pass
 
     def stop(self, grace_s: float = 30) -> None:
-        """End the worker nodes (SIGKILL: they hold no state, and `ray start --block` can take some
-        30 s over SIGTERM), then the head's process group: SIGTERM, up to `grace_s` to end, then
-        SIGKILL for whatever is left (a test cluster whose state is on disk need not wait long)."""
+        """End the worker nodes (SIGKILL: they hold no state), then the head in Ray's own order: SIGTERM
+        to the raylet, which ends its workers and signs off with the GCS while the GCS is still there
+        (about a second; against a GCS already gone it retries for some 10 s), then to the rest of the
+        group, then SIGKILL for whatever is left once the GCS has exited or `grace_s` has passed.
+        Waiting for these two, not for `ray start --block` itself, is what keeps a stop short: that
+        process stays blocked on the autoscaler's monitor for as long as it is given."""
         for name in list(self.nodes):
             self.kill_node(name)
         if self.proc is not None:
-            _end_group(self.proc, (signal.SIGTERM, signal.SIGKILL), grace_s)
+            deadline = time.monotonic() + grace_s
+            for pid in _daemons(self.proc.pid, "raylet"):
+                os.kill(pid, signal.SIGTERM)
+            _wait_gone(self.proc.pid, "raylet", deadline)
+            _signal_group(self.proc, signal.SIGTERM)
+            _wait_gone(self.proc.pid, "gcs_server", deadline)
+            _end_group(self.proc, (signal.SIGKILL,))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> "LocalCluster":
@@ -203,18 +212,42 @@ class LocalCluster:
         self.stop()
 
 
+def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> bool:
+    """Send `sig` to the process group `proc` leads (all of it: a leader that has exited may leave
+    members behind); False when the group is gone."""
+    try:
+        os.killpg(proc.pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def _end_group(proc: subprocess.Popen, signals: tuple[signal.Signals, ...], wait_s: float = 30) -> None:
-    """Send each signal in turn to the process group `proc` leads (all of them: a leader that has
-    exited may leave members behind), waiting up to `wait_s` for the leader after each."""
+    """Send each signal in turn to the process group `proc` leads, waiting up to `wait_s` for the
+    leader after each."""
     for sig in signals:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+        if not _signal_group(proc, sig):
             break
         try:
             proc.wait(wait_s)
         except subprocess.TimeoutExpired:
             pass
+
+
+def _daemons(leader: int, name: str) -> list[int]:
+    """The living processes below `leader` whose program is `name` (a zombie has no command line)."""
+    found = []
+    for pid in descendants(leader):
+        cmd = argv(pid)
+        if cmd and Path(cmd[0]).name == name:
+            found.append(pid)
+    return found
+
+
+def _wait_gone(leader: int, name: str, deadline: float) -> None:
+    """Poll (bounded by `deadline`) until no process `name` lives below `leader`."""
+    while _daemons(leader, name) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def shaped_like_cluster_yaml(workers: dict[str, int], cwd: Path | None = None, num_cpus: int = 1,

@@ -226,6 +226,9 @@ def test_coordinator_killed_mid_upload_and_removal(fed):
 
 def test_generator_replica_killed_under_traffic(fed):
     app = fed.http
+    live = {c["name"] for c in app.get("/v1/concepts").json()["concepts"]}
+    for i, name in enumerate(("steady0", "steady1")[:max(0, 2 - len(live))]):  # run alone: nothing live yet
+        fed.arts[name] = submit_new(fed.actor, fed.base, fed.token, name, seed=30 + i)
     version = app.get("/v1/concepts").json()["version"]
     names = sorted(c["name"] for c in app.get("/v1/concepts").json()["concepts"])[:2]
     bodies = [{"prompt": "a photo of a dog"}, {"prompt": f"a photo of {{{names[0]}}}"},
