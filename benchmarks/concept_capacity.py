@@ -1,6 +1,7 @@
 """What one concept can learn on a base, by adapter capacity and recipe: is the base or the adapter the limit?
 
     python -m benchmarks.concept_capacity           # ember (a star) and lagoon (a circle), 5 recipes, ~25 CPU-min
+    python -m benchmarks.concept_capacity --quick   # CI: one concept, two recipes, 2 steps (structure only)
 
 Each recipe trains each concept alone (the main job's recipe otherwise: 300 steps, lr 5e-3, token lr
 5e-2, batch 2, its own slot), then samples its prompt ("a large {trigger} star on a … background") with
@@ -55,6 +56,7 @@ RECIPES: dict[str, Recipe] = {
 }
 CONCEPT_NAMES = ("ember", "lagoon")
 SHOWN = 3  # pictures per concept on the sheet
+QUICK = dict(concepts="ember", recipes="default,every-row", steps=2, seeds=2, gen_steps=2)  # CI: structure only
 
 
 def rows_per_slot(pipe, adapter: AdapterConfig) -> tuple[int, int]:
@@ -152,10 +154,13 @@ def main() -> None:
     p.add_argument("--gen-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="CI: ember, default and every-row, 2 steps, 2 seeds")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "concept-capacity")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "blocklora-capacity-cache")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.quick:
+        args = argparse.Namespace(**{**vars(args), **QUICK})
     chosen = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in chosen if r not in RECIPES]
     if unknown:
@@ -164,6 +169,7 @@ def main() -> None:
     cfg = EvalConfig(ns=(1,), seeds=tuple(range(args.seeds)), steps=args.gen_steps, guidance=args.guidance)
     result = run(args.base or default_base_spec(), tuple(args.concepts.split(",")), [RECIPES[r] for r in chosen],
                  cfg, train, args.cache, args.out)
+    result["quick"] = args.quick
     (args.out / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=float))
     emit(result)
 

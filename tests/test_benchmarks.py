@@ -125,3 +125,18 @@ def test_gpu_suite_quick_writes_json_and_table(tmp_path):
     assert abs(mixed["loss_ratio"] - 1) < mixed["target"] and 0 < mixed["lora_b_rel_diff"] < 1
     table = (tmp_path / "suite.md").read_text()
     assert "| e2e_fp16 |" in table and "| mixed_bf16 |" in table
+
+
+def test_concept_capacity_quick_scores_each_recipe(tmp_path):
+    r = run_quick("concept_capacity", tmp_path / "out", "--cache", str(tmp_path / "cache"))
+    results = r["results"]
+    assert set(results) == {"base, class prompt", "default's trigger embedding, no weights",
+                            "attention, 16 slots (the default)", "attention, 1 slot (every row)"}
+    # the toy UNet's attention projections have 32-128 rows: 2-8 per slot at 16 slots, all at 1
+    assert results["attention, 16 slots (the default)"]["rows_per_slot"] == [2, 8]
+    assert results["attention, 1 slot (every row)"]["rows_per_slot"] == [32, 128]
+    for scores in results.values():
+        assert set(scores["per_concept"]) == {"ember"}
+        assert -1 <= scores["shape_alignment"]["estimate"] <= 1 and 0 <= scores["image_alignment"]["estimate"] <= 1
+    assert results["attention, 16 slots (the default)"]["image_alignment_minus_default"]["estimate"] == 0
+    assert (tmp_path / "out" / "sheet.png").exists()
