@@ -18,7 +18,7 @@ import torch
 
 from blocklora.atomic import atomic_write
 from blocklora.config import AdapterConfig
-from blocklora.partition import row_block
+from blocklora.partition import block_delta, row_block
 from blocklora.safefile import InvalidFile, read_safetensors, write_safetensors
 from blocklora.schema import SchemaError, check_text, parse
 from blocklora.tokens import trigger_names
@@ -148,7 +148,7 @@ class ConceptArtifact:
     def delta_rows(self, key: str) -> torch.Tensor:
         """The non-zero rows of dW for `key`: B_R A, shape (|R|, n)."""
         a, b_rows = self.factors(key)
-        return b_rows @ a
+        return block_delta(b_rows, a)
 
     def delta(self, key: str) -> torch.Tensor:
         """The exact dense dW = (M ⊙ B) A for `key`, shape (m, n)."""

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from blocklora.artifact import ConceptArtifact
+from blocklora.partition import block_delta
 
 
 class MergedFactors:
@@ -52,7 +53,7 @@ class MergedFactors:
         for key, (m, n) in self.layout.items():
             dw = torch.zeros(m, n, dtype=self.dtype)
             for rows, a, b_rows, s in self._scaled(key, scales):
-                dw[rows] += s * (b_rows @ a)  # (|R|, n)
+                dw[rows] += s * block_delta(b_rows, a)  # (|R|, n)
             out[key] = dw
         return out
 

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from blocklora.partition import row_block
+from blocklora.partition import block_delta, row_block
 
 
 def _mm_grads(grad: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor,
@@ -131,7 +131,7 @@ class BlockLoRALinear(nn.Module):
 
     def delta_rows(self) -> torch.Tensor:
         """The rows R of scale · dW that can be non-zero: scale · B_R A, shape (|R|, n)."""
-        return self.scale * (self.lora_B @ self.lora_A)
+        return self.scale * block_delta(self.lora_B, self.lora_A)
 
     def delta_weight(self) -> torch.Tensor:
         """The exact scale · dW = scale · (M ⊙ B) A as a dense m x n matrix (rows outside R are zero)."""

@@ -8,8 +8,9 @@ Speed: a UNet has ~100+ target linears but only a handful of distinct shapes (SD
 shapes), so the per-layer work is batched per shape group: one stacked A, one stacked B_R, one
 `bmm` for every ΔW rows of the group, one stack for the saved rows and one foreach add/copy into
 the weights. An add or remove costs a few ops per group plus its rows' memory traffic, not a
-Python round trip per layer. `bmm` takes the same GEMM path as each layer's own `B_R @ A` (checked
-bit for bit in tests/test_merge.py), so a merge equals the dense W0 + Σ α dW exactly.
+Python round trip per layer. Each layer's own ΔW rows go through the same `bmm` on a batch of one
+(`partition.block_delta`; `mm` rounds differently on some CPUs), checked bit for bit in
+tests/test_merge.py, so a merge equals the dense W0 + Σ α dW exactly.
 """
 
 from __future__ import annotations
