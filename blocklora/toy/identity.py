@@ -102,8 +102,9 @@ class IdentityJudge:
         return F.normalize(self._profile(images) - _silhouette_mean(self), dim=1)
 
     def _profile(self, images: ImagesLike) -> torch.Tensor:
+        """(B, rings x harmonics): per ring, |rfft| over the sectors of the share of each sector the object fills."""
         _, _, obj, dist = self._read(images)
-        b, h, w = obj.shape
+        h, w = obj.shape[1:]
         yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
                                 indexing="ij")
         mass = obj.sum((1, 2)).clamp_min(1e-6)
