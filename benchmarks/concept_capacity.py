@@ -28,6 +28,7 @@ from PIL import Image
 from benchmarks.common import RESULTS_DIR, emit, environment
 from benchmarks.retention import Progress, Trainings, Variant
 from benchmarks.retention_eval import EvalConfig, phrase, sample
+from benchmarks.retention_report import ci
 from benchmarks.world import load_world
 from blocklora.base import default_base_spec, load_base
 from blocklora.baselines import residual_applied
@@ -35,7 +36,7 @@ from blocklora.config import TOY_BASE_TRAIN, UNET_TARGETS, AdapterConfig, TrainC
 from blocklora.generate import contact_sheet
 from blocklora.inject import layout
 from blocklora.partition import row_block
-from blocklora.stats import Interval, paired_bootstrap
+from blocklora.stats import mean_diff, paired_bootstrap
 
 FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")  # GEGLU in (8x channels out) and out of each transformer block
 
@@ -63,10 +64,6 @@ def rows_per_slot(pipe, adapter: AdapterConfig) -> tuple[int, int]:
     """(fewest, most) rows one slot owns in any target layer of the pipeline."""
     sizes = [row_block(m, adapter.num_slots, 0).stop for m, _ in layout(pipe, adapter).values()]
     return min(sizes), max(sizes)
-
-
-def mean_of(a: np.ndarray) -> float:
-    return float(np.mean(a))
 
 
 def run(base_spec: str, names: tuple[str, ...], recipes: list[Recipe], cfg: EvalConfig,
@@ -117,8 +114,8 @@ def run(base_spec: str, names: tuple[str, ...], recipes: list[Recipe], cfg: Eval
     contact_sheet(sheet, cell=96).save(out / "sheet.png")
     base_ia = scores["base, class prompt"]["image_alignment"]
     default = scores.get(RECIPES["default"].label)
-    table = {label: {"image_alignment": _ci(s["image_alignment"]).__dict__,
-                     "shape_alignment": _ci(s["shape_alignment"]).__dict__,
+    table = {label: {"image_alignment": ci(s["image_alignment"]).__dict__,
+                     "shape_alignment": ci(s["shape_alignment"]).__dict__,
                      "image_alignment_minus_base": _minus(s["image_alignment"], base_ia),
                      "image_alignment_minus_default": (_minus(s["image_alignment"], default["image_alignment"])
                                                        if default else None),
@@ -129,13 +126,9 @@ def run(base_spec: str, names: tuple[str, ...], recipes: list[Recipe], cfg: Eval
             "results": table}
 
 
-def _ci(a: np.ndarray) -> Interval:
-    return paired_bootstrap([a], mean_of)
-
-
 def _minus(a: np.ndarray, b: np.ndarray) -> dict:
     """Paired difference of means (same concepts, same seeds) with its interval."""
-    return paired_bootstrap([a, b], lambda x, y: mean_of(x) - mean_of(y)).__dict__
+    return paired_bootstrap([a, b], mean_diff).__dict__
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
