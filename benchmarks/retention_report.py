@@ -94,7 +94,7 @@ def report(results: dict, labels: dict[str, str], factors: dict[str, float], cal
             "ia_floor": ci(r["ia_floor"]) if "ia_floor" in r else NO_INTERVAL,
             "ia_token": ci(r["ia_token"]) if "ia_token" in r else NO_INTERVAL,
             "ia_1": ci(r["ia"][1]), f"ia_{top}": ci(r["ia"][top]), "ia_kept": kept,
-            "sa_1": ci(r["sa"][1]), f"sa_{top}": ci(r["sa"][top]),
+            **{f"sa_{n}": ci(r["sa"][n]) if "sa" in r else NO_INTERVAL for n in (1, top)},
             "ta_1": ci(r["ta"][1]), f"ta_{top}": ci(r["ta"][top]),
             "drift_1": ci(r["drift"][1]), f"drift_{top}": ci(r["drift"][top]),
             "eps_loss_base": float(np.mean(r["eps_loss"]["base"])), "eps_loss_1": float(np.mean(r["eps_loss"][1])),
@@ -105,7 +105,7 @@ def report(results: dict, labels: dict[str, str], factors: dict[str, float], cal
         for n, a in r["ia"].items():
             for (c, s), v in np.ndenumerate(a):
                 long_rows.append({"method": name, "N": n, "concept": c, "seed": cfg.seeds[s], "image_alignment": v,
-                                  "shape_alignment": r["sa"][n][c, s] if n in r["sa"] else "",
+                                  "shape_alignment": r["sa"][n][c, s] if n in r.get("sa", {}) else "",
                                   "text_alignment": r["ta"][n][c, s] if n in r["ta"] else "",
                                   "prior_drift": r["drift"][n][c, s] if n in r["drift"] else ""})
     write_csv(out / "scores.csv", long_rows)

@@ -10,6 +10,8 @@ what losing that machine looks like to Ray (its raylet and every worker on it go
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import secrets
@@ -198,7 +200,8 @@ class LocalCluster:
         if self.proc is not None:
             deadline = time.monotonic() + grace_s
             for pid in _daemons(self.proc.pid, "raylet"):
-                os.kill(pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):  # it may end between listing and signal
+                    os.kill(pid, signal.SIGTERM)
             _wait_gone(self.proc.pid, "raylet", deadline)
             _signal_group(self.proc, signal.SIGTERM)
             _wait_gone(self.proc.pid, "gcs_server", deadline)
