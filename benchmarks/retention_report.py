@@ -23,8 +23,8 @@ MAIN_ARMS = {  # BlockLoRA arm -> its (no erasure, no blocks) ablations under th
 KEEP, GAP, TEXT_SLACK, STRENGTH_SPREAD = 0.95, 0.10, 0.05, 0.10  # the thresholds
 
 
-def mean_of(a: np.ndarray) -> float:
-    return float(np.mean(a))
+def mean_of(a: np.ndarray) -> float | np.ndarray:
+    return np.mean(a, axis=(-2, -1))
 
 
 def ci(a: np.ndarray) -> Interval:

@@ -23,7 +23,8 @@ def add_slot_tokens(base: Base, num_slots: int, tokens_per_concept: int) -> None
     names = [n for k in range(num_slots) for n in trigger_names(k, tokens_per_concept)]
     for comp, te in base.text_encoders.items():
         tok = base.tokenizers[comp]
-        missing = [n for n in names if n not in tok.get_vocab()]
+        vocab = tok.get_vocab()  # builds a 49k-entry dict on every call: once per tokenizer, not per name
+        missing = [n for n in names if n not in vocab]
         if not missing:
             continue
         if len(missing) != len(names):
