@@ -66,9 +66,9 @@ def paired_bootstrap(arrays: Sequence[np.ndarray], statistic: Callable[..., floa
     the same pictures' prompts and noise. Concepts are the unit that generalises; seeds only add
     sampling noise, which the inner level keeps in the interval.
 
-    `statistic` reduces the last two axes (as `mean_diff` does), so every draw is scored in one call
-    on (draws, concepts, seeds) stacks: a report computes hundreds of intervals, and a Python call
-    per draw made them a minute of CPU.
+    All draws are made and scored at once: `statistic` reduces the last two axes (as `mean_diff`
+    does) of (draws, concepts, seeds) stacks. A report computes hundreds of intervals, and a Python
+    call per draw made them a minute of CPU.
     """
     arrays = [np.asarray(a, dtype=np.float64) for a in arrays]
     shape = arrays[0].shape
@@ -76,10 +76,8 @@ def paired_bootstrap(arrays: Sequence[np.ndarray], statistic: Callable[..., floa
         raise ValueError(f"paired arrays must all be (concepts, seeds); got {[a.shape for a in arrays]}")
     rng = np.random.default_rng(seed)
     c, s = shape
-    rows, cols = np.empty((draws, c, 1), dtype=np.int64), np.empty((draws, c, s), dtype=np.int64)
-    for k in range(draws):  # draw by draw: the same random stream whatever the batch
-        rows[k] = rng.integers(c, size=c)[:, None]
-        cols[k] = rng.integers(s, size=(c, s))  # seeds redrawn within each drawn concept
+    rows = rng.integers(c, size=(draws, c, 1))  # concepts drawn with replacement
+    cols = rng.integers(s, size=(draws, c, s))  # seeds redrawn within each drawn concept
     stats = np.asarray(statistic(*(a[rows, cols] for a in arrays)))
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(stats, [tail, 100 - tail])

@@ -9,12 +9,11 @@ from blocklora.stats import mean_diff, mean_ratio, paired_bootstrap
 
 
 def per_draw(arrays, statistic, draws=2000, seed=0):
-    """The definition, one resample at a time: concepts with replacement, then seeds within each."""
+    """The definition, one resample at a time (the same seeded indices): concepts with replacement,
+    then seeds within each drawn concept, the statistic of each resample."""
     rng, (c, s) = np.random.default_rng(seed), arrays[0].shape
-    out = []
-    for _ in range(draws):
-        rows, cols = rng.integers(c, size=c)[:, None], rng.integers(s, size=(c, s))
-        out.append(float(statistic(*(a[rows, cols] for a in arrays))))
+    rows, cols = rng.integers(c, size=(draws, c, 1)), rng.integers(s, size=(draws, c, s))
+    out = [float(statistic(*(a[rows[k], cols[k]] for a in arrays))) for k in range(draws)]
     return np.percentile(out, [2.5, 97.5])
 
 
