@@ -172,11 +172,12 @@ class PretrainConfig:
     checkpoint_every: int = knob(100, "steps between checkpoints")
     sample_every: int = knob(1000, "denoiser steps between sample grids")
     eval_seeds: int = knob(8, "judge pictures per (shape, colour) pair in the card")
+    sample_steps: int = knob(20, "DDIM steps of the card's and the progress grids' pictures and the judge's")
     note: str = knob("", "text for the model card, e.g. what changed when a run was resumed")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "vae_steps", "vae_batch", "threads", "checkpoint_every", "sample_every",
-                     "eval_seeds"):
+                     "eval_seeds", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.data_workers < 0:

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def pretrain(work: Path, out: Path, steps: int) -> None:
     cmd = [sys.executable, "jobs/pretrain_base.py", "--work-dir", str(work), "--out", str(out),
            "--steps", str(steps), "--vae-steps", "2", "--batch", "2", "--vae-batch", "2",
-           "--checkpoint-every", "1", "--sample-every", "1000", "--eval-seeds", "1",
+           "--checkpoint-every", "1", "--sample-every", "1000", "--eval-seeds", "1", "--sample-steps", "2",
            "--unet-width", "16"]  # half the committed width: the flag reaches the exported UNet, and it is faster
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
@@ -47,6 +47,7 @@ def test_pretrain_resumes_and_exports_a_loadable_base(tmp_path: Path) -> None:
 
     card = (out / "README.md").read_text()
     assert "| 3 | 2 |" in card and all(p in card for p in GRID_PROMPTS) and "| chance |" in card
+    assert "DDIM 2 steps" in card  # --sample-steps reaches the card (its default, 20, is the committed sampler)
     grid = Image.open(out / SAMPLES_FILE)
     assert grid.size == (64 * len(GRID_SEEDS), 64 * len(GRID_PROMPTS))
     assert Image.open(out / "loss.png").size[0] > 0

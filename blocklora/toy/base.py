@@ -12,9 +12,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from blocklora.config import PretrainConfig
+
 TOY_BASE_DIR = Path(__file__).resolve().parents[2] / "models" / "toy-base"
 SAMPLES_FILE = "samples.png"
-SAMPLE_STEPS, GUIDANCE = 20, 5.0  # DDIM steps and classifier-free guidance scale
+SAMPLE_STEPS = PretrainConfig.sample_steps  # DDIM steps of the card's sampler (the config's default)
+GUIDANCE = 5.0  # its classifier-free guidance scale
 # One grid row per prompt, one column per seed; the last two pairs are held out of training.
 GRID_PROMPTS: tuple[str, ...] = (
     "a large red circle on a white background", "a small blue square on a yellow background",
@@ -26,7 +29,7 @@ GRID_SEEDS: tuple[int, ...] = (0, 1, 2, 3)
 
 
 @torch.no_grad()
-def draw(pipe, jobs: list[tuple[str, int]], chunk: int = 16) -> list[Image.Image]:
+def draw(pipe, jobs: list[tuple[str, int]], steps: int = SAMPLE_STEPS, chunk: int = 16) -> list[Image.Image]:
     """One picture per (prompt, seed), each from its own `torch.Generator().manual_seed(seed)`.
 
     Per-picture generators make a picture independent of its batch-mates and of `chunk`.
@@ -35,15 +38,15 @@ def draw(pipe, jobs: list[tuple[str, int]], chunk: int = 16) -> list[Image.Image
     images: list[Image.Image] = []
     for i in range(0, len(jobs), chunk):
         part = jobs[i:i + chunk]
-        images += pipe([p for p, _ in part], num_inference_steps=SAMPLE_STEPS, guidance_scale=GUIDANCE,
+        images += pipe([p for p, _ in part], num_inference_steps=steps, guidance_scale=GUIDANCE,
                        generator=[torch.Generator().manual_seed(s) for _, s in part],
                        height=size, width=size).images
     return images
 
 
-def sample_grid(pipe) -> Image.Image:
+def sample_grid(pipe, steps: int = SAMPLE_STEPS) -> Image.Image:
     """The model card's grid: a row per prompt in GRID_PROMPTS, a column per seed in GRID_SEEDS."""
-    images = draw(pipe, [(p, s) for p in GRID_PROMPTS for s in GRID_SEEDS])
+    images = draw(pipe, [(p, s) for p in GRID_PROMPTS for s in GRID_SEEDS], steps)
     w, h = images[0].size
     grid = Image.new("RGB", (w * len(GRID_SEEDS), h * len(GRID_PROMPTS)))
     for i, im in enumerate(images):

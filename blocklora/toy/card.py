@@ -60,7 +60,7 @@ def plot_loss(csv_path: Path, png: Path) -> dict[str, float]:
 
 def command(cfg: PretrainConfig) -> str:
     """The flags that decide the weights, as they were set: what to type to train this base again."""
-    return " ".join(to_argv(cfg, skip=("checkpoint_every", "sample_every", "eval_seeds", "note", "threads", "device", "data_workers")))
+    return " ".join(to_argv(cfg, skip=("checkpoint_every", "sample_every", "eval_seeds", "sample_steps", "note", "threads", "device", "data_workers")))
 
 
 def write_card(out: Path, pipe: StableDiffusionPipeline, cfg: PretrainConfig, run: Run, scale: float,
@@ -104,7 +104,7 @@ Parameters: VAE {n_params['vae'] / 1e6:.2f} M, UNet {n_params['unet'] / 1e6:.2f}
 ![loss](loss.png)
 
 ## Samples
-`samples.png`: DDIM {SAMPLE_STEPS} steps, guidance {GUIDANCE}, one row per prompt, columns are seeds
+`samples.png`: DDIM {cfg.sample_steps} steps, guidance {GUIDANCE}, one row per prompt, columns are seeds
 {list(GRID_SEEDS)} (`torch.Generator().manual_seed(seed)`, one per image):
 
 {grid_rows}
@@ -125,7 +125,7 @@ base = load_base(str(TOY_BASE_DIR))
 """)
 
 
-def judge_scores(pipe: StableDiffusionPipeline, n_seeds: int, seed: int) -> str:
+def judge_scores(pipe: StableDiffusionPipeline, n_seeds: int, seed: int, steps: int) -> str:
     """Markdown table of the judge on the exported base, or a note when no judge is trained yet."""
     from blocklora.toy.judge import JUDGE_DIR, JUDGE_FILE, load_judge, markdown, score_base
 
@@ -133,7 +133,7 @@ def judge_scores(pipe: StableDiffusionPipeline, n_seeds: int, seed: int) -> str:
         return "No judge trained yet (run `jobs/train_judge.py`, then re-run this script to fill this in)."
     return (f"Prompts `a large {{colour}} {{shape}}`, {n_seeds} seeds per pair, same sampler as above; the first\n"
             "two rows are the judge on drawn pictures (its ceiling).\n\n"
-            + markdown(score_base(pipe, load_judge(), n_seeds=n_seeds, seed=seed)))
+            + markdown(score_base(pipe, load_judge(), n_seeds=n_seeds, seed=seed, steps=steps)))
 
 
 def export(out: Path, pipe: StableDiffusionPipeline, cfg: PretrainConfig, run: Run, scale: float) -> None:
@@ -141,6 +141,6 @@ def export(out: Path, pipe: StableDiffusionPipeline, cfg: PretrainConfig, run: R
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     finals = plot_loss(run.work / "loss.csv", out / "loss.png")
-    sample_grid(pipe).save(out / SAMPLES_FILE)
+    sample_grid(pipe, cfg.sample_steps).save(out / SAMPLES_FILE)
     grids = progress_strip(run.work, out / "progress.png")
-    write_card(out, pipe, cfg, run, scale, finals, judge_scores(pipe, cfg.eval_seeds, cfg.seed), grids)
+    write_card(out, pipe, cfg, run, scale, finals, judge_scores(pipe, cfg.eval_seeds, cfg.seed, cfg.sample_steps), grids)

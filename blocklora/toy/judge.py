@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from blocklora.toy.base import draw
+from blocklora.toy.base import SAMPLE_STEPS, draw
 from blocklora.toy.data import COLOUR_NAMES, HELDOUT_PAIRS, SHAPES, SIZE, TRAIN_PAIRS, make_sample, to_tensor
 
 JUDGE_DIR = Path(__file__).resolve().parents[2] / "models" / "judge"
@@ -166,21 +166,22 @@ def score_data(judge: Judge, n: int = 512, seed: int = 99) -> list[Score]:
     return scores
 
 
-def generate(pipe, pairs: list[tuple[str, str]], seeds: list[int]) -> list[Image.Image]:
+def generate(pipe, pairs: list[tuple[str, str]], seeds: list[int], steps: int = SAMPLE_STEPS) -> list[Image.Image]:
     """One picture per (pair, seed) from the prompt "a large {colour} {shape}", with the card's sampler."""
-    return draw(pipe, [(f"a large {c} {s}", seed) for s, c in pairs for seed in seeds])
+    return draw(pipe, [(f"a large {c} {s}", seed) for s, c in pairs for seed in seeds], steps)
 
 
-def score_pairs(pipe, judge: Judge, name: str, pairs: list[tuple[str, str]], seeds: list[int]) -> Score:
-    images = generate(pipe, pairs, seeds)
+def score_pairs(pipe, judge: Judge, name: str, pairs: list[tuple[str, str]], seeds: list[int],
+                steps: int = SAMPLE_STEPS) -> Score:
+    images = generate(pipe, pairs, seeds, steps)
     return Score.of(name, judge.classify(images), [p for p in pairs for _ in seeds])
 
 
-def score_base(pipe, judge: Judge, n_seeds: int = 8, seed: int = 0) -> list[Score]:
+def score_base(pipe, judge: Judge, n_seeds: int = 8, seed: int = 0, steps: int = SAMPLE_STEPS) -> list[Score]:
     """The base on held-out pairs and on as many training pairs, after the judge's own ceiling."""
     seeds = list(range(seed, seed + n_seeds))
     heldout = sorted(HELDOUT_PAIRS)
     seen = list(TRAIN_PAIRS[:: len(TRAIN_PAIRS) // len(heldout)][: len(heldout)])
     return [*score_data(judge),
-            score_pairs(pipe, judge, "generated, held-out pairs", heldout, seeds),
-            score_pairs(pipe, judge, "generated, training pairs", seen, seeds)]
+            score_pairs(pipe, judge, "generated, held-out pairs", heldout, seeds, steps),
+            score_pairs(pipe, judge, "generated, training pairs", seen, seeds, steps)]

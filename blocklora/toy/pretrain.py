@@ -166,7 +166,7 @@ def min_snr_weights(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torc
 
 
 def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_size: int, lr: float,
-                   seed: int, every: int, sample_every: int, snr_gamma: float, workers: int) -> None:
+                   seed: int, every: int, sample_every: int, sample_steps: int, snr_gamma: float, workers: int) -> None:
     """Epsilon prediction with the SD noise schedule; text encoder trained jointly from scratch."""
     unet, te, tok, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
     noise_sched = DDPMScheduler(**SCHEDULE)
@@ -204,7 +204,7 @@ def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_si
         if (step + 1) % every == 0 or step + 1 == steps:
             run.checkpoint({"unet": unet, "text_encoder": te}, opt, "unet")
         if (step + 1) % sample_every == 0:
-            sample_grid(pipe).save(run.work / f"samples_{step + 1:06d}.png")  # no dropout/BN: mode is moot
+            sample_grid(pipe, sample_steps).save(run.work / f"samples_{step + 1:06d}.png")  # no dropout/BN: mode is moot
     unet.eval()
     te.eval()
 
@@ -224,5 +224,5 @@ def pretrain(cfg: PretrainConfig, work_dir: Path) -> tuple[StableDiffusionPipeli
     scale = set_latent_scale(vae, cfg.seed)
     pipe = build_pipeline(vae, unet, te)
     train_denoiser(run, pipe, cfg.steps, cfg.batch, cfg.lr, cfg.seed, cfg.checkpoint_every, cfg.sample_every,
-                   cfg.snr_gamma, cfg.data_workers)
+                   cfg.sample_steps, cfg.snr_gamma, cfg.data_workers)
     return pipe, run, scale
