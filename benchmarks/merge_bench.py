@@ -1,7 +1,7 @@
 """Merge speed, memory and exactness: BlockLoRA's LiveMerge vs diffusers + peft on SD1.5 shapes.
 
     python -m benchmarks.merge_bench            # ranks 4 and 8, N = 1, 5, 10, 15 (~30 min, 2 cores)
-    python -m benchmarks.merge_bench --quick    # rank 4, N = 1, 4 (< 5 min on an idle machine)
+    python -m benchmarks.merge_bench --quick    # rank 4, N = 1, 2: structure and exactness (~1 min)
 
 Both paths start from the same UNet and apply the same dW (the BlockLoRA concepts, converted to
 plain LoRAs with zero-padded B for diffusers), so they differ only in how a set is merged:
@@ -48,10 +48,10 @@ def dense_reference(w0: dict[str, torch.Tensor], arts: list[ConceptArtifact]) ->
     return {k: (w.float() + residual[k].to(w.device)).to(w.dtype) if residual else w for k, w in w0.items()}
 
 
-def toggle_sequence(cycles: int, seed: int) -> list[int]:
+def toggle_sequence(cycles: int, seed: int, count: int) -> list[int]:
     """Which slot to add-or-remove at each of `cycles` steps (the same for both paths)."""
     rng = random.Random(seed)
-    return [rng.randrange(NUM_SLOTS) for _ in range(cycles)]
+    return [rng.randrange(count) for _ in range(cycles)]
 
 
 def bench_ours(base: Base, adapter: AdapterConfig, arts: list[ConceptArtifact], ns: list[int],
@@ -82,7 +82,7 @@ def bench_ours(base: Base, adapter: AdapterConfig, arts: list[ConceptArtifact], 
                      "extra_bytes_rss": mem["extra"]})
     lm.set([])
     restored = max_abs_diff(targets, w0)
-    for slot in toggle_sequence(cycles, seed=adapter.rank):
+    for slot in toggle_sequence(cycles, seed=adapter.rank, count=len(arts)):
         art = arts[slot]
         lm.remove(art.name) if art.name in lm.live else lm.add(art)
     live = [lv.artifact for lv in lm.live.values()]
@@ -177,7 +177,7 @@ def bench_diffusers(base: Base, adapter: AdapterConfig, arts: list[ConceptArtifa
         for k, lin in targets.items():
             lin.weight.copy_(w0[k])
     live: set[str] = set()
-    for slot in toggle_sequence(cycles, seed=adapter.rank):
+    for slot in toggle_sequence(cycles, seed=adapter.rank, count=len(arts)):
         live ^= {names[slot]}
         path.set(sorted(live))
     live_arts = [path.arts[n] for n in sorted(live)]
@@ -199,8 +199,10 @@ def bench_diffusers(base: Base, adapter: AdapterConfig, arts: list[ConceptArtifa
 
 
 def run(ranks: list[int], ns: list[int], repeats: int, diffusers_repeats: int, cycles: int,
-        diffusers_cycles: int, out: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """diffusers_cycles can be fewer than cycles: each of its cycles re-fuses the whole live set."""
+        diffusers_cycles: int, out: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+        concepts: int = NUM_SLOTS) -> dict:
+    """diffusers_cycles can be fewer than cycles: each of its cycles re-fuses the whole live set.
+    `concepts` (one per slot, at most NUM_SLOTS) is the pool switches draw from: diffusers loads all."""
     base = sd15_base(device=device, dtype=dtype)
     rows, exactness = [], {}
     for rank in ranks:
@@ -208,7 +210,7 @@ def run(ranks: list[int], ns: list[int], repeats: int, diffusers_repeats: int, c
         targets = find_targets(base.pipe, adapter)
         layout = {k: (lin.out_features, lin.in_features) for k, lin in targets.items()}
         w0 = {k: lin.weight.detach().clone() for k, lin in targets.items()}
-        arts = [random_artifact(base, adapter, layout, slot, seed=100 * rank + slot) for slot in range(NUM_SLOTS)]
+        arts = [random_artifact(base, adapter, layout, slot, seed=100 * rank + slot) for slot in range(concepts)]
         ours, ex_ours = bench_ours(base, adapter, arts, ns, repeats, cycles, w0)
         theirs, ex_theirs = bench_diffusers(base, adapter, arts, ns, diffusers_repeats, diffusers_cycles, w0)
         rows += ours + theirs
@@ -221,7 +223,7 @@ def run(ranks: list[int], ns: list[int], repeats: int, diffusers_repeats: int, c
                   for m in ("blocklora", "diffusers-peft") for r in ranks}
         line_plot(out / f"merge_{metric[:-2]}.png", series, "concepts live (N)", "seconds (median)",
                   f"SD1.5-shaped UNet: {label}", logy=True)
-    return {"benchmark": "merge", "env": environment(device, dtype), "num_slots": NUM_SLOTS,
+    return {"benchmark": "merge", "env": environment(device, dtype), "num_slots": NUM_SLOTS, "concepts": concepts,
             "ranks": ranks, "N": ns, "repeats": repeats, "diffusers_repeats": diffusers_repeats,
             "targets": len(find_targets(base.pipe, AdapterConfig(text_targets=()))),
             "summary": summary, "exactness": exactness, "rows": rows}
@@ -246,9 +248,9 @@ def summarize(rows: list[dict], ns: list[int]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="rank 4, N = 1 and 4, fewer repeats and diffusers cycles")
+    p.add_argument("--quick", action="store_true", help="rank 4, N = 1 and 2, fewer repeats and diffusers cycles")
     p.add_argument("--ranks", type=int, nargs="+", help="adapter ranks (default: 4 8; --quick: 4)")
-    p.add_argument("--ns", type=int, nargs="+", help="numbers of live concepts, at most 16 (default: 1 5 10 15; --quick: 1 4)")
+    p.add_argument("--ns", type=int, nargs="+", help="numbers of live concepts, at most 16 (default: 1 5 10 15; --quick: 1 2)")
     p.add_argument("--diffusers-cycles", type=int, default=20,
                    help="add/remove cycles of the exactness check on the diffusers path (ours always runs 100)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "merge", help="folder for CSV and PNG")
@@ -264,8 +266,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", module="peft")  # "Already unmerged" and friends, by design here
     where = {"out": args.out, "device": args.device, "dtype": DTYPES[args.dtype]}
     if args.quick:
-        result = run(args.ranks or [4], args.ns or [1, 4], repeats=5, diffusers_repeats=1, cycles=100,
-                     diffusers_cycles=4, **where)
+        result = run(args.ranks or [4], args.ns or [1, 2], repeats=5, diffusers_repeats=1, cycles=100,
+                     diffusers_cycles=2, concepts=4, **where)
     else:
         result = run(args.ranks or [4, 8], args.ns or [1, 5, 10, 15], repeats=20, diffusers_repeats=1, cycles=100,
                      diffusers_cycles=args.diffusers_cycles, **where)
