@@ -18,11 +18,10 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDi
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
+from blocklora.config import TINY, TINY_SD2, TINY_SDXL  # the embedded tiny bases' names
 from blocklora.tokenizer import VOCAB_SIZE, clip_tokenizer
 from blocklora.toy.base import TOY_BASE_DIR
 
-TINY = "tiny"  # the random tiny SD-architecture pipeline, built from config with a fixed seed
-TINY_SD2, TINY_SDXL = "tiny-sd2", "tiny-sdxl"  # the same for the SD 2.x (v-prediction) and SDXL families
 # The pipeline components that encode prompts, in conditioning order, and the tokenizer feeding each.
 # Everything per text encoder (token ids, trigger vectors, widths) is keyed by these names.
 TEXT_ENCODERS: dict[str, str] = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}

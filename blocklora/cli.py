@@ -9,9 +9,11 @@ import logging
 from pathlib import Path
 
 from blocklora.artifact import ConceptArtifact
-from blocklora.base import TINY, default_device, load_base
-from blocklora.config import AdapterConfig, GenerateConfig, PrecisionConfig, TrainConfig, add_flags, from_args
+from blocklora.config import TINY, AdapterConfig, GenerateConfig, PrecisionConfig, TrainConfig, add_flags, from_args
 from blocklora.precision import base_dtype, check_mixed, dtype_of
+
+# blocklora.base (diffusers, transformers: seconds to import) loads in the commands that need a
+# base, so `inspect`, `merge` and `--help` answer at once.
 
 
 def _load(paths: list[str]) -> list[ConceptArtifact]:
@@ -20,6 +22,7 @@ def _load(paths: list[str]) -> list[ConceptArtifact]:
 
 def _merged_base(args: argparse.Namespace):
     """The base with the given concept files merged, and the {name} -> phrase table for prompts."""
+    from blocklora.base import load_base
     from blocklora.merge import LiveMerge
 
     base = load_base(args.base, dtype=dtype_of(from_args(PrecisionConfig, args, args.parser).dtype))
@@ -32,6 +35,7 @@ def _merged_base(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from blocklora.base import default_device, load_base
     from blocklora.trainer import train_concept
 
     adapter = from_args(AdapterConfig, args, args.parser)

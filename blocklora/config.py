@@ -18,6 +18,8 @@ from typing import Any, Iterable
 UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 # Attention projections of transformers' CLIPTextModel.
 TEXT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+TINY = "tiny"  # the random tiny SD-architecture pipeline, built from config with a fixed seed
+TINY_SD2, TINY_SDXL = "tiny-sd2", "tiny-sdxl"  # the same for the SD 2.x (v-prediction) and SDXL families
 # Precision names (blocklora/precision.py maps them to torch dtypes): accelerate's for training,
 # torch's for the dtype a base is loaded in to generate and serve.
 MIXED_PRECISION: tuple[str, ...] = ("no", "fp16", "bf16")

@@ -8,10 +8,13 @@ that only they receive gradients (and their own learning rate).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from blocklora.base import Base
+if TYPE_CHECKING:  # annotations only: artifacts (and the CLI's inspect/merge) load without diffusers
+    from blocklora.base import Base
 
 
 def trigger_names(slot: int, tokens_per_concept: int) -> list[str]:

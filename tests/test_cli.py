@@ -25,6 +25,15 @@ def test_help_lists_the_commands():
         assert cmd in text
 
 
+def test_commands_without_a_base_do_not_import_diffusers():
+    """`inspect`, `merge` and `--help` read artifacts only: they answer without the seconds that
+    diffusers and transformers take to import (the artifact module needs neither)."""
+    code = ("import sys; import blocklora.cli, blocklora.export, blocklora.stats; "
+            "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
 def test_train_generate_merge_inspect(tmp_path):
     images = write_images(tmp_path / "img")
     for name, slot in (("a", 1), ("b", 2)):
