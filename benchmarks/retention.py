@@ -1,7 +1,7 @@
 """The paper's experiments on the toy world: Table 1, Figure 5, Table 3, Figure 3's prior drift and
 Figure 4's weight statistics, with every method trained on the same concepts, seeds and slots.
 
-    python -m benchmarks.retention --quick                # CI smoke: 2 concepts, structure only (~3 CPU-min)
+    python -m benchmarks.retention --quick                # CI smoke: 2 concepts, structure only (~100 s)
     nohup python -m benchmarks.retention --profile medium &   # 16 concepts, 100 steps, N in {1, 15}
     nohup python -m benchmarks.retention &                # full: 16 concepts, N = 1..15
 
