@@ -6,14 +6,13 @@ compared on the same concepts, prompts and seeds.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import line_plot, write_csv
 from benchmarks.retention_eval import EvalConfig, LAYER_GROUPS
-from blocklora.stats import Interval, mean_diff, mean_ratio, paired_bootstrap
+from blocklora.stats import Interval, mean, mean_diff, mean_ratio, paired_bootstrap
 
 INSTANT_PEERS = ("lora-mean", "db-lora", "orthogonal", "ties")  # other methods' data-free merges
 MAIN_ARMS = {  # BlockLoRA arm -> its (no erasure, no blocks) ablations under the same α
@@ -23,21 +22,9 @@ MAIN_ARMS = {  # BlockLoRA arm -> its (no erasure, no blocks) ablations under th
 KEEP, GAP, TEXT_SLACK, STRENGTH_SPREAD = 0.95, 0.10, 0.05, 0.10  # the issue's thresholds
 
 
-def mean_of(a: np.ndarray) -> float | np.ndarray:
-    return np.mean(a, axis=(-2, -1))
-
-
 def ci(a: np.ndarray) -> Interval:
-    """Mean with its bootstrap interval. The report is rewritten after every arm (so a cut-short run
-    still says something) and re-reads every finished arm: the bootstrap of an unchanged array is
-    the same draw every time (seeded), so it is computed once per array's contents."""
-    a = np.ascontiguousarray(a, dtype=np.float64)
-    return _ci(a.shape, a.tobytes())
-
-
-@functools.cache
-def _ci(shape: tuple[int, ...], data: bytes) -> Interval:
-    return paired_bootstrap([np.frombuffer(data, dtype=np.float64).reshape(shape)], mean_of)
+    """Mean with its bootstrap interval (milliseconds: the report is rewritten after every arm)."""
+    return paired_bootstrap([a], mean)
 
 
 def criteria(results: dict, main: str) -> list[dict]:

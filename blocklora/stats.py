@@ -84,6 +84,11 @@ def paired_bootstrap(arrays: Sequence[np.ndarray], statistic: Callable[..., floa
     return Interval(float(statistic(*arrays)), float(low), float(high))
 
 
+def mean(a: np.ndarray) -> float | np.ndarray:
+    """Mean over the last two axes (concepts, seeds)."""
+    return np.mean(a, axis=(-2, -1))
+
+
 def mean_diff(a: np.ndarray, b: np.ndarray) -> float | np.ndarray:
     """Difference of means over the last two axes (concepts, seeds)."""
     return np.mean(a, axis=(-2, -1)) - np.mean(b, axis=(-2, -1))

@@ -11,7 +11,6 @@ what losing that machine looks like to Ray (its raylet and every worker on it go
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import secrets
