@@ -69,7 +69,7 @@ def bench_ours(base: Base, adapter: AdapterConfig, arts: list[ConceptArtifact], 
         lm.set([])
         with peak_rss() as mem:
             lm.set(arts[:n])
-        saved = sum(t.nbytes for lv in lm.live.values() for t in lv.saved_rows.values())
+        saved = sum(t.nbytes for lv in lm.live.values() for t in lv.saved_rows)
         switches, changed = [], []
         for _ in range(repeats):
             other = rng.sample(arts, n)

@@ -5,6 +5,7 @@ from blocklora.base import load_base
 from blocklora.baselines import METHODS, merge_deltas
 from blocklora.config import AdapterConfig
 from blocklora.inject import eject, inject
+from blocklora import merge
 from blocklora.merge import LiveMerge
 from blocklora.stats import pairwise_stats, summary
 from core_helpers import make_artifact
@@ -109,16 +110,19 @@ def test_weight_space_stats_zero_for_blocks_nonzero_for_plain_lora(tiny_base):
     assert plain["mean_abs_cosine"] > 0 and plain["mean_sign_conflict"] > 0.2
 
 
+@pytest.mark.parametrize("chunk_bytes", [0, merge.CPU_CHUNK_BYTES], ids=["layer-by-layer", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_grouped_merge_is_the_dense_merge_bit_for_bit_and_keeps_rows_in_the_base_dtype(dtype):
-    """The batched per-shape merge equals W0 + Σ α ΔW computed layer by layer in fp32 and rounded
-    once, in any order, and removal restores W0 exactly; the rows saved for it are the base's dtype
-    and no more than the concept's rows."""
+def test_chunked_merge_is_the_dense_merge_bit_for_bit_and_keeps_rows_in_the_base_dtype(dtype, chunk_bytes, monkeypatch):
+    """The merge batched over chunks of same-shaped layers (or one layer at a time) equals
+    W0 + Σ α ΔW computed layer by layer in fp32 and rounded once, in any order, and removal
+    restores W0 exactly; the rows saved for it are the base's dtype and no more than the concept's."""
+    monkeypatch.setattr(merge, "CPU_CHUNK_BYTES", chunk_bytes)
     base = load_base("tiny", dtype=dtype)
     arts = [make_artifact(base, CFG, n, slot=s, seed=s, b_scale=0.5) for n, s in (("a", 1), ("b", 6), ("c", 15))]
     scales = [1.0, 0.5, -2.0]
     lm = LiveMerge(base, CFG)
-    assert len(lm.groups) < len(lm.targets)  # the tiny UNet's targets share shapes, so work is batched
+    layers_per_op = len(lm.targets) / len(lm.chunks)  # the tiny UNet's targets share shapes: work is batched
+    assert layers_per_op == 1 if chunk_bytes == 0 else layers_per_op > 1
     w0 = {k: lin.weight.clone() for k, lin in lm.targets.items()}
     expected = {k: w.clone() for k, w in w0.items()}
     for art, s in zip(arts, scales):
@@ -128,9 +132,9 @@ def test_grouped_merge_is_the_dense_merge_bit_for_bit_and_keeps_rows_in_the_base
     first = {k: lin.weight.clone() for k, lin in lm.targets.items()}
     assert all(torch.equal(first[k], expected[k]) for k in expected)
     for lv in lm.live.values():
-        assert all(t.dtype == dtype for t in lv.saved_rows.values())
+        assert all(t.dtype == dtype for t in lv.saved_rows)
         own = sum((lv.artifact.rows(k).stop - lv.artifact.rows(k).start) * w0[k].shape[1] for k in w0)
-        assert sum(t.numel() for t in lv.saved_rows.values()) == own
+        assert sum(t.numel() for t in lv.saved_rows) == own
     lm.set([])
     assert all(torch.equal(lin.weight, w0[k]) for k, lin in lm.targets.items())
     lm.set(arts[::-1], scales[::-1])
