@@ -40,7 +40,7 @@ CPU_CHUNK_BYTES = 2 * 1024 * 1024  # one concept's rows per chunk on a CPU: abou
 class _Live:
     artifact: ConceptArtifact
     scale: float
-    saved_rows: list[torch.Tensor]  # per chunk: W0's rows of its targets (G, |R|, n), base dtype
+    saved_rows: list[torch.Tensor]  # W0's rows (|R|, n) of each target, in chunk order, base dtype
     saved_triggers: dict[str, torch.Tensor]  # text-encoder component -> the table rows of the triggers
 
 
@@ -55,7 +55,8 @@ class LiveMerge:
         self.slots = PipelineSlots(base, adapter)
         self.live: dict[str, _Live] = {}
         self.chunks = self._chunk(adapter.num_slots)
-        self._views: dict[int, tuple[tuple[int, ...], list[list[torch.Tensor]]]] = {}
+        self._linears = [self.targets[k] for keys in self.chunks for k in keys]  # in chunk order
+        self._views: dict[int, tuple[tuple[int, ...], list[torch.Tensor]]] = {}
         self._buffers: dict[torch.device, torch.Tensor] = {}
 
     @property
@@ -86,15 +87,17 @@ class LiveMerge:
         if not torch.isfinite(torch.tensor(scale)):
             raise ValueError(f"scale must be finite, got {scale}")
         rows = self._rows(art)
-        saved = _empty_like_stacks(rows)
-        for keys, views, keep in zip(self.chunks, rows, saved):
+        saved = [torch.empty_like(r) for r in rows]
+        start = 0
+        for keys in self.chunks:
+            views, keep, start = rows[start:start + len(keys)], saved[start:start + len(keys)], start + len(keys)
             a, b = zip(*(art.factors(k) for k in keys))
             dev = views[0].device
-            delta = self._scratch(keep.shape, dev)
+            delta = self._scratch(torch.Size((len(keys), *views[0].shape)), dev)
             torch.bmm(torch.stack(b).to(dev, torch.float32), torch.stack(a).to(dev, torch.float32), out=delta)
             if scale != 1.0:
                 delta.mul_(scale)
-            torch._foreach_copy_(list(keep.unbind(0)), views)
+            torch._foreach_copy_(keep, views)
             # in place, computed in fp32 and rounded once to the base's dtype: W[R] = W0[R] + α ΔW_R
             torch._foreach_add_(views, list(delta.unbind(0)))
         self.live[art.name] = _Live(art, scale, saved, self.slots.write_triggers(art))
@@ -109,16 +112,16 @@ class LiveMerge:
             buf = self._buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
         return buf[:numel].view(shape)
 
-    def _rows(self, art: ConceptArtifact) -> list[list[torch.Tensor]]:
-        """Per chunk, views of art's rows (|R|, n) in its targets' weights (contiguous: rows are a
-        block). Kept per slot, since taking 128 views costs more than copying a small layer's rows;
-        taken again if any weight was replaced or moved since."""
-        weights = [[self.targets[k].weight for k in keys] for keys in self.chunks]
-        where = tuple(w.data_ptr() for ws in weights for w in ws)
+    def _rows(self, art: ConceptArtifact) -> list[torch.Tensor]:
+        """Views of art's rows (|R|, n) in the target weights, in chunk order (contiguous: rows are
+        a block). Kept per slot, since taking 128 views costs more than copying a small layer's
+        rows; taken again if any weight was replaced or moved since."""
+        weights = [lin.weight for lin in self._linears]
+        where = tuple(w.data_ptr() for w in weights)
         cached = self._views.get(art.meta.slot)
         if cached is None or cached[0] != where:
-            views = [[w[art.rows(k)] for k, w in zip(keys, ws)] for keys, ws in zip(self.chunks, weights)]
-            cached = self._views[art.meta.slot] = (where, views)
+            keys = [k for ks in self.chunks for k in ks]
+            cached = self._views[art.meta.slot] = (where, [w[art.rows(k)] for k, w in zip(keys, weights)])
         return cached[1]
 
     @torch.no_grad()
@@ -126,8 +129,7 @@ class LiveMerge:
         if name not in self.live:
             raise KeyError(f"concept {name!r} is not merged; merged: {sorted(self.live)}")
         lv = self.live.pop(name)
-        for views, keep in zip(self._rows(lv.artifact), lv.saved_rows):
-            torch._foreach_copy_(views, list(keep.unbind(0)))
+        torch._foreach_copy_(self._rows(lv.artifact), lv.saved_rows)
         self.slots.restore_triggers(lv.artifact, lv.saved_triggers)
         return lv.artifact
 
@@ -151,17 +153,3 @@ class LiveMerge:
         """Concept name -> what `{name}` in a prompt expands to, e.g. '<blk3> dog'."""
         return phrases(lv.artifact for lv in self.live.values())
 
-
-def _empty_like_stacks(rows: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """Per chunk, an empty (G, |R|, n) stack for its rows, all carved from one allocation per dtype
-    and device: one page-faulting allocation per concept instead of one per chunk."""
-    out: list[torch.Tensor | None] = [None] * len(rows)
-    by_kind: dict[tuple, list[int]] = defaultdict(list)
-    for i, views in enumerate(rows):
-        by_kind[(views[0].dtype, views[0].device)].append(i)
-    for (dtype, device), idx in by_kind.items():
-        shapes = [(len(rows[i]), *rows[i][0].shape) for i in idx]
-        flat = torch.empty(sum(torch.Size(s).numel() for s in shapes), dtype=dtype, device=device)
-        for i, s, part in zip(idx, shapes, flat.split([torch.Size(s).numel() for s in shapes])):
-            out[i] = part.view(s)
-    return out
