@@ -3,6 +3,7 @@ Figure 4's weight statistics, with every method trained on the same concepts, se
 
     python -m benchmarks.retention --quick                # CI smoke: 2 concepts, structure only (~100 s)
     nohup python -m benchmarks.retention --profile medium &   # 16 concepts, 100 steps, N in {1, 15}
+    nohup python -m benchmarks.retention --profile recipe --rank 4 &   # the main job's recipe, N in {1, 15}
     nohup python -m benchmarks.retention &                # full: 16 concepts, N = 1..15
 
 Arms (`ARMS`): BlockLoRA merged with α = 1/N (Eq. 5) and α = 1, its two ablations (no erasure,
@@ -76,6 +77,9 @@ PROFILES = {
     # 16 concepts at N in {1, 15}, trained long enough that the weights (not only the token) carry identity
     "medium": Profile(16, 100, 1, (1, 15), (0, 1, 2), 10, 1, 0),
     "full": Profile(16, 150, 2, tuple(range(1, 16)), (0, 1, 2), 10, 4, 3),
+    # the main job's recipe (300 steps at batch 2; run it with --rank 4), where the weights carry
+    # identity beyond the trigger (docs/results §3c), at N in {1, 15}
+    "recipe": Profile(16, 300, 2, (1, 15), (0, 1, 2), 10, 1, 0),
 }
 
 
