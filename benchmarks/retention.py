@@ -47,6 +47,7 @@ from blocklora.artifact import ConceptArtifact
 from blocklora.base import Base, default_base_spec, load_base
 from blocklora.baselines import METHODS, Method, residual_applied
 from blocklora.config import AdapterConfig, TrainConfig, to_json
+from blocklora.inject import eject, inject
 from blocklora.stats import pairwise_stats, summary
 from blocklora.trainer import train_concept
 
@@ -193,19 +194,32 @@ def match_strength(trainings: Trainings, vs: list[Variant], reference: Variant, 
     return factors, log
 
 
+def refuse_unfit(base: Base, vs: list[Variant]) -> None:
+    """Every arm's adapter must fit the base (Orthogonal Adaptation needs slots x rank <= each target's
+    input size: 16 x 4 > 32 on the toy base): found before the first training, not after an hour of them."""
+    for v in vs:
+        try:
+            inject(base.pipe, v.adapter, slot=0)
+        except ValueError as e:
+            raise ValueError(f"arm {v.label!r} cannot run on this base: {e}") from None
+        finally:
+            eject(base.pipe)
+
+
 def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConfig, arms: tuple[str, ...],
         match: float, out: Path, cache: Path, guidance: float, judge: str = "identity") -> dict:
     base = load_base(base_spec, device="cpu")
+    train = dataclasses.replace(train, resolution=base.resolution, steps=profile.steps, batch_size=profile.batch)
+    vs = variants(study, train, arms)
+    distinct = list(dict.fromkeys(vs.values()))
+    refuse_unfit(base, distinct)
     world = load_world(judge)
     m = profile.concepts
     if m > len(world.concepts):
         raise ValueError(f"{m} concepts asked, the world has {len(world.concepts)}")
     if not {1, profile.ns[-1]} <= set(profile.ns) or profile.ns[-1] > m:
         raise ValueError(f"set sizes {profile.ns} must include 1 and end at most at {m}")
-    train = dataclasses.replace(train, resolution=base.resolution, steps=profile.steps, batch_size=profile.batch)
     cfg = EvalConfig(ns=profile.ns, seeds=profile.seeds, steps=profile.gen_steps, guidance=guidance)
-    vs = variants(study, train, arms)
-    distinct = list(dict.fromkeys(vs.values()))
     windows = m * (len(profile.ns) + 2)
     progress = Progress(total=len(distinct) * (m + profile.calib_concepts * profile.calib_tries) + len(arms) * windows)
     trainings = Trainings(base, world, cache / "concepts", progress)

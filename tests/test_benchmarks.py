@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from benchmarks.common import random_artifact, saved_activation_bytes
+from benchmarks import retention
 from benchmarks.retention import ARMS
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import load_base
-from blocklora.config import AdapterConfig
+from blocklora.config import AdapterConfig, TrainConfig
 from blocklora.export import to_lora_state_dict
 from blocklora.inject import layout
 
@@ -106,6 +107,16 @@ def test_retention_quick_covers_every_arm(tmp_path):
     assert len(scores) - 1 == rows  # one row per (arm, N, concept, seed)
     for name in ("image_alignment_vs_N.png", "methods.csv", "criteria.csv", "tables.md", "interference.csv"):
         assert (tmp_path / "out" / name).exists()
+
+
+def test_retention_refuses_an_arm_the_base_cannot_hold_before_training(tmp_path):
+    """Orthogonal Adaptation needs slots x rank <= every target's input size; 16 x 4 does not fit the
+    tiny base, and the run says so at once, naming the arm, with nothing trained or written."""
+    study = AdapterConfig(rank=4, num_slots=16)
+    with pytest.raises(ValueError, match="arm 'orthogonal' cannot run on this base: .*16 slots x rank 4"):
+        retention.run(retention.PROFILES["quick"], "tiny", TrainConfig(), study, ("lora-mean", "orthogonal"),
+                      0.05, tmp_path / "out", tmp_path / "cache", 3.0)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
 def test_gpu_suite_quick_writes_json_and_table(tmp_path):
