@@ -86,14 +86,16 @@ class LiveMerge:
         self.check(art)
         if not torch.isfinite(torch.tensor(scale)):
             raise ValueError(f"scale must be finite, got {scale}")
-        rows, saved = self._rows(art), []
+        rows = self._rows(art)
+        # one allocation per layer: on a CPU, blocks of a few hundred KB come back warm from the heap,
+        # while one per chunk (MBs) was mapped afresh and page-faulted on every add (19.5 vs 13.5 ms)
+        saved = [torch.empty_like(r) for r in rows]
+        start = 0
         for keys in self.chunks:
-            views = rows[len(saved):len(saved) + len(keys)]
-            shape, dev = torch.Size((len(keys), *views[0].shape)), views[0].device
-            keep = list(torch.empty(shape, dtype=views[0].dtype, device=dev).unbind(0))  # one allocation per chunk
-            saved += keep
+            views, keep, start = rows[start:start + len(keys)], saved[start:start + len(keys)], start + len(keys)
             a, b = zip(*(art.factors(k) for k in keys))
-            delta = self._scratch(shape, dev)
+            dev = views[0].device
+            delta = self._scratch(torch.Size((len(keys), *views[0].shape)), dev)
             torch.bmm(torch.stack(b).to(dev, torch.float32), torch.stack(a).to(dev, torch.float32), out=delta)
             if scale != 1.0:
                 delta.mul_(scale)
