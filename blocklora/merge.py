@@ -154,4 +154,3 @@ class LiveMerge:
     def phrases(self) -> dict[str, str]:
         """Concept name -> what `{name}` in a prompt expands to, e.g. '<blk3> dog'."""
         return phrases(lv.artifact for lv in self.live.values())
-

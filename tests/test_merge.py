@@ -143,3 +143,20 @@ def test_chunked_merge_is_the_dense_merge_bit_for_bit_and_keeps_rows_in_the_base
     lm.remove("a")
     lm.remove("c")
     assert all(torch.equal(lin.weight, w0[k]) for k, lin in lm.targets.items())
+
+
+def test_merge_follows_weights_that_were_replaced_after_it_kept_their_views():
+    """LiveMerge keeps views of each slot's rows; when a weight gets new storage (a pipeline moved or
+    reloaded in place), a remove or add writes into the weight as it is now, not the old storage."""
+    base = load_base("tiny")
+    art = make_artifact(base, CFG, "a", slot=3, seed=0, b_scale=0.5)
+    lm = LiveMerge(base, CFG)
+    w0 = {k: lin.weight.clone() for k, lin in lm.targets.items()}
+    lm.add(art)
+    merged = {k: lin.weight.clone() for k, lin in lm.targets.items()}
+    for lin in lm.targets.values():
+        lin.weight.data = lin.weight.data.clone()  # same values, new storage
+    lm.remove("a")
+    assert all(torch.equal(lin.weight, w0[k]) for k, lin in lm.targets.items())
+    lm.add(art)
+    assert all(torch.equal(lin.weight, merged[k]) for k, lin in lm.targets.items())
