@@ -276,6 +276,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="full")
     p.add_argument("--quick", action="store_true", help="same as --profile quick (CI)")
+    p.add_argument("--ns", type=int, nargs="+", help="set sizes to score instead of the profile's (must include 1)")
     p.add_argument("--base", default=None, help="a diffusers folder; default: the committed toy base")
     p.add_argument("--lr", type=float, default=5e-3, help="LoRA lr before strength matching")
     p.add_argument("--token-lr-ratio", type=float, default=10.0, help="token lr = ratio x lr (ED-LoRA's 10:1)")
@@ -301,7 +302,8 @@ def main() -> None:
     train = TrainConfig(lr=args.lr, token_lr=args.lr * args.token_lr_ratio, seed=0, checkpoint_every=0)
     study = AdapterConfig(rank=args.rank, num_slots=args.slots, erasure=args.erasure)
     out = args.out or RESULTS_DIR / f"retention-{profile_name}"
-    result = run(PROFILES[profile_name], args.base or default_base_spec(), train, study, arms, args.match, out,
+    profile = dataclasses.replace(PROFILES[profile_name], ns=tuple(sorted(set(args.ns)))) if args.ns else PROFILES[profile_name]
+    result = run(profile, args.base or default_base_spec(), train, study, arms, args.match, out,
                  args.cache, args.guidance, args.judge)
     result["quick"] = args.quick
     out.mkdir(parents=True, exist_ok=True)

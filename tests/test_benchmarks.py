@@ -88,7 +88,8 @@ def test_train_bench_quick_reports_both_arms(tmp_path):
 
 @pytest.mark.slow
 def test_retention_quick_covers_every_arm(tmp_path):
-    r = run_quick("retention", tmp_path / "out", "--cache", str(tmp_path / "cache"))
+    r = run_quick("retention", tmp_path / "out", "--cache", str(tmp_path / "cache"), "--ns", "2", "1", "2")
+    assert r["profile"]["ns"] == [1, 2]  # --ns: the set sizes scored, sorted and once each
     assert set(r["methods"]) == set(ARMS)
     assert {"blocklora", "blocklora-mean"} <= set(r["methods"])  # both α arms: sum and Eq. 5's 1/N
     for name, m in r["methods"].items():
