@@ -55,7 +55,8 @@ class LiveMerge:
         self.slots = PipelineSlots(base, adapter)
         self.live: dict[str, _Live] = {}
         self.chunks = self._chunk(adapter.num_slots)
-        self._linears = [self.targets[k] for keys in self.chunks for k in keys]  # in chunk order
+        self._keys = [k for keys in self.chunks for k in keys]  # every target, in chunk order
+        self._linears = [self.targets[k] for k in self._keys]
         self._views: dict[int, tuple[tuple[int, ...], list[torch.Tensor]]] = {}
         self._buffers: dict[torch.device, torch.Tensor] = {}
 
@@ -122,8 +123,7 @@ class LiveMerge:
         where = tuple(w.data_ptr() for w in weights)
         cached = self._views.get(art.meta.slot)
         if cached is None or cached[0] != where:
-            keys = [k for ks in self.chunks for k in ks]
-            cached = self._views[art.meta.slot] = (where, [w[art.rows(k)] for k, w in zip(keys, weights)])
+            cached = self._views[art.meta.slot] = (where, [w[art.rows(k)] for k, w in zip(self._keys, weights)])
         return cached[1]
 
     @torch.no_grad()
