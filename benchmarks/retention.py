@@ -9,6 +9,7 @@ Figure 4's weight statistics, with every method trained on the same concepts, se
 Arms (`ARMS`): BlockLoRA merged with α = 1/N (Eq. 5) and α = 1, its two ablations (no erasure,
 no blocks) under both, DB-LoRA averaged, Mix-of-Show's weighted averaging and gradient fusion of
 ED-LoRAs, Orthogonal Adaptation and TIES. Arms with the same adapter and training share one training.
+`VARIANTS` (asked for by name in --arms): BlockLoRA on cross-attention's key/value only.
 
 Strength matching: each training variant's learning rates (LoRA and token, scaled together, so the
 10:1 token:LoRA split stays) are multiplied by a factor found automatically on the first few concepts:
@@ -53,7 +54,13 @@ from blocklora.trainer import train_concept
 
 ABLATIONS_MEAN = {m.name: m for m in [Method("blocklora-no-erasure-mean", {"erasure": 0.0}, "mean"),
                                       Method("blocklora-no-blocks-mean", {"blockwise": False}, "mean")]}
-ALL_METHODS = {**METHODS, **ABLATIONS_MEAN}
+# Variants to test against the claim (#12): with the adapter on cross-attention's key/value only, a
+# concept's rows act on text tokens, never on every image token as the self-attention rows do (§3d
+# put 16x of the 24x interference of a 15-concept sum there).
+CROSS_KV = {"unet_targets": ("attn2.to_k", "attn2.to_v")}
+VARIANTS = {m.name: m for m in [Method("blocklora-cross-kv", CROSS_KV, "sum"),
+                                Method("blocklora-cross-kv-mean", CROSS_KV, "mean")]}
+ALL_METHODS = {**METHODS, **ABLATIONS_MEAN, **VARIANTS}
 ARMS: tuple[str, ...] = ("blocklora-mean", "lora-mean", "blocklora", "ties", "blocklora-no-erasure-mean",
                          "blocklora-no-blocks-mean", "db-lora", "orthogonal", "mix-of-show", "blocklora-no-erasure",
                          "blocklora-no-blocks")  # evaluated in this order: what the criteria need first

@@ -18,6 +18,8 @@ INSTANT_PEERS = ("lora-mean", "db-lora", "orthogonal", "ties")  # other methods'
 MAIN_ARMS = {  # BlockLoRA arm -> its (no erasure, no blocks) ablations under the same α
     "blocklora-mean": ("blocklora-no-erasure-mean", "blocklora-no-blocks-mean"),
     "blocklora": ("blocklora-no-erasure", "blocklora-no-blocks"),
+    "blocklora-cross-kv-mean": (),  # variants (retention.VARIANTS): the same criteria, no ablations of their own
+    "blocklora-cross-kv": (),
 }
 KEEP, GAP, TEXT_SLACK, STRENGTH_SPREAD = 0.95, 0.10, 0.05, 0.10  # the issue's thresholds
 
@@ -101,8 +103,9 @@ def report(results: dict, labels: dict[str, str], factors: dict[str, float], cal
     if calibration:
         write_csv(out / "calibration.csv", calibration)
     crit = [row for main in MAIN_ARMS if main in results for row in criteria(results, main)]
-    write_csv(out / "criteria.csv", [{**c, "estimate": c["interval"].estimate, "low": c["interval"].low,
-                                      "high": c["interval"].high, "interval": str(c["interval"])} for c in crit])
+    if crit:  # none when no BlockLoRA arm ran
+        write_csv(out / "criteria.csv", [{**c, "estimate": c["interval"].estimate, "low": c["interval"].low,
+                                          "high": c["interval"].high, "interval": str(c["interval"])} for c in crit])
     curve = {a: ([n for n in sorted(results[a]["ia"])], [results[a]["ia"][n].mean() for n in sorted(results[a]["ia"])])
              for a in arms}
     bands = {a: ([ci(results[a]["ia"][n]).low for n in sorted(results[a]["ia"])],
