@@ -9,7 +9,8 @@ Figure 4's weight statistics, with every method trained on the same concepts, se
 Arms (`ARMS`): BlockLoRA merged with α = 1/N (Eq. 5) and α = 1, its two ablations (no erasure,
 no blocks) under both, DB-LoRA averaged, Mix-of-Show's weighted averaging and gradient fusion of
 ED-LoRAs, Orthogonal Adaptation and TIES. Arms with the same adapter and training share one training.
-`VARIANTS` (asked for by name in --arms): BlockLoRA on cross-attention's key/value only.
+`VARIANTS` (asked for by name in --arms): BlockLoRA on cross-attention's key/value only, and with
+prior preservation.
 
 Strength matching: each training variant's learning rates (LoRA and token, scaled together, so the
 10:1 token:LoRA split stays) are multiplied by a factor found automatically on the first few concepts:
@@ -54,12 +55,18 @@ from blocklora.trainer import train_concept
 
 ABLATIONS_MEAN = {m.name: m for m in [Method("blocklora-no-erasure-mean", {"erasure": 0.0}, "mean"),
                                       Method("blocklora-no-blocks-mean", {"blockwise": False}, "mean")]}
-# Variants to test against the claim (#12): with the adapter on cross-attention's key/value only, a
-# concept's rows act on text tokens, never on every image token as the self-attention rows do (§3d
-# put 16x of the 24x interference of a 15-concept sum there).
+# Variants to test against the claim (#12), each aimed at what §3d measured: summed, the other concepts
+# move a concept's prediction by 24x its own effect, 16x of it through self-attention rows, which act
+# on every image token whatever the prompt.
+# - cross-kv: the adapter on cross-attention's key/value only, so a concept's rows act on text tokens;
+# - prior: DreamBooth's prior preservation, so a concept's rows learn to leave prompts without its
+#   trigger (the other concepts' prompts, once merged) as the base draws them.
 CROSS_KV = {"unet_targets": ("attn2.to_k", "attn2.to_v")}
+PRIOR = {"prior_preservation": True}
 VARIANTS = {m.name: m for m in [Method("blocklora-cross-kv", CROSS_KV, "sum"),
-                                Method("blocklora-cross-kv-mean", CROSS_KV, "mean")]}
+                                Method("blocklora-cross-kv-mean", CROSS_KV, "mean"),
+                                Method("blocklora-prior", {}, "sum", PRIOR),
+                                Method("blocklora-prior-mean", {}, "mean", PRIOR)]}
 ALL_METHODS = {**METHODS, **ABLATIONS_MEAN, **VARIANTS}
 ARMS: tuple[str, ...] = ("blocklora-mean", "lora-mean", "blocklora", "ties", "blocklora-no-erasure-mean",
                          "blocklora-no-blocks-mean", "db-lora", "orthogonal", "mix-of-show", "blocklora-no-erasure",

@@ -20,6 +20,8 @@ MAIN_ARMS = {  # BlockLoRA arm -> its (no erasure, no blocks) ablations under th
     "blocklora": ("blocklora-no-erasure", "blocklora-no-blocks"),
     "blocklora-cross-kv-mean": (),  # variants (retention.VARIANTS): the same criteria, no ablations of their own
     "blocklora-cross-kv": (),
+    "blocklora-prior-mean": (),
+    "blocklora-prior": (),
 }
 KEEP, GAP, TEXT_SLACK, STRENGTH_SPREAD = 0.95, 0.10, 0.05, 0.10  # the thresholds
 
