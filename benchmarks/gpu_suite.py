@@ -132,7 +132,8 @@ def table(parts: list[dict]) -> str:
             ms = s["step_ms"]
             lines.append(f"| {name} | UNet step, {s['batch']} requests (batch {s['unet_batch']}), latent {s['latent']} | "
                          f"base {ms['a_base']} ms, fused {ms['b_fused']} ms, mixed {ms['c_mixed']} ms "
-                         f"({s['c_over_b']}x fused), peft per request {ms['d_peft']} ms |")
+                         f"({s['c_over_b']}x fused; union kernel {ms.get('c_union', '-')} ms), "
+                         f"peft per request {ms['d_peft']} ms |")
         else:
             lines.append(f"| {name} | {r['prompts']} prompts x {r['steps']} steps, {r['pixels']} px, {r['merged']} merged | "
                          f"{r['call_s']:.2f} s per call, {r['images_per_s']:.2f} images/s |")

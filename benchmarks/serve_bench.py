@@ -6,7 +6,8 @@
 One batch is `batch` requests, each with classifier-free guidance (UNet batch 2 x batch):
 - (a) base: the UNet with no concept;
 - (b) fused: one subset merged into W (LiveMerge) and shared by the whole batch;
-- (c) mixed: every request a different subset, one forward through serve.residual's layers;
+- (c) mixed: every request a different subset, one forward through serve.residual's layers
+  (`gathered` kernel, the default; c_union: the same batch with the `union` kernel);
 - (d) peft: the same concepts as plain LoRAs in diffusers + peft, which cannot mix subsets in one
   forward, so each request runs alone after `set_adapters` (d) or `fuse_lora`/`unfuse_lora` (d_fuse).
 Per-step latency is one UNet call for the whole batch ((d): one batch-of-one call per request,
@@ -119,22 +120,31 @@ def bench_model(label: str, base: Base, latent: int, batch: int, steps: int, rou
     for art in arts.values():
         bank.add(art)
 
-    def run(fused: list[str], mixed: list[dict[str, float]] | None) -> Case:
+    def run(fused: list[str], mixed: list[dict[str, float]] | None, kernel: str = "gathered") -> Case:
+        def setup() -> None:
+            live.set([arts[n] for n in fused])
+            bank.kernel = kernel
+
         def case() -> None:
             if mixed is None:
                 step()
             else:
                 with bank.subsets(mixed):
                     step()
-        return (lambda: live.set([arts[n] for n in fused])), case
+        return setup, case
 
     res = interleaved({"a_base": run([], None), "b_fused": run(list(reqs[0]), None),
-                       "c_mixed": run([], reqs), "c_same_subset": run([], [reqs[0]] * batch)}, rounds)
+                       "c_mixed": run([], reqs), "c_same_subset": run([], [reqs[0]] * batch),
+                       "c_union": run([], reqs, "union")}, rounds)
     live.set([arts[n] for n in reqs[0]])
     fused_out = step(1)
     live.set([])
     with bank.subsets(reqs[:1]):
         mixed_out = step(1)
+    bank.kernel = "union"
+    with bank.subsets(reqs[:1]):
+        union_out = step(1)
+    bank.kernel = "gathered"
     scale = res["a_base"] / peft["a_base"]  # phase 1 onto phase 2's clock
     res["d_peft"] = (peft["alone_lora"] + peft["set_adapters"] / steps) * scale
     res["d_peft_fuse"] = (peft["alone_fused"] + peft["fuse_unfuse"] / steps) * scale
@@ -146,10 +156,12 @@ def bench_model(label: str, base: Base, latent: int, batch: int, steps: int, rou
         "ratio_to_base": {k: round(v / res["a_base"], 3) for k, v in res.items()},
         "throughput_img_per_s": {k: round(batch / v / steps, 3) for k, v in res.items()},
         "c_over_b": round(res["c_mixed"] / res["b_fused"], 3),
+        "c_union_over_b": round(res["c_union"] / res["b_fused"], 3),
         "d_over_c": round(res["d_peft"] / res["c_mixed"], 2),
         "d_fuse_over_c": round(res["d_peft_fuse"] / res["c_mixed"], 2),
         "max_abs_diff_c_vs_b": float((mixed_out - fused_out).abs().max()),
         "max_abs_diff_c_vs_peft": float((mixed_out - peft_out).abs().max()),
+        "max_abs_diff_union_vs_b": float((union_out - fused_out).abs().max()),
     }
 
 

@@ -15,6 +15,13 @@ A_b (s·r, n) and α_b B_b (m, s·r). A layer's residual is then two batched mat
 (·)(α_b B_b)ᵀ accumulated into the base output in place (Punica/S-LoRA's gather-then-BGMV), so the
 extra cost is s·r·(n + m) per token — the sample's own subset, not the union of the batch's.
 
+The `union` kernel computes the same sum another way, for devices where skinny batched matmuls are
+slow (on an H200 the gathered path's two 8-column bmm per layer cost ~385 µs, docs/results §5c): one
+plain matmul of the whole flattened batch against every active slot's A (|active|·r columns), each
+sample's α as a broadcast multiply (zero for the slots it did not ask for), one matmul back into the
+output — |active|/s times the FLOPs of `gathered`, in shapes BLAS runs near peak. Which is faster is
+a measurement (benchmarks/serve_bench.py times both); `gathered` stays the default.
+
 Nothing here knows about Ray; `serve/generator.py` drives a `ConceptBank` from a replica.
 """
 
@@ -31,6 +38,8 @@ from blocklora.base import Base
 from blocklora.config import AdapterConfig
 from blocklora.inject import set_module
 from blocklora.slots import PipelineSlots, phrases
+
+KERNELS = ("gathered", "union")  # how a layer adds its residual (module docstring)
 
 
 class SlotWeights:
@@ -78,8 +87,9 @@ class SlotResidualLinear(nn.Module):
         like = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.register_buffer("A_all", torch.zeros(num_slots * rank, n, **like), persistent=False)  # (K·r, n)
         self.register_buffer("B_all", torch.zeros(m, num_slots * rank, **like), persistent=False)  # (m, K·r)
+        self.kernel = "gathered"
         self._epoch = -1
-        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._gathered: tuple[torch.Tensor, ...] | None = None
 
     @property
     def weight(self) -> torch.Tensor:  # diffusers and transformers read .weight / .bias of projections
@@ -105,16 +115,25 @@ class SlotResidualLinear(nn.Module):
         self.B_all[:, cols] = 0
         self._epoch = -1
 
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_bᵀ (B, n, s·r), (α_b B_b)ᵀ (B, s·r, m)): each sample's own slots, gathered once per batch."""
+    def _factors(self) -> tuple[torch.Tensor, ...]:
+        """Gathered once per batch (per `weights.epoch`):
+        gathered: A_bᵀ (B, n, s·r) and (α_b B_b)ᵀ (B, s·r, m), each sample's own slots;
+        union: A (a·r, n) and Bᵀ (a·r, m) of the a active slots, and α per sample and column (B, a·r)."""
         if self._epoch != self.weights.epoch or self._gathered is None:
-            w, r = self.weights, self.rank
-            chosen = w.chosen.to(self.A_all.device)
-            cols = (chosen[..., None] * r + torch.arange(r, device=chosen.device)).flatten(1)  # (B, s·r)
-            alpha = w.alpha.to(chosen.device).gather(1, chosen).repeat_interleave(r, dim=1)  # (B, s·r)
-            a_t = self.A_all[cols].transpose(1, 2).contiguous()  # (B, n, s·r)
-            b_t = (self.B_all.T[cols] * alpha[..., None].to(self.B_all)).contiguous()  # (B, s·r, m)
-            self._gathered = (a_t, b_t)
+            w, r, dev = self.weights, self.rank, self.A_all.device
+            span = torch.arange(r, device=dev)
+            if self.kernel == "union":
+                active = w.active.to(dev)
+                cols = (active[:, None] * r + span).flatten()  # (a·r,)
+                alpha = w.alpha.to(dev)[:, active].repeat_interleave(r, dim=1)  # (B, a·r)
+                self._gathered = (self.A_all[cols], self.B_all.T[cols].contiguous(), alpha.to(self.A_all))
+            else:
+                chosen = w.chosen.to(dev)
+                cols = (chosen[..., None] * r + span).flatten(1)  # (B, s·r)
+                alpha = w.alpha.to(dev).gather(1, chosen).repeat_interleave(r, dim=1)  # (B, s·r)
+                a_t = self.A_all[cols].transpose(1, 2).contiguous()  # (B, n, s·r)
+                b_t = (self.B_all.T[cols] * alpha[..., None].to(self.B_all)).contiguous()  # (B, s·r, m)
+                self._gathered = (a_t, b_t)
             self._epoch = w.epoch
         return self._gathered
 
@@ -122,12 +141,20 @@ class SlotResidualLinear(nn.Module):
         out = self.base(x)
         if self.weights.alpha is None:
             return out
-        a_t, b_t = self._factors()
-        n, batch = x.shape[0], a_t.shape[0]
+        factors = self._factors()
+        n, batch = x.shape[0], self.weights.alpha.shape[0]
         if n % batch:
             raise RuntimeError(f"a batch of {n} cannot carry slot weights set for {batch} samples")
-        if n != batch:  # CFG: [uncond; cond] both carry the request's concepts
-            a_t, b_t = a_t.repeat(n // batch, 1, 1), b_t.repeat(n // batch, 1, 1)
+        rep = n // batch  # CFG: [uncond; cond] both carry the request's concepts
+        if self.kernel == "union":
+            a, b_t, alpha = factors
+            u = torch.nn.functional.linear(x.reshape(n, -1, x.shape[-1]).to(a.dtype), a)  # (N, L, a·r)
+            u.mul_(alpha.repeat(rep, 1)[:, None, :])  # each sample's α; 0 on the slots it did not ask for
+            out.view(-1, out.shape[-1]).addmm_(u.view(-1, u.shape[-1]).to(out.dtype), b_t.to(out.dtype))
+            return out
+        a_t, b_t = factors
+        if rep != 1:
+            a_t, b_t = a_t.repeat(rep, 1, 1), b_t.repeat(rep, 1, 1)
         u = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(a_t.dtype), a_t)  # (N, L, s·r)
         flat = out.view(n, -1, out.shape[-1])  # (N, L, m), the same storage as out
         flat.baddbmm_(u.to(out.dtype), b_t.to(out.dtype))  # += (α B) u: zero outside the chosen slots' rows
@@ -179,7 +206,7 @@ class ConceptBank:
     loaded once, and no other concept is re-merged when the set changes.
     """
 
-    def __init__(self, base: Base, adapter: AdapterConfig) -> None:
+    def __init__(self, base: Base, adapter: AdapterConfig, kernel: str = "gathered") -> None:
         if not adapter.blockwise:
             raise ValueError("ConceptBank needs blockwise concepts (disjoint rows); plain LoRAs overlap")
         self.base, self.adapter = base, adapter
@@ -196,6 +223,21 @@ class ConceptBank:
             set_module(base.pipe, key, layer)
             self.layers[key] = layer
         self.live: dict[str, ConceptArtifact] = {}
+        self.kernel = kernel
+
+    @property
+    def kernel(self) -> str:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, kernel: str) -> None:
+        """Which of `KERNELS` every layer adds its residual with; the next batch re-gathers."""
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown residual kernel {kernel!r}; known: {', '.join(KERNELS)}")
+        self._kernel = kernel
+        for layer in self.layers.values():
+            layer.kernel = kernel
+        self.weights.epoch += 1
 
     def slot_of(self, name: str) -> int:
         if name not in self.live:

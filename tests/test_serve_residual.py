@@ -14,7 +14,7 @@ from blocklora.conditioning import encode_prompts
 from blocklora.config import AdapterConfig
 from blocklora.merge import LiveMerge
 from blocklora.synthetic import random_artifact
-from serve.residual import ConceptBank
+from serve.residual import KERNELS, ConceptBank
 from core_helpers import make_artifact
 
 ADAPTERS = {
@@ -117,15 +117,16 @@ def test_re_add_after_remove_and_slot_conflicts(setup):
     torch.testing.assert_close(got, reference(live, arts, {"c": 1.0}, [PROMPT]), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float16, 3e-3)], ids=["fp32", "fp16"])
-def test_mixed_batch_equals_fused_weights_per_sample_in_each_dtype(dtype, tol):
+def test_mixed_batch_equals_fused_weights_per_sample_in_each_dtype(dtype, tol, kernel):
     """Every sample of one mixed batch matches the pipeline merged with its own subset (LiveMerge),
     in fp32 and in half precision, where bank and merged weights both live in the base's dtype."""
     cfg = ADAPTERS["unet-only"]
     served, merged = load_base("tiny", dtype=dtype), load_base("tiny", dtype=dtype)
     arts = {a.name: a for a in (make_artifact(served, cfg, name, slot, seed=slot + 1, b_scale=0.5)
                                 for slot, name in enumerate("abc"))}
-    bank, live = ConceptBank(served, cfg), LiveMerge(merged, cfg)
+    bank, live = ConceptBank(served, cfg, kernel=kernel), LiveMerge(merged, cfg)
     for art in arts.values():
         bank.add(art)
     assert all(layer.A_all.dtype == dtype for layer in bank.layers.values())
@@ -144,3 +145,20 @@ def test_mixed_batch_equals_fused_weights_per_sample_in_each_dtype(dtype, tol):
         if subset:
             assert (fused - base_out[i]).abs().max() > 10 * tol  # the concepts change the output
         torch.testing.assert_close(mixed[i], fused, atol=tol, rtol=tol)
+
+
+def test_kernels_agree_and_switching_takes_effect_at_the_next_batch(setup):
+    """Switching a live bank's kernel changes how, not what: both kernels give the same mixed CFG batch
+    (the other tests check `gathered` against merged weights, and both kernels in fp32 and fp16)."""
+    bank, _, _, _ = setup
+    prompts = [PROMPT] * len(SUBSETS)
+    outs = {}
+    for kernel in KERNELS:
+        bank.kernel = kernel
+        assert all(layer.kernel == kernel for layer in bank.layers.values())
+        with bank.subsets(SUBSETS):
+            outs[kernel] = unet_out(bank.base, prompts, cfg_doubled=True)
+    torch.testing.assert_close(outs["union"], outs["gathered"], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown residual kernel 'fast'"):
+        bank.kernel = "fast"
+    assert bank.kernel == KERNELS[-1]  # the refused name changed nothing
