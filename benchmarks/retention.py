@@ -261,7 +261,8 @@ def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConf
             path.write_text(json.dumps(encode(results[name])))
         weights = {label: summary(pairwise_stats({a.name: {k: a.delta(k) for k in a.meta.layout} for a in c.arts}))
                    for label, c in trained.items()}
-        summary_ = report(results, {n: vs[n].label for n in results}, factors, calibration, weights, cfg, out)
+        summary_ = report(results, {n: vs[n].label for n in results}, factors, calibration, weights, cfg, out,
+                          tuple(VARIANTS))
     return {"benchmark": "retention", "env": environment("cpu", torch.float32), "base": base_spec,
             "judge": world.name, "concepts": [c.name for c in world.concepts[:m]],
             "profile": dataclasses.asdict(profile), "train": dataclasses.asdict(train),

@@ -18,10 +18,6 @@ INSTANT_PEERS = ("lora-mean", "db-lora", "orthogonal", "ties")  # other methods'
 MAIN_ARMS = {  # BlockLoRA arm -> its (no erasure, no blocks) ablations under the same α
     "blocklora-mean": ("blocklora-no-erasure-mean", "blocklora-no-blocks-mean"),
     "blocklora": ("blocklora-no-erasure", "blocklora-no-blocks"),
-    "blocklora-cross-kv-mean": (),  # variants (retention.VARIANTS): the same criteria, no ablations of their own
-    "blocklora-cross-kv": (),
-    "blocklora-prior-mean": (),
-    "blocklora-prior": (),
 }
 KEEP, GAP, TEXT_SLACK, STRENGTH_SPREAD = 0.95, 0.10, 0.05, 0.10  # the issue's thresholds
 
@@ -31,7 +27,7 @@ def ci(a: np.ndarray) -> Interval:
     return paired_bootstrap([a], mean)
 
 
-def criteria(results: dict, main: str) -> list[dict]:
+def criteria(results: dict, main: str, ablations: tuple[str, ...] = ()) -> list[dict]:
     """The four criteria of issue #12 for one BlockLoRA arm, each with its interval and verdict."""
     r, top = results[main], max(results[main]["ia"])
     rows = []
@@ -48,7 +44,7 @@ def criteria(results: dict, main: str) -> list[dict]:
         text = paired_bootstrap([r["ta"][top], results[best]["ta"][top]], mean_diff)
         rows.append({"criterion": f"text alignment within {TEXT_SLACK} of it", "compared_with": best,
                      "interval": text, "holds": text.estimate >= -TEXT_SLACK, "sure": text.low >= -TEXT_SLACK})
-    for abl in MAIN_ARMS[main]:
+    for abl in ablations:
         if abl in results:
             d = paired_bootstrap([r["ia"][top], results[abl]["ia"][top]], mean_diff)
             rows.append({"criterion": f"ablation scores lower at N={top}", "compared_with": abl, "interval": d,
@@ -69,7 +65,7 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def report(results: dict, labels: dict[str, str], factors: dict[str, float], calibration: list[dict],
-           weights: dict[str, dict], cfg: EvalConfig, out: Path) -> dict:
+           weights: dict[str, dict], cfg: EvalConfig, out: Path, variants: tuple[str, ...] = ()) -> dict:
     """Writes tables.md, the CSVs and the plots into `out`; returns the JSON summary."""
     out.mkdir(parents=True, exist_ok=True)
     top = max(cfg.ns)
@@ -104,7 +100,8 @@ def report(results: dict, labels: dict[str, str], factors: dict[str, float], cal
                                     for m in methods])
     if calibration:
         write_csv(out / "calibration.csv", calibration)
-    crit = [row for main in MAIN_ARMS if main in results for row in criteria(results, main)]
+    judged = {**MAIN_ARMS, **{v: () for v in variants}}  # variants: the same criteria, no ablations of their own
+    crit = [row for main, abl in judged.items() if main in results for row in criteria(results, main, abl)]
     if crit:  # none when no BlockLoRA arm ran
         write_csv(out / "criteria.csv", [{**c, "estimate": c["interval"].estimate, "low": c["interval"].low,
                                           "high": c["interval"].high, "interval": str(c["interval"])} for c in crit])

@@ -93,7 +93,8 @@ class LiveMerge:
         saved = [torch.empty_like(r) for r in rows]
         start = 0
         for keys in self.chunks:
-            views, keep, start = rows[start:start + len(keys)], saved[start:start + len(keys)], start + len(keys)
+            end = start + len(keys)
+            views, keep, start = rows[start:end], saved[start:end], end
             a, b = zip(*(art.factors(k) for k in keys))
             dev = views[0].device
             delta = self._scratch(torch.Size((len(keys), *views[0].shape)), dev)

@@ -45,10 +45,12 @@ KERNELS = ("gathered", "union")  # how a layer adds its residual (module docstri
 class SlotWeights:
     """The per-sample slot weights α (batch, K) of the forward pass in flight, shared by every
     `SlotResidualLinear` of one pipeline. `epoch` changes whenever α or any slot's factors change,
-    so each layer rebuilds its gathered factors once per batch, not once per call."""
+    so each layer rebuilds its gathered factors once per batch, not once per call. `kernel` (one of
+    `KERNELS`) is how every layer adds its residual."""
 
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
+        self.kernel = KERNELS[0]
         self.alpha: torch.Tensor | None = None  # (B, K); None: no residual at all
         self.active: torch.Tensor = torch.zeros(0, dtype=torch.long)  # slots with any non-zero α
         self.chosen: torch.Tensor = torch.zeros(0, 0, dtype=torch.long)  # (B, s): each sample's slots, padded
@@ -87,7 +89,6 @@ class SlotResidualLinear(nn.Module):
         like = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.register_buffer("A_all", torch.zeros(num_slots * rank, n, **like), persistent=False)  # (K·r, n)
         self.register_buffer("B_all", torch.zeros(m, num_slots * rank, **like), persistent=False)  # (m, K·r)
-        self.kernel = "gathered"
         self._epoch = -1
         self._gathered: tuple[torch.Tensor, ...] | None = None
 
@@ -98,6 +99,10 @@ class SlotResidualLinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
+
+    @property
+    def kernel(self) -> str:
+        return self.weights.kernel
 
     @torch.no_grad()
     def set_slot(self, slot: int, rows: slice, a: torch.Tensor, b_rows: torch.Tensor) -> None:
@@ -227,16 +232,14 @@ class ConceptBank:
 
     @property
     def kernel(self) -> str:
-        return self._kernel
+        return self.weights.kernel
 
     @kernel.setter
     def kernel(self, kernel: str) -> None:
         """Which of `KERNELS` every layer adds its residual with; the next batch re-gathers."""
         if kernel not in KERNELS:
             raise ValueError(f"unknown residual kernel {kernel!r}; known: {', '.join(KERNELS)}")
-        self._kernel = kernel
-        for layer in self.layers.values():
-            layer.kernel = kernel
+        self.weights.kernel = kernel
         self.weights.epoch += 1
 
     def slot_of(self, name: str) -> int:
