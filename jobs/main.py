@@ -2,11 +2,12 @@
 
     python jobs/main.py [--out outputs/main] [--steps 300] [--keep]
 
-Starts a Ray head on 127.0.0.1 (token authentication on), the coordinator and the Serve app;
-submits one `ray job submit` client training job per bundled toy concept (MAIN_CONCEPTS),
-concurrently; waits until they are live; asks the HTTP API for each concept's prompt with no
-concept, alone and with all merged, and for its class prompt with all merged (plus one prompt that
-names two); removes one concept at runtime and shows it is refused; writes `contact_sheet.png`
+Starts a Ray head on 127.0.0.1 (token authentication on) and the coordinator; submits one
+`ray job submit` client training job per bundled toy concept (MAIN_CONCEPTS), concurrently, and
+starts the Serve app while they train; waits until they are live; asks the HTTP API (four requests
+in flight, so different subsets share a batch) for each concept's prompt with no concept, alone and
+with all merged, and for its class prompt with all merged (plus one prompt that names two);
+removes one concept at runtime and shows it is refused; writes `contact_sheet.png`
 (every generated picture labelled with its image and shape alignment to the concept, by the identity judge)
 and `report.json` to --out; stops the cluster (unless --keep).
 """
@@ -22,7 +23,9 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -46,6 +49,7 @@ RAY_PREFIX = re.compile(r"^(\x1b\[[\d;]*m)*\([^)]*\)(\x1b\[[\d;]*m)*\s*")  # "(R
 # first, so the sheet shows whether two concepts of one class word stay apart when merged.
 MAIN_CONCEPTS: tuple[str, ...] = ("ember", "frost", "lagoon", "rosa")
 REFERENCES = 8  # reference pictures per concept for the sheet's image-alignment scores
+CONCURRENT_REQUESTS = 4  # the Serve replica's default max_batch_size (serve/generator.py)
 
 
 class Stage:
@@ -70,6 +74,13 @@ class Stage:
             print(f"      done in {dt:.1f} s", flush=True)
 
 
+def timed(f: Callable[..., object], *args) -> float:
+    """Seconds `f(*args)` took (its exceptions pass through)."""
+    t0 = time.monotonic()
+    f(*args)
+    return time.monotonic() - t0
+
+
 def run(cmd: list[str], env: dict, timeout: float = 600) -> str:
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
@@ -90,9 +101,9 @@ def concepts_to_train(limit: int) -> list[dict]:
 
 def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: list[str],
                    out: Path) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-    """One `ray job submit --no-wait` per concept; concept name -> Ray job id, and -> its submit marks."""
-    jobs, submitted = {}, {}
-    for c in concepts:
+    """One `ray job submit --no-wait` per concept, all at once (each CLI takes seconds to start and
+    package the code); concept name -> Ray job id, and -> its submit marks."""
+    def submit(c: dict) -> tuple[str, dict[str, float]]:
         job_id = f"client-{c['name']}-{int(time.time())}"
         t_submit = time.time()
         run(["ray", "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO),
@@ -101,10 +112,12 @@ def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: lis
              "--class-word", c["class_word"], "--name", c["name"], *train_flags,
              "--client-name", f"user-{c['name']}", "--token-file", str(out / "clients" / f"{c['name']}.token"),
              "--storage-path", str(out / "clients" / "runs")], cluster.env)
-        jobs[c["name"]] = job_id
-        submitted[c["name"]] = {"t_submit": t_submit, "t_submitted": time.time()}
         print(f"      submitted {job_id}", flush=True)
-    return jobs, submitted
+        return job_id, {"t_submit": t_submit, "t_submitted": time.time()}
+
+    with ThreadPoolExecutor(len(concepts)) as pool:
+        done = dict(zip([c["name"] for c in concepts], pool.map(submit, concepts)))
+    return {n: job for n, (job, _) in done.items()}, {n: marks for n, (_, marks) in done.items()}
 
 
 def newest_line(log: str) -> str:
@@ -172,25 +185,29 @@ def query_subsets(http: httpx.Client, concepts: list[ToyConcept], out: Path, num
     refs = {c.name: reference_pictures(c, REFERENCES, seed=0) for c in concepts}
     stages = (("base, class prompt", [], class_prompt), ("each concept alone", None, instance_prompt),
               ("all merged", names, instance_prompt), ("all merged, class prompt", names, class_prompt))
+    cells = [(label, c, {"prompt": make_prompt(c, eval_attributes(c, 1)[0]),
+                         "concepts": [c.name] if subset is None else subset})
+             for label, subset, make_prompt in stages for c in concepts]
+    a, b = names[:2]
+    bodies = [body for _, _, body in cells] + [{"prompt": f"{{{a}}} next to {{{b}}}", "concepts": []}]  # named in the prompt only
+    # in flight together, as many as a replica batches: requests for different subsets share one denoising loop
+    with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
+        answers = list(pool.map(lambda ib: _request(http, ib[1], ib[0], out, num_images, steps, guidance),
+                                enumerate(bodies)))
     rows = [("training pictures", [im for c in concepts for im in training_pictures(c)[:num_images]])]
     notes: list[list[str]] = [[]]
     results = []
-    for label, subset, make_prompt in stages:
-        row, row_notes = [], []
-        for c in concepts:
-            body = {"prompt": make_prompt(c, eval_attributes(c, 1)[0]), "concepts": [c.name] if subset is None else subset}
-            code, images, result = _request(http, body, len(results), out, num_images, steps, guidance)
-            scores = judge.image_alignment(images, refs[c.name]).tolist() if images else []
-            shapes = judge.shape_alignment(images, refs[c.name]).tolist() if images else []
-            results.append(result | {"sheet_row": label, "concept": c.name, "image_alignment": scores,
-                                     "shape_alignment": shapes})
-            row += images
-            row_notes += [f"{c.name} IA {s:.2f} sh {h:.2f}" for s, h in zip(scores, shapes)]
-        rows.append((label, row))
-        notes.append(row_notes)
-    a, b = names[:2]
-    results.append(_request(http, {"prompt": f"{{{a}}} next to {{{b}}}", "concepts": []}, len(results), out,
-                            num_images, steps, guidance)[2])  # named in the prompt only
+    for (label, c, _), (code, images, result) in zip(cells, answers):
+        if rows[-1][0] != label:
+            rows.append((label, []))
+            notes.append([])
+        scores = judge.image_alignment(images, refs[c.name]).tolist() if images else []
+        shapes = judge.shape_alignment(images, refs[c.name]).tolist() if images else []
+        results.append(result | {"sheet_row": label, "concept": c.name, "image_alignment": scores,
+                                 "shape_alignment": shapes})
+        rows[-1][1].extend(images)
+        notes[-1].extend(f"{c.name} IA {s:.2f} sh {h:.2f}" for s, h in zip(scores, shapes))
+    results.append(answers[-1][2])
     return results, rows, notes
 
 
@@ -232,7 +249,7 @@ def main() -> None:
     concepts = concepts_to_train(args.concepts)
     names = [c["name"] for c in concepts]
     timings: dict[str, float] = {}
-    stage = Stage(timings, total=8)
+    stage = Stage(timings, total=7)
     t_start = time.monotonic()
     report: dict = {"base_model": base, "steps": train.steps, "lr": train.lr, "token_lr": train.token_lr,
                     "guidance": sampling.guidance_scale, "timings_s": timings}
@@ -245,15 +262,15 @@ def main() -> None:
             run([sys.executable, "jobs/start_coordinator.py", "--base-model", base, "--slots", "16",
                  "--state-dir", str(out / "state"), "--address", cluster.address, *precision], cluster.env)
         port = free_port()
-        with stage(f"start the Serve app on http://127.0.0.1:{port}/v1"):
-            run([sys.executable, "jobs/serve_up.py", "--address", cluster.address, "--port", str(port), *precision],
-                cluster.env)
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
-        admin = {"Authorization": f"Bearer {(out / 'state' / 'admin_token').read_text().strip()}"}
-
-        with stage(f"train {len(names)} concepts concurrently with `ray job submit` ({train.steps} steps each)"):
+        with stage(f"train {len(names)} concepts concurrently with `ray job submit` ({train.steps} steps each), "
+                   f"meanwhile start the Serve app on http://127.0.0.1:{port}/v1"), ThreadPoolExecutor(1) as bg:
+            serve_up = bg.submit(timed, run, [sys.executable, "jobs/serve_up.py", "--address", cluster.address,
+                                              "--port", str(port), *precision], cluster.env)
             jobs, submitted = submit_clients(cluster, concepts, to_argv(train, skip=("resolution",)), out)
             report["jobs"], report["client_phases_s"] = wait_jobs(cluster, jobs, submitted, timeout=3600)
+            timings["start the Serve app (while the clients train)"] = round(serve_up.result(), 1)
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
+        admin = {"Authorization": f"Bearer {(out / 'state' / 'admin_token').read_text().strip()}"}
 
         with stage("wait until every concept is live over HTTP"):
             deadline = time.monotonic() + 60
