@@ -2,12 +2,17 @@
 
     python -m benchmarks.concept_capacity           # ember (a star) and lagoon (a circle), 5 recipes, ~25 CPU-min
     python -m benchmarks.concept_capacity --quick   # CI: one concept, two recipes, 2 steps (structure only)
+    python -m benchmarks.concept_capacity --recipes default --full-finetune-lr 1e-4,1e-3 \
+        --out docs/results/concept-capacity/full-finetune   # the upper bound
 
 Each recipe trains each concept alone (the main job's recipe otherwise: 300 steps, lr 5e-3, token lr
 5e-2, batch 2, its own slot), then samples its prompt ("a large {trigger} star on a … background") with
 8 seeds and scores image alignment (the identity judge: colours by ring) and shape alignment (the
 silhouette) against drawn reference pictures; beside them the base on the class prompt and the default
-recipe's trigger embedding with no weights. Intervals are paired bootstraps over (concept, seed).
+recipe's trigger embedding with no weights. `--full-finetune-lr` adds the default recipe with every
+weight of the UNet trained too, at that lr: not an adapter and not mergeable, but what no adapter can
+exceed in the same steps, so it tells a base that cannot learn the concept from an adapter too small.
+Intervals are paired bootstraps over (concept, seed).
 Rows per slot: the smallest and largest block of rows one concept owns in a target layer.
 Writes docs/results/concept-capacity/{sheet.png, result.json}.
 """
@@ -29,14 +34,17 @@ from benchmarks.common import RESULTS_DIR, emit, environment
 from benchmarks.retention import Progress, Trainings, Variant
 from benchmarks.retention_eval import EvalConfig, phrase, sample
 from benchmarks.retention_report import ci
-from benchmarks.world import load_world
+from benchmarks.world import World, load_world
 from blocklora.base import default_base_spec, load_base
 from blocklora.baselines import residual_applied
 from blocklora.config import TOY_BASE_TRAIN, UNET_TARGETS, AdapterConfig, TrainConfig
+from blocklora.data import load_concept_images
 from blocklora.generate import contact_sheet
 from blocklora.inject import layout
 from blocklora.partition import row_block
 from blocklora.stats import mean_diff, paired_bootstrap
+from blocklora.toy.concepts import ToyConcept
+from blocklora.trainer import ConceptTrainer, run_steps
 
 FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")  # GEGLU in (8x channels out) and out of each transformer block
 
@@ -57,7 +65,8 @@ RECIPES: dict[str, Recipe] = {
 }
 CONCEPT_NAMES = ("ember", "lagoon")
 SHOWN = 3  # pictures per concept on the sheet
-QUICK = dict(concepts="ember", recipes="default,every-row", steps=2, seeds=2, gen_steps=2)  # CI: structure only
+QUICK = dict(concepts="ember", recipes="default,every-row", full_finetune_lr="1e-4", steps=2, seeds=2,
+             gen_steps=2)  # CI: structure only
 
 
 def rows_per_slot(pipe, adapter: AdapterConfig) -> tuple[int, int]:
@@ -66,15 +75,43 @@ def rows_per_slot(pipe, adapter: AdapterConfig) -> tuple[int, int]:
     return min(sizes), max(sizes)
 
 
+def full_finetune_label(lr: float) -> str:
+    return f"whole UNet fine-tuned, lr {lr:g} (not an adapter)"
+
+
+def full_finetune_pictures(base_spec: str, world: World, c: ToyConcept, i: int, train: TrainConfig,
+                           unet_lr: float, cfg: EvalConfig) -> torch.Tensor:
+    """Concept c trained by the default recipe with every UNet weight trained too (at `unet_lr`),
+    sampled like the recipes: the most any adapter could learn in these steps. On a fresh base,
+    which it changes for good."""
+    base = load_base(base_spec, device="cpu")
+    with tempfile.TemporaryDirectory(prefix="capacity-") as folder:
+        world.write_training(c, Path(folder))
+        images, captions = load_concept_images(folder, train.resolution)
+    adapter = AdapterConfig()
+    trainer = ConceptTrainer(base, adapter, dataclasses.replace(train, seed=train.seed + i), i % adapter.num_slots,
+                             c.name, c.class_word)
+    frozen = [p for p in base.pipe.unet.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    trainer.opt.add_param_group({"params": frozen, "lr": unet_lr})
+    run_steps(trainer, images, captions, None, [])
+    base.pipe.unet.eval()
+    for te in base.text_encoders.values():
+        te.eval()
+    prompt = world.instance_prompt(c, trainer.trigger_text, world.identity_attributes(c))
+    return sample(base, [prompt] * len(cfg.seeds), list(cfg.seeds), cfg)
+
+
 def run(base_spec: str, names: tuple[str, ...], recipes: list[Recipe], cfg: EvalConfig,
-        train: TrainConfig, cache: Path, out: Path) -> dict:
+        train: TrainConfig, cache: Path, out: Path, full_finetune_lrs: tuple[float, ...] = ()) -> dict:
     base = load_base(base_spec, device="cpu")
     world = load_world()
     index = {c.name: i for i, c in enumerate(world.concepts)}
     concepts = [world.concepts[index[n]] for n in names]
     refs = [world.references(c, cfg.references, seed=0) for c in concepts]
     seeds = list(cfg.seeds)
-    progress = Progress(total=len(recipes) * len(concepts))
+    progress = Progress(total=(len(recipes) + len(full_finetune_lrs)) * len(concepts))
     trainings = Trainings(base, world, cache, progress)
     scores: dict[str, dict[str, np.ndarray]] = {}
     sheet: list[tuple[str, list[Image.Image]]] = [
@@ -110,6 +147,10 @@ def run(base_spec: str, names: tuple[str, ...], recipes: list[Recipe], cfg: Eval
                     pictures.append(sample(base, [world.instance_prompt(c, phrase(art), world.identity_attributes(c))]
                                            * len(seeds), seeds, cfg))
             score("default's trigger embedding, no weights", pictures)
+    for lr in full_finetune_lrs:
+        score(full_finetune_label(lr), [full_finetune_pictures(base_spec, world, c, index[c.name], train, lr, cfg)
+                                        for c in concepts])
+        progress(f"whole UNet fine-tuned at lr {lr:g}", len(concepts))
     out.mkdir(parents=True, exist_ok=True)
     contact_sheet(sheet, cell=96).save(out / "sheet.png")
     base_ia = scores["base, class prompt"]["image_alignment"]
@@ -142,6 +183,8 @@ def main() -> None:
     p.add_argument("--concepts", default=",".join(CONCEPT_NAMES), help="names from blocklora.toy.concepts.CONCEPTS")
     p.add_argument("--recipes", default=",".join(RECIPES),
                    help="comma-separated subset of: " + "; ".join(f"{k} ({r.label})" for k, r in RECIPES.items()))
+    p.add_argument("--full-finetune-lr", default="",
+                   help="comma-separated UNet lrs: add the default recipe with the whole UNet trained (upper bound)")
     p.add_argument("--seeds", type=int, default=8, help="sampling seeds per concept")
     p.add_argument("--steps", type=int, default=TOY_BASE_TRAIN.steps, help="training steps per concept")
     p.add_argument("--gen-steps", type=int, default=20)
@@ -161,7 +204,8 @@ def main() -> None:
     train = dataclasses.replace(TOY_BASE_TRAIN, steps=args.steps, checkpoint_every=0)
     cfg = EvalConfig(ns=(1,), seeds=tuple(range(args.seeds)), steps=args.gen_steps, guidance=args.guidance)
     result = run(args.base or default_base_spec(), tuple(args.concepts.split(",")), [RECIPES[r] for r in chosen],
-                 cfg, train, args.cache, args.out)
+                 cfg, train, args.cache, args.out,
+                 tuple(float(x) for x in args.full_finetune_lr.split(",") if x))
     result["quick"] = args.quick
     (args.out / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=float))
     emit(result)

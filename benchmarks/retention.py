@@ -141,9 +141,7 @@ class Trainings:
         if path.exists():
             return ConceptArtifact.load(path)
         with tempfile.TemporaryDirectory(prefix="retention-") as folder:
-            for k, (pic, caption) in enumerate(self.world.training(c)):
-                pic.save(Path(folder) / f"{k}.png")
-                (Path(folder) / f"{k}.txt").write_text(caption)
+            self.world.write_training(c, Path(folder))
             t0 = time.perf_counter()
             art = train_concept(self.base, folder, c.name, c.class_word, slot=i % v.adapter.num_slots, adapter=v.adapter,
                                 train=dataclasses.replace(train, seed=train.seed + i), progress=False)

@@ -10,6 +10,7 @@ colour (size not checked).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -42,6 +43,12 @@ class World:
     def training(self, c: ToyConcept) -> list[tuple[Image.Image, str]]:
         """The client's pictures with captions in the trainer's '{trigger}' form."""
         return [(p.image, p.caption(c)) for p in toy.training_samples(c)]
+
+    def write_training(self, c: ToyConcept, folder: Path) -> None:
+        """The client's pictures as a client's folder holds them: k.png beside its caption k.txt."""
+        for k, (pic, caption) in enumerate(self.training(c)):
+            pic.save(folder / f"{k}.png")
+            (folder / f"{k}.txt").write_text(caption)
 
     def references(self, c: ToyConcept, count: int, seed: int) -> list[Image.Image]:
         return toy.reference_pictures(c, count, seed)

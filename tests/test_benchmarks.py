@@ -143,7 +143,9 @@ def test_concept_capacity_quick_scores_each_recipe(tmp_path):
     r = run_quick("concept_capacity", tmp_path / "out", "--cache", str(tmp_path / "cache"))
     results = r["results"]
     assert set(results) == {"base, class prompt", "default's trigger embedding, no weights",
-                            "attention, 16 slots (the default)", "attention, 1 slot (every row)"}
+                            "attention, 16 slots (the default)", "attention, 1 slot (every row)",
+                            "whole UNet fine-tuned, lr 0.0001 (not an adapter)"}
+    assert "rows_per_slot" not in results["whole UNet fine-tuned, lr 0.0001 (not an adapter)"]  # no slot: every weight
     # the toy UNet's attention projections have 32-128 rows: 2-8 per slot at 16 slots, all at 1
     assert results["attention, 16 slots (the default)"]["rows_per_slot"] == [2, 8]
     assert results["attention, 1 slot (every row)"]["rows_per_slot"] == [32, 128]
