@@ -2,9 +2,10 @@
 
     python jobs/main.py [--out outputs/main] [--steps 300] [--keep]
 
-Starts a Ray head on 127.0.0.1 (token authentication on) and the coordinator; submits one
-`ray job submit` client training job per bundled toy concept (MAIN_CONCEPTS), concurrently, and
-starts the Serve app while they train; waits until they are live; asks the HTTP API (four requests
+Starts a Ray head on 127.0.0.1 (token authentication on), the coordinator and the Serve app (its
+replicas look the coordinator up, and starting it beside the clients' jobs overran Serve's proxy
+start timeout on 2 cores); submits one `ray job submit` client training job per bundled toy concept
+(MAIN_CONCEPTS), concurrently; waits until they are live; asks the HTTP API (four requests
 in flight, so different subsets share a batch) for each concept's prompt with no concept, alone and
 with all merged, and for its class prompt with all merged (plus one prompt that names two);
 removes one concept at runtime and shows it is refused; writes `contact_sheet.png`
@@ -25,7 +26,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -74,13 +74,6 @@ class Stage:
             print(f"      done in {dt:.1f} s", flush=True)
 
 
-def timed(f: Callable[..., object], *args) -> float:
-    """Seconds `f(*args)` took (its exceptions pass through)."""
-    t0 = time.monotonic()
-    f(*args)
-    return time.monotonic() - t0
-
-
 def run(cmd: list[str], env: dict, timeout: float = 600) -> str:
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
@@ -101,9 +94,11 @@ def concepts_to_train(limit: int) -> list[dict]:
 
 def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: list[str],
                    out: Path) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-    """One `ray job submit --no-wait` per concept, all at once (each CLI takes seconds to start and
-    package the code); concept name -> Ray job id, and -> its submit marks."""
-    def submit(c: dict) -> tuple[str, dict[str, float]]:
+    """One `ray job submit --no-wait` per concept; concept name -> Ray job id, and -> its submit marks.
+    One after another: the coordinator hands out slots in arrival order, so submitting all at once
+    would give the concepts other slots (and the sheet other pictures) from run to run."""
+    jobs, submitted = {}, {}
+    for c in concepts:
         job_id = f"client-{c['name']}-{int(time.time())}"
         t_submit = time.time()
         run(["ray", "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO),
@@ -112,12 +107,10 @@ def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: lis
              "--class-word", c["class_word"], "--name", c["name"], *train_flags,
              "--client-name", f"user-{c['name']}", "--token-file", str(out / "clients" / f"{c['name']}.token"),
              "--storage-path", str(out / "clients" / "runs")], cluster.env)
+        jobs[c["name"]] = job_id
+        submitted[c["name"]] = {"t_submit": t_submit, "t_submitted": time.time()}
         print(f"      submitted {job_id}", flush=True)
-        return job_id, {"t_submit": t_submit, "t_submitted": time.time()}
-
-    with ThreadPoolExecutor(len(concepts)) as pool:
-        done = dict(zip([c["name"] for c in concepts], pool.map(submit, concepts)))
-    return {n: job for n, (job, _) in done.items()}, {n: marks for n, (_, marks) in done.items()}
+    return jobs, submitted
 
 
 def newest_line(log: str) -> str:
@@ -249,7 +242,7 @@ def main() -> None:
     concepts = concepts_to_train(args.concepts)
     names = [c["name"] for c in concepts]
     timings: dict[str, float] = {}
-    stage = Stage(timings, total=7)
+    stage = Stage(timings, total=8)
     t_start = time.monotonic()
     report: dict = {"base_model": base, "steps": train.steps, "lr": train.lr, "token_lr": train.token_lr,
                     "guidance": sampling.guidance_scale, "timings_s": timings}
@@ -262,15 +255,15 @@ def main() -> None:
             run([sys.executable, "jobs/start_coordinator.py", "--base-model", base, "--slots", "16",
                  "--state-dir", str(out / "state"), "--address", cluster.address, *precision], cluster.env)
         port = free_port()
-        with stage(f"train {len(names)} concepts concurrently with `ray job submit` ({train.steps} steps each), "
-                   f"meanwhile start the Serve app on http://127.0.0.1:{port}/v1"), ThreadPoolExecutor(1) as bg:
-            serve_up = bg.submit(timed, run, [sys.executable, "jobs/serve_up.py", "--address", cluster.address,
-                                              "--port", str(port), *precision], cluster.env)
-            jobs, submitted = submit_clients(cluster, concepts, to_argv(train, skip=("resolution",)), out)
-            report["jobs"], report["client_phases_s"] = wait_jobs(cluster, jobs, submitted, timeout=3600)
-            timings["start the Serve app (while the clients train)"] = round(serve_up.result(), 1)
+        with stage(f"start the Serve app on http://127.0.0.1:{port}/v1"):
+            run([sys.executable, "jobs/serve_up.py", "--address", cluster.address, "--port", str(port), *precision],
+                cluster.env)
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
         admin = {"Authorization": f"Bearer {(out / 'state' / 'admin_token').read_text().strip()}"}
+
+        with stage(f"train {len(names)} concepts concurrently with `ray job submit` ({train.steps} steps each)"):
+            jobs, submitted = submit_clients(cluster, concepts, to_argv(train, skip=("resolution",)), out)
+            report["jobs"], report["client_phases_s"] = wait_jobs(cluster, jobs, submitted, timeout=3600)
 
         with stage("wait until every concept is live over HTTP"):
             deadline = time.monotonic() + 60
