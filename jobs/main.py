@@ -190,7 +190,7 @@ def query_subsets(http: httpx.Client, concepts: list[ToyConcept], out: Path, num
     rows = [("training pictures", [im for c in concepts for im in training_pictures(c)[:num_images]])]
     notes: list[list[str]] = [[]]
     results = []
-    for (label, c, _), (code, images, result) in zip(cells, answers):
+    for (label, c, _), (_, images, result) in zip(cells, answers):
         if rows[-1][0] != label:
             rows.append((label, []))
             notes.append([])
