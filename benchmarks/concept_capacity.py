@@ -35,7 +35,7 @@ from benchmarks.retention import Progress, Trainings, Variant
 from benchmarks.retention_eval import EvalConfig, phrase, sample
 from benchmarks.retention_report import ci
 from benchmarks.world import World, load_world
-from blocklora.base import default_base_spec, load_base
+from blocklora.base import Base, default_base_spec, load_base
 from blocklora.baselines import residual_applied
 from blocklora.config import TOY_BASE_TRAIN, UNET_TARGETS, AdapterConfig, TrainConfig
 from blocklora.data import load_concept_images
@@ -75,6 +75,12 @@ def rows_per_slot(pipe, adapter: AdapterConfig) -> tuple[int, int]:
     return min(sizes), max(sizes)
 
 
+def concept_pictures(base: Base, world: World, c: ToyConcept, trigger: str, cfg: EvalConfig) -> torch.Tensor:
+    """c's image-alignment prompt with `trigger`, one picture per sampling seed: (seeds, 3, H, W)."""
+    prompt = world.instance_prompt(c, trigger, world.identity_attributes(c))
+    return sample(base, [prompt] * len(cfg.seeds), list(cfg.seeds), cfg)
+
+
 def full_finetune_label(lr: float) -> str:
     return f"whole UNet fine-tuned, lr {lr:g} (not an adapter)"
 
@@ -99,8 +105,7 @@ def full_finetune_pictures(base_spec: str, world: World, c: ToyConcept, i: int, 
     base.pipe.unet.eval()
     for te in base.text_encoders.values():
         te.eval()
-    prompt = world.instance_prompt(c, trainer.trigger_text, world.identity_attributes(c))
-    return sample(base, [prompt] * len(cfg.seeds), list(cfg.seeds), cfg)
+    return concept_pictures(base, world, c, trainer.trigger_text, cfg)
 
 
 def run(base_spec: str, names: tuple[str, ...], recipes: list[Recipe], cfg: EvalConfig,
@@ -135,8 +140,7 @@ def run(base_spec: str, names: tuple[str, ...], recipes: list[Recipe], cfg: Eval
         pictures = []
         for c, art in zip(concepts, arts):
             with residual_applied(base, v.adapter, {k: art.delta(k) for k in art.meta.layout}, [art]):
-                pictures.append(sample(base, [world.instance_prompt(c, phrase(art), world.identity_attributes(c))]
-                                       * len(seeds), seeds, cfg))
+                pictures.append(concept_pictures(base, world, c, phrase(art), cfg))
         score(label, pictures)
         info[label] = {"rows_per_slot": rows_per_slot(base.pipe, v.adapter), "adapter": dataclasses.asdict(v.adapter),
                        "train": dataclasses.asdict(v.train)}
@@ -144,8 +148,7 @@ def run(base_spec: str, names: tuple[str, ...], recipes: list[Recipe], cfg: Eval
             pictures = []
             for c, art in zip(concepts, arts):
                 with residual_applied(base, v.adapter, {}, [art]):
-                    pictures.append(sample(base, [world.instance_prompt(c, phrase(art), world.identity_attributes(c))]
-                                           * len(seeds), seeds, cfg))
+                    pictures.append(concept_pictures(base, world, c, phrase(art), cfg))
             score("default's trigger embedding, no weights", pictures)
     for lr in full_finetune_lrs:
         score(full_finetune_label(lr), [full_finetune_pictures(base_spec, world, c, index[c.name], train, lr, cfg)

@@ -185,8 +185,8 @@ def query_subsets(http: httpx.Client, concepts: list[ToyConcept], out: Path, num
     bodies = [body for _, _, body in cells] + [{"prompt": f"{{{a}}} next to {{{b}}}", "concepts": []}]  # named in the prompt only
     # in flight together, as many as a replica batches: requests for different subsets share one denoising loop
     with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
-        answers = list(pool.map(lambda ib: _request(http, ib[1], ib[0], out, num_images, steps, guidance),
-                                enumerate(bodies)))
+        answers = list(pool.map(lambda i, body: _request(http, body, i, out, num_images, steps, guidance),
+                                range(len(bodies)), bodies))
     rows = [("training pictures", [im for c in concepts for im in training_pictures(c)[:num_images]])]
     notes: list[list[str]] = [[]]
     results = []
