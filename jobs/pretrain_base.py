@@ -28,12 +28,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=TOY_BASE_DIR, help="diffusers folder to export to")
     ap.add_argument("--work-dir", type=Path, default=Path("work/toy-base"), help="checkpoints and logs")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="an exported toy base (e.g. models/toy-base) to train on from, in a new --work-dir: its VAE "
+                         "and latent scale are kept, --steps more denoiser steps on the stream of --seed")
     add_flags(ap, PretrainConfig)
     args = ap.parse_args()
     cfg = from_args(PretrainConfig, args, ap)
 
     torch.set_num_threads(cfg.threads)
-    pipe, run, scale = pretrain(cfg, args.work_dir)
+    pipe, run, scale = pretrain(cfg, args.work_dir, args.init_from)
     export(args.out, pipe, cfg, run, scale)
     print(f"exported to {args.out} ({run.state['wall_seconds'] / 60:.1f} min)")
 

@@ -20,11 +20,11 @@ from blocklora.toy.base import GRID_PROMPTS, GRID_SEEDS, SAMPLES_FILE
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pretrain(work: Path, out: Path, steps: int) -> None:
+def pretrain(work: Path, out: Path, steps: int, *extra: str) -> None:
     cmd = [sys.executable, "jobs/pretrain_base.py", "--work-dir", str(work), "--out", str(out),
            "--steps", str(steps), "--vae-steps", "2", "--batch", "2", "--vae-batch", "2",
            "--checkpoint-every", "1", "--sample-every", "1000", "--eval-seeds", "1", "--sample-steps", "2",
-           "--unet-width", "16"]  # half the committed width: the flag reaches the exported UNet, and it is faster
+           "--unet-width", "16", *extra]  # half the committed width: the flag reaches the exported UNet, and it is faster
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -51,6 +51,23 @@ def test_pretrain_resumes_and_exports_a_loadable_base(tmp_path: Path) -> None:
     grid = Image.open(out / SAMPLES_FILE)
     assert grid.size == (64 * len(GRID_SEEDS), 64 * len(GRID_PROMPTS))
     assert Image.open(out / "loss.png").size[0] > 0
+
+    # Training on from the exported base (--init-from): its VAE and latent scale are kept as they are,
+    # the denoiser starts from its weights (its first loss is a trained model's, not a random one's).
+    more_work, more = tmp_path / "more-work", tmp_path / "more"
+    pretrain(more_work, more, 2, "--init-from", str(out), "--seed", "1")
+    third = load_base(str(more), device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(second.pipe.vae.state_dict().values(), third.pipe.vae.state_dict().values()))
+    assert third.pipe.vae.config.scaling_factor == second.pipe.vae.config.scaling_factor
+    assert third.fingerprint != second.fingerprint
+    rows = list(csv.DictReader((more_work / "loss.csv").open()))
+    assert [(r["stage"], int(r["step"])) for r in rows] == [("unet", 0), ("unet", 1)]
+    assert f"--init-from {out}" in (more / "README.md").read_text()
+    from blocklora.toy.pretrain import Run
+    with pytest.raises(ValueError, match="already holds a run"):  # a work dir belongs to one starting point
+        Run(more_work).start_from(tmp_path, vae_steps=2)
+    with pytest.raises(ValueError, match="not an exported toy base: no vae, unet, text_encoder"):
+        Run(tmp_path / "fresh").start_from(tmp_path / "fresh", vae_steps=2)
 
 
 def test_worker_processes_draw_the_same_batches() -> None:

@@ -46,6 +46,10 @@ def plot_loss(csv_path: Path, png: Path) -> dict[str, float]:
     finals = {}
     for ax, stage in zip(axes, ("vae", "unet")):
         loss = np.array([float(r["loss"]) for r in rows if r["stage"] == stage])
+        if not len(loss):  # a run started from an exported base (--init-from) kept its VAE
+            ax.set(title=f"{stage}: taken from the initial base")
+            ax.axis("off")
+            continue
         k = min(50, len(loss))
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
         ax.plot(loss, alpha=0.3, lw=0.6)
@@ -71,6 +75,11 @@ def write_card(out: Path, pipe: StableDiffusionPipeline, cfg: PretrainConfig, ru
     progress = (f"\nDuring training (`progress.png`): seed 0 of the same prompts after every {cfg.sample_every}"
                 f" denoiser steps ({grids} grids), labelled with the step.\n\n![progress](progress.png)\n"
                 if grids else "")
+    init = run.state.get("init_from")
+    vae_row = (f"| VAE (L1+MSE+1e-6 KL) | {cfg.vae_steps} | {cfg.vae_batch} | {finals['vae']:.4f} |" if not init else
+               f"| VAE | kept from the initial base `{init}` (latent scale too) | | |")
+    started = (f"Started from the exported base `{init}`: the denoiser and text encoder trained on for the steps"
+               " below, fresh AdamW moments, on the data stream of the seed above.\n" if init else "")
     (out / "README.md").write_text(f"""# toy-base: blocklora's own tiny text-to-image base
 
 Stable-Diffusion-shaped (AutoencoderKL + UNet2DConditionModel with cross-attention + CLIPTextModel with
@@ -90,10 +99,10 @@ pairs are held out of training (`blocklora.toy.data.HELDOUT_PAIRS`).
 ## Training (seed {cfg.seed}, on {", ".join(run.state.get("trained_on", ["cpu"]))})
 | stage | steps | batch | final loss (50-step mean) |
 |---|---|---|---|
-| VAE (L1+MSE+1e-6 KL) | {cfg.vae_steps} | {cfg.vae_batch} | {finals['vae']:.4f} |
+{vae_row}
 | UNet + text encoder (epsilon MSE, min-SNR-{cfg.snr_gamma:g} weighted) | {cfg.steps} | {cfg.batch} | {finals['unet']:.4f} |
 
-Command: `python jobs/pretrain_base.py {command(cfg)} --work-dir <dir>`
+{started}Command: `python jobs/pretrain_base.py {command(cfg)}{f" --init-from {init}" if init else ""} --work-dir <dir>`
 
 Wall time: {run.state['wall_seconds'] / 60:.1f} min, summed over the run's segments up to their last
 checkpoints, on the device(s) named above. Latent scaling factor {scale:.4f}.

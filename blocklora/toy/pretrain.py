@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
+from transformers import CLIPTextModel
 
 from blocklora.atomic import atomic_write
 from blocklora.checkpoint import load_optimizer_tensors, optimizer_tensors
@@ -74,6 +75,27 @@ class Run:
             "vae_step": 0, "unet_step": 0, "wall_seconds": 0.0}
         self._t0 = time.time()
         self._forget_uncheckpointed_losses()
+
+    def start_from(self, base_dir: Path, vae_steps: int) -> None:
+        """Seed an empty work dir with an exported toy base: its VAE (and latent scale) count as stage 1
+        done, and the denoiser and text encoder train on from its weights with fresh optimizer moments.
+        More steps for a base that still draws blobs, without redoing the ones it already had."""
+        base_dir = Path(base_dir)
+        if (self.work / "state.json").exists():
+            if self.state.get("init_from") != str(base_dir):
+                raise ValueError(f"{self.work} already holds a run (initialised from {self.state.get('init_from')}); "
+                                 f"use a new --work-dir to start from {base_dir}")
+            return
+        missing = [m for m in ("vae", "unet", "text_encoder") if not (base_dir / m).is_dir()]
+        if missing:
+            raise ValueError(f"{base_dir} is not an exported toy base: no {', '.join(missing)} folder")
+        vae = AutoencoderKL.from_pretrained(base_dir / "vae")
+        for name, module in (("vae", vae), ("unet", UNet2DConditionModel.from_pretrained(base_dir / "unet")),
+                             ("text_encoder", CLIPTextModel.from_pretrained(base_dir / "text_encoder"))):
+            tensors = {k: v.contiguous() for k, v in module.state_dict().items()}
+            atomic_write(self.work / f"{name}.safetensors", safetensors_bytes(tensors))
+        self.state.update(vae_step=vae_steps, init_from=str(base_dir), latent_scale=vae.config.scaling_factor)
+        atomic_write(self.work / "state.json", json.dumps(self.state, indent=1).encode())
 
     def _forget_uncheckpointed_losses(self) -> None:
         """Drop log rows past the last checkpoint: a resumed run logs those steps again."""
@@ -211,8 +233,10 @@ def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_si
 
 
 
-def pretrain(cfg: PretrainConfig, work_dir: Path) -> tuple[StableDiffusionPipeline, Run, float]:
+def pretrain(cfg: PretrainConfig, work_dir: Path, init_from: Path | None = None
+             ) -> tuple[StableDiffusionPipeline, Run, float]:
     """Both stages, resuming from `work_dir`: the trained pipeline, its run and the latent scale.
+    With `init_from` (an exported toy base) the run starts from its weights: see `Run.start_from`.
 
     A finished run trains nothing again; it only rebuilds the pipeline from its checkpoints."""
     torch.manual_seed(cfg.seed)
@@ -220,8 +244,14 @@ def pretrain(cfg: PretrainConfig, work_dir: Path) -> tuple[StableDiffusionPipeli
     for m in (vae, unet, te):
         m.to(cfg.device)
     run = Run(work_dir, cfg.device)
+    if init_from is not None:
+        run.start_from(init_from, cfg.vae_steps)
     train_vae(run, vae, cfg.vae_steps, cfg.vae_batch, cfg.seed, cfg.checkpoint_every, cfg.data_workers)
-    scale = set_latent_scale(vae, cfg.seed)
+    if "latent_scale" in run.state:  # the initial base's: its denoiser learned on latents at that scale
+        vae.register_to_config(scaling_factor=run.state["latent_scale"])
+        scale = run.state["latent_scale"]
+    else:
+        scale = set_latent_scale(vae, cfg.seed)
     pipe = build_pipeline(vae, unet, te)
     train_denoiser(run, pipe, cfg.steps, cfg.batch, cfg.lr, cfg.seed, cfg.checkpoint_every, cfg.sample_every,
                    cfg.sample_steps, cfg.snr_gamma, cfg.data_workers)
