@@ -154,3 +154,15 @@ def test_concept_capacity_quick_scores_each_recipe(tmp_path):
         assert -1 <= scores["shape_alignment"]["estimate"] <= 1 and 0 <= scores["image_alignment"]["estimate"] <= 1
     assert results["attention, 16 slots (the default)"]["image_alignment_minus_default"]["estimate"] == 0
     assert (tmp_path / "out" / "sheet.png").exists()
+
+
+def test_base_compare_quick_pairs_a_base_with_itself(tmp_path):
+    """The same base under two names draws the same pictures: every paired difference is exactly 0."""
+    base, alias = ROOT / "models" / "toy-base", tmp_path / "same-base"
+    alias.symlink_to(base, target_is_directory=True)
+    result = run_quick("base_compare", tmp_path / "out", "--bases", str(base), str(alias))
+    first, second = result["bases"][str(base)], result["bases"][str(alias)]
+    assert first["shape"] == second["shape"] and first["colour"] == second["colour"]
+    assert second["shape_minus_first"] == second["colour_minus_first"] == [0.0, 0.0, 0.0]
+    assert set(first["shape_by_class"]) == {"circle", "square", "triangle", "star", "cross", "heart"}
+    assert len(result["pairs"]) == 12 and (tmp_path / "out" / "compare.png").is_file()
