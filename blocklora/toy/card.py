@@ -78,8 +78,8 @@ def write_card(out: Path, pipe: StableDiffusionPipeline, cfg: PretrainConfig, ru
     init = run.state.get("init_from")
     vae_row = (f"| VAE (L1+MSE+1e-6 KL) | {cfg.vae_steps} | {cfg.vae_batch} | {finals['vae']:.4f} |" if not init else
                f"| VAE | kept from the initial base `{init}` (latent scale too) | | |")
-    started = (f"Started from the exported base `{init}`: the denoiser and text encoder trained on for the steps"
-               " below, fresh AdamW moments, on the data stream of the seed above.\n" if init else "")
+    started = (f"Started from the exported base `{init}`: the denoiser and text encoder trained on for the steps in the table above,"
+               " fresh AdamW moments, on the data stream of the seed above.\n" if init else "")
     (out / "README.md").write_text(f"""# toy-base: blocklora's own tiny text-to-image base
 
 Stable-Diffusion-shaped (AutoencoderKL + UNet2DConditionModel with cross-attention + CLIPTextModel with
