@@ -26,10 +26,10 @@ from benchmarks.common import emit, environment
 from blocklora.base import load_base
 from blocklora.stats import mean_diff, paired_bootstrap
 from blocklora.toy.base import SAMPLE_STEPS, TOY_BASE_DIR, draw
-from blocklora.toy.data import HELDOUT_PAIRS, SHAPES, SIZE, TRAIN_PAIRS
-from blocklora.toy.judge import load_judge
+from blocklora.toy.data import SHAPES, SIZE
+from blocklora.toy.judge import SCORED_HELDOUT, SCORED_SEEN, load_judge
 
-PAIRS = sorted(HELDOUT_PAIRS) + list(TRAIN_PAIRS[:: len(TRAIN_PAIRS) // len(HELDOUT_PAIRS)][: len(HELDOUT_PAIRS)])
+PAIRS = SCORED_HELDOUT + SCORED_SEEN  # the model card's pairs
 
 
 def judged(folder: str, seeds: list[int], steps: int) -> tuple[np.ndarray, np.ndarray, list[Image.Image]]:
@@ -43,7 +43,7 @@ def judged(folder: str, seeds: list[int], steps: int) -> tuple[np.ndarray, np.nd
 
 def strip(rows: list[tuple[str, list[Image.Image]]], png: Path) -> None:
     """One row per base: its first-seed picture of every pair, labelled."""
-    top, left = 12, 0
+    top = 12
     sheet = Image.new("RGB", (len(PAIRS) * (SIZE + 2), top + len(rows) * (SIZE + top)), "white")
     d = ImageDraw.Draw(sheet)
     for j, (s, c) in enumerate(PAIRS):
@@ -51,7 +51,7 @@ def strip(rows: list[tuple[str, list[Image.Image]]], png: Path) -> None:
     for i, (name, pics) in enumerate(rows):
         y = top + i * (SIZE + top)
         for j, pic in enumerate(pics):
-            sheet.paste(pic, (left + j * (SIZE + 2), y))
+            sheet.paste(pic, (j * (SIZE + 2), y))
         d.text((2, y + SIZE), name[-60:], fill="black")
     sheet.save(png)
 

@@ -177,11 +177,15 @@ def score_pairs(pipe, judge: Judge, name: str, pairs: list[tuple[str, str]], see
     return Score.of(name, judge.classify(images), [p for p in pairs for _ in seeds])
 
 
+# The (shape, colour) pairs a base is scored on: the held-out ones and as many training pairs, spread out.
+SCORED_HELDOUT: list[tuple[str, str]] = sorted(HELDOUT_PAIRS)
+SCORED_SEEN: list[tuple[str, str]] = list(TRAIN_PAIRS[:: len(TRAIN_PAIRS) // len(SCORED_HELDOUT)][: len(SCORED_HELDOUT)])
+
+
 def score_base(pipe, judge: Judge, n_seeds: int = 8, seed: int = 0, steps: int = SAMPLE_STEPS) -> list[Score]:
     """The base on held-out pairs and on as many training pairs, after the judge's own ceiling."""
     seeds = list(range(seed, seed + n_seeds))
-    heldout = sorted(HELDOUT_PAIRS)
-    seen = list(TRAIN_PAIRS[:: len(TRAIN_PAIRS) // len(heldout)][: len(heldout)])
+    heldout, seen = SCORED_HELDOUT, SCORED_SEEN
     return [*score_data(judge),
             score_pairs(pipe, judge, "generated, held-out pairs", heldout, seeds, steps),
             score_pairs(pipe, judge, "generated, training pairs", seen, seeds, steps)]
