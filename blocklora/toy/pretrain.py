@@ -90,10 +90,8 @@ class Run:
         if missing:
             raise ValueError(f"{base_dir} is not an exported toy base: no {', '.join(missing)} folder")
         vae = AutoencoderKL.from_pretrained(base_dir / "vae")
-        for name, module in (("vae", vae), ("unet", UNet2DConditionModel.from_pretrained(base_dir / "unet")),
-                             ("text_encoder", CLIPTextModel.from_pretrained(base_dir / "text_encoder"))):
-            tensors = {k: v.contiguous() for k, v in module.state_dict().items()}
-            atomic_write(self.work / f"{name}.safetensors", safetensors_bytes(tensors))
+        self._save_weights({"vae": vae, "unet": UNet2DConditionModel.from_pretrained(base_dir / "unet"),
+                            "text_encoder": CLIPTextModel.from_pretrained(base_dir / "text_encoder")})
         self.state.update(vae_step=vae_steps, init_from=str(base_dir), latent_scale=vae.config.scaling_factor)
         atomic_write(self.work / "state.json", json.dumps(self.state, indent=1).encode())
 
@@ -105,10 +103,13 @@ class Run:
             keep = [ln for ln in lines[1:] if int(ln.split(",")[1]) < self.state[ln.split(",")[0] + "_step"]]
             atomic_write(path, "".join(lines[:1] + keep).encode())
 
-    def checkpoint(self, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer, stage: str) -> None:
+    def _save_weights(self, modules: dict[str, torch.nn.Module]) -> None:
         for name, mod in modules.items():
             tensors = {k: v.contiguous() for k, v in mod.state_dict().items()}
             atomic_write(self.work / f"{name}.safetensors", safetensors_bytes(tensors))
+
+    def checkpoint(self, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer, stage: str) -> None:
+        self._save_weights(modules)
         atomic_write(self.work / f"opt_{stage}.safetensors", safetensors_bytes(optimizer_tensors(opt)))
         now = time.time()
         self.state["trained_on"] = sorted({*self.state.get("trained_on", []), self.device_name})
