@@ -110,6 +110,13 @@ def test_retention_quick_covers_every_arm(tmp_path):
         assert (tmp_path / "out" / name).exists()
 
 
+def test_retention_scores_ablations_at_the_two_ends_and_methods_on_the_whole_curve():
+    ns = retention.PROFILES["full"].ns
+    assert retention.arm_ns("blocklora-no-blocks-mean", ns) == (1, 15)
+    assert retention.arm_ns("blocklora-no-erasure", ns) == (1, 15)
+    assert retention.arm_ns("blocklora-mean", ns) == retention.arm_ns("ties", ns) == ns
+
+
 def test_retention_refuses_an_arm_the_base_cannot_hold_before_training(tmp_path):
     """Orthogonal Adaptation needs slots x rank <= every target's input size; 16 x 4 does not fit the
     tiny base, and the run says so at once, naming the arm, with nothing trained or written."""
