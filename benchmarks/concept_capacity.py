@@ -116,7 +116,7 @@ def run(base_spec: str, names: tuple[str, ...], recipes: list[Recipe], cfg: Eval
     concepts = [world.concepts[index[n]] for n in names]
     refs = [world.references(c, cfg.references, seed=0) for c in concepts]
     seeds = list(cfg.seeds)
-    progress = Progress(total=(len(recipes) + len(full_finetune_lrs)) * len(concepts))
+    progress = Progress({"training": len(recipes) * len(concepts), "whole-UNet fine-tune": len(full_finetune_lrs)})
     trainings = Trainings(base, world, cache, progress)
     scores: dict[str, dict[str, np.ndarray]] = {}
     sheet: list[tuple[str, list[Image.Image]]] = [
@@ -153,7 +153,7 @@ def run(base_spec: str, names: tuple[str, ...], recipes: list[Recipe], cfg: Eval
     for lr in full_finetune_lrs:
         score(full_finetune_label(lr), [full_finetune_pictures(base_spec, world, c, index[c.name], train, lr, cfg)
                                         for c in concepts])
-        progress(f"whole UNet fine-tuned at lr {lr:g}", len(concepts))
+        progress(f"whole UNet fine-tuned at lr {lr:g}", "whole-UNet fine-tune")
     out.mkdir(parents=True, exist_ok=True)
     contact_sheet(sheet, cell=96).save(out / "sheet.png")
     base_ia = scores["base, class prompt"]["image_alignment"]

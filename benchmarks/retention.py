@@ -148,6 +148,7 @@ class Trainings:
         train = scaled(v.train, factor)
         path = self.cache / f"{c.name}-{digest(to_json(v.adapter), to_json(train), self.base.fingerprint, repr(c), str(i))}.safetensors"
         if path.exists():
+            self.progress.skip("training")
             return ConceptArtifact.load(path)
         with tempfile.TemporaryDirectory(prefix="retention-") as folder:
             self.world.write_training(c, Path(folder))
@@ -155,7 +156,8 @@ class Trainings:
             art = train_concept(self.base, folder, c.name, c.class_word, slot=i % v.adapter.num_slots, adapter=v.adapter,
                                 train=dataclasses.replace(train, seed=train.seed + i), progress=False)
         art.save(path)
-        self.progress(f"trained {v.label} x{factor:g} {c.name} ({train.steps} steps, {time.perf_counter() - t0:.0f} s)")
+        self.progress(f"trained {v.label} x{factor:g} {c.name} ({train.steps} steps, {time.perf_counter() - t0:.0f} s)",
+                      "training")
         return art
 
     def all(self, v: Variant, factor: float, count: int) -> Concepts:
@@ -163,19 +165,34 @@ class Trainings:
 
 
 class Progress:
-    """Prints what finished, the elapsed time, and an ETA from the share of planned work done."""
+    """Prints what finished, the elapsed time and an ETA. The work comes in kinds of very different
+    cost (a training takes ~20 s, a scored window ~1 s), so each kind's remaining count is timed at
+    that kind's own measured rate; "?" until every kind with work left has been timed once."""
 
-    def __init__(self, total: float) -> None:
-        self.total, self.done, self.t0 = total, 0.0, time.perf_counter()
+    def __init__(self, planned: dict[str, float]) -> None:
+        self.left = dict(planned)
+        self.done = dict.fromkeys(planned, 0.0)
+        self.spent = dict.fromkeys(planned, 0.0)
+        self.t0 = self.last = time.perf_counter()
 
-    def add(self, work: float) -> None:
-        self.total += work
+    def plan(self, kind: str, work: float) -> None:
+        """Replan a kind's remaining work once it is known (after strength matching)."""
+        self.left[kind] = work
 
-    def __call__(self, what: str, work: float = 1.0) -> None:
-        self.done += work
-        el = time.perf_counter() - self.t0
-        eta = el / self.done * max(self.total - self.done, 0) if self.done else float("nan")
-        print(f"[{el / 60:6.1f} min, ETA {eta / 60:5.1f} min] {what}", flush=True)
+    def skip(self, kind: str, work: float = 1.0) -> None:
+        """Planned work that turned out to be cached: no time, no line."""
+        self.left[kind] = max(self.left[kind] - work, 0.0)
+        self.last = time.perf_counter()
+
+    def __call__(self, what: str, kind: str, work: float = 1.0) -> None:
+        now = time.perf_counter()
+        self.left[kind] = max(self.left[kind] - work, 0.0)
+        self.done[kind] += work
+        self.spent[kind] += now - self.last
+        self.last = now
+        left = [n * self.spent[k] / self.done[k] if self.done[k] else float("nan") for k, n in self.left.items() if n]
+        eta = f"{sum(left) / 60:5.1f} min" if all(np.isfinite(left)) else "    ? min"
+        print(f"[{(now - self.t0) / 60:6.1f} min, ETA {eta}] {what}", flush=True)
 
 
 def single_alignment(base: Base, world: World, concepts: Concepts, cfg: EvalConfig) -> float:
@@ -242,13 +259,15 @@ def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConf
         raise ValueError(f"set sizes {profile.ns} must include 1 and end at most at {m}")
     cfg = EvalConfig(ns=profile.ns, seeds=profile.seeds, steps=profile.gen_steps, guidance=guidance)
     cfgs = {name: dataclasses.replace(cfg, ns=arm_ns(name, cfg.ns)) for name in arms}
-    windows = {name: m * (len(c.ns) + 2) for name, c in cfgs.items()}
-    progress = Progress(total=len(distinct) * (m + profile.calib_concepts * profile.calib_tries) + sum(windows.values()))
+    windows = {name: m * len(c.ns) for name, c in cfgs.items()}  # one progress line per (N, concept)
+    progress = Progress({"training": len(distinct) * (m + profile.calib_concepts * profile.calib_tries),
+                         "window": sum(windows.values())})
     trainings = Trainings(base, world, cache / "concepts", progress)
     factors, calibration = {v.label: 1.0 for v in distinct}, []
     if profile.calib_tries:
         factors, calibration = match_strength(trainings, distinct, vs[REFERENCE], profile.calib_concepts,
                                               profile.calib_tries, match, cfg)
+        progress.plan("training", len(distinct) * m)  # matching's trainings at the chosen factor are reused
     trained: dict[str, Concepts] = {}
     results: dict[str, dict] = {}
     summary_: dict = {}
@@ -261,10 +280,11 @@ def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConf
         path = cache / "arms" / f"{name}-{key}.json"
         if path.exists():
             results[name] = decode(json.loads(path.read_text()))
-            progress(f"{name}: cached", windows[name])
+            progress.skip("window", windows[name])
+            print(f"{name}: scores cached", flush=True)
         else:
             results[name] = evaluate(base, world, trained[v.label], ALL_METHODS[name].merge, cfgs[name],
-                                     progress=lambda what: progress(f"{name} {what}"))
+                                     progress=lambda what: progress(f"{name} {what}", "window"))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(encode(results[name])))
         weights = {label: summary(pairwise_stats({a.name: {k: a.delta(k) for k in a.meta.layout} for a in c.arts}))

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,20 @@ def test_retention_scores_ablations_at_the_two_ends_and_methods_on_the_whole_cur
     assert retention.arm_ns("blocklora-no-blocks-mean", ns) == (1, 15)
     assert retention.arm_ns("blocklora-no-erasure", ns) == (1, 15)
     assert retention.arm_ns("blocklora-mean", ns) == retention.arm_ns("ties", ns) == ns
+
+
+def test_retention_progress_times_each_kind_of_work_at_its_own_rate(capsys):
+    """A training costs ~20x a scored window: the ETA counts each kind's remaining work at that kind's
+    measured rate, says "?" until both were timed, and cached work leaves the plan without a line."""
+    p = retention.Progress({"training": 3, "window": 100})
+    time.sleep(0.3)
+    p("trained one", "training")
+    p.skip("training")  # the third came from the cache
+    p("scored one window", "window")
+    first, second = capsys.readouterr().out.splitlines()
+    assert "ETA     ? min] trained one" in first
+    eta = float(second.split("ETA")[1].split("min")[0])
+    assert eta * 60 < 0.3 * 2  # 1 training (~0.3 s) + 99 windows (~0 s) left, not 101 at the mean rate
 
 
 def test_retention_refuses_an_arm_the_base_cannot_hold_before_training(tmp_path):
