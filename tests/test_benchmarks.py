@@ -132,6 +132,19 @@ def test_retention_progress_times_each_kind_of_work_at_its_own_rate(capsys):
     assert eta * 60 < 0.3 * 2  # 1 training (~0.3 s) + 99 windows (~0 s) left, not 101 at the mean rate
 
 
+def test_merge_rules_quick_pairs_every_rule_with_eq5(tmp_path):
+    """At N = 2 two rules coincide with others exactly (α = 2/N is the sum, α = 1/2 is Eq. 5): the same
+    residual, prompts and seeds must give the same scores, and Eq. 5 against itself differs by 0."""
+    r = run_quick("merge_rules", tmp_path / "out", "--cache", str(tmp_path / "cache"))
+    rules = r["rules"]
+    assert r["n"] == 2 and {"alone (N = 1)", "trigger token only", "gated k/v + 1/N elsewhere"} <= set(rules)
+    assert rules["α = 2/N"]["image_alignment"] == rules["α = 1 (sum)"]["image_alignment"]
+    assert rules["α = 1/2"]["image_alignment"] == rules["α = 1/N (Eq. 5)"]["image_alignment"]
+    assert rules["α = 1/N (Eq. 5)"]["image_alignment_minus_eq5"] == {"estimate": 0.0, "low": 0.0, "high": 0.0}
+    assert set(r["prior_drift_at_n"]) == {"α = 1/N (Eq. 5)", "gated k/v + 1/N elsewhere"}
+    assert "Merge rules at N = 2" in (tmp_path / "out" / "tables.md").read_text()
+
+
 def test_retention_refuses_an_arm_the_base_cannot_hold_before_training(tmp_path):
     """Orthogonal Adaptation needs slots x rank <= every target's input size; 16 x 4 does not fit the
     tiny base, and the run says so at once, naming the arm, with nothing trained or written."""
