@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import line_plot, write_csv
+from benchmarks.common import write_csv
 from benchmarks.retention_eval import EvalConfig, LAYER_GROUPS
 from blocklora.stats import Interval, mean, mean_diff, mean_ratio, paired_bootstrap
 
@@ -19,6 +19,9 @@ MAIN_ARMS = {  # BlockLoRA arm -> its (no erasure, no blocks) ablations under th
     "blocklora-mean": ("blocklora-no-erasure-mean", "blocklora-no-blocks-mean"),
     "blocklora": ("blocklora-no-erasure", "blocklora-no-blocks"),
 }
+# Table 3's ablations are compared at N = 1 and the largest N only; Figure 5's curve over every N is
+# drawn for the methods.
+ABLATIONS = frozenset(a for pair in MAIN_ARMS.values() for a in pair)
 KEEP, GAP, TEXT_SLACK, STRENGTH_SPREAD = 0.95, 0.10, 0.05, 0.10  # the issue's thresholds
 
 
@@ -105,12 +108,7 @@ def report(results: dict, labels: dict[str, str], factors: dict[str, float], cal
     if crit:  # none when no BlockLoRA arm ran
         write_csv(out / "criteria.csv", [{**c, "estimate": c["interval"].estimate, "low": c["interval"].low,
                                           "high": c["interval"].high, "interval": str(c["interval"])} for c in crit])
-    curve = {a: ([n for n in sorted(results[a]["ia"])], [results[a]["ia"][n].mean() for n in sorted(results[a]["ia"])])
-             for a in arms}
-    bands = {a: ([ci(results[a]["ia"][n]).low for n in sorted(results[a]["ia"])],
-                 [ci(results[a]["ia"][n]).high for n in sorted(results[a]["ia"])]) for a in arms}
-    line_plot(out / "image_alignment_vs_N.png", curve, "concepts merged (N)", "image alignment (judge, mean)",
-              "Figure 5 on the toy world (bands: 95% bootstrap)", bands=bands)
+    figure5(out / "image_alignment_vs_N.png", results, top)
     interference = [{"method": a, **{g: float(np.mean(v)) for g, v in results[a]["interference"].items()}}
                     for a in arms if "interference" in results[a]]
     if interference:
@@ -122,6 +120,52 @@ def report(results: dict, labels: dict[str, str], factors: dict[str, float], cal
             "criteria": [{**c, "interval": c["interval"].__dict__} for c in crit],
             "interference": interference, "strength_spread_n1": spread,
             "strength_matched": spread <= 1 + STRENGTH_SPREAD}
+
+
+def figure5(path: Path, results: dict, top: int) -> Path:
+    """Left: image alignment vs N for every arm scored along the curve (Figure 5; bands for the BlockLoRA
+    arms), beside the picture with no concept. Right: shape alignment at N = 1 and N = top for every arm.
+    IA scores colours ring by ring, so a merge that wrecks its pictures can keep its IA while its shapes
+    are gone: the right panel shows which merges did."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
+    colours = dict(zip(results, [plt.get_cmap("tab20").colors[i % 20] for i in range(len(results))]))
+    for arm, r in results.items():
+        ns = sorted(r["ia"])
+        if arm in ABLATIONS:
+            continue  # scored at the two ends only (Table 3): on the right
+        ours = arm.startswith("blocklora")
+        left.plot(ns, [r["ia"][n].mean() for n in ns], marker="o", markersize=3, linewidth=2.2 if ours else 1.1,
+                  color=colours[arm], label=arm)
+        if ours:
+            bands = [ci(r["ia"][n]) for n in ns]
+            left.fill_between(ns, [b.low for b in bands], [b.high for b in bands], color=colours[arm], alpha=0.12,
+                              linewidth=0)
+    floors = [r["ia_floor"].mean() for r in results.values() if "ia_floor" in r]
+    if floors:
+        left.axhline(floors[0], linestyle=":", color="grey", label="no concept")
+    left.set(xlabel="concepts merged (N)", ylabel="image alignment (judge, mean)",
+             title="Figure 5 on the toy world (bands: 95% bootstrap)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7, loc="lower left")
+    shaped = [a for a, r in results.items() if "sa" in r]
+    for y, arm in enumerate(shaped):
+        one, many = results[arm]["sa"][1].mean(), results[arm]["sa"][top].mean()
+        right.plot([one, many], [y, y], color=colours[arm], linewidth=2)
+        right.plot(one, y, "o", color=colours[arm], markersize=5)
+        right.plot(many, y, "X", color=colours[arm], markersize=7)
+    right.set_yticks(range(len(shaped)), shaped, fontsize=7)
+    right.invert_yaxis()
+    right.axvline(0, color="grey", linewidth=0.8)
+    right.set(xlabel=f"shape alignment: ● N = 1, ✕ N = {top}", title="are the shapes still drawn?")
+    right.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def tables_md(methods: list[dict], crit: list[dict], interference: list[dict], calibration: list[dict],
