@@ -72,17 +72,14 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 
 
 def line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str,
-              title: str, logy: bool = False, bands: dict[str, tuple[list, list]] | None = None) -> Path:
-    """One PNG with a line per series (and a shaded (low, high) band where `bands` has one);
-    matplotlib's Agg backend, so no display is needed."""
+              title: str, logy: bool = False) -> Path:
+    """One PNG with a line per series; matplotlib's Agg backend, so no display is needed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for label, (xs, ys) in series.items():
-        line, = ax.plot(xs, ys, marker="o", markersize=3, label=label)
-        if bands and label in bands:
-            ax.fill_between(xs, *bands[label], color=line.get_color(), alpha=0.12, linewidth=0)
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     if logy:
         ax.set_yscale("log")

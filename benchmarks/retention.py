@@ -165,7 +165,8 @@ class Trainings:
 class Progress:
     """Prints what finished, the elapsed time and an ETA. The work comes in kinds of very different
     cost (a training takes ~20 s, a scored window ~1 s), so each kind's remaining count is timed at
-    that kind's own measured rate; "?" until every kind with work left has been timed once."""
+    that kind's own measured rate. Until every kind with work left has been timed once, the ETA is a
+    lower bound ("≥", the timed kinds only; planned trainings may still turn out cached), or "?"."""
 
     def __init__(self, planned: dict[str, float]) -> None:
         self.left = dict(planned)
@@ -188,8 +189,9 @@ class Progress:
         self.done[kind] += work
         self.spent[kind] += now - self.last
         self.last = now
-        left = [n * self.spent[k] / self.done[k] if self.done[k] else float("nan") for k, n in self.left.items() if n]
-        eta = f"{sum(left) / 60:5.1f} min" if all(np.isfinite(left)) else "    ? min"
+        timed = [n * self.spent[k] / self.done[k] for k, n in self.left.items() if n and self.done[k]]
+        untimed = any(n and not self.done[k] for k, n in self.left.items())
+        eta = "     ? min" if untimed and not timed else f"{'≥' if untimed else ' '}{sum(timed) / 60:5.1f} min"
         print(f"[{(now - self.t0) / 60:6.1f} min, ETA {eta}] {what}", flush=True)
 
 

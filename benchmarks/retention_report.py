@@ -133,9 +133,9 @@ def figure5(path: Path, results: dict, top: int) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
     colours = dict(zip(results, [plt.get_cmap("tab20").colors[i % 20] for i in range(len(results))]))
     for arm, r in results.items():
-        ns = sorted(r["ia"])
         if arm in ABLATIONS:
             continue  # scored at the two ends only (Table 3): on the right
+        ns = sorted(r["ia"])
         ours = arm.startswith("blocklora")
         left.plot(ns, [r["ia"][n].mean() for n in ns], marker="o", markersize=3, linewidth=2.2 if ours else 1.1,
                   color=colours[arm], label=arm)
