@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS_DIR, emit, environment
-from benchmarks.retention import PROFILES, Progress, Trainings, variants
+from benchmarks.retention import PROFILES, Progress, Trainings, add_study_args, study_configs, variants
 from benchmarks.retention_eval import EvalConfig, group_of, phrase, sample, window
 from benchmarks.retention_report import ci, md_table
 from benchmarks.world import load_world
@@ -86,7 +85,8 @@ def run(profile_name: str, base_spec: str, train: TrainConfig, study: AdapterCon
         prompts = [world.instance_prompt(c, phrase(art), ident)] * s + [world.instance_prompt(c, phrase(art), attrs)] * s
         members = [arts[j] for j in window(r, n, m)]
         own, total = merge_deltas([art], "sum"), merge_deltas(members, "sum")
-        for name, res in rules(own, total, n).items():
+        residuals = rules(own, total, n)
+        for name, res in residuals.items():
             written = [art] if name in ALONE else members
             with residual_applied(base, v.adapter, res, written):
                 pics = sample(base, prompts, seeds * 2, cfg)
@@ -94,8 +94,9 @@ def run(profile_name: str, base_spec: str, train: TrainConfig, study: AdapterCon
                                  (ta, world.text_alignment(pics[s:], attrs))):
                 table.setdefault(name, np.zeros((m, s)))[r] = score.numpy()
         class_prompts = [world.class_prompt(c, ident)] * s
-        for name, res, written in (("base", {}, []), (REFERENCE, {k: t / n for k, t in total.items()}, members),
-                                   ("gated k/v + 1/N elsewhere", {k: 0 * t if is_kv(k) else t / n for k, t in total.items()}, members)):
+        eq5 = residuals[REFERENCE]  # a class prompt holds no trigger: gated, no concept's k/v acts on it
+        for name, res, written in (("base", {}, []), (REFERENCE, eq5, members),
+                                   ("gated k/v + 1/N elsewhere", {k: 0 * t if is_kv(k) else t for k, t in eq5.items()}, members)):
             with residual_applied(base, v.adapter, res, written):
                 drift[name][r] = world.image_alignment(sample(base, class_prompts, seeds, cfg), refs).numpy()
         progress(f"{c.name}: " + ", ".join(f"{k} {ia[k][r].mean():.2f}" for k in ia), "concept")
@@ -137,18 +138,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="CI: the retention benchmark's quick profile")
     p.add_argument("--arm", default="blocklora-mean", help="the BlockLoRA training whose set is merged")
     p.add_argument("--base", default=None, help="a diffusers folder; default: the committed toy base")
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--token-lr-ratio", type=float, default=10.0)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--slots", type=int, default=16)
-    p.add_argument("--erasure", type=float, default=0.1)
+    add_study_args(p, rank=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "merge-rules")
-    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "blocklora-retention-cache")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    train = TrainConfig(lr=args.lr, token_lr=args.lr * args.token_lr_ratio, seed=0, checkpoint_every=0)
-    study = AdapterConfig(rank=args.rank, num_slots=args.slots, erasure=args.erasure)
+    train, study = study_configs(args)
     result = run("quick" if args.quick else args.profile, args.base or default_base_spec(), train, study, args.arm,
                  args.cache, args.out)
     emit({**result, "quick": args.quick})

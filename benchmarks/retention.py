@@ -315,17 +315,30 @@ def decode(data: dict) -> dict:
     return conv(data)
 
 
+def add_study_args(p: argparse.ArgumentParser, rank: int) -> None:
+    """The options that decide how the study's concepts are trained (and so their cache keys), shared by
+    every benchmark that reads this cache."""
+    p.add_argument("--lr", type=float, default=5e-3, help="LoRA lr before strength matching")
+    p.add_argument("--token-lr-ratio", type=float, default=10.0, help="token lr = ratio x lr (ED-LoRA's 10:1)")
+    p.add_argument("--rank", type=int, default=rank)
+    p.add_argument("--slots", type=int, default=16)
+    p.add_argument("--erasure", type=float, default=0.1, help="λ of BlockLoRA's randomized output erasure")
+    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "blocklora-retention-cache")
+
+
+def study_configs(args: argparse.Namespace) -> tuple[TrainConfig, AdapterConfig]:
+    """The study's training and adapter configs from `add_study_args`' options (before profile and matching)."""
+    train = TrainConfig(lr=args.lr, token_lr=args.lr * args.token_lr_ratio, seed=0, checkpoint_every=0)
+    return train, AdapterConfig(rank=args.rank, num_slots=args.slots, erasure=args.erasure)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="full")
     p.add_argument("--quick", action="store_true", help="same as --profile quick (CI)")
     p.add_argument("--ns", type=int, nargs="+", help="set sizes to score instead of the profile's (must include 1)")
     p.add_argument("--base", default=None, help="a diffusers folder; default: the committed toy base")
-    p.add_argument("--lr", type=float, default=5e-3, help="LoRA lr before strength matching")
-    p.add_argument("--token-lr-ratio", type=float, default=10.0, help="token lr = ratio x lr (ED-LoRA's 10:1)")
-    p.add_argument("--rank", type=int, default=2)
-    p.add_argument("--slots", type=int, default=16)
-    p.add_argument("--erasure", type=float, default=0.1, help="λ of BlockLoRA's randomized output erasure")
+    add_study_args(p, rank=2)
     p.add_argument("--match", type=float, default=0.05, help="strength matching tolerance (relative image alignment)")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--judge", choices=("identity", "interim"), default="identity",
@@ -333,7 +346,6 @@ def main() -> None:
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ALL_METHODS))
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=None, help="default docs/results/retention-<profile>")
-    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "blocklora-retention-cache")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -342,8 +354,7 @@ def main() -> None:
     unknown = [a for a in arms if a not in ALL_METHODS]
     if unknown or REFERENCE not in arms:
         raise SystemExit(f"unknown arms {unknown} (known: {sorted(ALL_METHODS)}); {REFERENCE} must be among them")
-    train = TrainConfig(lr=args.lr, token_lr=args.lr * args.token_lr_ratio, seed=0, checkpoint_every=0)
-    study = AdapterConfig(rank=args.rank, num_slots=args.slots, erasure=args.erasure)
+    train, study = study_configs(args)
     out = args.out or RESULTS_DIR / f"retention-{profile_name}"
     profile = dataclasses.replace(PROFILES[profile_name], ns=tuple(sorted(set(args.ns)))) if args.ns else PROFILES[profile_name]
     result = run(profile, args.base or default_base_spec(), train, study, arms, args.match, out,
