@@ -9,8 +9,11 @@ Figure 4's weight statistics, with every method trained on the same concepts, se
 Arms (`ARMS`): BlockLoRA merged with α = 1/N (Eq. 5) and α = 1, its two ablations (no erasure,
 no blocks) under both, DB-LoRA averaged, Mix-of-Show's weighted averaging and gradient fusion of
 ED-LoRAs, Orthogonal Adaptation and TIES. Arms with the same adapter and training share one training.
-`VARIANTS` (asked for by name in --arms): BlockLoRA on cross-attention's key/value only, and with
-prior preservation.
+`VARIANTS` (asked for by name in --arms): BlockLoRA on cross-attention's key/value only, with prior
+preservation, and with the quiet penalty (`TrainConfig.quiet_weight`; with and without blocks):
+
+    python -m benchmarks.retention --arms blocklora-mean,lora-mean,blocklora,ties,db-lora,orthogonal,\
+        mix-of-show,blocklora-quiet-mean,blocklora-quiet,blocklora-quiet-no-blocks   # full + the quiet variant
 
 Strength matching: each training variant's learning rates (LoRA and token, scaled together, so the
 10:1 token:LoRA split stays) are multiplied by a factor found automatically on the first few concepts:
@@ -61,12 +64,19 @@ ABLATIONS_MEAN = {m.name: m for m in [Method("blocklora-no-erasure-mean", {"eras
 # - cross-kv: the adapter on cross-attention's key/value only, so a concept's rows act on text tokens;
 # - prior: DreamBooth's prior preservation, so a concept's rows learn to leave prompts without its
 #   trigger (the other concepts' prompts, once merged) as the base draws them.
+# - quiet: a penalty on each layer's residual over the base's class-prompt pictures, so a concept's
+#   rows stay quiet on pictures without it (§3h), with its no-blocks ablation (Table 3 for the variant).
 CROSS_KV = {"unet_targets": ("attn2.to_k", "attn2.to_v")}
 PRIOR = {"prior_preservation": True}
+QUIET = {"quiet_weight": 0.1}
 VARIANTS = {m.name: m for m in [Method("blocklora-cross-kv", CROSS_KV, "sum"),
                                 Method("blocklora-cross-kv-mean", CROSS_KV, "mean"),
                                 Method("blocklora-prior", {}, "sum", PRIOR),
-                                Method("blocklora-prior-mean", {}, "mean", PRIOR)]}
+                                Method("blocklora-prior-mean", {}, "mean", PRIOR),
+                                Method("blocklora-quiet", {}, "sum", QUIET),
+                                Method("blocklora-quiet-mean", {}, "mean", QUIET),
+                                Method("blocklora-quiet-no-blocks", {"blockwise": False}, "sum", QUIET),
+                                Method("blocklora-quiet-no-blocks-mean", {"blockwise": False}, "mean", QUIET)]}
 ALL_METHODS = {**METHODS, **ABLATIONS_MEAN, **VARIANTS}
 ARMS: tuple[str, ...] = ("blocklora-mean", "lora-mean", "blocklora", "ties", "blocklora-no-erasure-mean",
                          "blocklora-no-blocks-mean", "db-lora", "orthogonal", "mix-of-show", "blocklora-no-erasure",

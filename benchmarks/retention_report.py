@@ -18,6 +18,8 @@ INSTANT_PEERS = ("lora-mean", "db-lora", "orthogonal", "ties")  # other methods'
 MAIN_ARMS = {  # BlockLoRA arm -> its (no erasure, no blocks) ablations under the same α
     "blocklora-mean": ("blocklora-no-erasure-mean", "blocklora-no-blocks-mean"),
     "blocklora": ("blocklora-no-erasure", "blocklora-no-blocks"),
+    "blocklora-quiet-mean": ("blocklora-quiet-no-blocks-mean",),  # the quiet variant (§3h): its blocks' share
+    "blocklora-quiet": ("blocklora-quiet-no-blocks",),
 }
 # Table 3's ablations are compared at N = 1 and the largest N only; Figure 5's curve over every N is
 # drawn for the methods.
@@ -103,7 +105,8 @@ def report(results: dict, labels: dict[str, str], factors: dict[str, float], cal
                                     for m in methods])
     if calibration:
         write_csv(out / "calibration.csv", calibration)
-    judged = {**MAIN_ARMS, **{v: () for v in variants}}  # variants: the same criteria, no ablations of their own
+    # variants: the same criteria; an ablation is judged only as its arm's
+    judged = {**{v: () for v in variants if v not in ABLATIONS}, **MAIN_ARMS}
     crit = [row for main, abl in judged.items() if main in results for row in criteria(results, main, abl)]
     if crit:  # none when no BlockLoRA arm ran
         write_csv(out / "criteria.csv", [{**c, "estimate": c["interval"].estimate, "low": c["interval"].low,

@@ -76,7 +76,11 @@ class TrainConfig:
     seed: int = knob(0, "everything random in training derives from it")
     prior_preservation: bool = knob(False, "add a class-prompt loss on images of the base model", flag="--prior")
     prior_weight: float = knob(1.0, "weight of the prior-preservation loss")
-    num_class_images: int = knob(8, "prior images generated from the base when preservation is on")
+    quiet_weight: float = knob(0.0, "weight of a penalty on the concept's own residual over the base's class-prompt "
+                                    "pictures (0: off): rows that stay quiet on pictures without the concept, "
+                                    "which is what the other concepts' prompts are once merged")
+    num_class_images: int = knob(8, "base pictures of the class prompt, made when prior preservation or the "
+                                    "quiet penalty is on")
     checkpoint_every: int = knob(50, "steps between resumable checkpoints (0: never)")
     report_every: int = knob(25, "steps between metric reports of a Ray Train worker (each report is a "
                                  "round trip through the Train controller)")
@@ -86,12 +90,19 @@ class TrainConfig:
                                       "half dtype, adapters, trigger embeddings and optimizer state float32, "
                                       "forward under autocast; the artifact is float32 either way")
 
+    @property
+    def uses_class_images(self) -> bool:
+        """Whether training needs the base's pictures of the class prompt (prior or quiet penalty)."""
+        return self.prior_preservation or self.quiet_weight > 0
+
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         for name in ("steps", "batch_size", "resolution", "report_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.quiet_weight < 0:
+            raise ValueError(f"quiet_weight must be >= 0, got {self.quiet_weight}")
         if self.lr <= 0 or self.token_lr < 0:
             raise ValueError("learning rates must be positive")
         if self.token_init not in ("class_word", "rare"):

@@ -100,22 +100,54 @@ class ConceptTrainer:
 
     def step(self, images: torch.Tensor, captions: list[str | None],
              class_images: torch.Tensor | None = None) -> float:
-        """One optimizer step; with `class_images`, adds the prior-preservation loss."""
-        if self.train_cfg.flip:
+        """One optimizer step; with `class_images`, adds the prior-preservation loss and/or the quiet
+        penalty, as the config asks."""
+        cfg = self.train_cfg
+        if cfg.flip:
             flip = torch.rand(images.shape[0], generator=self.gen) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         prompts = [self.instance_prompt(c) for c in captions]
         per_sample = self.loss(images, prompts)
         loss = per_sample.mean()
         if class_images is not None:
-            prior = self.loss(class_images, [f"a photo of {self.class_word}"] * class_images.shape[0])
-            loss = loss + self.train_cfg.prior_weight * prior.mean()
+            class_prompts = [f"a photo of {self.class_word}"] * class_images.shape[0]
+            if cfg.prior_preservation:
+                loss = loss + cfg.prior_weight * self.loss(class_images, class_prompts).mean()
+            if cfg.quiet_weight > 0:
+                loss = loss + cfg.quiet_weight * self.residual_energy(class_images, class_prompts)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)  # unscales first; skips a step whose fp16 gradients overflowed
         self.scaler.update()
         self.step_count += 1
         return float(loss.detach())
+
+    def residual_energy(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Mean over the injected layers of ||(M ⊙ B) A x||² / ||W0 x||² on the owned rows, x being what
+        each layer reads while the model denoises `images` (pictures without the concept) for `prompts`.
+
+        Why per layer and not on the output: once merged, concept j's rows act on concept i's pictures
+        layer by layer; a penalty on the UNet's output (prior preservation) lets rows that push hard
+        cancel each other on the class prompt and still push on every other picture (docs/results §3e).
+        The denoising pass runs without gradients; each layer's residual is recomputed from its input
+        with gradients for A and B only, so the penalty costs one forward pass and small matmuls."""
+        energies: list[torch.Tensor] = []
+
+        def record(layer: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            with torch.enable_grad():
+                x = inputs[0].detach().to(layer.lora_A.dtype)
+                res = (x @ layer.lora_A.T) @ layer.lora_B.T
+                ref = layer.base(inputs[0].detach())[..., layer.rows].float()
+                energies.append(res.float().pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12))
+
+        hooks = [layer.register_forward_hook(record) for layer in self.layers.values()]
+        try:
+            with torch.no_grad():
+                self.loss(images, prompts)
+        finally:
+            for h in hooks:
+                h.remove()
+        return torch.stack(energies).mean()
 
     def sample_batch(self, images: torch.Tensor, captions: list[str | None]) -> tuple[torch.Tensor, list[str | None]]:
         idx = torch.randint(0, images.shape[0], (self.train_cfg.batch_size,), generator=self.gen)
@@ -272,7 +304,7 @@ def train_concept(base: Base, images_dir: str | Path, name: str, class_word: str
                   checkpoint_dir: str | Path | None = None, progress: bool = True) -> ConceptArtifact:
     """Folder of images + class word in, artifact out; resumes from `checkpoint_dir` if present."""
     images, captions = load_concept_images(images_dir, train.resolution)
-    prior = class_images(base, class_word, train.num_class_images, train.seed) if train.prior_preservation else None
+    prior = class_images(base, class_word, train.num_class_images, train.seed) if train.uses_class_images else None
     trainer = ConceptTrainer(base, adapter, train, slot, name, class_word)
     try:
         if checkpoint_dir and trainer.load_checkpoint(checkpoint_dir):

@@ -122,7 +122,7 @@ def train_func(config: dict[str, Any]) -> None:
                            f"the federation's is {config['base_fingerprint'][:12]}…; use the same base files")
     marks["t_base_loaded"] = time.time()
     images, captions = shard_tensors(ray.train.get_dataset_shard("train"))  # Ray
-    prior = class_images(base, config["class_word"], train.num_class_images, train.seed) if train.prior_preservation else None
+    prior = class_images(base, config["class_word"], train.num_class_images, train.seed) if train.uses_class_images else None
     trainer = ConceptTrainer(base, adapter, train, config["slot"], config["name"], config["class_word"])
     checkpoint = ray.train.get_checkpoint()  # Ray: set when this run is a retry or a resumed run
     if checkpoint:

@@ -62,6 +62,26 @@ def test_prior_preservation_runs(tiny_base, tmp_path):
     assert art.meta.train_config["prior_preservation"] is True
 
 
+def test_quiet_penalty_keeps_the_residual_off_pictures_without_the_concept(tmp_path):
+    """Same seed, pictures and steps: with the quiet penalty the trained rows act far less on the base's
+    class-prompt pictures (what the other concepts' prompts are, once merged) than without it."""
+    from blocklora.base import load_base
+    from blocklora.data import load_concept_images
+    from blocklora.trainer import ConceptTrainer, class_images, run_steps
+
+    images, captions = load_concept_images(write_images(tmp_path / "img"), 32)
+    energy = {}
+    for weight in (0.0, 10.0):
+        base = load_base("tiny")
+        cls = class_images(base, "dog", 2, seed=0, steps=2)
+        trainer = ConceptTrainer(base, CFG, TrainConfig(steps=6, resolution=32, lr=1e-2, quiet_weight=weight), 4,
+                                 "pet", "dog")
+        run_steps(trainer, images, captions, cls, [])
+        energy[weight] = float(trainer.residual_energy(cls, ["a photo of dog"] * 2).detach())
+        trainer.close()
+    assert 0 < energy[10.0] < 0.5 * energy[0.0], energy
+
+
 def test_progress_lines_a_person_can_follow(tiny_base, tmp_path, capsys):
     """The one step loop prints step k/N, the loss, steps/s and an ETA (first and last step at least),
     then the steady-state rate that benchmarks compare."""
