@@ -151,12 +151,16 @@ class Trainings:
         self.base, self.world, self.cache, self.progress = base, world, cache, progress
         cache.mkdir(parents=True, exist_ok=True)
 
+    def path(self, v: Variant, factor: float, i: int) -> Path:
+        c = self.world.concepts[i]
+        return self.cache / f"{c.name}-{digest(to_json(v.adapter), to_json(scaled(v.train, factor)), self.base.fingerprint, repr(c), str(i))}.safetensors"
+
     def concept(self, v: Variant, factor: float, i: int) -> ConceptArtifact:
         c = self.world.concepts[i]
         train = scaled(v.train, factor)
-        path = self.cache / f"{c.name}-{digest(to_json(v.adapter), to_json(train), self.base.fingerprint, repr(c), str(i))}.safetensors"
+        path = self.path(v, factor, i)
         if path.exists():
-            self.progress.skip("training")
+            self.progress.skip()
             return ConceptArtifact.load(path)
         with tempfile.TemporaryDirectory(prefix="retention-") as folder:
             self.world.write_training(c, Path(folder))
@@ -176,7 +180,7 @@ class Progress:
     """Prints what finished, the elapsed time and an ETA. The work comes in kinds of very different
     cost (a training takes ~20 s, a scored window ~1 s), so each kind's remaining count is timed at
     that kind's own measured rate. Until every kind with work left has been timed once, the ETA is a
-    lower bound ("≥", the timed kinds only; planned trainings may still turn out cached), or "?"."""
+    lower bound ("≥", the timed kinds only), or "?". Cached work is never planned (see `run`)."""
 
     def __init__(self, planned: dict[str, float]) -> None:
         self.left = dict(planned)
@@ -188,9 +192,8 @@ class Progress:
         """Replan a kind's remaining work once it is known (after strength matching)."""
         self.left[kind] = work
 
-    def skip(self, kind: str, work: float = 1.0) -> None:
-        """Planned work that turned out to be cached: no time, no line."""
-        self.left[kind] = max(self.left[kind] - work, 0.0)
+    def skip(self) -> None:
+        """Cached work was loaded: its time does not count against any kind's rate, and prints no line."""
         self.last = time.perf_counter()
 
     def __call__(self, what: str, kind: str, work: float = 1.0) -> None:
@@ -270,14 +273,27 @@ def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConf
     cfg = EvalConfig(ns=profile.ns, seeds=profile.seeds, steps=profile.gen_steps, guidance=guidance)
     cfgs = {name: dataclasses.replace(cfg, ns=arm_ns(name, cfg.ns)) for name in arms}
     windows = {name: m * len(c.ns) for name, c in cfgs.items()}  # one progress line per (N, concept)
-    progress = Progress({"training": len(distinct) * (m + profile.calib_concepts * profile.calib_tries),
-                         "window": sum(windows.values())})
+    progress = Progress({"training": 0, "window": 0})
     trainings = Trainings(base, world, cache / "concepts", progress)
     factors, calibration = {v.label: 1.0 for v in distinct}, []
+
+    def arm_path(name: str) -> Path:
+        v = vs[name]
+        key = digest(name, ALL_METHODS[name].merge, to_json(v.adapter), to_json(scaled(v.train, factors[v.label])),
+                     to_json(cfgs[name]), base.fingerprint, repr(world.concepts[:m]), world.name)
+        return cache / "arms" / f"{name}-{key}.json"
+
+    def plan_uncached() -> None:
+        """Only work not cached is left, so a rerun's ETA is its own (strength matching may add trainings
+        at other factors: until it ends the ETA stays a lower bound)."""
+        progress.plan("training", sum(not trainings.path(v, factors[v.label], i).exists() for v in distinct for i in range(m)))
+        progress.plan("window", sum(windows[name] for name in arms if not arm_path(name).exists()))
+
+    plan_uncached()
     if profile.calib_tries:
         factors, calibration = match_strength(trainings, distinct, vs[REFERENCE], profile.calib_concepts,
                                               profile.calib_tries, match, cfg)
-        progress.plan("training", len(distinct) * m)  # matching's trainings at the chosen factor are reused
+        plan_uncached()
     trained: dict[str, Concepts] = {}
     results: dict[str, dict] = {}
     summary_: dict = {}
@@ -285,12 +301,10 @@ def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConf
         v = vs[name]
         if v.label not in trained:
             trained[v.label] = trainings.all(v, factors[v.label], m)
-        key = digest(name, ALL_METHODS[name].merge, to_json(v.adapter), to_json(scaled(v.train, factors[v.label])),
-                     json.dumps(dataclasses.asdict(cfgs[name])), base.fingerprint, repr(world.concepts[:m]), world.name)
-        path = cache / "arms" / f"{name}-{key}.json"
+        path = arm_path(name)
         if path.exists():
             results[name] = decode(json.loads(path.read_text()))
-            progress.skip("window", windows[name])
+            progress.skip()
             print(f"{name}: scores cached", flush=True)
         else:
             results[name] = evaluate(base, world, trained[v.label], ALL_METHODS[name].merge, cfgs[name],

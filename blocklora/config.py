@@ -110,8 +110,13 @@ class TrainConfig:
 
 
 def to_json(cfg: Any) -> str:
-    """Canonical JSON of a config (sorted keys) so equal configs give equal strings."""
-    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    """Canonical JSON of the fields that differ from their defaults (sorted keys): equal configs give
+    equal strings, and a field added later at its default leaves every string, and every cache keyed
+    by one (benchmarks/retention.py), as it was."""
+    changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+               if f.default is dataclasses.MISSING or getattr(cfg, f.name) != f.default}
+    return json.dumps({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in changed.items()},
+                      sort_keys=True)
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:

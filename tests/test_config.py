@@ -2,11 +2,12 @@
 
 import argparse
 import dataclasses
+import json
 
 import pytest
 
 from blocklora.config import (TOY_BASE_TRAIN, AdapterConfig, FederationConfig, GenerateConfig, PretrainConfig,
-                              TrainConfig, add_flags, flag_name, from_args, to_argv)
+                              TrainConfig, add_flags, flag_name, from_args, to_argv, to_json)
 
 CONFIGS = (TrainConfig, AdapterConfig, GenerateConfig, FederationConfig, PretrainConfig)
 
@@ -77,3 +78,14 @@ def test_configs_sharing_a_field_name_read_their_own_flags():
     args = p.parse_args(["--steps", "7", "--guidance", "2"])
     assert from_args(TrainConfig, args).steps == 7
     assert from_args(GenerateConfig, args) == GenerateConfig(guidance_scale=2.0)
+
+
+@pytest.mark.parametrize("cls", CONFIGS)
+def test_canonical_json_names_only_what_differs_from_the_defaults(cls):
+    """Cache keys (benchmarks/retention.py) are built from it: a field added later at its default must
+    leave them as they were, and any changed field must change them."""
+    assert to_json(cls()) == "{}"
+    f = next(f for f in dataclasses.fields(cls) if isinstance(f.default, (int, float)) and not isinstance(f.default, bool))
+    changed = dataclasses.replace(cls(), **{f.name: f.default + 1})
+    assert json.loads(to_json(changed)) == {f.name: f.default + 1}
+    assert to_json(changed) == to_json(dataclasses.replace(cls(), **{f.name: f.default + 1}))
