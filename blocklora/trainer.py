@@ -137,7 +137,8 @@ class ConceptTrainer:
             with torch.enable_grad():
                 x = inputs[0].detach().to(layer.lora_A.dtype)
                 res = (x @ layer.lora_A.T) @ layer.lora_B.T
-                ref = layer.base(inputs[0].detach())[..., layer.rows].float()
+                w, b = layer.base.weight[layer.rows], layer.base.bias
+                ref = F.linear(inputs[0].detach(), w, None if b is None else b[layer.rows]).float()  # owned rows only
                 energies.append(res.float().pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12))
 
         hooks = [layer.register_forward_hook(record) for layer in self.layers.values()]
