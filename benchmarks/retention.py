@@ -104,6 +104,9 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(2, 2, 1, (1, 2), (0, 1), 2, 1, 1),
+    # the main job's recipe (run it with --rank 4) on the first 6 concepts at N in {1, 6}: a variant's
+    # first check, ~14 min on 2 cores for 3 trainings a concept (docs/results §3i)
+    "pilot": Profile(6, 300, 2, (1, 6), (0, 1, 2), 10, 1, 0),
     "small": Profile(8, 24, 1, (1, 8), (0, 1, 2), 6, 1, 0),  # what a 2-core machine under load 10-30 allowed
     # 16 concepts at N in {1, 15}, trained long enough that the weights (not only the token) carry identity
     "medium": Profile(16, 100, 1, (1, 15), (0, 1, 2), 10, 1, 0),

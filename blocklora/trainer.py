@@ -29,6 +29,7 @@ from blocklora.conditioning import encode_prompts
 from blocklora.data import load_concept_images
 from blocklora.inject import eject, inject
 from blocklora.precision import MIXED, autocast, check_mixed
+from blocklora.quiet import QuietBank
 from blocklora.tokens import add_slot_tokens, token_ids, trigger_names, unwrap_token_embeddings, wrap_token_embeddings
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class ConceptTrainer:
         trained_dtype = _check_precision(base, train.mixed_precision)  # before anything changes the base
         self.base, self.adapter, self.train_cfg = base, adapter, train
         self.step_count = 0
+        self.quiet: QuietBank | None = None  # the quiet penalty's activations, recorded on first use
         torch.manual_seed(train.seed)  # erasure masks use the global RNG
         self.gen = torch.Generator().manual_seed(train.seed)  # noise, timesteps, sampling, flips
         add_slot_tokens(base, adapter.num_slots, adapter.tokens_per_concept)
@@ -79,17 +81,19 @@ class ConceptTrainer:
             return caption.replace("{trigger}", self.trigger_text)
         return self.train_cfg.prompt_template.format(trigger=self.trigger_text, class_word=self.class_word)
 
-    def loss(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """DreamBooth denoising loss for a batch of [-1, 1] images and their prompts."""
+    def loss(self, images: torch.Tensor, prompts: list[str], gen: torch.Generator | None = None) -> torch.Tensor:
+        """DreamBooth denoising loss for a batch of [-1, 1] images and their prompts; `gen` draws the
+        latents, noise and timesteps (default: the training's own generator)."""
         pipe = self.base.pipe
         dev = pipe.unet.device
+        gen = gen or self.gen
         with torch.no_grad():
-            latents = pipe.vae.encode(images.to(dev, pipe.vae.dtype)).latent_dist.sample(self.gen)
+            latents = pipe.vae.encode(images.to(dev, pipe.vae.dtype)).latent_dist.sample(gen)
             latents = latents * pipe.vae.config.scaling_factor
         if self.train_cfg.mixed_precision != "no":
             latents = latents.float()  # noise and target in float32; autocast casts what the UNet reads
-        noise = torch.randn(latents.shape, generator=self.gen).to(dev, latents.dtype)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.gen).to(dev)
+        noise = torch.randn(latents.shape, generator=gen).to(dev, latents.dtype)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         with autocast(self.train_cfg.mixed_precision, dev):
             cond, added = encode_prompts(self.base, prompts)
@@ -101,7 +105,8 @@ class ConceptTrainer:
     def step(self, images: torch.Tensor, captions: list[str | None],
              class_images: torch.Tensor | None = None) -> float:
         """One optimizer step; with `class_images`, adds the prior-preservation loss and/or the quiet
-        penalty, as the config asks."""
+        penalty, as the config asks (the penalty's bank is recorded from them on first use: `next_step`
+        hands it the whole pool first)."""
         cfg = self.train_cfg
         if cfg.flip:
             flip = torch.rand(images.shape[0], generator=self.gen) < 0.5
@@ -114,41 +119,15 @@ class ConceptTrainer:
             if cfg.prior_preservation:
                 loss = loss + cfg.prior_weight * self.loss(class_images, class_prompts).mean()
             if cfg.quiet_weight > 0:
-                loss = loss + cfg.quiet_weight * self.residual_energy(class_images, class_prompts)
+                if self.quiet is None:
+                    self.quiet = QuietBank.record(self, class_images, cfg.seed)
+                loss = loss + cfg.quiet_weight * self.quiet.energy(self)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)  # unscales first; skips a step whose fp16 gradients overflowed
         self.scaler.update()
         self.step_count += 1
         return float(loss.detach())
-
-    def residual_energy(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Mean over the injected layers of ||(M ⊙ B) A x||² / ||W0 x||² on the owned rows, x being what
-        each layer reads while the model denoises `images` (pictures without the concept) for `prompts`.
-
-        Why per layer and not on the output: once merged, concept j's rows act on concept i's pictures
-        layer by layer; a penalty on the UNet's output (prior preservation) lets rows that push hard
-        cancel each other on the class prompt and still push on every other picture (docs/results §3e).
-        The denoising pass runs without gradients; each layer's residual is recomputed from its input
-        with gradients for A and B only, so the penalty costs one forward pass and small matmuls."""
-        energies: list[torch.Tensor] = []
-
-        def record(layer: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            with torch.enable_grad():
-                x = inputs[0].detach().to(layer.lora_A.dtype)
-                res = (x @ layer.lora_A.T) @ layer.lora_B.T
-                w, b = layer.base.weight[layer.rows], layer.base.bias
-                ref = F.linear(inputs[0].detach(), w, None if b is None else b[layer.rows]).float()  # owned rows only
-                energies.append(res.float().pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12))
-
-        hooks = [layer.register_forward_hook(record) for layer in self.layers.values()]
-        try:
-            with torch.no_grad():
-                self.loss(images, prompts)
-        finally:
-            for h in hooks:
-                h.remove()
-        return torch.stack(energies).mean()
 
     def sample_batch(self, images: torch.Tensor, captions: list[str | None]) -> tuple[torch.Tensor, list[str | None]]:
         idx = torch.randint(0, images.shape[0], (self.train_cfg.batch_size,), generator=self.gen)
@@ -158,6 +137,8 @@ class ConceptTrainer:
         """Draw a batch (and prior images, if any) from the concept's pool and take one step."""
         batch, caps = self.sample_batch(images, captions)
         cls = None
+        if prior is not None and self.train_cfg.quiet_weight > 0 and self.quiet is None:
+            self.quiet = QuietBank.record(self, prior, self.train_cfg.seed)  # every class picture, once
         if prior is not None:
             cls = prior[torch.randint(0, prior.shape[0], (self.train_cfg.batch_size,), generator=self.gen)]
         return self.step(batch, caps, cls)

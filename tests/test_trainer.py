@@ -1,3 +1,4 @@
+import logging
 import re
 
 import pytest
@@ -57,6 +58,23 @@ def test_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(resumed.tensors[k], full.tensors[k], rtol=0, atol=1e-6)
 
 
+def test_resume_with_the_quiet_penalty_equals_uninterrupted(tmp_path, caplog):
+    """The quiet penalty's bank is recorded from the base with its own generator, so a run resumed
+    from a checkpoint records the same bank and ends where the uninterrupted run does."""
+    from blocklora.base import load_base
+
+    images = write_images(tmp_path / "img")
+    quiet = dict(resolution=32, quiet_weight=1.0, num_class_images=2, checkpoint_every=2)
+    full = train_concept(load_base("tiny"), images, "pet", "dog", 4, CFG, TrainConfig(steps=4, **quiet), progress=False)
+    caplog.set_level(logging.INFO, logger="blocklora.trainer")
+    for steps in (2, 4):  # stop after the checkpoint at step 2, then a fresh process resumes to 4
+        resumed = train_concept(load_base("tiny"), images, "pet", "dog", 4, CFG, TrainConfig(steps=steps, **quiet),
+                                checkpoint_dir=tmp_path / "ckpt", progress=False)
+    assert "resumed pet from step 2" in caplog.text
+    for k in full.tensors:
+        torch.testing.assert_close(resumed.tensors[k], full.tensors[k], rtol=0, atol=1e-6)
+
+
 def test_prior_preservation_runs(tiny_base, tmp_path):
     art = _train(tiny_base, write_images(tmp_path / "img"), steps=2, prior_preservation=True, num_class_images=2)
     assert art.meta.train_config["prior_preservation"] is True
@@ -64,9 +82,11 @@ def test_prior_preservation_runs(tiny_base, tmp_path):
 
 def test_quiet_penalty_keeps_the_residual_off_pictures_without_the_concept(tmp_path):
     """Same seed, pictures and steps: with the quiet penalty the trained rows act far less on the base's
-    class-prompt pictures (what the other concepts' prompts are, once merged) than without it."""
+    class-prompt pictures (what the other concepts' prompts are, once merged) than without it, measured
+    on class pictures and noise draws the penalty never saw."""
     from blocklora.base import load_base
     from blocklora.data import load_concept_images
+    from blocklora.quiet import QuietBank
     from blocklora.trainer import ConceptTrainer, class_images, run_steps
 
     images, captions = load_concept_images(write_images(tmp_path / "img"), 32)
@@ -77,7 +97,8 @@ def test_quiet_penalty_keeps_the_residual_off_pictures_without_the_concept(tmp_p
         trainer = ConceptTrainer(base, CFG, TrainConfig(steps=6, resolution=32, lr=1e-2, quiet_weight=weight), 4,
                                  "pet", "dog")
         run_steps(trainer, images, captions, cls, [])
-        energy[weight] = float(trainer.residual_energy(cls, ["a photo of dog"] * 2).detach())
+        held_out = class_images(base, "dog", 2, seed=1, steps=2)
+        energy[weight] = float(QuietBank.record(trainer, held_out, seed=7).energy(trainer).detach())
         trainer.close()
     assert 0 < energy[10.0] < 0.5 * energy[0.0], energy
 
