@@ -57,7 +57,7 @@ class Arm:
         half = MIXED[mixed]
         self.base = make_base(model, device, half or torch.float32)
         train = dataclasses.replace(TOY_BASE_TRAIN, steps=train_steps, batch_size=batch, resolution=image_size,
-                                    seed=0, mixed_precision=mixed)
+                                    seed=0, mixed_precision=mixed, quiet_weight=0.0)  # no class pictures here
         self.trainer = ConceptTrainer(self.base, adapter, train, slot=0, name="bench", class_word="dog")
         self.rng = self._rng()  # as ConceptTrainer seeded it
         self.losses: list[float] = []
