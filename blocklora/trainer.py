@@ -105,8 +105,8 @@ class ConceptTrainer:
     def step(self, images: torch.Tensor, captions: list[str | None],
              class_images: torch.Tensor | None = None) -> float:
         """One optimizer step; with `class_images`, adds the prior-preservation loss and/or the quiet
-        penalty, as the config asks (the penalty's bank is recorded from them on first use: `next_step`
-        hands it the whole pool first)."""
+        penalty, as the config asks (the penalty's bank is recorded on first use: `next_step` records it
+        from the whole pool first)."""
         cfg = self.train_cfg
         if cfg.flip:
             flip = torch.rand(images.shape[0], generator=self.gen) < 0.5
@@ -119,15 +119,19 @@ class ConceptTrainer:
             if cfg.prior_preservation:
                 loss = loss + cfg.prior_weight * self.loss(class_images, class_prompts).mean()
             if cfg.quiet_weight > 0:
-                if self.quiet is None:
-                    self.quiet = QuietBank.record(self, class_images, cfg.seed)
-                loss = loss + cfg.quiet_weight * self.quiet.energy(self)
+                loss = loss + cfg.quiet_weight * self.quiet_bank(class_images).energy(self)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)  # unscales first; skips a step whose fp16 gradients overflowed
         self.scaler.update()
         self.step_count += 1
         return float(loss.detach())
+
+    def quiet_bank(self, class_images: torch.Tensor) -> QuietBank:
+        """The quiet penalty's bank, recorded from `class_images` on first use (blocklora/quiet.py)."""
+        if self.quiet is None:
+            self.quiet = QuietBank.record(self, class_images, self.train_cfg.seed)
+        return self.quiet
 
     def sample_batch(self, images: torch.Tensor, captions: list[str | None]) -> tuple[torch.Tensor, list[str | None]]:
         idx = torch.randint(0, images.shape[0], (self.train_cfg.batch_size,), generator=self.gen)
@@ -137,8 +141,8 @@ class ConceptTrainer:
         """Draw a batch (and prior images, if any) from the concept's pool and take one step."""
         batch, caps = self.sample_batch(images, captions)
         cls = None
-        if prior is not None and self.train_cfg.quiet_weight > 0 and self.quiet is None:
-            self.quiet = QuietBank.record(self, prior, self.train_cfg.seed)  # every class picture, once
+        if prior is not None and self.train_cfg.quiet_weight > 0:
+            self.quiet_bank(prior)  # recorded from every class picture, not one batch of them
         if prior is not None:
             cls = prior[torch.randint(0, prior.shape[0], (self.train_cfg.batch_size,), generator=self.gen)]
         return self.step(batch, caps, cls)
