@@ -204,6 +204,18 @@ def query_subsets(http: httpx.Client, concepts: list[ToyConcept], out: Path, num
     return results, rows, notes
 
 
+def row_means(requests: list[dict]) -> dict[str, dict[str, float]]:
+    """Sheet row -> the judge's mean image and shape alignment over its pictures: what the sheet says in
+    four lines (alone vs all merged is what merging keeps; the class prompt after merging, what it leaks)."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for r in requests:
+        if "sheet_row" in r:
+            row = rows.setdefault(r["sheet_row"], {"image_alignment": [], "shape_alignment": []})
+            row["image_alignment"] += r["image_alignment"]
+            row["shape_alignment"] += r["shape_alignment"]
+    return {label: {k: round(sum(v) / len(v), 3) for k, v in row.items() if v} for label, row in rows.items()}
+
+
 def _request(http: httpx.Client, body: dict, index: int, out: Path, num_images: int, steps: int,
              guidance: float) -> tuple[int, list[Image.Image], dict]:
     """One /v1/generate call; saves its images as images/{index}-{j}.png and returns its report record."""
@@ -280,6 +292,10 @@ def main() -> None:
             toys = [concept_from_json(c["dir"] / "concept.json") for c in concepts]
             report["requests"], rows, notes = query_subsets(http, toys, out, args.num_images, sampling.steps,
                                                             sampling.guidance_scale)
+            report["identity"] = row_means(report["requests"])
+            for label, m in report["identity"].items():
+                print(f"      {label:<26} IA {m.get('image_alignment', float('nan')):.2f}  "
+                      f"shape {m.get('shape_alignment', float('nan')):.2f}")
 
         removed = names[-1]
         with stage(f"remove {removed!r} at runtime and ask for it again"):

@@ -28,6 +28,10 @@ def test_main_job_report(tmp_path):
         assert subset in asked
     assert all(r["status"] == 200 and r["images"] for r in report["requests"])
     assert all((out / p).exists() for r in report["requests"] for p in r["images"])
+    rows = ["base, class prompt", "each concept alone", "all merged", "all merged, class prompt"]
+    assert list(report["identity"]) == rows  # the sheet's rows in four lines, each a judge mean in [-1, 1]
+    assert all(-1 <= m[k] <= 1 for m in report["identity"].values() for k in ("image_alignment", "shape_alignment"))
+    assert "all merged, class prompt   IA " in proc.stdout
     removal = report["removal"]
     assert removal["generate_after_removal_status"] == 404 and removal["name"] not in removal["live_after"]
     assert (out / "contact_sheet.png").stat().st_size > 0
