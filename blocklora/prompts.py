@@ -23,3 +23,9 @@ def expand(prompt: str, phrases: dict[str, str]) -> str:
     if missing:
         raise KeyError(f"prompt names unknown concept(s) {missing}; live: {sorted(phrases)}")
     return REF.sub(lambda m: phrases[m.group(1)], prompt)
+
+
+def class_picture_prompt(class_word: str) -> str:
+    """A concept's class without it: what the base draws the class pictures for, and the prompt they are
+    denoised with again by prior preservation and the quiet penalty's bank, so all three agree."""
+    return f"a photo of {class_word}"

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from blocklora.prompts import class_picture_prompt
+
 if TYPE_CHECKING:
     from blocklora.trainer import ConceptTrainer
 
@@ -35,7 +37,7 @@ class QuietBank:
         with every residual off, keeping `rows` random token rows of each layer's input. Its own
         generator: a resumed run records the very same bank, whatever step it resumes at."""
         gen = torch.Generator().manual_seed(seed)
-        prompts = [f"a photo of {trainer.class_word}"] * images.shape[0]
+        prompts = [class_picture_prompt(trainer.class_word)] * images.shape[0]
         seen: dict[str, list[torch.Tensor]] = {key: [] for key in trainer.layers}
 
         def keep(key: str):

@@ -29,6 +29,7 @@ from blocklora.conditioning import encode_prompts
 from blocklora.data import load_concept_images
 from blocklora.inject import eject, inject
 from blocklora.precision import MIXED, autocast, check_mixed
+from blocklora.prompts import class_picture_prompt
 from blocklora.quiet import QuietBank
 from blocklora.tokens import add_slot_tokens, token_ids, trigger_names, unwrap_token_embeddings, wrap_token_embeddings
 
@@ -115,7 +116,7 @@ class ConceptTrainer:
         per_sample = self.loss(images, prompts)
         loss = per_sample.mean()
         if class_images is not None:
-            class_prompts = [f"a photo of {self.class_word}"] * class_images.shape[0]
+            class_prompts = [class_picture_prompt(self.class_word)] * class_images.shape[0]
             if cfg.prior_preservation:
                 loss = loss + cfg.prior_weight * self.loss(class_images, class_prompts).mean()
             if cfg.quiet_weight > 0:
@@ -218,9 +219,9 @@ def _check_precision(base: Base, mixed_precision: str) -> torch.dtype | None:
 
 @torch.no_grad()
 def class_images(base: Base, class_word: str, count: int, seed: int, steps: int = 20) -> torch.Tensor:
-    """Prior-preservation images: what the base draws for 'a photo of {class_word}'."""
+    """Class pictures (prior preservation, the quiet penalty): what the base draws for `class_picture_prompt`."""
     g = torch.Generator().manual_seed(seed)
-    out = base.pipe([f"a photo of {class_word}"] * count, num_inference_steps=steps, generator=g,
+    out = base.pipe([class_picture_prompt(class_word)] * count, num_inference_steps=steps, generator=g,
                     output_type="pt", height=base.resolution, width=base.resolution).images
     return out * 2 - 1  # (count, 3, H, W) in [-1, 1]
 
