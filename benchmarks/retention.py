@@ -54,6 +54,7 @@ from blocklora.baselines import METHODS, Method, residual_applied
 from blocklora.config import AdapterConfig, TrainConfig, to_json
 from blocklora.inject import eject, inject
 from blocklora.stats import pairwise_stats, summary
+from blocklora.toy.data import SHAPES
 from blocklora.trainer import train_concept
 
 ABLATIONS_MEAN = {m.name: m for m in [Method("blocklora-no-erasure-mean", {"erasure": 0.0}, "mean"),
@@ -69,6 +70,9 @@ ABLATIONS_MEAN = {m.name: m for m in [Method("blocklora-no-erasure-mean", {"eras
 CROSS_KV = {"unet_targets": ("attn2.to_k", "attn2.to_v")}
 PRIOR = {"prior_preservation": True}
 QUIET = {"quiet_weight": 0.1}
+# - quiet-wide: the same penalty over the base's pictures of every class the toy base knows, not only the
+#   concept's own: in a merge the other concepts are other classes, drawn with other words.
+QUIET_WIDE = {"quiet_weight": 0.1, "quiet_classes": SHAPES}
 VARIANTS = {m.name: m for m in [Method("blocklora-cross-kv", CROSS_KV, "sum"),
                                 Method("blocklora-cross-kv-mean", CROSS_KV, "mean"),
                                 Method("blocklora-prior", {}, "sum", PRIOR),
@@ -76,7 +80,9 @@ VARIANTS = {m.name: m for m in [Method("blocklora-cross-kv", CROSS_KV, "sum"),
                                 Method("blocklora-quiet", {}, "sum", QUIET),
                                 Method("blocklora-quiet-mean", {}, "mean", QUIET),
                                 Method("blocklora-quiet-no-blocks", {"blockwise": False}, "sum", QUIET),
-                                Method("blocklora-quiet-no-blocks-mean", {"blockwise": False}, "mean", QUIET)]}
+                                Method("blocklora-quiet-no-blocks-mean", {"blockwise": False}, "mean", QUIET),
+                                Method("blocklora-quiet-wide", {}, "sum", QUIET_WIDE),
+                                Method("blocklora-quiet-wide-mean", {}, "mean", QUIET_WIDE)]}
 ALL_METHODS = {**METHODS, **ABLATIONS_MEAN, **VARIANTS}
 ARMS: tuple[str, ...] = ("blocklora-mean", "lora-mean", "blocklora", "ties", "blocklora-no-erasure-mean",
                          "blocklora-no-blocks-mean", "db-lora", "orthogonal", "mix-of-show", "blocklora-no-erasure",

@@ -79,6 +79,9 @@ class TrainConfig:
     quiet_weight: float = knob(0.0, "weight of a penalty on the concept's own residual over the base's class-prompt "
                                     "pictures (0: off): rows that stay quiet on pictures without the concept, "
                                     "which is what the other concepts' prompts are once merged")
+    quiet_classes: tuple[str, ...] = knob((), "other class words whose base pictures the quiet penalty also keeps "
+                                              "the rows quiet on: the classes a merge is expected to hold beside "
+                                              "this one (none: the concept's own class only)")
     num_class_images: int = knob(8, "base pictures of the class prompt, made when prior preservation or the "
                                     "quiet penalty is on")
     checkpoint_every: int = knob(50, "steps between resumable checkpoints (0: never)")
@@ -96,6 +99,7 @@ class TrainConfig:
         return self.prior_preservation or self.quiet_weight > 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "quiet_classes", tuple(self.quiet_classes))  # a list from JSON compares equal
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         for name in ("steps", "batch_size", "resolution", "report_every"):
@@ -103,6 +107,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.quiet_weight < 0:
             raise ValueError(f"quiet_weight must be >= 0, got {self.quiet_weight}")
+        if self.quiet_classes and not self.quiet_weight:
+            raise ValueError(f"quiet_classes {list(self.quiet_classes)} need the quiet penalty on (quiet_weight > 0)")
+        if not all(isinstance(w, str) and w.strip() for w in self.quiet_classes):
+            raise ValueError(f"quiet_classes must be non-empty words, got {list(self.quiet_classes)}")
         if self.lr <= 0 or self.token_lr < 0:
             raise ValueError("learning rates must be positive")
         if self.token_init not in ("class_word", "rare"):

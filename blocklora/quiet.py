@@ -11,6 +11,8 @@ pictures, the adapted model reads nearly what the base reads there.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,7 +22,21 @@ import torch.nn.functional as F
 from blocklora.prompts import class_picture_prompt
 
 if TYPE_CHECKING:
+    from blocklora.layer import BlockLoRALinear
     from blocklora.trainer import ConceptTrainer
+
+
+@contextmanager
+def residuals_off(layers: dict[str, BlockLoRALinear]) -> Iterator[None]:
+    """The base alone, whatever the rows hold (a resumed run's are trained): every layer's scale 0."""
+    scales = {key: layer.scale for key, layer in layers.items()}
+    try:
+        for layer in layers.values():
+            layer.scale = 0.0
+        yield
+    finally:
+        for key, layer in layers.items():
+            layer.scale = scales[key]
 
 
 @dataclass(frozen=True)
@@ -31,37 +47,37 @@ class QuietBank:
     reference: dict[str, torch.Tensor]
 
     @classmethod
-    def record(cls, trainer: ConceptTrainer, images: torch.Tensor, seed: int, draws: int = 4,
+    def record(cls, trainer: ConceptTrainer, groups: Sequence[tuple[torch.Tensor, str]], seed: int, draws: int = 4,
                rows: int = 512) -> QuietBank:
-        """Denoise `images` (the base's class-prompt pictures) `draws` times at random noise and timesteps
-        with every residual off, keeping `rows` random token rows of each layer's input. Its own
-        generator: a resumed run records the very same bank, whatever step it resumes at."""
+        """For each (pictures, class word) group (the base's pictures of `class_picture_prompt(word)`),
+        denoise the pictures `draws` times at random noise and timesteps with every residual off, keeping
+        `rows` random token rows of each layer's input per group. Its own generator: a resumed run
+        records the very same bank, whatever step it resumes at."""
         gen = torch.Generator().manual_seed(seed)
-        prompts = [class_picture_prompt(trainer.class_word)] * images.shape[0]
-        seen: dict[str, list[torch.Tensor]] = {key: [] for key in trainer.layers}
+        seen: dict[str, list[torch.Tensor]] = {}
+        current: dict[str, list[torch.Tensor]] = {}
 
         def keep(key: str):
             def hook(layer: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-                seen[key].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]))
+                current[key].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]))
             return hook
 
-        scales = {key: layer.scale for key, layer in trainer.layers.items()}
         hooks = [layer.register_forward_hook(keep(key)) for key, layer in trainer.layers.items()]
         try:
-            for layer in trainer.layers.values():
-                layer.scale = 0.0  # the base's own activations: no residual anywhere
-            with torch.no_grad():
-                for _ in range(draws):
-                    trainer.loss(images, prompts, gen)
+            with residuals_off(trainer.layers), torch.no_grad():
+                for images, word in groups:
+                    current.update({key: [] for key in trainer.layers})
+                    for _ in range(draws):
+                        trainer.loss(images, [class_picture_prompt(word)] * images.shape[0], gen)
+                    for key, xs in current.items():
+                        x = torch.cat(xs)
+                        seen.setdefault(key, []).append(x[torch.randperm(x.shape[0], generator=gen)[:rows].to(x.device)])
         finally:
             for h in hooks:
                 h.remove()
-            for key, layer in trainer.layers.items():
-                layer.scale = scales[key]
         inputs, reference = {}, {}
         for key, layer in trainer.layers.items():
             x = torch.cat(seen[key])
-            x = x[torch.randperm(x.shape[0], generator=gen)[:rows].to(x.device)]
             w, b = layer.base.weight[layer.rows], layer.base.bias
             with torch.no_grad():
                 ref = F.linear(x, w, None if b is None else b[layer.rows]).float().pow(2).mean()

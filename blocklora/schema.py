@@ -20,7 +20,9 @@ from typing import Any
 MAX_STR = 256  # characters of any string field without a tighter rule of its own
 MAX_ITEMS = 4096  # entries of any list or object (a layout has one per target layer)
 MAX_INT = 2**53  # |int|: beyond what JSON readers in other languages keep exact
-Scalar = typing.Union[str, int, float, bool, None]  # the values free-form objects (train_config) may hold
+Scalar = typing.Union[str, int, float, bool, None]
+# the values free-form objects (train_config) may hold: a scalar, or a flat list of them (a tuple field)
+FreeValue = typing.Union[str, int, float, bool, None, tuple[Scalar, ...]]
 
 
 class SchemaError(ValueError):
@@ -105,7 +107,7 @@ def _value(hint: Any, v: Any, where: str) -> Any:
             raise SchemaError(f"{where} must be a JSON object of at most {MAX_ITEMS} entries, got {_kind(v)}")
         return {_value(args[0], k, f"{where} key"): _value(args[1], x, f"{where}[{k[:40]!r}]") for k, x in v.items()}
     if hint is Any:
-        return _value(Scalar, v, where)
+        return _value(FreeValue, v, where)
     raise TypeError(f"schema: no rule for {hint!r} at {where}")  # a programming error, not bad input
 
 

@@ -30,7 +30,7 @@ from blocklora.data import load_concept_images
 from blocklora.inject import eject, inject
 from blocklora.precision import MIXED, autocast, check_mixed
 from blocklora.prompts import class_picture_prompt
-from blocklora.quiet import QuietBank
+from blocklora.quiet import QuietBank, residuals_off
 from blocklora.tokens import add_slot_tokens, token_ids, trigger_names, unwrap_token_embeddings, wrap_token_embeddings
 
 log = logging.getLogger(__name__)
@@ -128,10 +128,17 @@ class ConceptTrainer:
         self.step_count += 1
         return float(loss.detach())
 
-    def quiet_bank(self, class_images: torch.Tensor) -> QuietBank:
-        """The quiet penalty's bank, recorded from `class_images` on first use (blocklora/quiet.py)."""
+    def quiet_bank(self, pictures: torch.Tensor) -> QuietBank:
+        """The quiet penalty's bank, recorded on first use (blocklora/quiet.py) from `pictures` of the
+        concept's class and the base's pictures of each of `quiet_classes`, drawn here with the residuals
+        off (a resumed run's rows are trained) and the same seed, so a resumed run draws them alike."""
         if self.quiet is None:
-            self.quiet = QuietBank.record(self, class_images, self.train_cfg.seed)
+            cfg = self.train_cfg
+            groups = [(pictures, self.class_word)]
+            with residuals_off(self.layers):
+                groups += [(class_images(self.base, word, cfg.num_class_images, cfg.seed), word)
+                           for word in cfg.quiet_classes if word != self.class_word]
+            self.quiet = QuietBank.record(self, groups, cfg.seed)
         return self.quiet
 
     def sample_batch(self, images: torch.Tensor, captions: list[str | None]) -> tuple[torch.Tensor, list[str | None]]:

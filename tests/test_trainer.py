@@ -60,11 +60,12 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_resume_with_the_quiet_penalty_equals_uninterrupted(tmp_path, caplog):
     """The quiet penalty's bank is recorded from the base with its own generator, so a run resumed
-    from a checkpoint records the same bank and ends where the uninterrupted run does."""
+    from a checkpoint records the same bank and ends where the uninterrupted run does; the other
+    classes' pictures too, which are drawn by the trainer, whose resumed rows are trained."""
     from blocklora.base import load_base
 
     images = write_images(tmp_path / "img")
-    quiet = dict(resolution=32, quiet_weight=1.0, num_class_images=2, checkpoint_every=2)
+    quiet = dict(resolution=32, quiet_weight=1.0, quiet_classes=("cat",), num_class_images=2, checkpoint_every=2)
     full = train_concept(load_base("tiny"), images, "pet", "dog", 4, CFG, TrainConfig(steps=4, **quiet), progress=False)
     caplog.set_level(logging.INFO, logger="blocklora.trainer")
     for steps in (2, 4):  # stop after the checkpoint at step 2, then a fresh process resumes to 4
@@ -98,7 +99,7 @@ def test_quiet_penalty_keeps_the_residual_off_pictures_without_the_concept(tmp_p
                                  "pet", "dog")
         run_steps(trainer, images, captions, cls, [])
         held_out = class_images(base, "dog", 2, seed=1, steps=2)
-        energy[weight] = float(QuietBank.record(trainer, held_out, seed=7).energy(trainer).detach())
+        energy[weight] = float(QuietBank.record(trainer, [(held_out, "dog")], seed=7).energy(trainer).detach())
         trainer.close()
     assert 0 < energy[10.0] < 0.5 * energy[0.0], energy
 
