@@ -54,7 +54,7 @@ from blocklora.baselines import METHODS, Method, residual_applied
 from blocklora.config import AdapterConfig, TrainConfig, to_json
 from blocklora.inject import eject, inject
 from blocklora.stats import pairwise_stats, summary
-from blocklora.toy.data import SHAPES
+from blocklora.toy.vocabulary import SHAPES
 from blocklora.trainer import train_concept
 
 ABLATIONS_MEAN = {m.name: m for m in [Method("blocklora-no-erasure-mean", {"erasure": 0.0}, "mean"),

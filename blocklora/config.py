@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from blocklora.toy.vocabulary import SHAPES
+
 # Attention projections of diffusers' self- (attn1) and cross-attention (attn2) blocks.
 UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 # Attention projections of transformers' CLIPTextModel.
@@ -81,7 +83,7 @@ class TrainConfig:
                                     "which is what the other concepts' prompts are once merged")
     quiet_classes: tuple[str, ...] = knob((), "other class words whose base pictures the quiet penalty also keeps "
                                               "the rows quiet on: the classes a merge is expected to hold beside "
-                                              "this one (none: the concept's own class only)")
+                                              "this one (none: the concept's own class only; unused while quiet_weight is 0)")
     num_class_images: int = knob(8, "base pictures of the class prompt, made when prior preservation or the "
                                     "quiet penalty is on")
     checkpoint_every: int = knob(50, "steps between resumable checkpoints (0: never)")
@@ -107,8 +109,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.quiet_weight < 0:
             raise ValueError(f"quiet_weight must be >= 0, got {self.quiet_weight}")
-        if self.quiet_classes and not self.quiet_weight:
-            raise ValueError(f"quiet_classes {list(self.quiet_classes)} need the quiet penalty on (quiet_weight > 0)")
         if not all(isinstance(w, str) and w.strip() for w in self.quiet_classes):
             raise ValueError(f"quiet_classes must be non-empty words, got {list(self.quiet_classes)}")
         if self.lr <= 0 or self.token_lr < 0:
@@ -217,8 +217,9 @@ class PretrainConfig:
 # Named presets: settings measured on the pretrained toy base (docs/results/README.md, toy-base
 # concepts) that the main job and the local demo start from; flags still override each field.
 # token lr 10x, as ED-LoRA: toy concepts are mostly colour; the quiet penalty keeps each concept's rows
-# off pictures without it, so merged concepts keep what they have alone (§3h-§3i; +~10% per step)
-TOY_BASE_TRAIN = TrainConfig(steps=300, lr=5e-3, token_lr=5e-2, quiet_weight=0.1)
+# off pictures without it, so merged concepts keep what they have alone (§3h-§3i; +~10% per step), over
+# the base's pictures of every shape it knows, since the others in a merge are other shapes (§3k)
+TOY_BASE_TRAIN = TrainConfig(steps=300, lr=5e-3, token_lr=5e-2, quiet_weight=0.1, quiet_classes=SHAPES)
 TOY_BASE_GENERATE = GenerateConfig(guidance_scale=2.0)  # at 5 the toy base's pictures oversaturate
 
 

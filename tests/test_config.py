@@ -57,7 +57,7 @@ def test_tuples_take_spaces_or_commas_and_bools_take_no():
     (["--steps", "0"], "steps must be >= 1, got 0"),
     (["--lr", "-1"], "learning rates must be positive"),
     (["--quiet-weight", "-0.5"], "quiet_weight must be >= 0, got -0.5"),
-    (["--quiet-classes", "cat"], "quiet_classes ['cat'] need the quiet penalty on (quiet_weight > 0)"),
+    (["--quiet-classes", "circle", " "], "quiet_classes must be non-empty words, got ['circle', ' ']"),
 ])
 def test_bad_values_are_argparse_errors(argv, reason, capsys):
     p = parser(TrainConfig)

@@ -15,8 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_main_job_report(tmp_path):
     out = tmp_path / "main"
+    # the toy recipe's quiet penalty draws class pictures of every toy shape: 2 each here, not 8
     proc = subprocess.run([sys.executable, "jobs/main.py", "--out", str(out), "--steps", "3", "--gen-steps", "2",
-                           "--num-images", "1", "--concepts", "2"], cwd=REPO, capture_output=True, text=True, timeout=1500)
+                           "--num-images", "1", "--concepts", "2",
+                           "--num-class-images", "2"], cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     names = [c["name"] for c in report["concepts"]]

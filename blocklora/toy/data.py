@@ -14,18 +14,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from blocklora.toy.vocabulary import COLOUR_NAMES, COLOURS, PATTERNS, SHAPES, SIZES, TEXTURES
+
 SIZE = 64  # output pixels per side
 SUPERSAMPLE = 2  # supersampling factor: shapes are drawn at 128 px and downsampled for smooth edges
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "heart")
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35), "orange": (245, 140, 25), "yellow": (240, 215, 35), "green": (40, 165, 65),
-    "blue": (40, 85, 215), "purple": (140, 55, 185), "white": (242, 242, 242), "black": (22, 22, 22),
-}
-COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
-SIZES: dict[str, tuple[float, float]] = {"small": (0.13, 0.17), "large": (0.26, 0.33)}  # radius / SIZE
-TEXTURES: tuple[str, ...] = ("plain", "striped", "dotted")
-PATTERNS: tuple[str, ...] = ("stripes", "dots", "checks")  # a dressed object's fill
 DRESSED_RATE = 0.5  # share of main objects drawn dressed: captions name shape and main colour only
 SPLITS: tuple[str, ...] = ("train", "heldout")
 
