@@ -20,6 +20,9 @@ MAIN_ARMS = {  # BlockLoRA arm -> its (no erasure, no blocks) ablations under th
     "blocklora": ("blocklora-no-erasure", "blocklora-no-blocks"),
     "blocklora-quiet-mean": ("blocklora-quiet-no-blocks-mean",),  # the quiet variant (§3h): its blocks' share
     "blocklora-quiet": ("blocklora-quiet-no-blocks",),
+    # over every toy shape's pictures (§3k; the toy recipe's default): both ablations
+    "blocklora-quiet-wide-mean": ("blocklora-quiet-wide-no-erasure-mean", "blocklora-quiet-wide-no-blocks-mean"),
+    "blocklora-quiet-wide": ("blocklora-quiet-wide-no-erasure", "blocklora-quiet-wide-no-blocks"),
 }
 # Table 3's ablations are compared at N = 1 and the largest N only; Figure 5's curve over every N is
 # drawn for the methods.
