@@ -74,22 +74,19 @@ QUIET = {"quiet_weight": 0.1}
 #   concept's own: in a merge the other concepts are other classes, drawn with other words.
 QUIET_WIDE = {"quiet_weight": 0.1, "quiet_classes": SHAPES}  # the toy recipe's default since §3k
 QUIET_WIDE_W05 = {"quiet_weight": 0.5, "quiet_classes": SHAPES}  # §3k: five times the weight
-VARIANTS = {m.name: m for m in [Method("blocklora-cross-kv", CROSS_KV, "sum"),
-                                Method("blocklora-cross-kv-mean", CROSS_KV, "mean"),
-                                Method("blocklora-prior", {}, "sum", PRIOR),
-                                Method("blocklora-prior-mean", {}, "mean", PRIOR),
-                                Method("blocklora-quiet", {}, "sum", QUIET),
-                                Method("blocklora-quiet-mean", {}, "mean", QUIET),
-                                Method("blocklora-quiet-no-blocks", {"blockwise": False}, "sum", QUIET),
-                                Method("blocklora-quiet-no-blocks-mean", {"blockwise": False}, "mean", QUIET),
-                                Method("blocklora-quiet-wide", {}, "sum", QUIET_WIDE),
-                                Method("blocklora-quiet-wide-mean", {}, "mean", QUIET_WIDE),
-                                Method("blocklora-quiet-wide-no-erasure", {"erasure": 0.0}, "sum", QUIET_WIDE),
-                                Method("blocklora-quiet-wide-no-erasure-mean", {"erasure": 0.0}, "mean", QUIET_WIDE),
-                                Method("blocklora-quiet-wide-no-blocks", {"blockwise": False}, "sum", QUIET_WIDE),
-                                Method("blocklora-quiet-wide-no-blocks-mean", {"blockwise": False}, "mean", QUIET_WIDE),
-                                Method("blocklora-quiet-wide05", {}, "sum", QUIET_WIDE_W05),
-                                Method("blocklora-quiet-wide05-mean", {}, "mean", QUIET_WIDE_W05)]}
+ABLATED = {"": {}, "-no-erasure": {"erasure": 0.0}, "-no-blocks": {"blockwise": False}}  # Table 3's adapters
+
+
+def family(name: str, adapter: dict, train: dict | None = None, ablations: tuple[str, ...] = ("",)) -> list[Method]:
+    """A variant summed (`name`) and under Eq. 5 (`name-mean`), with each asked-for ablation beside it."""
+    return [Method(f"{name}{a}{rule_suffix}", {**adapter, **ABLATED[a]}, rule, train or {})
+            for a in ablations for rule_suffix, rule in (("", "sum"), ("-mean", "mean"))]
+
+
+VARIANTS = {m.name: m for m in [*family("blocklora-cross-kv", CROSS_KV), *family("blocklora-prior", {}, PRIOR),
+                                *family("blocklora-quiet", {}, QUIET, ("", "-no-blocks")),
+                                *family("blocklora-quiet-wide", {}, QUIET_WIDE, tuple(ABLATED)),
+                                *family("blocklora-quiet-wide05", {}, QUIET_WIDE_W05)]}
 ALL_METHODS = {**METHODS, **ABLATIONS_MEAN, **VARIANTS}
 ARMS: tuple[str, ...] = ("blocklora-mean", "lora-mean", "blocklora", "ties", "blocklora-no-erasure-mean",
                          "blocklora-no-blocks-mean", "db-lora", "orthogonal", "mix-of-show", "blocklora-no-erasure",

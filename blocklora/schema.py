@@ -22,7 +22,7 @@ MAX_ITEMS = 4096  # entries of any list or object (a layout has one per target l
 MAX_INT = 2**53  # |int|: beyond what JSON readers in other languages keep exact
 Scalar = typing.Union[str, int, float, bool, None]
 # the values free-form objects (train_config) may hold: a scalar, or a flat list of them (a tuple field)
-FreeValue = typing.Union[str, int, float, bool, None, tuple[Scalar, ...]]
+FreeValue = typing.Union[Scalar, tuple[Scalar, ...]]
 
 
 class SchemaError(ValueError):
