@@ -35,6 +35,7 @@ from blocklora.tokens import add_slot_tokens, token_ids, trigger_names, unwrap_t
 
 log = logging.getLogger(__name__)
 StepCallback = Callable[["ConceptTrainer", float], None]  # called after every step with its loss
+Say = Callable[[str], None]  # hears a line about what the run is doing, for the person watching
 
 
 class ConceptTrainer:
@@ -128,18 +129,31 @@ class ConceptTrainer:
         self.step_count += 1
         return float(loss.detach())
 
-    def quiet_bank(self, pictures: torch.Tensor) -> QuietBank:
+    def quiet_bank(self, pictures: torch.Tensor, say: Say | None = None) -> QuietBank:
         """The quiet penalty's bank, recorded on first use (blocklora/quiet.py) from `pictures` of the
         concept's class and the base's pictures of each of `quiet_classes`, drawn here with the residuals
-        off (a resumed run's rows are trained) and the same seed, so a resumed run draws them alike."""
+        off (a resumed run's rows are trained) and the same seed, so a resumed run draws them alike.
+        `say` hears what is drawn and how long the bank took: the wait a person would otherwise see as
+        a silent first step."""
         if self.quiet is None:
-            cfg = self.train_cfg
+            cfg, started = self.train_cfg, time.monotonic()
+            others = [word for word in cfg.quiet_classes if word != self.class_word]
+            if say and others:
+                say(f"drawing {plural(cfg.num_class_images, 'base picture')} each of {plural(len(others), 'more class')} "
+                    f"({', '.join(others)}) for the quiet penalty")
             groups = [(pictures, self.class_word)]
             with residuals_off(self.layers):
-                groups += [(class_images(self.base, word, cfg.num_class_images, cfg.seed), word)
-                           for word in cfg.quiet_classes if word != self.class_word]
+                groups += [(class_images(self.base, word, cfg.num_class_images, cfg.seed), word) for word in others]
             self.quiet = QuietBank.record(self, groups, cfg.seed)
+            if say:
+                say(f"quiet penalty's bank recorded over {len(groups)} classes in {time.monotonic() - started:.1f} s")
         return self.quiet
+
+    def prepare(self, prior: torch.Tensor | None, say: Say | None = None) -> None:
+        """Before the first step, what the first step would otherwise do unannounced: record the quiet
+        penalty's bank (when the config has one) from `prior`, the concept's class pictures."""
+        if prior is not None and self.train_cfg.quiet_weight > 0:
+            self.quiet_bank(prior, say)
 
     def sample_batch(self, images: torch.Tensor, captions: list[str | None]) -> tuple[torch.Tensor, list[str | None]]:
         idx = torch.randint(0, images.shape[0], (self.train_cfg.batch_size,), generator=self.gen)
@@ -149,8 +163,7 @@ class ConceptTrainer:
         """Draw a batch (and prior images, if any) from the concept's pool and take one step."""
         batch, caps = self.sample_batch(images, captions)
         cls = None
-        if prior is not None and self.train_cfg.quiet_weight > 0:
-            self.quiet_bank(prior)  # recorded from every class picture, not one batch of them
+        self.prepare(prior)  # the bank is recorded from every class picture, not one batch of them
         if prior is not None:
             cls = prior[torch.randint(0, prior.shape[0], (self.train_cfg.batch_size,), generator=self.gen)]
         return self.step(batch, caps, cls)
@@ -224,6 +237,18 @@ def _check_precision(base: Base, mixed_precision: str) -> torch.dtype | None:
     return torch.float32
 
 
+def class_pool(base: Base, train: TrainConfig, class_word: str, say: Say | None = None) -> torch.Tensor | None:
+    """The concept's class pictures that training needs (None when neither prior preservation nor the
+    quiet penalty is on), drawn before the trainer touches the base; `say` hears that they are drawn."""
+    if not train.uses_class_images:
+        return None
+    if say:
+        uses = " and ".join(use for use, on in (("prior preservation", train.prior_preservation),
+                                                 ("the quiet penalty", train.quiet_weight > 0)) if on)
+        say(f"drawing {plural(train.num_class_images, 'base picture')} of '{class_picture_prompt(class_word)}' for {uses}")
+    return class_images(base, class_word, train.num_class_images, train.seed)
+
+
 @torch.no_grad()
 def class_images(base: Base, class_word: str, count: int, seed: int, steps: int = 20) -> torch.Tensor:
     """Class pictures (prior preservation, the quiet penalty): what the base draws for `class_picture_prompt`."""
@@ -231,6 +256,11 @@ def class_images(base: Base, class_word: str, count: int, seed: int, steps: int 
     out = base.pipe([class_picture_prompt(class_word)] * count, num_inference_steps=steps, generator=g,
                     output_type="pt", height=base.resolution, width=base.resolution).images
     return out * 2 - 1  # (count, 3, H, W) in [-1, 1]
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 base picture', '8 base pictures', '2 more classes': the lines a person reads."""
+    return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
 
 
 def checkpoint_due(trainer: ConceptTrainer) -> bool:
@@ -279,6 +309,11 @@ class Progress:
             self.out(f"[{self.name}] step {step}/{self.total}  loss {sum(self.losses) / len(self.losses):.4f}  {speed}")
         self.losses.clear()
 
+    def say(self, text: str) -> None:
+        """A line about what the run does between steps (drawing class pictures), in the steps' form."""
+        if self.out is not None:
+            self.out(f"[{self.name}] {text}")
+
     def steady_rate(self) -> float | None:
         """Steps per second after the first step (None until there are two steps)."""
         if self.first is None or self.last is None or self.last[0] == self.first[0]:
@@ -298,12 +333,13 @@ def train_concept(base: Base, images_dir: str | Path, name: str, class_word: str
                   checkpoint_dir: str | Path | None = None, progress: bool = True) -> ConceptArtifact:
     """Folder of images + class word in, artifact out; resumes from `checkpoint_dir` if present."""
     images, captions = load_concept_images(images_dir, train.resolution)
-    prior = class_images(base, class_word, train.num_class_images, train.seed) if train.uses_class_images else None
+    shown = Progress(name, train.steps, out=print if progress else None)
+    prior = class_pool(base, train, class_word, shown.say)
     trainer = ConceptTrainer(base, adapter, train, slot, name, class_word)
     try:
         if checkpoint_dir and trainer.load_checkpoint(checkpoint_dir):
             log.info("resumed %s from step %d", name, trainer.step_count)
-        shown = Progress(name, train.steps, out=print if progress else None)
+        trainer.prepare(prior, shown.say)
         callbacks: list[StepCallback] = [shown]
         if checkpoint_dir:
             callbacks.append(lambda t, loss: checkpoint_due(t) and t.save_checkpoint(checkpoint_dir))

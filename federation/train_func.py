@@ -28,7 +28,7 @@ from transformers.utils import logging as transformers_logging
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig, TrainConfig, from_dict
 from blocklora.precision import base_dtype
-from blocklora.trainer import ConceptTrainer, Progress, checkpoint_due, class_images, run_steps
+from blocklora.trainer import ConceptTrainer, Progress, checkpoint_due, class_pool, run_steps
 from federation.client import ARTIFACT_FILE
 
 
@@ -122,7 +122,9 @@ def train_func(config: dict[str, Any]) -> None:
                            f"the federation's is {config['base_fingerprint'][:12]}…; use the same base files")
     marks["t_base_loaded"] = time.time()
     images, captions = shard_tensors(ray.train.get_dataset_shard("train"))  # Ray
-    prior = class_images(base, config["class_word"], train.num_class_images, train.seed) if train.uses_class_images else None
+    marks["t_shard_read"] = time.time()
+    shown = Progress(config["name"], train.steps, out=print if rank == 0 else None)
+    prior = class_pool(base, train, config["class_word"], shown.say)
     trainer = ConceptTrainer(base, adapter, train, config["slot"], config["name"], config["class_word"])
     checkpoint = ray.train.get_checkpoint()  # Ray: set when this run is a retry or a resumed run
     if checkpoint:
@@ -130,7 +132,7 @@ def train_func(config: dict[str, Any]) -> None:
             trainer.load_checkpoint(folder)
     if world > 1:
         _sync_workers(trainer, rank, world)
-    shown = Progress(config["name"], train.steps, out=print if rank == 0 else None)
+    trainer.prepare(prior, shown.say)
     marks["t_loop_start"] = time.time()
 
     def stamp(trainer: ConceptTrainer, loss: float) -> None:

@@ -74,13 +74,20 @@ def observable(actor) -> tuple:
 
 def test_two_concurrent_client_jobs(fed):
     # dog-b trains data-parallel on 2 workers (gradients all-reduced) in bf16 mixed precision (each worker
-    # loads the base in bf16), beside dog-a's one worker in float32
+    # loads the base in bf16), beside dog-a's one worker in float32 with the quiet penalty over one more class
+    quiet = ("--quiet-weight", "0.1", "--quiet-classes", "cat", "--num-class-images", "1")
     jobs = {name: submit_job(fed, name, seed, workers, *flags) for name, seed, workers, flags in
-            (("dog-a", 1, 1, ()), ("dog-b", 2, 2, ("--mixed-precision", "bf16")))}
+            (("dog-a", 1, 1, quiet), ("dog-b", 2, 2, ("--mixed-precision", "bf16")))}
     for name, job in jobs.items():
         out, _ = job.communicate(timeout=540)
         assert job.returncode == 0, out[-4000:]
         assert f"concept '{name}' is live in slot" in out, out[-4000:]
+        # the wait before the first step is announced, not silent (each line behind Ray's worker prefix)
+        said = [ln.split(f"[{name}] ", 1)[1] for ln in out.splitlines() if f"[{name}] " in ln]
+        announced = ["drawing 1 base picture of 'a photo of dog' for the quiet penalty",
+                     "drawing 1 base picture each of 1 more class (cat) for the quiet penalty"]
+        assert (said[:2] == announced and said[2].startswith("quiet penalty's bank recorded over 2 classes in ")
+                and said[3].startswith("step 1/3")) == (name == "dog-a"), said
         # what the person who submitted it sees: the step progress of rank 0, not Ray's own lines
         assert re.search(rf"\[{name}\] step 3/3  loss \d+\.\d{{4}}  \d+\.\d\d steps/s  ETA 0 s", out), out[-4000:]
         assert not re.search("Reporting training result|execution finished|DeprecationWarning", out), out[-4000:]

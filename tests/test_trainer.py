@@ -106,10 +106,14 @@ def test_quiet_penalty_keeps_the_residual_off_pictures_without_the_concept(tmp_p
 
 def test_progress_lines_a_person_can_follow(tiny_base, tmp_path, capsys):
     """The one step loop prints step k/N, the loss, steps/s and an ETA (first and last step at least),
-    then the steady-state rate that benchmarks compare."""
+    then the steady-state rate that benchmarks compare; before the first step, what it draws and why."""
     train_concept(tiny_base, write_images(tmp_path / "img"), "pet", "dog", 4, CFG,
-                  TrainConfig(steps=3, resolution=32), progress=True)
+                  TrainConfig(steps=3, resolution=32, prior_preservation=True, quiet_weight=0.1,
+                              quiet_classes=("cat", "dog", "cup"), num_class_images=2), progress=True)
     out = capsys.readouterr().out
+    assert re.search(r"\A\[pet\] drawing 2 base pictures of 'a photo of dog' for prior preservation and the quiet penalty\n"
+                     r"\[pet\] drawing 2 base pictures each of 2 more classes \(cat, cup\) for the quiet penalty\n"
+                     r"\[pet\] quiet penalty's bank recorded over 3 classes in \d+\.\d s\n\[pet\] step 1/3 ", out), out
     assert re.search(r"^\[pet\] step 1/3  loss \d+\.\d{4}  first step$", out, re.M), out
     assert re.search(r"^\[pet\] step 3/3  loss \d+\.\d{4}  \d+\.\d\d steps/s  ETA 0 s$", out, re.M), out
     assert re.search(r"^\[pet\] trained to step 3: \d+\.\d{3} steps/s steady \(after the first step\), \d+ torch thread\(s\)$", out, re.M), out
