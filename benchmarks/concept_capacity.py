@@ -37,7 +37,7 @@ from benchmarks.retention_report import ci
 from benchmarks.world import World, load_world
 from blocklora.base import Base, default_base_spec, load_base
 from blocklora.baselines import residual_applied
-from blocklora.config import TOY_BASE_TRAIN, UNET_TARGETS, AdapterConfig, TrainConfig
+from blocklora.config import FEED_FORWARD_TARGETS, TOY_BASE_TRAIN, UNET_TARGETS, AdapterConfig, TrainConfig
 from blocklora.data import load_concept_images
 from blocklora.generate import contact_sheet
 from blocklora.inject import layout
@@ -45,9 +45,6 @@ from blocklora.partition import row_block
 from blocklora.stats import mean_diff, paired_bootstrap
 from blocklora.toy.concepts import ToyConcept
 from blocklora.trainer import ConceptTrainer, run_steps
-
-FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")  # GEGLU in (8x channels out) and out of each transformer block
-
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -59,7 +56,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "default": Recipe("attention, 16 slots (the default)", {}, {}),
     "every-row": Recipe("attention, 1 slot (every row)", {"num_slots": 1}, {}),
-    "feed-forward": Recipe("attention + feed-forward, 16 slots", {"unet_targets": UNET_TARGETS + FEED_FORWARD}, {}),
+    "feed-forward": Recipe("attention + feed-forward, 16 slots", {"unet_targets": UNET_TARGETS + FEED_FORWARD_TARGETS}, {}),
     "lr-x4": Recipe("attention, 16 slots, lr x4", {}, {"lr": 4 * TOY_BASE_TRAIN.lr}),
     "rare-token": Recipe("fixed rare token, weights only", {}, {"token_lr": 0.0, "token_init": "rare"}),
 }

@@ -18,8 +18,9 @@ preservation, and with the quiet penalty (`TrainConfig.quiet_weight`; with and w
 Strength matching: each training variant's learning rates (LoRA and token, scaled together, so the
 10:1 token:LoRA split stays) are multiplied by a factor found automatically on the first few concepts:
 start at 1, halve or double until the variant's single-concept image alignment is within `--match`
-of the ED-LoRA reference's, keep the closest; the chosen factors and the N = 1 alignments of every
-arm on all concepts are reported, so the match can be checked, not assumed.
+of the reference's (`--reference`, by default ED-LoRA's `lora-mean`), keep the closest; the chosen
+factors and the N = 1 alignments of every arm on all concepts are reported, so the match can be
+checked, not assumed.
 
 Scores (`benchmarks.retention_eval`; the judge and concepts are `benchmarks.world`'s): image alignment
 (CLIP-I protocol on the judge's embedding), text alignment of attribute prompts, prior drift (class-prompt
@@ -51,7 +52,7 @@ from benchmarks.world import World, load_world
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import Base, default_base_spec, load_base
 from blocklora.baselines import METHODS, Method, residual_applied
-from blocklora.config import AdapterConfig, TrainConfig, to_json
+from blocklora.config import FEED_FORWARD_TARGETS, UNET_TARGETS, AdapterConfig, TrainConfig, to_json
 from blocklora.inject import eject, inject
 from blocklora.stats import pairwise_stats, summary
 from blocklora.toy.vocabulary import SHAPES
@@ -74,6 +75,9 @@ QUIET = {"quiet_weight": 0.1}
 #   concept's own: in a merge the other concepts are other classes, drawn with other words.
 QUIET_WIDE = {"quiet_weight": 0.1, "quiet_classes": SHAPES}  # the toy recipe's default since §3k
 QUIET_WIDE_W05 = {"quiet_weight": 0.5, "quiet_classes": SHAPES}  # §3k: five times the weight
+# - quiet-wide-ff: the same on the feed-forward layers too: more rows per slot, since §3l found that no lr
+#   brings a concept's 1/16 of the attention rows up to ED-LoRA's strength alone.
+ATTENTION_FF = {"unet_targets": UNET_TARGETS + FEED_FORWARD_TARGETS}
 ABLATED = {"": {}, "-no-erasure": {"erasure": 0.0}, "-no-blocks": {"blockwise": False}}  # Table 3's adapters
 
 
@@ -86,7 +90,8 @@ def family(name: str, adapter: dict, train: dict | None = None, ablations: tuple
 VARIANTS = {m.name: m for m in [*family("blocklora-cross-kv", CROSS_KV), *family("blocklora-prior", {}, PRIOR),
                                 *family("blocklora-quiet", {}, QUIET, ("", "-no-blocks")),
                                 *family("blocklora-quiet-wide", {}, QUIET_WIDE, tuple(ABLATED)),
-                                *family("blocklora-quiet-wide05", {}, QUIET_WIDE_W05)]}
+                                *family("blocklora-quiet-wide05", {}, QUIET_WIDE_W05),
+                                *family("blocklora-quiet-wide-ff", ATTENTION_FF, QUIET_WIDE)]}
 ALL_METHODS = {**METHODS, **ABLATIONS_MEAN, **VARIANTS}
 ARMS: tuple[str, ...] = ("blocklora-mean", "lora-mean", "blocklora", "ties", "blocklora-no-erasure-mean",
                          "blocklora-no-blocks-mean", "db-lora", "orthogonal", "mix-of-show", "blocklora-no-erasure",
@@ -125,6 +130,8 @@ PROFILES = {
     # the main job's recipe (300 steps at batch 2; run it with --rank 4), where the weights carry
     # identity beyond the trigger (docs/results §3c), at N in {1, 15}
     "recipe": Profile(16, 300, 2, (1, 15), (0, 1, 2), 10, 1, 0),
+    # the same, strength matched: each variant's lr factor found on 2 concepts, up to 2 steps past 1
+    "recipe-matched": Profile(16, 300, 2, (1, 15), (0, 1, 2), 10, 2, 2),
 }
 
 
@@ -271,7 +278,8 @@ def refuse_unfit(base: Base, vs: list[Variant]) -> None:
 
 
 def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConfig, arms: tuple[str, ...],
-        match: float, out: Path, cache: Path, guidance: float, judge: str = "identity") -> dict:
+        match: float, out: Path, cache: Path, guidance: float, judge: str = "identity",
+        reference: str = REFERENCE) -> dict:
     base = load_base(base_spec, device="cpu")
     train = dataclasses.replace(train, resolution=base.resolution, steps=profile.steps, batch_size=profile.batch)
     vs = variants(study, train, arms)
@@ -304,7 +312,7 @@ def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConf
 
     plan_uncached()
     if profile.calib_tries:
-        factors, calibration = match_strength(trainings, distinct, vs[REFERENCE], profile.calib_concepts,
+        factors, calibration = match_strength(trainings, distinct, vs[reference], profile.calib_concepts,
                                               profile.calib_tries, match, cfg)
         plan_uncached()
     trained: dict[str, Concepts] = {}
@@ -331,7 +339,7 @@ def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConf
     return {"benchmark": "retention", "env": environment("cpu", torch.float32), "base": base_spec,
             "judge": world.name, "concepts": [c.name for c in world.concepts[:m]],
             "profile": dataclasses.asdict(profile), "train": dataclasses.asdict(train),
-            "adapter": dataclasses.asdict(study), "eval": dataclasses.asdict(cfg), "match_tolerance": match,
+            "adapter": dataclasses.asdict(study), "eval": dataclasses.asdict(cfg), "match_tolerance": match, "reference": reference,
             "lr_factors": factors, "calibration": calibration,
             "seconds": time.perf_counter() - progress.t0, **summary_}
 
@@ -377,6 +385,8 @@ def main() -> None:
     p.add_argument("--base", default=None, help="a diffusers folder; default: the committed toy base")
     add_study_args(p, rank=2)
     p.add_argument("--match", type=float, default=0.05, help="strength matching tolerance (relative image alignment)")
+    p.add_argument("--reference", default=REFERENCE, help="the arm whose training every other one's strength is "
+                                                         "matched to (it stays at lr factor 1)")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--judge", choices=("identity", "interim"), default="identity",
                    help="identity: blocklora.toy.identity; interim: what docs/results' small run used")
@@ -389,13 +399,13 @@ def main() -> None:
     profile_name = "quick" if args.quick else args.profile
     arms = tuple(a for a in args.arms.split(",") if a)
     unknown = [a for a in arms if a not in ALL_METHODS]
-    if unknown or REFERENCE not in arms:
-        raise SystemExit(f"unknown arms {unknown} (known: {sorted(ALL_METHODS)}); {REFERENCE} must be among them")
+    if unknown or args.reference not in arms:
+        raise SystemExit(f"unknown arms {unknown} (known: {sorted(ALL_METHODS)}); {args.reference} must be among them")
     train, study = study_configs(args)
     out = args.out or RESULTS_DIR / f"retention-{profile_name}"
     profile = dataclasses.replace(PROFILES[profile_name], ns=tuple(sorted(set(args.ns)))) if args.ns else PROFILES[profile_name]
     result = run(profile, args.base or default_base_spec(), train, study, arms, args.match, out,
-                 args.cache, args.guidance, args.judge)
+                 args.cache, args.guidance, args.judge, args.reference)
     result["quick"] = args.quick
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=float))

@@ -33,6 +33,7 @@ LAYER_GROUPS = {  # key substring -> the group the interference diagnosis report
     "cross-attn q/out": ("attn2.to_q", "attn2.to_out"),
     "self-attn": ("attn1.",),
     "text encoder": ("text_encoder",),
+    "feed-forward": (".ff.net.",),
 }
 
 
@@ -58,7 +59,10 @@ def window(r: int, n: int, m: int) -> list[int]:
 
 
 def group_of(key: str) -> str:
-    return next(g for g, subs in LAYER_GROUPS.items() if any(s in key for s in subs))
+    group = next((g for g, subs in LAYER_GROUPS.items() if any(s in key for s in subs)), None)
+    if group is None:
+        raise ValueError(f"layer {key!r} is in no group of the interference diagnosis: add it to LAYER_GROUPS")
+    return group
 
 
 def phrase(art: ConceptArtifact) -> str:

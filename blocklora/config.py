@@ -18,6 +18,8 @@ from blocklora.toy.vocabulary import SHAPES
 
 # Attention projections of diffusers' self- (attn1) and cross-attention (attn2) blocks.
 UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+# The feed-forward of each transformer block (GEGLU in: 8x the channels out; and out): more rows per slot.
+FEED_FORWARD_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2")
 # Attention projections of transformers' CLIPTextModel.
 TEXT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 TINY = "tiny"  # the random tiny SD-architecture pipeline, built from config with a fixed seed
