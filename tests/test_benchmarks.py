@@ -216,3 +216,16 @@ def test_base_compare_quick_pairs_a_base_with_itself(tmp_path):
     assert second["shape_minus_first"] == second["colour_minus_first"] == [0.0, 0.0, 0.0]
     assert set(first["shape_by_class"]) == {"circle", "square", "triangle", "star", "cross", "heart"}
     assert len(result["pairs"]) == 12 and (tmp_path / "out" / "compare.png").is_file()
+
+
+def test_interference_groups_every_layer_a_variant_trains_and_names_a_stray_one():
+    """The diagnosis's layer groups cover every target any retention arm injects (the feed-forward variant's
+    too, which once stopped a run after its trainings), and a layer in no group is a clear error."""
+    from benchmarks.retention_eval import LAYER_GROUPS, group_of
+
+    pipe = load_base("tiny").pipe
+    keys = {key for m in retention.ALL_METHODS.values() for key in layout(pipe, m.adapter_config(AdapterConfig()))}
+    groups = {key: group_of(key) for key in keys}
+    assert set(groups.values()) == {"cross-attn k/v", "cross-attn q/out", "self-attn", "feed-forward"} < set(LAYER_GROUPS)
+    with pytest.raises(ValueError, match="'unet.conv_in' is in no group"):
+        group_of("unet.conv_in")
