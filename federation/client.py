@@ -57,12 +57,15 @@ def job_init_args(verbose: bool = False) -> dict[str, Any]:
     - prints go straight to stdout (Ray Train would route them through its logger, which showed
       each progress line twice), so the job's output is the training's progress;
     - unless `verbose`: Ray's own output (dataset progress bars and logs, Train's INFO lines,
-      deprecation warnings, diffusers' loading bars) stays off the terminal; Ray's own lines are
-      still in the session's log files."""
+      deprecation warnings, diffusers' loading bars) stays off the terminal; Ray's own Python lines are
+      still in the session's log files. The C++ core of the job's workers logs only FATAL lines: at
+      ERROR it tells every Train run that an actor restart "will fail" (ray-project/ray#53727), about
+      Train's own PreemptionWatcher, which nothing here restarts; a real failure still reaches the job
+      as a Python exception."""
     env = {"RAY_worker_niceness": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not verbose:
         env |= {"RAY_DATA_LOG_LEVEL": "ERROR", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
+                "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning", "RAY_BACKEND_LOG_LEVEL": "fatal"}
         ray.data.DataContext.get_current().enable_progress_bars = False
     return {"runtime_env": {"env_vars": env}, "logging_level": "INFO" if verbose else "WARNING"}
 

@@ -118,7 +118,9 @@ def newest_line(log: str) -> str:
     (`[name] step k/N  loss …  steps/s  ETA …`), else its own messages (reserved, uploading, live)."""
     lines = [RAY_PREFIX.sub("", ln).strip() for ln in log.splitlines()]
     lines = [ln for ln in lines if ln and "WARNING" not in ln and not ln.startswith(MARKS_LINE)]
-    return lines[-1][-110:] if lines else "starting"
+    if not lines:
+        return "starting"
+    return lines[-1] if len(lines[-1]) <= 110 else lines[-1][:109] + "…"  # its start says whose and what
 
 
 def wait_jobs(cluster: LocalCluster, jobs: dict[str, str], submitted: dict[str, dict[str, float]],

@@ -39,3 +39,17 @@ def test_main_job_report(tmp_path):
     assert (out / "contact_sheet.png").stat().st_size > 0
     token = (out / "state" / "admin_token").read_text().strip()
     assert token not in (out / "report.json").read_text() and token not in proc.stdout
+
+
+def test_live_view_shows_each_jobs_own_newest_line_from_its_start():
+    """The main job's live view: Ray's process prefix and WARNING lines dropped, the phase marks too, and
+    a long line cut at its end, so what is left says whose line it is and what it is doing."""
+    from jobs.main import MARKS_LINE, newest_line
+
+    long = "[ember] drawing 8 base pictures each of 5 more classes (circle, square, triangle, cross, heart) for the quiet penalty"
+    log = ("reserved slot 0 for 'ember'\n\x1b[36m(RayTrainWorker pid=42)\x1b[0m " + long + "\n"
+           "2026-11-28 05:33:08,236\tWARNING worker.py:1 -- something of Ray's\n" + MARKS_LINE + "{}\n")
+    shown = newest_line(log)
+    assert shown.startswith("[ember] drawing 8 base pictures each of 5 more classes") and shown.endswith("…"), shown
+    assert len(shown) == 110
+    assert newest_line("") == "starting"
