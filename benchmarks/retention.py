@@ -96,7 +96,7 @@ ALL_METHODS = {**METHODS, **ABLATIONS_MEAN, **VARIANTS}
 ARMS: tuple[str, ...] = ("blocklora-mean", "lora-mean", "blocklora", "ties", "blocklora-no-erasure-mean",
                          "blocklora-no-blocks-mean", "db-lora", "orthogonal", "mix-of-show", "blocklora-no-erasure",
                          "blocklora-no-blocks")  # evaluated in this order: what the criteria need first
-REFERENCE = "lora-mean"  # its training (ED-LoRA) is what every other variant's strength is matched to
+REFERENCE = "lora-mean"  # by default its training (ED-LoRA) is what every other variant's strength is matched to
 
 
 def arm_ns(name: str, ns: tuple[int, ...]) -> tuple[int, ...]:
