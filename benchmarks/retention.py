@@ -339,8 +339,8 @@ def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConf
     return {"benchmark": "retention", "env": environment("cpu", torch.float32), "base": base_spec,
             "judge": world.name, "concepts": [c.name for c in world.concepts[:m]],
             "profile": dataclasses.asdict(profile), "train": dataclasses.asdict(train),
-            "adapter": dataclasses.asdict(study), "eval": dataclasses.asdict(cfg), "match_tolerance": match, "reference": reference,
-            "lr_factors": factors, "calibration": calibration,
+            "adapter": dataclasses.asdict(study), "eval": dataclasses.asdict(cfg), "match_tolerance": match,
+            "reference": reference, "lr_factors": factors, "calibration": calibration,
             "seconds": time.perf_counter() - progress.t0, **summary_}
 
 
