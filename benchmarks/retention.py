@@ -78,6 +78,9 @@ QUIET_WIDE_W05 = {"quiet_weight": 0.5, "quiet_classes": SHAPES}  # §3k: five ti
 # - quiet-wide-ff: the same on the feed-forward layers too: more rows per slot, since §3l found that no lr
 #   brings a concept's 1/16 of the attention rows up to ED-LoRA's strength alone.
 ATTENTION_FF = {"unet_targets": UNET_TARGETS + FEED_FORWARD_TARGETS}
+# - quiet-wide-strided: the same recipe with a slot's rows spread over the attention heads (every K-th
+#   row) instead of one block, which in the toy base's 4-16-wide heads lies inside a single head.
+STRIDED = {"row_layout": "strided"}
 ABLATED = {"": {}, "-no-erasure": {"erasure": 0.0}, "-no-blocks": {"blockwise": False}}  # Table 3's adapters
 
 
@@ -91,7 +94,8 @@ VARIANTS = {m.name: m for m in [*family("blocklora-cross-kv", CROSS_KV), *family
                                 *family("blocklora-quiet", {}, QUIET, ("", "-no-blocks")),
                                 *family("blocklora-quiet-wide", {}, QUIET_WIDE, tuple(ABLATED)),
                                 *family("blocklora-quiet-wide05", {}, QUIET_WIDE_W05),
-                                *family("blocklora-quiet-wide-ff", ATTENTION_FF, QUIET_WIDE)]}
+                                *family("blocklora-quiet-wide-ff", ATTENTION_FF, QUIET_WIDE),
+                                *family("blocklora-quiet-wide-strided", STRIDED, QUIET_WIDE)]}
 ALL_METHODS = {**METHODS, **ABLATIONS_MEAN, **VARIANTS}
 ARMS: tuple[str, ...] = ("blocklora-mean", "lora-mean", "blocklora", "ties", "blocklora-no-erasure-mean",
                          "blocklora-no-blocks-mean", "db-lora", "orthogonal", "mix-of-show", "blocklora-no-erasure",

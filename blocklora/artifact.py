@@ -18,7 +18,7 @@ import torch
 
 from blocklora.atomic import atomic_write
 from blocklora.config import AdapterConfig
-from blocklora.partition import block_delta, row_block
+from blocklora.partition import block_delta, owned_rows, row_count
 from blocklora.safefile import InvalidFile, read_safetensors, write_safetensors
 from blocklora.schema import SchemaError, check_text, parse
 from blocklora.tokens import trigger_names
@@ -139,7 +139,8 @@ class ConceptArtifact:
 
     def rows(self, key: str) -> slice:
         m = self.meta.layout[key][0]
-        return row_block(m, self.meta.adapter.num_slots, self.meta.slot) if self.meta.adapter.blockwise else slice(0, m)
+        a = self.meta.adapter
+        return owned_rows(m, a.num_slots, self.meta.slot, a.blockwise, a.row_layout)
 
     def factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r, n), B_R (|R|, r)): dW = (M ⊙ B) A is zero outside `rows(key)` and B_R A inside."""
@@ -203,7 +204,7 @@ class ConceptArtifact:
             except ValueError as err:
                 raise InvalidArtifact(f"{key}: {err}") from None
             expected[_a_key(key)] = (r, n)
-            expected[_b_key(key)] = (rows.stop - rows.start, r)
+            expected[_b_key(key)] = (row_count(rows, m), r)
         embeds = [k for k in self.tensors if k.endswith(_token_key(""))]
         if not embeds:
             raise InvalidArtifact("the artifact carries no token embeddings for its trigger")

@@ -22,6 +22,7 @@ UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 FEED_FORWARD_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2")
 # Attention projections of transformers' CLIPTextModel.
 TEXT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+ROW_LAYOUTS: tuple[str, ...] = ("block", "strided")  # how a slot's rows lie in a weight (blocklora.partition)
 TINY = "tiny"  # the random tiny SD-architecture pipeline, built from config with a fixed seed
 TINY_SD2, TINY_SDXL = "tiny-sd2", "tiny-sdxl"  # the same for the SD 2.x (v-prediction) and SDXL families
 # Precision names (blocklora/precision.py maps them to torch dtypes): accelerate's for training,
@@ -50,6 +51,8 @@ class AdapterConfig:
     text_targets: tuple[str, ...] = knob((), "suffixes wrapped in the text encoder, e.g. q_proj (none: UNet only)")
     tokens_per_concept: int = knob(1, "new trigger tokens each concept learns")
     blockwise: bool = knob(True, "off: B owns every row (plain LoRA; the Table 3 ablation)")
+    row_layout: str = knob("block", "which rows a slot owns: 'block' (one contiguous run) or 'strided' "
+                                    "(every K-th row: spread over the attention heads)")
     freeze_a: str = knob("none", "'none' or 'orthogonal': Orthogonal Adaptation's frozen, orthogonal A")
 
     def __post_init__(self) -> None:
@@ -60,6 +63,8 @@ class AdapterConfig:
                 raise ValueError(f"{name} must be in 1..{top}, got {getattr(self, name)}")
         if not 0.0 <= self.erasure < 1.0:
             raise ValueError(f"erasure rate λ must be in [0, 1), got {self.erasure}")
+        if self.row_layout not in ROW_LAYOUTS:
+            raise ValueError(f"row_layout must be one of {', '.join(ROW_LAYOUTS)}, got {self.row_layout!r}")
         if self.freeze_a not in ("none", "orthogonal"):
             raise ValueError(f"freeze_a must be 'none' or 'orthogonal', got {self.freeze_a!r}")
         object.__setattr__(self, "unet_targets", tuple(self.unet_targets))

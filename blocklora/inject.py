@@ -76,7 +76,8 @@ def inject(pipe, cfg: AdapterConfig, slot: int, dtype: torch.dtype | None = None
     for key, lin in targets.items():
         frozen = (orthogonal_a(key, lin.in_features, cfg.rank, slot, cfg.num_slots)
                   if cfg.freeze_a == "orthogonal" else None)
-        layer = BlockLoRALinear(lin, cfg.rank, cfg.num_slots, slot, cfg.erasure, cfg.blockwise, frozen, dtype)
+        layer = BlockLoRALinear(lin, cfg.rank, cfg.num_slots, slot, cfg.erasure, cfg.blockwise, frozen, dtype,
+                                cfg.row_layout)
         set_module(pipe, key, layer)
         layers[key] = layer
     return layers

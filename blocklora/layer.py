@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from blocklora.partition import block_delta, row_block
+from blocklora.partition import block_delta, owned_rows, row_count
 
 
 def _mm_grads(grad: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor,
@@ -92,6 +92,7 @@ class BlockLoRALinear(nn.Module):
         blockwise: bool = True,
         frozen_a: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
+        row_layout: str = "block",
     ) -> None:
         """`dtype` of A and B: None keeps the base weight's; float32 beside a half-precision base is
         mixed-precision training (the residual then runs in the half dtype under autocast)."""
@@ -103,7 +104,7 @@ class BlockLoRALinear(nn.Module):
             p.requires_grad_(False)
         m, n = base.out_features, base.in_features
         self.rank, self.num_slots, self.slot, self.erasure = rank, num_slots, slot, erasure
-        self.rows = row_block(m, num_slots, slot) if blockwise else slice(0, m)
+        self.rows = owned_rows(m, num_slots, slot, blockwise, row_layout)
         dev, dt = base.weight.device, dtype or base.weight.dtype
         if frozen_a is not None:
             if frozen_a.shape != (rank, n):
@@ -112,7 +113,7 @@ class BlockLoRALinear(nn.Module):
         else:
             self.lora_A = nn.Parameter(torch.empty(rank, n, device=dev, dtype=dt))
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft: A random, B zero
-        n_rows = self.rows.stop - self.rows.start
+        n_rows = row_count(self.rows, m)
         self.lora_B = nn.Parameter(torch.zeros(n_rows, rank, device=dev, dtype=dt))  # (|R|, r)
         self.scale = 1.0
         self.merged = False
@@ -160,4 +161,4 @@ class BlockLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, slot={self.slot}/{self.num_slots}, "
-                f"rows={self.rows.start}:{self.rows.stop}, erasure={self.erasure}")
+                f"rows={self.rows.start}:{self.rows.stop}:{self.rows.step or 1}, erasure={self.erasure}")

@@ -6,7 +6,7 @@ import torch
 
 from blocklora.artifact import ConceptArtifact, ConceptMeta
 from blocklora.config import AdapterConfig
-from blocklora.partition import row_block
+from blocklora.partition import owned_rows, row_count
 from blocklora.tokens import trigger_names
 
 
@@ -17,9 +17,9 @@ def random_artifact(name: str, slot: int, adapter: AdapterConfig, fingerprint: s
     g = torch.Generator().manual_seed(seed * 1009 + slot)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key, (m, n) in layout.items():
-        rows = row_block(m, adapter.num_slots, slot) if adapter.blockwise else slice(0, m)
+        rows = owned_rows(m, adapter.num_slots, slot, adapter.blockwise, adapter.row_layout)
         a = torch.randn(adapter.rank, n, generator=g) / n ** 0.5
-        factors[key] = (a, b_scale * torch.randn(rows.stop - rows.start, adapter.rank, generator=g))
+        factors[key] = (a, b_scale * torch.randn(row_count(rows, m), adapter.rank, generator=g))
     embeds = {comp: torch.randn(adapter.tokens_per_concept, d, generator=g) * 0.02 for comp, d in hidden.items()}
     meta = ConceptMeta(name=name, class_word=class_word, slot=slot, adapter=adapter, base_fingerprint=fingerprint,
                        layout=dict(layout), triggers=tuple(trigger_names(slot, adapter.tokens_per_concept)))

@@ -8,9 +8,9 @@ from blocklora.layer import BlockLoRALinear
 from blocklora.trainer import ConceptTrainer
 
 
-def _layer(erasure=0.0, slot=2, seed=0):
+def _layer(erasure=0.0, slot=2, seed=0, row_layout="block"):
     torch.manual_seed(seed)
-    layer = BlockLoRALinear(nn.Linear(24, 40), rank=3, num_slots=8, slot=slot, erasure=erasure)
+    layer = BlockLoRALinear(nn.Linear(24, 40), rank=3, num_slots=8, slot=slot, erasure=erasure, row_layout=row_layout)
     nn.init.normal_(layer.lora_B)
     return layer
 
@@ -24,8 +24,16 @@ def test_owns_only_its_rows_and_cost_scales_with_them():
     assert torch.count_nonzero(dw[10:15]) == 5 * 24
 
 
-def test_eval_forward_equals_base_plus_delta_weight():
-    layer = _layer(erasure=0.5).eval()
+def test_strided_layout_owns_every_kth_row():
+    layer = _layer(row_layout="strided")
+    assert layer.lora_B.shape == (5, 3)
+    nonzero = torch.nonzero(layer.delta_weight().abs().sum(1)).flatten().tolist()
+    assert nonzero == [2, 10, 18, 26, 34]
+
+
+@pytest.mark.parametrize("row_layout", ["block", "strided"])
+def test_eval_forward_equals_base_plus_delta_weight(row_layout):
+    layer = _layer(erasure=0.5, row_layout=row_layout).eval()
     x = torch.randn(4, 7, 24)
     expected = x @ (layer.base.weight + layer.delta_weight()).T + layer.base.bias
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
@@ -53,8 +61,25 @@ def test_gradients_reach_only_lora_params():
     assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
 
 
-def test_merge_matches_unmerged_and_unmerge_is_bit_exact():
-    layer = _layer().eval()
+def test_strided_gradients_equal_the_dense_expressions():
+    """Strided rows through the fused residual node: the gradients of A, B and x of
+    x (W0 + (M ⊙ B) A)ᵀ written out densely with M over every 8th row."""
+    layer = _layer(row_layout="strided").eval()
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    grad_out = torch.randn(3, 5, 40)
+    layer(x).backward(grad_out)
+    got = layer.lora_A.grad.clone(), layer.lora_B.grad.clone(), x.grad.clone()
+    a, b = layer.lora_A.detach().requires_grad_(), layer.lora_B.detach().requires_grad_()
+    x2 = x.detach().requires_grad_()
+    b_full = torch.zeros(40, 3).index_put((torch.arange(2, 40, 8),), b)
+    (x2 @ (layer.base.weight + b_full @ a).T + layer.base.bias).backward(grad_out)
+    for g, want in zip(got, (a.grad, b.grad, x2.grad)):
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("row_layout", ["block", "strided"])
+def test_merge_matches_unmerged_and_unmerge_is_bit_exact(row_layout):
+    layer = _layer(row_layout=row_layout).eval()
     w0 = layer.base.weight.clone()
     x = torch.randn(3, 24)
     before = layer(x)

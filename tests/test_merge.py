@@ -1,12 +1,15 @@
+import dataclasses
+
 import pytest
 import torch
 
 from blocklora.base import load_base
 from blocklora.baselines import METHODS, merge_deltas
-from blocklora.config import AdapterConfig
+from blocklora.config import ROW_LAYOUTS, AdapterConfig
 from blocklora.inject import eject, inject
 from blocklora import merge
 from blocklora.merge import LiveMerge
+from blocklora.partition import row_count
 from blocklora.stats import pairwise_stats, summary
 from core_helpers import make_artifact
 
@@ -104,23 +107,27 @@ def test_weight_space_stats_zero_for_blocks_nonzero_for_plain_lora(tiny_base):
         arts = [make_artifact(tiny_base, cfg, f"c{i}", slot=i, seed=i) for i in range(4)]
         return {a.name: {k: a.delta(k) for k in a.meta.layout} for a in arts}
 
-    ours = summary(pairwise_stats(deltas(CFG)))
+    for layout in ROW_LAYOUTS:
+        ours = summary(pairwise_stats(deltas(dataclasses.replace(CFG, row_layout=layout))))
+        assert ours["max_abs_cosine"] == 0.0 and ours["mean_sign_conflict"] == 0.0, layout
     plain = summary(pairwise_stats(deltas(METHODS["lora-sum"].adapter_config(CFG))))
-    assert ours["max_abs_cosine"] == 0.0 and ours["mean_sign_conflict"] == 0.0
     assert plain["mean_abs_cosine"] > 0 and plain["mean_sign_conflict"] > 0.2
 
 
+@pytest.mark.parametrize("layout", ROW_LAYOUTS)
 @pytest.mark.parametrize("chunk_bytes", [0, merge.CPU_CHUNK_BYTES], ids=["layer-by-layer", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_chunked_merge_is_the_dense_merge_bit_for_bit_and_keeps_rows_in_the_base_dtype(dtype, chunk_bytes, monkeypatch):
+def test_chunked_merge_is_the_dense_merge_bit_for_bit_and_keeps_rows_in_the_base_dtype(dtype, chunk_bytes, layout,
+                                                                                       monkeypatch):
     """The merge batched over chunks of same-shaped layers (or one layer at a time) equals
     W0 + Σ α ΔW computed layer by layer in fp32 and rounded once, in any order, and removal
     restores W0 exactly; the rows saved for it are the base's dtype and no more than the concept's."""
     monkeypatch.setattr(merge, "CPU_CHUNK_BYTES", chunk_bytes)
     base = load_base("tiny", dtype=dtype)
-    arts = [make_artifact(base, CFG, n, slot=s, seed=s, b_scale=0.5) for n, s in (("a", 1), ("b", 6), ("c", 15))]
+    cfg = dataclasses.replace(CFG, row_layout=layout)
+    arts = [make_artifact(base, cfg, n, slot=s, seed=s, b_scale=0.5) for n, s in (("a", 1), ("b", 6), ("c", 15))]
     scales = [1.0, 0.5, -2.0]
-    lm = LiveMerge(base, CFG)
+    lm = LiveMerge(base, cfg)
     layers_per_op = len(lm.targets) / len(lm.chunks)  # the tiny UNet's targets share shapes: work is batched
     assert layers_per_op == 1 if chunk_bytes == 0 else layers_per_op > 1
     w0 = {k: lin.weight.clone() for k, lin in lm.targets.items()}
@@ -133,7 +140,7 @@ def test_chunked_merge_is_the_dense_merge_bit_for_bit_and_keeps_rows_in_the_base
     assert all(torch.equal(first[k], expected[k]) for k in expected)
     for lv in lm.live.values():
         assert all(t.dtype == dtype for t in lv.saved_rows)
-        own = sum((lv.artifact.rows(k).stop - lv.artifact.rows(k).start) * w0[k].shape[1] for k in w0)
+        own = sum(row_count(lv.artifact.rows(k), w0[k].shape[0]) * w0[k].shape[1] for k in w0)
         assert sum(t.numel() for t in lv.saved_rows) == own
     lm.set([])
     assert all(torch.equal(lin.weight, w0[k]) for k, lin in lm.targets.items())

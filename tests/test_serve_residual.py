@@ -20,6 +20,7 @@ from core_helpers import make_artifact
 ADAPTERS = {
     "unet-only": AdapterConfig(rank=4, num_slots=4),
     "uneven-rows+text": AdapterConfig(rank=2, num_slots=3, text_targets=("q_proj", "v_proj")),
+    "strided-rows": AdapterConfig(rank=2, num_slots=3, row_layout="strided"),
 }
 PROMPT = "a photo of <blk0> <blk1> <blk2> on a beach"  # every slot's trigger, so token rows matter
 
