@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 from blocklora.toy.vocabulary import SHAPES
@@ -23,6 +25,14 @@ FEED_FORWARD_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2")
 # Attention projections of transformers' CLIPTextModel.
 TEXT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 ROW_LAYOUTS: tuple[str, ...] = ("block", "strided")  # how a slot's rows lie in a weight (blocklora.partition)
+
+
+def cache_root() -> Path:
+    """This node's blocklora cache (tokenizer files, the base's class pictures): `$BLOCKLORA_CACHE`,
+    else `~/.cache/blocklora`. Read at each use, so a process can point it elsewhere (the tests do)."""
+    return Path(os.environ.get("BLOCKLORA_CACHE") or Path.home() / ".cache" / "blocklora")
+
+
 TINY = "tiny"  # the random tiny SD-architecture pipeline, built from config with a fixed seed
 TINY_SD2, TINY_SDXL = "tiny-sd2", "tiny-sdxl"  # the same for the SD 2.x (v-prediction) and SDXL families
 # Precision names (blocklora/precision.py maps them to torch dtypes): accelerate's for training,

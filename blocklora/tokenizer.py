@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 
 from blocklora.atomic import atomic_write
+from blocklora.config import cache_root
 
 N_MERGES = 49152 - 256 - 2  # 48,894 merges: lines 1..48894 of the bundled file
 VOCAB_SIZE = 49408
@@ -64,7 +65,7 @@ def write_clip_tokenizer_files(folder: Path) -> Path:
 
 @lru_cache(maxsize=1)
 def _cache_dir() -> Path:
-    return write_clip_tokenizer_files(Path.home() / ".cache" / "blocklora" / "clip-tokenizer")
+    return write_clip_tokenizer_files(cache_root() / "clip-tokenizer")
 
 
 def clip_tokenizer() -> CLIPTokenizer:

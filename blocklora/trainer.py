@@ -24,6 +24,7 @@ from blocklora.artifact import ConceptArtifact, ConceptMeta, check_name
 from blocklora.atomic import atomic_write
 from blocklora.base import Base
 from blocklora.checkpoint import load_optimizer_tensors, optimizer_tensors
+from blocklora.class_pictures import Say, class_images, class_pool
 from blocklora.config import AdapterConfig, TrainConfig
 from blocklora.conditioning import encode_prompts
 from blocklora.data import load_concept_images
@@ -35,7 +36,6 @@ from blocklora.tokens import add_slot_tokens, token_ids, trigger_names, unwrap_t
 
 log = logging.getLogger(__name__)
 StepCallback = Callable[["ConceptTrainer", float], None]  # called after every step with its loss
-Say = Callable[[str], None]  # hears a line about what the run is doing, for the person watching
 
 
 class ConceptTrainer:
@@ -138,12 +138,10 @@ class ConceptTrainer:
         if self.quiet is None:
             cfg, started = self.train_cfg, time.monotonic()
             others = [word for word in cfg.quiet_classes if word != self.class_word]
-            if say and others:
-                say(f"drawing {plural(cfg.num_class_images, 'base picture')} each of {plural(len(others), 'more class')} "
-                    f"({', '.join(others)}) for the quiet penalty")
             groups = [(pictures, self.class_word)]
             with residuals_off(self.layers):
-                groups += [(class_images(self.base, word, cfg.num_class_images, cfg.seed), word) for word in others]
+                groups += [(class_images(self.base, word, cfg.num_class_images, cfg.seed, say=say,
+                                         why=" for the quiet penalty"), word) for word in others]
             self.quiet = QuietBank.record(self, groups, cfg.seed)
             if say:
                 say(f"quiet penalty's bank recorded over {len(groups)} classes in {time.monotonic() - started:.1f} s")
@@ -235,32 +233,6 @@ def _check_precision(base: Base, mixed_precision: str) -> torch.dtype | None:
         raise ValueError(f"mixed_precision={mixed_precision!r} trains on a {half} base, but this base is "
                          f"{base.pipe.unet.dtype}; load it with load_base(..., dtype=base_dtype({mixed_precision!r}))")
     return torch.float32
-
-
-def class_pool(base: Base, train: TrainConfig, class_word: str, say: Say | None = None) -> torch.Tensor | None:
-    """The concept's class pictures that training needs (None when neither prior preservation nor the
-    quiet penalty is on), drawn before the trainer touches the base; `say` hears that they are drawn."""
-    if not train.uses_class_images:
-        return None
-    if say:
-        uses = " and ".join(use for use, on in (("prior preservation", train.prior_preservation),
-                                                 ("the quiet penalty", train.quiet_weight > 0)) if on)
-        say(f"drawing {plural(train.num_class_images, 'base picture')} of '{class_picture_prompt(class_word)}' for {uses}")
-    return class_images(base, class_word, train.num_class_images, train.seed)
-
-
-@torch.no_grad()
-def class_images(base: Base, class_word: str, count: int, seed: int, steps: int = 20) -> torch.Tensor:
-    """Class pictures (prior preservation, the quiet penalty): what the base draws for `class_picture_prompt`."""
-    g = torch.Generator().manual_seed(seed)
-    out = base.pipe([class_picture_prompt(class_word)] * count, num_inference_steps=steps, generator=g,
-                    output_type="pt", height=base.resolution, width=base.resolution).images
-    return out * 2 - 1  # (count, 3, H, W) in [-1, 1]
-
-
-def plural(count: int, noun: str) -> str:
-    """'1 base picture', '8 base pictures', '2 more classes': the lines a person reads."""
-    return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
 
 
 def checkpoint_due(trainer: ConceptTrainer) -> bool:

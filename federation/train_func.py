@@ -28,7 +28,8 @@ from transformers.utils import logging as transformers_logging
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig, TrainConfig, from_dict
 from blocklora.precision import base_dtype
-from blocklora.trainer import ConceptTrainer, Progress, checkpoint_due, class_pool, run_steps
+from blocklora.class_pictures import class_pool
+from blocklora.trainer import ConceptTrainer, Progress, checkpoint_due, run_steps
 from federation.client import ARTIFACT_FILE
 
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The node cache (tokenizer files, the base's class pictures) starts empty for every run of the suite
+# and is shared by its tests, its Ray cluster and its jobs (they inherit this environment), as one node's.
+os.environ["BLOCKLORA_CACHE"] = tempfile.mkdtemp(prefix="blocklora-test-cache-")
+atexit.register(shutil.rmtree, os.environ["BLOCKLORA_CACHE"], True)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Ray >= 2.5x turns token auth on whenever ~/.ray/auth_token exists; the test cluster listens on
 # 127.0.0.1 only, so pin the mode for it and for this process alike: same behaviour on every machine.

@@ -88,7 +88,8 @@ def test_quiet_penalty_keeps_the_residual_off_pictures_without_the_concept(tmp_p
     from blocklora.base import load_base
     from blocklora.data import load_concept_images
     from blocklora.quiet import QuietBank
-    from blocklora.trainer import ConceptTrainer, class_images, run_steps
+    from blocklora.class_pictures import class_images
+    from blocklora.trainer import ConceptTrainer, run_steps
 
     images, captions = load_concept_images(write_images(tmp_path / "img"), 32)
     energy = {}
@@ -104,16 +105,27 @@ def test_quiet_penalty_keeps_the_residual_off_pictures_without_the_concept(tmp_p
     assert 0 < energy[10.0] < 0.5 * energy[0.0], energy
 
 
-def test_progress_lines_a_person_can_follow(tiny_base, tmp_path, capsys):
+def test_progress_lines_a_person_can_follow(tmp_path, capsys, monkeypatch):
     """The one step loop prints step k/N, the loss, steps/s and an ETA (first and last step at least),
-    then the steady-state rate that benchmarks compare; before the first step, what it draws and why."""
-    train_concept(tiny_base, write_images(tmp_path / "img"), "pet", "dog", 4, CFG,
-                  TrainConfig(steps=3, resolution=32, prior_preservation=True, quiet_weight=0.1,
-                              quiet_classes=("cat", "dog", "cup"), num_class_images=2), progress=True)
+    then the steady-state rate that benchmarks compare; before the first step, what it draws and why.
+    Run again on the same node, it reads those pictures from the node's cache and trains the same bits."""
+    from blocklora.base import load_base
+
+    monkeypatch.setenv("BLOCKLORA_CACHE", str(tmp_path / "node-cache"))  # this node's cache, empty
+    train = TrainConfig(steps=3, resolution=32, prior_preservation=True, quiet_weight=0.1,
+                        quiet_classes=("cat", "dog", "cup"), num_class_images=2)
+    arts = [train_concept(load_base("tiny"), write_images(tmp_path / "img"), "pet", "dog", 4, CFG, train, progress=True)
+            for _ in range(2)]
     out = capsys.readouterr().out
+    first, again = out.split("[pet] trained to step 3")[:2]
     assert re.search(r"\A\[pet\] drawing 2 base pictures of 'a photo of dog' for prior preservation and the quiet penalty\n"
-                     r"\[pet\] drawing 2 base pictures each of 2 more classes \(cat, cup\) for the quiet penalty\n"
-                     r"\[pet\] quiet penalty's bank recorded over 3 classes in \d+\.\d s\n\[pet\] step 1/3 ", out), out
+                     r"\[pet\] drawing 2 base pictures of 'a photo of cat' for the quiet penalty\n"
+                     r"\[pet\] drawing 2 base pictures of 'a photo of cup' for the quiet penalty\n"
+                     r"\[pet\] quiet penalty's bank recorded over 3 classes in \d+\.\d s\n\[pet\] step 1/3 ", first), out
+    cached = "for prior preservation and the quiet penalty", "for the quiet penalty", "for the quiet penalty"
+    assert re.search("".join(rf"\[pet\] 2 base pictures of 'a photo of {w}' {why}: read from this node's cache\n"
+                             for w, why in zip(("dog", "cat", "cup"), cached)), again), out
+    assert arts[0].to_bytes() == arts[1].to_bytes()
     assert re.search(r"^\[pet\] step 1/3  loss \d+\.\d{4}  first step$", out, re.M), out
     assert re.search(r"^\[pet\] step 3/3  loss \d+\.\d{4}  \d+\.\d\d steps/s  ETA 0 s$", out, re.M), out
     assert re.search(r"^\[pet\] trained to step 3: \d+\.\d{3} steps/s steady \(after the first step\), \d+ torch thread\(s\)$", out, re.M), out

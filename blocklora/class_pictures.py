@@ -1,0 +1,109 @@
+"""The base's own pictures of a class prompt, drawn once per node and kept on its disk.
+
+Prior preservation and the quiet penalty train against what the base draws for
+`class_picture_prompt(word)`. Those pictures depend on the base, the prompt, how many, the seed and
+the sampler, not on the concept, so the clients on one node with the same recipe need the very same
+ones: in the main job three clients drew the same 48 pictures at the same moment, 55-57 s of each
+client's 226 s (docs/results/client-job.md). Here the first job to ask for a set draws it and writes
+it (safetensors, atomically); a job that asks while another is drawing that set waits for it (one
+lock file per set) and reads it. A set that does not read back whole is drawn again and replaced.
+
+The folder is `$BLOCKLORA_CACHE/class-pictures` (default `~/.cache/blocklora`). The pictures are the
+base's, not a client's: nothing here is a training picture, and nothing leaves the node.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from blocklora.atomic import atomic_write
+from blocklora.base import Base
+from blocklora.config import TrainConfig, cache_root
+from blocklora.prompts import class_picture_prompt
+from blocklora.safefile import InvalidFile, read_safetensors, write_safetensors
+
+# Bump when how the pictures are drawn changes (sampler, prompt wording): earlier sets are then never read.
+FORMAT = 1
+Say = Callable[[str], None]  # hears a line about what the run is doing, for the person watching
+
+
+@torch.no_grad()
+def draw_class_images(base: Base, class_word: str, count: int, seed: int, steps: int = 20) -> torch.Tensor:
+    """What the base draws for `class_picture_prompt(class_word)`: (count, 3, H, W) in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    out = base.pipe([class_picture_prompt(class_word)] * count, num_inference_steps=steps, generator=g,
+                    output_type="pt", height=base.resolution, width=base.resolution).images
+    return out * 2 - 1
+
+
+def set_key(base: Base, class_word: str, count: int, seed: int, steps: int) -> str:
+    """Everything that decides a set's pixels, hashed: the base's weights, the prompt, the sampler's
+    settings, and where and in what precision it ran (a GPU draws other last bits than a CPU)."""
+    unet = base.pipe.unet
+    fields = {"format": FORMAT, "base": base.fingerprint, "prompt": class_picture_prompt(class_word), "count": count,
+              "seed": seed, "steps": steps, "resolution": base.resolution, "device": unet.device.type,
+              "dtype": str(unet.dtype), "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def class_images(base: Base, class_word: str, count: int, seed: int, steps: int = 20, say: Say | None = None,
+                 why: str = "") -> torch.Tensor:
+    """`draw_class_images`, from this node's cache when a set is there. `say` hears whether the set
+    is drawn, read, or waited for; `why` ends those lines (" for the quiet penalty")."""
+    say = say or (lambda line: None)
+    what = f"{plural(count, 'base picture')} of '{class_picture_prompt(class_word)}'"
+    folder = cache_root() / "class-pictures"
+    key = set_key(base, class_word, count, seed, steps)
+    path, shape = folder / f"{key}.safetensors", (count, 3, base.resolution, base.resolution)
+    pictures = _read(path, shape, key)
+    if pictures is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{key}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                say(f"waiting for another job on this node that is drawing {what}")
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released by close, also when that job dies
+            pictures = _read(path, shape, key)  # drawn while this job waited
+            if pictures is None:
+                say(f"drawing {what}{why}")
+                pictures = draw_class_images(base, class_word, count, seed, steps)
+                atomic_write(path, write_safetensors({"pictures": pictures}, {"key": key}))
+                return pictures
+    say(f"{what}{why}: read from this node's cache")
+    return pictures.to(base.pipe.unet.device)
+
+
+def class_pool(base: Base, train: TrainConfig, class_word: str, say: Say | None = None) -> torch.Tensor | None:
+    """The concept's class pictures that training needs (None when neither prior preservation nor the
+    quiet penalty is on), drawn before the trainer touches the base; `say` hears where they come from."""
+    if not train.uses_class_images:
+        return None
+    uses = " and ".join(use for use, on in (("prior preservation", train.prior_preservation),
+                                             ("the quiet penalty", train.quiet_weight > 0)) if on)
+    return class_images(base, class_word, train.num_class_images, train.seed, say=say, why=f" for {uses}")
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 base picture', '8 base pictures', '2 more classes': the lines a person reads."""
+    return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
+
+
+def _read(path: Path, shape: tuple[int, ...], key: str) -> torch.Tensor | None:
+    """The set at `path` if it is there and whole (the right key, shape, dtype, values), else None."""
+    try:
+        tensors, meta = read_safetensors(path.read_bytes(), max_bytes=4 * torch.Size(shape).numel() + 4096)
+    except (FileNotFoundError, InvalidFile):
+        return None
+    pictures = tensors.get("pictures")
+    if (meta.get("key") != key or pictures is None or set(tensors) != {"pictures"} or pictures.shape != shape
+            or pictures.dtype != torch.float32 or not bool(pictures.isfinite().all())
+            or bool(pictures.abs().max() > 1)):
+        return None
+    return pictures

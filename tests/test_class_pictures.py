@@ -1,0 +1,86 @@
+"""The node's cache of the base's class pictures (blocklora/class_pictures.py), on the tiny base's real
+pipeline: a set is drawn once, read back bit for bit, waited for while another job draws it, and drawn
+again when what is on disk is not a whole set."""
+
+from __future__ import annotations
+
+import fcntl
+import threading
+
+import pytest
+import torch
+
+from blocklora.atomic import atomic_write
+from blocklora.base import load_base
+from blocklora.class_pictures import class_images, draw_class_images, set_key
+from blocklora.safefile import write_safetensors
+
+
+@pytest.fixture
+def node(tmp_path, monkeypatch):
+    """(a tiny base whose UNet calls are counted, this node's empty class-picture folder)."""
+    monkeypatch.setenv("BLOCKLORA_CACHE", str(tmp_path))
+    base = load_base("tiny")
+    base.unet_calls = 0
+
+    def count(*_):
+        base.unet_calls += 1
+    base.pipe.unet.register_forward_hook(count)
+    return base, tmp_path / "class-pictures"
+
+
+def test_a_set_is_drawn_once_and_read_back_bit_for_bit(node):
+    base, folder = node
+    said = []
+    first = class_images(base, "dog", 2, seed=3, steps=2, say=said.append, why=" for the test")
+    drawn = base.unet_calls
+    again = class_images(base, "dog", 2, seed=3, steps=2, say=said.append, why=" for the test")
+    assert drawn > 0 and base.unet_calls == drawn  # the second set came from disk, the UNet never ran
+    assert torch.equal(first, again) and torch.equal(first, draw_class_images(base, "dog", 2, seed=3, steps=2))
+    assert said == ["drawing 2 base pictures of 'a photo of dog' for the test",
+                    "2 base pictures of 'a photo of dog' for the test: read from this node's cache"]
+    assert [p.suffix for p in sorted(folder.iterdir())] == [".lock", ".safetensors"]
+    # what decides the pixels decides the set: another seed, count, step count or prompt is drawn anew
+    for other in (("dog", 2, 4, 2), ("dog", 1, 3, 2), ("dog", 2, 3, 3), ("cat", 2, 3, 2)):
+        assert set_key(base, *other) != set_key(base, "dog", 2, 3, 2)
+
+
+def test_a_job_waits_for_the_set_another_job_is_drawing_and_reads_it(node):
+    """Another job holds the set's lock (the same lock file, the same protocol); this job says it
+    waits, and once the set is written and the lock let go, reads it without running the UNet."""
+    base, folder = node
+    folder.mkdir()
+    key = set_key(base, "dog", 2, 0, 2)
+    said, got, waiting = [], {}, threading.Event()
+
+    def say(line: str) -> None:
+        said.append(line)
+        waiting.set()
+    with open(folder / f"{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        job = threading.Thread(target=lambda: got.setdefault("pictures", class_images(base, "dog", 2, 0, 2, say)))
+        job.start()
+        assert waiting.wait(60), said
+        pictures = draw_class_images(base, "dog", 2, 0, 2)  # the other job's drawing
+        atomic_write(folder / f"{key}.safetensors", write_safetensors({"pictures": pictures}, {"key": key}))
+        calls = base.unet_calls
+    job.join(60)
+    assert said == ["waiting for another job on this node that is drawing 2 base pictures of 'a photo of dog'",
+                    "2 base pictures of 'a photo of dog': read from this node's cache"]
+    assert torch.equal(got["pictures"], pictures) and base.unet_calls == calls
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other key", "wrong shape", "out of range"])
+def test_a_set_that_is_not_whole_is_drawn_again_and_replaced(node, damage):
+    base, folder = node
+    good = class_images(base, "dog", 2, seed=0, steps=2)
+    path = folder / f"{set_key(base, 'dog', 2, 0, 2)}.safetensors"
+    data = {"truncated": lambda: path.read_bytes()[:-100],
+            "other key": lambda: write_safetensors({"pictures": good}, {"key": "0" * 32}),
+            "wrong shape": lambda: write_safetensors({"pictures": good[:1]}, {"key": path.stem}),
+            "out of range": lambda: write_safetensors({"pictures": good * 3}, {"key": path.stem})}[damage]()
+    path.write_bytes(data)
+    said = []
+    again = class_images(base, "dog", 2, seed=0, steps=2, say=said.append)
+    assert said == ["drawing 2 base pictures of 'a photo of dog'"] and torch.equal(again, good)
+    assert class_images(base, "dog", 2, seed=0, steps=2).equal(good)  # and the file on disk is whole again
