@@ -4,9 +4,10 @@ Prior preservation and the quiet penalty train against what the base draws for
 `class_picture_prompt(word)`. Those pictures depend on the base, the prompt, how many, the seed and
 the sampler, not on the concept, so the clients on one node with the same recipe need the very same
 ones: in the main job three clients drew the same 48 pictures at the same moment, 55-57 s of each
-client's 226 s (docs/results/client-job.md). Here the first job to ask for a set draws it and writes
-it (safetensors, atomically); a job that asks while another is drawing that set waits for it (one
-lock file per set) and reads it. A set that does not read back whole is drawn again and replaced.
+client's 226 s (docs/results/client-job.md). Here a set is drawn by one job and written (safetensors,
+atomically) under a lock file of its own; a job that finds a set locked draws the sets nobody is
+drawing first and then waits for it, so jobs that start together share the drawing. A set that does
+not read back whole is drawn again and replaced.
 
 The folder is `$BLOCKLORA_CACHE/class-pictures` (default `~/.cache/blocklora`). The pictures are the
 base's, not a client's: nothing here is a training picture, and nothing leaves the node.
@@ -17,8 +18,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -52,42 +54,79 @@ def set_key(base: Base, class_word: str, count: int, seed: int, steps: int) -> s
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def class_images(base: Base, class_word: str, count: int, seed: int, steps: int = 20, say: Say | None = None,
-                 why: str = "") -> torch.Tensor:
-    """`draw_class_images`, from this node's cache when a set is there. `say` hears whether the set
-    is drawn, read, or waited for; `why` ends those lines (" for the quiet penalty")."""
+def class_image_sets(base: Base, words: Sequence[str], count: int, seed: int, steps: int = 20,
+                     say: Say | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """({word: its set}, how many sets this job drew): `draw_class_images` for each word, read from this
+    node's cache where a set is there. A set that another job is drawing is left for last, so that jobs
+    starting together share the drawing instead of waiting in turn. `say` hears each set drawn here
+    and each wait; reads are silent."""
     say = say or (lambda line: None)
-    what = f"{plural(count, 'base picture')} of '{class_picture_prompt(class_word)}'"
-    folder = cache_root() / "class-pictures"
-    key = set_key(base, class_word, count, seed, steps)
+    (cache_root() / "class-pictures").mkdir(parents=True, exist_ok=True)
+    sets: dict[str, torch.Tensor] = {}
+    drawn, busy = 0, []
+    for word in dict.fromkeys(words):  # first what nobody else is drawing
+        got = _fetch(base, word, count, seed, steps, say, wait=False)
+        if got is None:
+            busy.append(word)
+        else:
+            sets[word], was_drawn = got
+            drawn += was_drawn
+    for word in busy:  # then the sets other jobs were drawing (drawn here if such a job died)
+        sets[word], was_drawn = _fetch(base, word, count, seed, steps, say, wait=True)
+        drawn += was_drawn
+    return {word: sets[word] for word in dict.fromkeys(words)}, drawn
+
+
+def class_images(base: Base, class_word: str, count: int, seed: int, steps: int = 20,
+                 say: Say | None = None) -> torch.Tensor:
+    """One word's set (`class_image_sets`)."""
+    return class_image_sets(base, [class_word], count, seed, steps, say)[0][class_word]
+
+
+def _fetch(base: Base, word: str, count: int, seed: int, steps: int, say: Say,
+           wait: bool) -> tuple[torch.Tensor, bool] | None:
+    """(the set, whether it was drawn here); None when another job holds its lock and `wait` is off."""
+    prompt, folder = class_picture_prompt(word), cache_root() / "class-pictures"
+    key = set_key(base, word, count, seed, steps)
     path, shape = folder / f"{key}.safetensors", (count, 3, base.resolution, base.resolution)
     pictures = _read(path, shape, key)
-    if pictures is None:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{key}.lock", "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                say(f"waiting for another job on this node that is drawing {what}")
-                fcntl.flock(lock, fcntl.LOCK_EX)  # released by close, also when that job dies
-            pictures = _read(path, shape, key)  # drawn while this job waited
-            if pictures is None:
-                say(f"drawing {what}{why}")
-                pictures = draw_class_images(base, class_word, count, seed, steps)
-                atomic_write(path, write_safetensors({"pictures": pictures}, {"key": key}))
-                return pictures
-    say(f"{what}{why}: read from this node's cache")
-    return pictures.to(base.pipe.unet.device)
+    if pictures is not None:
+        return pictures.to(base.pipe.unet.device), False
+    with open(folder / f"{key}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                return None
+            say(f"waiting for another job on this node that is drawing '{prompt}'")
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released by close, also when that job dies
+        pictures = _read(path, shape, key)  # drawn while this job waited
+        if pictures is not None:
+            return pictures.to(base.pipe.unet.device), False
+        say(f"drawing {plural(count, 'base picture')} of '{prompt}'")
+        pictures = draw_class_images(base, word, count, seed, steps)
+        atomic_write(path, write_safetensors({"pictures": pictures}, {"key": key}))
+        return pictures, True
 
 
 def class_pool(base: Base, train: TrainConfig, class_word: str, say: Say | None = None) -> torch.Tensor | None:
     """The concept's class pictures that training needs (None when neither prior preservation nor the
-    quiet penalty is on), drawn before the trainer touches the base; `say` hears where they come from."""
+    quiet penalty is on), before the trainer touches the base. With the quiet penalty, the other
+    classes' sets (`quiet_classes`) are fetched here too, so that the trainer reads them from the cache
+    and the jobs of one node share their drawing. `say` hears what is needed, drawn and waited for."""
     if not train.uses_class_images:
         return None
     uses = " and ".join(use for use, on in (("prior preservation", train.prior_preservation),
                                              ("the quiet penalty", train.quiet_weight > 0)) if on)
-    return class_images(base, class_word, train.num_class_images, train.seed, say=say, why=f" for {uses}")
+    words = [class_word] + [w for w in train.quiet_classes if w != class_word and train.quiet_weight > 0]
+    say = say or (lambda line: None)
+    say(f"class pictures for {uses}: {plural(train.num_class_images, 'base picture')} "
+        + (f"each of {plural(len(words), 'class')} ({', '.join(words)})" if len(words) > 1 else f"of '{class_word}'"))
+    started = time.monotonic()
+    sets, drawn = class_image_sets(base, words, train.num_class_images, train.seed, say=say)
+    say(f"class pictures ready in {time.monotonic() - started:.1f} s: {drawn} drawn here, "
+        f"{len(words) - drawn} read from this node's cache")
+    return sets[class_word]
 
 
 def plural(count: int, noun: str) -> str:

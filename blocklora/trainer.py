@@ -24,7 +24,7 @@ from blocklora.artifact import ConceptArtifact, ConceptMeta, check_name
 from blocklora.atomic import atomic_write
 from blocklora.base import Base
 from blocklora.checkpoint import load_optimizer_tensors, optimizer_tensors
-from blocklora.class_pictures import Say, class_images, class_pool
+from blocklora.class_pictures import Say, class_image_sets, class_pool
 from blocklora.config import AdapterConfig, TrainConfig
 from blocklora.conditioning import encode_prompts
 from blocklora.data import load_concept_images
@@ -131,8 +131,9 @@ class ConceptTrainer:
 
     def quiet_bank(self, pictures: torch.Tensor, say: Say | None = None) -> QuietBank:
         """The quiet penalty's bank, recorded on first use (blocklora/quiet.py) from `pictures` of the
-        concept's class and the base's pictures of each of `quiet_classes`, drawn here with the residuals
-        off (a resumed run's rows are trained) and the same seed, so a resumed run draws them alike.
+        concept's class and the base's pictures of each of `quiet_classes` (read from the node's cache,
+        where `class_pool` put them; else drawn here with the residuals off, as a resumed run's rows are
+        trained) with the same seed, so a resumed run records the same bank.
         `say` hears what is drawn and how long the bank took: the wait a person would otherwise see as
         a silent first step."""
         if self.quiet is None:
@@ -140,8 +141,8 @@ class ConceptTrainer:
             others = [word for word in cfg.quiet_classes if word != self.class_word]
             groups = [(pictures, self.class_word)]
             with residuals_off(self.layers):
-                groups += [(class_images(self.base, word, cfg.num_class_images, cfg.seed, say=say,
-                                         why=" for the quiet penalty"), word) for word in others]
+                sets, _ = class_image_sets(self.base, others, cfg.num_class_images, cfg.seed, say=say)
+                groups += [(sets[word], word) for word in others]
             self.quiet = QuietBank.record(self, groups, cfg.seed)
             if say:
                 say(f"quiet penalty's bank recorded over {len(groups)} classes in {time.monotonic() - started:.1f} s")

@@ -1,6 +1,6 @@
 """The node's cache of the base's class pictures (blocklora/class_pictures.py), on the tiny base's real
-pipeline: a set is drawn once, read back bit for bit, waited for while another job draws it, and drawn
-again when what is on disk is not a whole set."""
+pipeline: a set is drawn once and read back bit for bit; a set another job is drawing is left for last
+and then waited for; what is on disk and not a whole set is drawn again."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from blocklora.atomic import atomic_write
 from blocklora.base import load_base
-from blocklora.class_pictures import class_images, draw_class_images, set_key
+from blocklora.class_pictures import class_image_sets, class_images, draw_class_images, set_key
 from blocklora.safefile import write_safetensors
 
 
@@ -32,22 +32,22 @@ def node(tmp_path, monkeypatch):
 def test_a_set_is_drawn_once_and_read_back_bit_for_bit(node):
     base, folder = node
     said = []
-    first = class_images(base, "dog", 2, seed=3, steps=2, say=said.append, why=" for the test")
+    first = class_images(base, "dog", 2, seed=3, steps=2, say=said.append)
     drawn = base.unet_calls
-    again = class_images(base, "dog", 2, seed=3, steps=2, say=said.append, why=" for the test")
-    assert drawn > 0 and base.unet_calls == drawn  # the second set came from disk, the UNet never ran
-    assert torch.equal(first, again) and torch.equal(first, draw_class_images(base, "dog", 2, seed=3, steps=2))
-    assert said == ["drawing 2 base pictures of 'a photo of dog' for the test",
-                    "2 base pictures of 'a photo of dog' for the test: read from this node's cache"]
+    again, drawn_here = class_image_sets(base, ["dog"], 2, seed=3, steps=2, say=said.append)
+    assert drawn > 0 and base.unet_calls == drawn and drawn_here == 0  # from disk: the UNet never ran
+    assert torch.equal(first, again["dog"]) and torch.equal(first, draw_class_images(base, "dog", 2, seed=3, steps=2))
+    assert said == ["drawing 2 base pictures of 'a photo of dog'"]  # reading is silent
     assert [p.suffix for p in sorted(folder.iterdir())] == [".lock", ".safetensors"]
     # what decides the pixels decides the set: another seed, count, step count or prompt is drawn anew
     for other in (("dog", 2, 4, 2), ("dog", 1, 3, 2), ("dog", 2, 3, 3), ("cat", 2, 3, 2)):
         assert set_key(base, *other) != set_key(base, "dog", 2, 3, 2)
 
 
-def test_a_job_waits_for_the_set_another_job_is_drawing_and_reads_it(node):
-    """Another job holds the set's lock (the same lock file, the same protocol); this job says it
-    waits, and once the set is written and the lock let go, reads it without running the UNet."""
+def test_a_set_another_job_is_drawing_is_left_for_last_then_waited_for_and_read(node):
+    """Another job holds the dog set's lock (the same lock file, the same protocol). This job draws the
+    cat set first, then says it waits; once the dog set is written and the lock let go, it reads it
+    without running the UNet."""
     base, folder = node
     folder.mkdir()
     key = set_key(base, "dog", 2, 0, 2)
@@ -55,19 +55,22 @@ def test_a_job_waits_for_the_set_another_job_is_drawing_and_reads_it(node):
 
     def say(line: str) -> None:
         said.append(line)
-        waiting.set()
+        if line.startswith("waiting"):
+            waiting.set()
     with open(folder / f"{key}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        job = threading.Thread(target=lambda: got.setdefault("pictures", class_images(base, "dog", 2, 0, 2, say)))
+        job = threading.Thread(target=lambda: got.update(zip(("sets", "drawn"),
+                                                             class_image_sets(base, ["dog", "cat"], 2, 0, 2, say))))
         job.start()
-        assert waiting.wait(60), said
+        assert waiting.wait(120), said
         pictures = draw_class_images(base, "dog", 2, 0, 2)  # the other job's drawing
         atomic_write(folder / f"{key}.safetensors", write_safetensors({"pictures": pictures}, {"key": key}))
         calls = base.unet_calls
     job.join(60)
-    assert said == ["waiting for another job on this node that is drawing 2 base pictures of 'a photo of dog'",
-                    "2 base pictures of 'a photo of dog': read from this node's cache"]
-    assert torch.equal(got["pictures"], pictures) and base.unet_calls == calls
+    assert said == ["drawing 2 base pictures of 'a photo of cat'",
+                    "waiting for another job on this node that is drawing 'a photo of dog'"]
+    assert list(got["sets"]) == ["dog", "cat"] and got["drawn"] == 1
+    assert torch.equal(got["sets"]["dog"], pictures) and base.unet_calls == calls
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other key", "wrong shape", "out of range"])

@@ -118,13 +118,12 @@ def test_progress_lines_a_person_can_follow(tmp_path, capsys, monkeypatch):
             for _ in range(2)]
     out = capsys.readouterr().out
     first, again = out.split("[pet] trained to step 3")[:2]
-    assert re.search(r"\A\[pet\] drawing 2 base pictures of 'a photo of dog' for prior preservation and the quiet penalty\n"
-                     r"\[pet\] drawing 2 base pictures of 'a photo of cat' for the quiet penalty\n"
-                     r"\[pet\] drawing 2 base pictures of 'a photo of cup' for the quiet penalty\n"
-                     r"\[pet\] quiet penalty's bank recorded over 3 classes in \d+\.\d s\n\[pet\] step 1/3 ", first), out
-    cached = "for prior preservation and the quiet penalty", "for the quiet penalty", "for the quiet penalty"
-    assert re.search("".join(rf"\[pet\] 2 base pictures of 'a photo of {w}' {why}: read from this node's cache\n"
-                             for w, why in zip(("dog", "cat", "cup"), cached)), again), out
+    needed = r"\[pet\] class pictures for prior preservation and the quiet penalty: 2 base pictures each of 3 classes \(dog, cat, cup\)\n"
+    bank = r"\[pet\] quiet penalty's bank recorded over 3 classes in \d+\.\d s\n\[pet\] step 1/3 "
+    assert re.search(r"\A" + needed + "".join(rf"\[pet\] drawing 2 base pictures of 'a photo of {w}'\n" for w in ("dog", "cat", "cup"))
+                     + r"\[pet\] class pictures ready in \d+\.\d s: 3 drawn here, 0 read from this node's cache\n" + bank, first), out
+    assert re.search(needed + r"\[pet\] class pictures ready in \d+\.\d s: 0 drawn here, 3 read from this node's cache\n" + bank,
+                     again), out
     assert arts[0].to_bytes() == arts[1].to_bytes()
     assert re.search(r"^\[pet\] step 1/3  loss \d+\.\d{4}  first step$", out, re.M), out
     assert re.search(r"^\[pet\] step 3/3  loss \d+\.\d{4}  \d+\.\d\d steps/s  ETA 0 s$", out, re.M), out
