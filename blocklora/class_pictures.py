@@ -61,7 +61,12 @@ def class_image_sets(base: Base, words: Sequence[str], count: int, seed: int, st
     starting together share the drawing instead of waiting in turn. `say` hears each set drawn here
     and each wait; reads are silent."""
     say = say or (lambda line: None)
-    (cache_root() / "class-pictures").mkdir(parents=True, exist_ok=True)
+    folder = cache_root() / "class-pictures"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot keep class pictures in {folder} ({err.strerror}); "
+                      f"point BLOCKLORA_CACHE at a folder this user can write") from err
     sets: dict[str, torch.Tensor] = {}
     drawn, busy = 0, []
     for word in dict.fromkeys(words):  # first what nobody else is drawing
@@ -75,12 +80,6 @@ def class_image_sets(base: Base, words: Sequence[str], count: int, seed: int, st
         sets[word], was_drawn = _fetch(base, word, count, seed, steps, say, wait=True)
         drawn += was_drawn
     return {word: sets[word] for word in dict.fromkeys(words)}, drawn
-
-
-def class_images(base: Base, class_word: str, count: int, seed: int, steps: int = 20,
-                 say: Say | None = None) -> torch.Tensor:
-    """One word's set (`class_image_sets`)."""
-    return class_image_sets(base, [class_word], count, seed, steps, say)[0][class_word]
 
 
 def _fetch(base: Base, word: str, count: int, seed: int, steps: int, say: Say,

@@ -12,7 +12,7 @@ import torch
 
 from blocklora.atomic import atomic_write
 from blocklora.base import load_base
-from blocklora.class_pictures import class_image_sets, class_images, draw_class_images, set_key
+from blocklora.class_pictures import class_image_sets, draw_class_images, set_key
 from blocklora.safefile import write_safetensors
 
 
@@ -32,7 +32,7 @@ def node(tmp_path, monkeypatch):
 def test_a_set_is_drawn_once_and_read_back_bit_for_bit(node):
     base, folder = node
     said = []
-    first = class_images(base, "dog", 2, seed=3, steps=2, say=said.append)
+    first = class_image_sets(base, ["dog"], 2, seed=3, steps=2, say=said.append)[0]["dog"]
     drawn = base.unet_calls
     again, drawn_here = class_image_sets(base, ["dog"], 2, seed=3, steps=2, say=said.append)
     assert drawn > 0 and base.unet_calls == drawn and drawn_here == 0  # from disk: the UNet never ran
@@ -76,7 +76,8 @@ def test_a_set_another_job_is_drawing_is_left_for_last_then_waited_for_and_read(
 @pytest.mark.parametrize("damage", ["truncated", "other key", "wrong shape", "out of range"])
 def test_a_set_that_is_not_whole_is_drawn_again_and_replaced(node, damage):
     base, folder = node
-    good = class_images(base, "dog", 2, seed=0, steps=2)
+    good = draw_class_images(base, "dog", 2, seed=0, steps=2)
+    class_image_sets(base, ["dog"], 2, seed=0, steps=2)
     path = folder / f"{set_key(base, 'dog', 2, 0, 2)}.safetensors"
     data = {"truncated": lambda: path.read_bytes()[:-100],
             "other key": lambda: write_safetensors({"pictures": good}, {"key": "0" * 32}),
@@ -84,6 +85,15 @@ def test_a_set_that_is_not_whole_is_drawn_again_and_replaced(node, damage):
             "out of range": lambda: write_safetensors({"pictures": good * 3}, {"key": path.stem})}[damage]()
     path.write_bytes(data)
     said = []
-    again = class_images(base, "dog", 2, seed=0, steps=2, say=said.append)
-    assert said == ["drawing 2 base pictures of 'a photo of dog'"] and torch.equal(again, good)
-    assert class_images(base, "dog", 2, seed=0, steps=2).equal(good)  # and the file on disk is whole again
+    again, drawn = class_image_sets(base, ["dog"], 2, seed=0, steps=2, say=said.append)
+    assert said == ["drawing 2 base pictures of 'a photo of dog'"] and drawn == 1 and torch.equal(again["dog"], good)
+    assert class_image_sets(base, ["dog"], 2, seed=0, steps=2)[1] == 0  # and the file on disk is whole again
+
+
+def test_a_cache_folder_that_cannot_be_made_is_a_clear_error(node, monkeypatch, tmp_path):
+    base, _ = node
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("BLOCKLORA_CACHE", str(tmp_path / "a-file"))
+    with pytest.raises(OSError, match=r"cannot keep class pictures in .*a-file/class-pictures .*BLOCKLORA_CACHE"):
+        class_image_sets(base, ["dog"], 2, seed=0, steps=2)
+    assert base.unet_calls == 0

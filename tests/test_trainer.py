@@ -88,18 +88,18 @@ def test_quiet_penalty_keeps_the_residual_off_pictures_without_the_concept(tmp_p
     from blocklora.base import load_base
     from blocklora.data import load_concept_images
     from blocklora.quiet import QuietBank
-    from blocklora.class_pictures import class_images
+    from blocklora.class_pictures import draw_class_images
     from blocklora.trainer import ConceptTrainer, run_steps
 
     images, captions = load_concept_images(write_images(tmp_path / "img"), 32)
     energy = {}
     for weight in (0.0, 10.0):
         base = load_base("tiny")
-        cls = class_images(base, "dog", 2, seed=0, steps=2)
+        cls = draw_class_images(base, "dog", 2, seed=0, steps=2)
         trainer = ConceptTrainer(base, CFG, TrainConfig(steps=6, resolution=32, lr=1e-2, quiet_weight=weight), 4,
                                  "pet", "dog")
         run_steps(trainer, images, captions, cls, [])
-        held_out = class_images(base, "dog", 2, seed=1, steps=2)
+        held_out = draw_class_images(base, "dog", 2, seed=1, steps=2)
         energy[weight] = float(QuietBank.record(trainer, [(held_out, "dog")], seed=7).energy(trainer).detach())
         trainer.close()
     assert 0 < energy[10.0] < 0.5 * energy[0.0], energy
