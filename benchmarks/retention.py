@@ -381,6 +381,18 @@ def study_configs(args: argparse.Namespace) -> tuple[TrainConfig, AdapterConfig]
     return train, AdapterConfig(rank=args.rank, num_slots=args.slots, erasure=args.erasure)
 
 
+def chosen_profile(name: str, ns: list[int] | None = None, calib_tries: int | None = None) -> Profile:
+    """PROFILES[name], with the set sizes (sorted, once each) and the lr factors tried, where given."""
+    profile = PROFILES[name]
+    if ns:
+        profile = dataclasses.replace(profile, ns=tuple(sorted(set(ns))))
+    if calib_tries is not None:
+        if calib_tries < 0:
+            raise SystemExit(f"--calib-tries must be >= 0, got {calib_tries}")
+        profile = dataclasses.replace(profile, calib_tries=calib_tries)
+    return profile
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="full")
@@ -389,6 +401,8 @@ def main() -> None:
     p.add_argument("--base", default=None, help="a diffusers folder; default: the committed toy base")
     add_study_args(p, rank=2)
     p.add_argument("--match", type=float, default=0.05, help="strength matching tolerance (relative image alignment)")
+    p.add_argument("--calib-tries", type=int, default=None,
+                   help="lr factors tried per variant after the first, instead of the profile's (each halves or doubles)")
     p.add_argument("--reference", default=REFERENCE, help="the arm whose training every other one's strength is "
                                                          "matched to (it stays at lr factor 1)")
     p.add_argument("--guidance", type=float, default=3.0)
@@ -407,7 +421,7 @@ def main() -> None:
         raise SystemExit(f"unknown arms {unknown} (known: {sorted(ALL_METHODS)}); {args.reference} must be among them")
     train, study = study_configs(args)
     out = args.out or RESULTS_DIR / f"retention-{profile_name}"
-    profile = dataclasses.replace(PROFILES[profile_name], ns=tuple(sorted(set(args.ns)))) if args.ns else PROFILES[profile_name]
+    profile = chosen_profile(profile_name, args.ns, args.calib_tries)
     result = run(profile, args.base or default_base_spec(), train, study, arms, args.match, out,
                  args.cache, args.guidance, args.judge, args.reference)
     result["quick"] = args.quick

@@ -123,6 +123,14 @@ def test_retention_quick_covers_every_arm(tmp_path):
     assert json.loads(lines[-1])["methods"] == r["methods"]
 
 
+def test_retention_profile_takes_its_set_sizes_and_lr_tries_from_the_command_line():
+    assert retention.chosen_profile("recipe-matched") == retention.PROFILES["recipe-matched"]
+    chosen = retention.chosen_profile("recipe-matched", [15, 1, 15], 3)
+    assert (chosen.ns, chosen.calib_tries, chosen.concepts) == ((1, 15), 3, 16)
+    with pytest.raises(SystemExit, match="--calib-tries must be >= 0, got -1"):
+        retention.chosen_profile("recipe", None, -1)
+
+
 def test_retention_scores_ablations_at_the_two_ends_and_methods_on_the_whole_curve():
     ns = retention.PROFILES["full"].ns
     assert retention.arm_ns("blocklora-no-blocks-mean", ns) == (1, 15)
