@@ -41,7 +41,7 @@ from blocklora.config import FEED_FORWARD_TARGETS, TOY_BASE_TRAIN, UNET_TARGETS,
 from blocklora.data import load_concept_images
 from blocklora.generate import contact_sheet
 from blocklora.inject import layout
-from blocklora.partition import row_block, row_count
+from blocklora.partition import owned_rows, row_count
 from blocklora.stats import mean_diff, paired_bootstrap
 from blocklora.toy.concepts import ToyConcept
 from blocklora.trainer import ConceptTrainer, run_steps
@@ -68,7 +68,8 @@ QUICK = dict(concepts="ember", recipes="default,every-row", full_finetune_lr="1e
 
 def rows_per_slot(pipe, adapter: AdapterConfig) -> tuple[int, int]:
     """(fewest, most) rows one slot owns in any target layer of the pipeline."""
-    sizes = [row_count(row_block(m, adapter.num_slots, 0, adapter.row_layout), m) for m, _ in layout(pipe, adapter).values()]
+    sizes = [row_count(owned_rows(m, adapter.num_slots, 0, adapter.blockwise, adapter.row_layout), m)
+             for m, _ in layout(pipe, adapter).values()]
     return min(sizes), max(sizes)
 
 

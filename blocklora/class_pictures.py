@@ -117,7 +117,7 @@ def class_pool(base: Base, train: TrainConfig, class_word: str, say: Say | None 
         return None
     uses = " and ".join(use for use, on in (("prior preservation", train.prior_preservation),
                                              ("the quiet penalty", train.quiet_weight > 0)) if on)
-    words = [class_word] + [w for w in train.quiet_classes if w != class_word and train.quiet_weight > 0]
+    words = [class_word, *train.quiet_others(class_word)]
     say = say or (lambda line: None)
     say(f"class pictures for {uses}: {plural(train.num_class_images, 'base picture')} "
         + (f"each of {plural(len(words), 'class')} ({', '.join(words)})" if len(words) > 1 else f"of '{class_word}'"))

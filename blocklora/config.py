@@ -117,6 +117,10 @@ class TrainConfig:
         """Whether training needs the base's pictures of the class prompt (prior or quiet penalty)."""
         return self.prior_preservation or self.quiet_weight > 0
 
+    def quiet_others(self, class_word: str) -> list[str]:
+        """The classes besides the concept's own whose base pictures the quiet penalty also keeps."""
+        return [word for word in self.quiet_classes if word != class_word] if self.quiet_weight > 0 else []
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "quiet_classes", tuple(self.quiet_classes))  # a list from JSON compares equal
         if self.mixed_precision not in MIXED_PRECISION:

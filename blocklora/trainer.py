@@ -138,7 +138,7 @@ class ConceptTrainer:
         a silent first step."""
         if self.quiet is None:
             cfg, started = self.train_cfg, time.monotonic()
-            others = [word for word in cfg.quiet_classes if word != self.class_word]
+            others = cfg.quiet_others(self.class_word)
             groups = [(pictures, self.class_word)]
             with residuals_off(self.layers):
                 sets, _ = class_image_sets(self.base, others, cfg.num_class_images, cfg.seed, say=say)
