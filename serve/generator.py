@@ -23,19 +23,9 @@ from blocklora.base import load_base
 from blocklora.precision import dtype_of
 from blocklora.prompts import expand
 from federation.protocol import FederationInfo, LiveSet
+from serve.replies import ConceptUnavailable, DrawnImages
 from serve.residual import ConceptBank
 from serve.schemas import GenerateRequest
-
-
-class ConceptUnavailable(KeyError):
-    """A request names a concept that is not live at the version the replica generated with."""
-
-    def __init__(self, names: list[str], version: int) -> None:
-        super().__init__(names, version)
-        self.names, self.version = names, version
-
-    def __str__(self) -> str:
-        return f"concept(s) {self.names} are not live (federation version {self.version})"
 
 
 @dataclass
@@ -45,15 +35,6 @@ class _Job:
 
     request: GenerateRequest
     cancelled: bool = False
-
-
-@dataclass
-class DrawnImages:
-    """One request's images as raw pixels; the ingress encodes them (as PNG in `schemas.Images`)."""
-
-    version: int  # the federation version whose concepts drew them
-    seeds: list[int]
-    pixels: np.ndarray  # (num_images, H, W, 3) uint8
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16,

@@ -33,7 +33,7 @@ from federation.errors import (ArtifactRejected, FederationError, ReservationErr
                                UnknownConcept)
 from federation.protocol import FederationInfo, LiveConcept
 from serve.body_limit import BodyLimit
-from serve.generator import ConceptUnavailable
+from serve.replies import ConceptUnavailable
 from serve.schemas import MAX_BODY_BYTES, MAX_PIXEL_STEPS, Concept, Concepts, GenerateRequest, Images
 from serve.throttle import FailureThrottle
 
