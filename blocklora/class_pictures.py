@@ -108,13 +108,15 @@ def _fetch(base: Base, word: str, count: int, seed: int, steps: int, say: Say,
         return pictures, True
 
 
-def class_pool(base: Base, train: TrainConfig, class_word: str, say: Say | None = None) -> torch.Tensor | None:
-    """The concept's class pictures that training needs (None when neither prior preservation nor the
-    quiet penalty is on), before the trainer touches the base. With the quiet penalty, the other
-    classes' sets (`quiet_classes`) are fetched here too, so that the trainer reads them from the cache
-    and the jobs of one node share their drawing. `say` hears what is needed, drawn and waited for."""
+def class_pool(base: Base, train: TrainConfig, class_word: str,
+               say: Say | None = None) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """(the concept's class pictures, the quiet penalty's other classes' pictures by class word) that
+    training needs, before the trainer touches the base: (None, {}) when neither prior preservation nor
+    the quiet penalty is on. Both come from the node's cache, so the jobs of one node share their drawing;
+    the trainer takes the others from here (`ConceptTrainer.prepare`) rather than reading them again.
+    `say` hears what is needed, drawn and waited for."""
     if not train.uses_class_images:
-        return None
+        return None, {}
     uses = " and ".join(use for use, on in (("prior preservation", train.prior_preservation),
                                              ("the quiet penalty", train.quiet_weight > 0)) if on)
     words = [class_word, *train.quiet_others(class_word)]
@@ -125,7 +127,7 @@ def class_pool(base: Base, train: TrainConfig, class_word: str, say: Say | None 
     sets, drawn = class_image_sets(base, words, train.num_class_images, train.seed, say=say)
     say(f"class pictures ready in {time.monotonic() - started:.1f} s: {drawn} drawn here, "
         f"{len(words) - drawn} read from this node's cache")
-    return sets[class_word]
+    return sets[class_word], {word: sets[word] for word in words[1:]}
 
 
 def plural(count: int, noun: str) -> str:

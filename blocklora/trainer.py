@@ -129,30 +129,33 @@ class ConceptTrainer:
         self.step_count += 1
         return float(loss.detach())
 
-    def quiet_bank(self, pictures: torch.Tensor, say: Say | None = None) -> QuietBank:
+    def quiet_bank(self, pictures: torch.Tensor, say: Say | None = None,
+                   others: dict[str, torch.Tensor] | None = None) -> QuietBank:
         """The quiet penalty's bank, recorded on first use (blocklora/quiet.py) from `pictures` of the
-        concept's class and the base's pictures of each of `quiet_classes` (read from the node's cache,
-        where `class_pool` put them; else drawn here with the residuals off, as a resumed run's rows are
-        trained) with the same seed, so a resumed run records the same bank.
+        concept's class and the base's pictures of each of `quiet_classes`: `others` as `class_pool`
+        fetched them, else read from the node's cache (or drawn here with the residuals off, as a resumed
+        run's rows are trained) with the same seed, so a resumed run records the same bank.
         `say` hears what is drawn and how long the bank took: the wait a person would otherwise see as
         a silent first step."""
         if self.quiet is None:
             cfg, started = self.train_cfg, time.monotonic()
-            others = cfg.quiet_others(self.class_word)
-            groups = [(pictures, self.class_word)]
-            with residuals_off(self.layers):
-                sets, _ = class_image_sets(self.base, others, cfg.num_class_images, cfg.seed, say=say)
-                groups += [(sets[word], word) for word in others]
+            words = cfg.quiet_others(self.class_word)
+            if others is None:
+                with residuals_off(self.layers):
+                    others = class_image_sets(self.base, words, cfg.num_class_images, cfg.seed, say=say)[0]
+            groups = [(pictures, self.class_word), *((others[word], word) for word in words)]
             self.quiet = QuietBank.record(self, groups, cfg.seed)
             if say:
                 say(f"quiet penalty's bank recorded over {len(groups)} classes in {time.monotonic() - started:.1f} s")
         return self.quiet
 
-    def prepare(self, prior: torch.Tensor | None, say: Say | None = None) -> None:
+    def prepare(self, prior: torch.Tensor | None, say: Say | None = None,
+                others: dict[str, torch.Tensor] | None = None) -> None:
         """Before the first step, what the first step would otherwise do unannounced: record the quiet
-        penalty's bank (when the config has one) from `prior`, the concept's class pictures."""
+        penalty's bank (when the config has one) from `prior`, the concept's class pictures, and `others`
+        (what `class_pool` returns)."""
         if prior is not None and self.train_cfg.quiet_weight > 0:
-            self.quiet_bank(prior, say)
+            self.quiet_bank(prior, say, others)
 
     def sample_batch(self, images: torch.Tensor, captions: list[str | None]) -> tuple[torch.Tensor, list[str | None]]:
         idx = torch.randint(0, images.shape[0], (self.train_cfg.batch_size,), generator=self.gen)
@@ -307,12 +310,12 @@ def train_concept(base: Base, images_dir: str | Path, name: str, class_word: str
     """Folder of images + class word in, artifact out; resumes from `checkpoint_dir` if present."""
     images, captions = load_concept_images(images_dir, train.resolution)
     shown = Progress(name, train.steps, out=print if progress else None)
-    prior = class_pool(base, train, class_word, shown.say)
+    prior, others = class_pool(base, train, class_word, shown.say)
     trainer = ConceptTrainer(base, adapter, train, slot, name, class_word)
     try:
         if checkpoint_dir and trainer.load_checkpoint(checkpoint_dir):
             log.info("resumed %s from step %d", name, trainer.step_count)
-        trainer.prepare(prior, shown.say)
+        trainer.prepare(prior, shown.say, others)
         callbacks: list[StepCallback] = [shown]
         if checkpoint_dir:
             callbacks.append(lambda t, loss: checkpoint_due(t) and t.save_checkpoint(checkpoint_dir))

@@ -125,7 +125,7 @@ def train_func(config: dict[str, Any]) -> None:
     images, captions = shard_tensors(ray.train.get_dataset_shard("train"))  # Ray
     marks["t_shard_read"] = time.time()
     shown = Progress(config["name"], train.steps, out=print if rank == 0 else None)
-    prior = class_pool(base, train, config["class_word"], shown.say)
+    prior, others = class_pool(base, train, config["class_word"], shown.say)
     trainer = ConceptTrainer(base, adapter, train, config["slot"], config["name"], config["class_word"])
     checkpoint = ray.train.get_checkpoint()  # Ray: set when this run is a retry or a resumed run
     if checkpoint:
@@ -133,7 +133,7 @@ def train_func(config: dict[str, Any]) -> None:
             trainer.load_checkpoint(folder)
     if world > 1:
         _sync_workers(trainer, rank, world)
-    trainer.prepare(prior, shown.say)
+    trainer.prepare(prior, shown.say, others)
     marks["t_loop_start"] = time.time()
 
     def stamp(trainer: ConceptTrainer, loss: float) -> None:

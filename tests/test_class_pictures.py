@@ -5,6 +5,7 @@ and then waited for; what is on disk and not a whole set is drawn again."""
 from __future__ import annotations
 
 import fcntl
+import shutil
 import threading
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from blocklora.atomic import atomic_write
 from blocklora.base import load_base
-from blocklora.class_pictures import class_image_sets, draw_class_images, set_key
+from blocklora.class_pictures import class_image_sets, class_pool, draw_class_images, set_key
 from blocklora.safefile import write_safetensors
 
 
@@ -97,3 +98,31 @@ def test_a_cache_folder_that_cannot_be_made_is_a_clear_error(node, monkeypatch, 
     with pytest.raises(OSError, match=r"cannot keep class pictures in .*a-file/class-pictures .*BLOCKLORA_CACHE"):
         class_image_sets(base, ["dog"], 2, seed=0, steps=2)
     assert base.unet_calls == 0
+
+
+def test_the_trainer_records_its_bank_from_the_sets_class_pool_fetched(node):
+    """`class_pool` fetches the concept's class pictures and the quiet penalty's other classes' once; the
+    trainer's bank takes them from it: with the node's folder emptied in between, preparing draws nothing
+    (the UNet runs once per class picture, to record the bank) and records the bank it would have
+    recorded from the cache."""
+    from blocklora.config import AdapterConfig, TrainConfig
+    from blocklora.trainer import ConceptTrainer
+
+    base, folder = node
+    train = TrainConfig(steps=1, resolution=32, quiet_weight=1.0, quiet_classes=("cat", "cup"), num_class_images=2)
+    prior, others = class_pool(base, train, "dog")
+    assert list(others) == ["cat", "cup"] and prior.shape[0] == 2
+    assert torch.equal(others["cat"], class_image_sets(base, ["cat"], 2, train.seed)[0]["cat"])
+    shutil.rmtree(folder)
+    banks = []
+    for given in (others, None):  # from class_pool, then as a trainer without them reads the node's cache
+        trainer = ConceptTrainer(base, AdapterConfig(rank=2, num_slots=4), train, 1, "pet", "dog")
+        before = base.unet_calls
+        trainer.prepare(prior, None, given)
+        banks.append((trainer.quiet, base.unet_calls - before))
+        trainer.close()
+    (from_pool, calls), (from_cache, calls_with_drawing) = banks
+    assert calls_with_drawing > calls  # without them the trainer had to draw both sets again
+    for key in from_pool.inputs:
+        assert torch.equal(from_pool.inputs[key], from_cache.inputs[key])
+        assert torch.equal(from_pool.reference[key], from_cache.reference[key])
