@@ -9,15 +9,19 @@ atomically) under a lock file of its own; a job that finds a set locked draws th
 drawing first and then waits for it, so jobs that start together share the drawing. A set that does
 not read back whole is drawn again and replaced.
 
-The folder is `$BLOCKLORA_CACHE/class-pictures` (default `~/.cache/blocklora`). The pictures are the
-base's, not a client's: nothing here is a training picture, and nothing leaves the node.
+The folder is `$BLOCKLORA_CACHE/class-pictures` (default `~/.cache/blocklora`); when its sets pass
+`$BLOCKLORA_CACHE_MAX_MB` (default 2048), the least recently used ones are removed, never one that a
+job is drawing or has just written. The pictures are the base's, not a client's: nothing here is a
+training picture, and nothing leaves the node.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +30,7 @@ import torch
 
 from blocklora.atomic import atomic_write
 from blocklora.base import Base
-from blocklora.config import TrainConfig, cache_root
+from blocklora.config import TrainConfig, cache_max_bytes, cache_root
 from blocklora.prompts import class_picture_prompt
 from blocklora.safefile import InvalidFile, read_safetensors, write_safetensors
 
@@ -61,7 +65,7 @@ def class_image_sets(base: Base, words: Sequence[str], count: int, seed: int, st
     starting together share the drawing instead of waiting in turn. `say` hears each set drawn here
     and each wait; reads are silent."""
     say = say or (lambda line: None)
-    folder = cache_root() / "class-pictures"
+    folder, cap = cache_root() / "class-pictures", cache_max_bytes()  # a bad setting is refused before any work
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -70,26 +74,28 @@ def class_image_sets(base: Base, words: Sequence[str], count: int, seed: int, st
     sets: dict[str, torch.Tensor] = {}
     drawn, busy = 0, []
     for word in dict.fromkeys(words):  # first what nobody else is drawing
-        got = _fetch(base, word, count, seed, steps, say, wait=False)
+        got = _fetch(base, word, count, seed, steps, say, cap, wait=False)
         if got is None:
             busy.append(word)
         else:
             sets[word], was_drawn = got
             drawn += was_drawn
     for word in busy:  # then the sets other jobs were drawing (drawn here if such a job died)
-        sets[word], was_drawn = _fetch(base, word, count, seed, steps, say, wait=True)
+        sets[word], was_drawn = _fetch(base, word, count, seed, steps, say, cap, wait=True)
         drawn += was_drawn
     return {word: sets[word] for word in dict.fromkeys(words)}, drawn
 
 
-def _fetch(base: Base, word: str, count: int, seed: int, steps: int, say: Say,
+def _fetch(base: Base, word: str, count: int, seed: int, steps: int, say: Say, cap: int,
            wait: bool) -> tuple[torch.Tensor, bool] | None:
-    """(the set, whether it was drawn here); None when another job holds its lock and `wait` is off."""
+    """(the set, whether it was drawn here); None when another job holds its lock and `wait` is off.
+    A set read is marked used (its mtime); after writing one, older sets go while the folder is over `cap`."""
     prompt, folder = class_picture_prompt(word), cache_root() / "class-pictures"
     key = set_key(base, word, count, seed, steps)
     path, shape = folder / f"{key}.safetensors", (count, 3, base.resolution, base.resolution)
     pictures = _read(path, shape, key)
     if pictures is not None:
+        _mark_used(path)
         return pictures.to(base.pipe.unet.device), False
     with open(folder / f"{key}.lock", "a") as lock:
         try:
@@ -101,11 +107,45 @@ def _fetch(base: Base, word: str, count: int, seed: int, steps: int, say: Say,
             fcntl.flock(lock, fcntl.LOCK_EX)  # released by close, also when that job dies
         pictures = _read(path, shape, key)  # drawn while this job waited
         if pictures is not None:
+            _mark_used(path)
             return pictures.to(base.pipe.unet.device), False
         say(f"drawing {plural(count, 'base picture')} of '{prompt}'")
         pictures = draw_class_images(base, word, count, seed, steps)
         atomic_write(path, write_safetensors({"pictures": pictures}, {"key": key}))
+        _evict(folder, cap, path, say)
         return pictures, True
+
+
+def _mark_used(path: Path) -> None:
+    """A set read is the newest in use: eviction goes by modification time, least recent first."""
+    with contextlib.suppress(OSError):  # another user's file, or just evicted: order only
+        os.utime(path)
+
+
+def _evict(folder: Path, cap: int, keep: Path, say: Say) -> None:
+    """Remove the least recently used sets until those left fit in `cap` bytes; never `keep` (just
+    written) and never a set whose lock another job holds (it is drawing it, or about to read it back)."""
+    sets = []
+    for path in folder.glob("*.safetensors"):
+        with contextlib.suppress(FileNotFoundError):
+            stat = path.stat()
+            sets.append((stat.st_mtime, stat.st_size, path))
+    total, removed = sum(size for _, size, _ in sets), 0
+    for _, size, path in sorted(sets):
+        if total <= cap:
+            break
+        if path == keep:
+            continue
+        with open(path.with_suffix(".lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            path.unlink(missing_ok=True)
+        total, removed = total - size, removed + 1
+    if removed:
+        say(f"removed {plural(removed, 'older class-picture set')} to keep this node's class pictures under "
+            f"{cap / 2**20:g} MB (BLOCKLORA_CACHE_MAX_MB)")
 
 
 def class_pool(base: Base, train: TrainConfig, class_word: str,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,20 @@ def cache_root() -> Path:
     """This node's blocklora cache (tokenizer files, the base's class pictures): `$BLOCKLORA_CACHE`,
     else `~/.cache/blocklora`. Read at each use, so a process can point it elsewhere (the tests do)."""
     return Path(os.environ.get("BLOCKLORA_CACHE") or Path.home() / ".cache" / "blocklora")
+
+
+def cache_max_bytes() -> int:
+    """How much the base's class pictures may fill of this node's cache before the least recently used
+    sets are removed: `$BLOCKLORA_CACHE_MAX_MB` megabytes, default 2048 (a set of 8 pictures is 0.4 MB
+    on the toy base, ~25 MB at SD1.5's 512 px; a retention run at SD1.5 size would write ~2.4 GB)."""
+    raw = os.environ.get("BLOCKLORA_CACHE_MAX_MB", "2048")
+    try:
+        megabytes = float(raw)
+    except ValueError:
+        megabytes = float("nan")
+    if not (math.isfinite(megabytes) and megabytes > 0):
+        raise ValueError(f"BLOCKLORA_CACHE_MAX_MB must be a positive number of megabytes, got {raw!r}")
+    return int(megabytes * 2**20)
 
 
 TINY = "tiny"  # the random tiny SD-architecture pipeline, built from config with a fixed seed

@@ -126,3 +126,45 @@ def test_the_trainer_records_its_bank_from_the_sets_class_pool_fetched(node):
     for key in from_pool.inputs:
         assert torch.equal(from_pool.inputs[key], from_cache.inputs[key])
         assert torch.equal(from_pool.reference[key], from_cache.reference[key])
+
+
+def test_the_folder_stays_under_its_cap_least_recently_used_first(node, monkeypatch):
+    """With room for two and a half sets, a third set written removes the least recently used one (a set
+    read counts as used), never one whose lock another job holds; a removed set is drawn again, the same
+    bit for bit. A cap that is not a positive number is refused before any work."""
+    base, folder = node
+    said = []
+
+    def fetch(word: str) -> torch.Tensor:
+        return class_image_sets(base, [word], 2, seed=3, steps=2, say=said.append)[0][word]
+
+    def kept() -> set[str]:
+        return {p.stem for p in folder.glob("*.safetensors")}
+
+    def key(word: str) -> str:
+        return set_key(base, word, 2, 3, 2)
+
+    cat = fetch("cat")
+    size = (folder / f"{key('cat')}.safetensors").stat().st_size
+    monkeypatch.setenv("BLOCKLORA_CACHE_MAX_MB", str(2.5 * size / 2**20))
+    fetch("dog")
+    fetch("cat")  # read: now the dog set is the least recently used
+    fetch("cup")
+    assert kept() == {key("cat"), key("cup")}
+    assert said[-1].startswith("removed 1 older class-picture set to keep this node's class pictures under 0.")
+    with open(folder / f"{key('cat')}.lock", "a") as lock:  # another job holds the cat set (oldest now)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fetch("cow")
+    assert kept() == {key("cat"), key("cow")}
+    calls = base.unet_calls
+    dog = fetch("dog")  # removed above: drawn again (and the cat set, least recently used, goes)
+    assert base.unet_calls > calls and kept() == {key("cow"), key("dog")}
+    assert torch.equal(dog, draw_class_images(base, "dog", 2, seed=3, steps=2))
+    assert torch.equal(fetch("cat"), cat)
+
+    for bad in ("abc", "0", "-5", "nan", "inf"):
+        monkeypatch.setenv("BLOCKLORA_CACHE_MAX_MB", bad)
+        before = sorted(folder.iterdir())
+        with pytest.raises(ValueError, match="BLOCKLORA_CACHE_MAX_MB must be a positive number"):
+            fetch("bird")
+        assert sorted(folder.iterdir()) == before
