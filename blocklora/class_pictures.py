@@ -89,7 +89,8 @@ def class_image_sets(base: Base, words: Sequence[str], count: int, seed: int, st
 def _fetch(base: Base, word: str, count: int, seed: int, steps: int, say: Say, cap: int,
            wait: bool) -> tuple[torch.Tensor, bool] | None:
     """(the set, whether it was drawn here); None when another job holds its lock and `wait` is off.
-    A set read is marked used (its mtime); after writing one, older sets go while the folder is over `cap`."""
+    A set read or written is marked used (its mtime); after writing one, older sets go while the folder is
+    over `cap`."""
     prompt, folder = class_picture_prompt(word), cache_root() / "class-pictures"
     key = set_key(base, word, count, seed, steps)
     path, shape = folder / f"{key}.safetensors", (count, 3, base.resolution, base.resolution)
@@ -112,14 +113,18 @@ def _fetch(base: Base, word: str, count: int, seed: int, steps: int, say: Say, c
         say(f"drawing {plural(count, 'base picture')} of '{prompt}'")
         pictures = draw_class_images(base, word, count, seed, steps)
         atomic_write(path, write_safetensors({"pictures": pictures}, {"key": key}))
+        _mark_used(path)
         _evict(folder, cap, path, say)
         return pictures, True
 
 
 def _mark_used(path: Path) -> None:
-    """A set read is the newest in use: eviction goes by modification time, least recent first."""
+    """A set read or written is the newest in use: eviction goes by modification time, least recent
+    first. Stamped from the process clock to the nanosecond, not left to the file system, whose clock
+    ticks every few milliseconds: a set written and another read within one tick would tie."""
+    now = time.time_ns()
     with contextlib.suppress(OSError):  # another user's file, or just evicted: order only
-        os.utime(path)
+        os.utime(path, ns=(now, now))
 
 
 def _evict(folder: Path, cap: int, keep: Path, say: Say) -> None:
@@ -129,7 +134,7 @@ def _evict(folder: Path, cap: int, keep: Path, say: Say) -> None:
     for path in folder.glob("*.safetensors"):
         with contextlib.suppress(FileNotFoundError):
             stat = path.stat()
-            sets.append((stat.st_mtime, stat.st_size, path))
+            sets.append((stat.st_mtime_ns, stat.st_size, path))
     total, removed = sum(size for _, size, _ in sets), 0
     for _, size, path in sorted(sets):
         if total <= cap:
