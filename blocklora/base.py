@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +19,10 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDi
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
-from blocklora.config import TINY, TINY_SD2, TINY_SDXL  # the embedded tiny bases' names
+from blocklora.config import TEXT_ENCODERS, TINY, TINY_SD2, TINY_SDXL  # the embedded tiny bases' names
 from blocklora.tokenizer import VOCAB_SIZE, clip_tokenizer
 from blocklora.toy.base import TOY_BASE_DIR
 
-# The pipeline components that encode prompts, in conditioning order, and the tokenizer feeding each.
-# Everything per text encoder (token ids, trigger vectors, widths) is keyed by these names.
-TEXT_ENCODERS: dict[str, str] = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 TINY_SEED = 1234
 
 
@@ -153,6 +151,9 @@ def tiny_sdxl_pipeline() -> StableDiffusionXLPipeline:
 # Named specs that build a random tiny pipeline from code instead of reading a folder.
 TINY_BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     TINY: tiny_pipeline, TINY_SD2: tiny_sd2_pipeline, TINY_SDXL: tiny_sdxl_pipeline}
+# The builders draw every weight from torch's one global generator: two threads building at once
+# (e.g. three coordinators started side by side) would interleave their draws and get other weights.
+_TINY_BUILD = threading.Lock()
 
 
 def weights_fingerprint(*modules: torch.nn.Module) -> str:
@@ -172,7 +173,8 @@ def load_base(spec: str = TINY, device: torch.device | str | None = None,
     on them as float32 (a folder is read in float32, then cast): a half-precision replica or client
     and a float32 one of the same files agree on it."""
     if spec in TINY_BUILDERS:
-        pipe = TINY_BUILDERS[spec]()
+        with _TINY_BUILD:
+            pipe = TINY_BUILDERS[spec]()
     else:
         pipe = _from_pretrained(spec, torch.float32)
     pipe.set_progress_bar_config(disable=True)

@@ -26,6 +26,9 @@ FEED_FORWARD_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2")
 # Attention projections of transformers' CLIPTextModel.
 TEXT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 ROW_LAYOUTS: tuple[str, ...] = ("block", "strided")  # how a slot's rows lie in a weight (blocklora.partition)
+# The pipeline components that encode prompts, in conditioning order, and the tokenizer feeding each.
+# Everything per text encoder (token ids, trigger vectors, widths) is keyed by these names.
+TEXT_ENCODERS: dict[str, str] = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 
 def cache_root() -> Path:

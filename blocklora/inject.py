@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from blocklora.base import TEXT_ENCODERS
-from blocklora.config import AdapterConfig
+from blocklora.config import TEXT_ENCODERS, AdapterConfig
 from blocklora.layer import BlockLoRALinear
 
 COMPONENTS = ("unet", *TEXT_ENCODERS)

@@ -3,9 +3,11 @@ rows and trigger tokens are.
 
 Two parts, because two kinds of owner need them:
 - `SlotSpace`, a pure value read once from a base without touching it: the base's fingerprint, the
-  adapter, the layout {target key: (m, n)} and each text encoder's embedding width. Whoever only
-  validates (the federation's registry) holds this and nothing else. It is frozen, hashable and
-  comparable, so "same base and federation shape" is `==`.
+  adapter, the layout {target key: (m, n)}, each text encoder's embedding width and the base's native
+  resolution. Whoever only validates (the federation's registry) holds this and nothing else, and
+  needs no diffusers to do it: the coordinator gets it as JSON (`to_dict`) from whoever starts it,
+  so a restarted coordinator is back in about a second instead of re-importing and re-loading the
+  base. It is frozen, hashable and comparable, so "same base and federation shape" is `==`.
 - `PipelineSlots`, bound to a pipeline its owner is about to change: the slot tokens added, the
   target linears found, every slot's trigger-token ids per text encoder. `LiveMerge` (merged
   weights), `serve.residual.ConceptBank` (per-request residuals) and the baselines' residual
@@ -16,16 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from blocklora.artifact import ConceptArtifact, InvalidArtifact
-from blocklora.base import Base
-from blocklora.config import AdapterConfig
+from blocklora.config import AdapterConfig, from_dict
 from blocklora.inject import find_targets, layout
 from blocklora.tokens import add_slot_tokens, token_ids
+
+if TYPE_CHECKING:
+    from blocklora.base import Base
 
 
 @dataclass(frozen=True)
@@ -36,12 +40,26 @@ class SlotSpace:
     adapter: AdapterConfig
     shapes: tuple[tuple[str, tuple[int, int]], ...]  # (target key, (m, n)) in module order
     widths: tuple[tuple[str, int], ...]  # (text-encoder component, token-embedding width d)
+    resolution: int  # the base's native picture size: what its concepts are trained at
 
     @classmethod
     def of(cls, base: Base, adapter: AdapterConfig) -> "SlotSpace":
         """Read from `base` as it is: no token is added and no layer wrapped."""
         return cls(base.fingerprint, adapter, tuple(layout(base.pipe, adapter).items()),
-                   tuple((c, te.get_input_embeddings().weight.shape[1]) for c, te in base.text_encoders.items()))
+                   tuple((c, te.get_input_embeddings().weight.shape[1]) for c, te in base.text_encoders.items()),
+                   base.resolution)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able, for the Ray edge to the coordinator; `from_dict` gives back an equal space."""
+        return {"fingerprint": self.fingerprint, "adapter": dataclasses.asdict(self.adapter),
+                "shapes": [[key, list(mn)] for key, mn in self.shapes], "widths": [list(w) for w in self.widths],
+                "resolution": self.resolution}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SlotSpace":
+        return cls(data["fingerprint"], from_dict(AdapterConfig, data["adapter"]),
+                   tuple((key, (int(m), int(n))) for key, (m, n) in data["shapes"]),
+                   tuple((comp, int(d)) for comp, d in data["widths"]), int(data["resolution"]))
 
     @property
     def layout(self) -> dict[str, tuple[int, int]]:

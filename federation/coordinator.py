@@ -33,19 +33,18 @@ DEFAULT_NAMESPACE = "blocklora"
 class Coordinator:
     """Every public method is a remote call; errors are `federation.registry.FederationError`s."""
 
-    def __init__(self, state_dir: str, adapter: dict[str, Any], config: dict[str, Any],
+    def __init__(self, state_dir: str, space: dict[str, Any], config: dict[str, Any],
                  admin_token_sha256: str | None, dtype: str = "float32") -> None:
+        """`space` is `SlotSpace.to_dict()` of the federation's base, read by `start`: the actor never
+        loads the base, so neither its first start nor a restart after a crash imports diffusers."""
         # imported here, in the actor's process: a client's driver that only looks the actor up by
-        # name (`get`) then starts without torch and diffusers
-        from blocklora.base import load_base
+        # name (`get`) then starts without torch
         from blocklora.precision import dtype_of
+        from blocklora.slots import SlotSpace
         from federation.registry import Registry
 
-        cfg = from_dict(FederationConfig, config)
-        # only shapes, the fingerprint (dtype-independent) and the dtype of the merged LoRA it serves
-        base = load_base(cfg.base, device="cpu", dtype=dtype_of(dtype))
-        self.registry = Registry(base, from_dict(AdapterConfig, adapter), cfg, StateStore(state_dir),
-                                 admin_token_sha256)
+        self.registry = Registry(SlotSpace.from_dict(space), from_dict(FederationConfig, config),
+                                 StateStore(state_dir), admin_token_sha256, dtype=dtype_of(dtype))
         self._refs: dict[str, ray.ObjectRef] = {}  # artifact sha256 -> its bytes in the object store
 
     def info(self) -> FederationInfo:
@@ -101,8 +100,12 @@ def start(state_dir: str | Path, adapter: AdapterConfig, config: FederationConfi
     `dtype` (a --dtype name) is its base's, and so the merged LoRA's it serves.
 
     Needs `connect` first (the code the actor runs comes with it); refuses to start a second
-    coordinator under `name`.
+    coordinator under `name`. Reads what fits the base here (`SlotSpace`: shapes, fingerprint,
+    resolution), once; the actor gets it as JSON and never imports the model code.
     """
+    from blocklora.base import load_base  # here, not at the top: `get` stays free of diffusers
+    from blocklora.slots import SlotSpace
+
     try:
         ray.get_actor(name, namespace=namespace)
     except ValueError:
@@ -110,14 +113,15 @@ def start(state_dir: str | Path, adapter: AdapterConfig, config: FederationConfi
     else:
         raise RuntimeError(f"a coordinator named {name!r} already runs in namespace {namespace!r}; stop it "
                            "first (python jobs/stop_coordinator.py) or pick another --name")
+    space = SlotSpace.of(load_base(config.base, device="cpu"), adapter)  # the fingerprint is dtype-independent
     node = ray.get_runtime_context().get_node_id()
     actor = ray.remote(Coordinator).options(
         name=name, namespace=namespace, lifetime="detached", num_cpus=0,
         max_restarts=max_restarts, max_task_retries=max_task_retries,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-    ).remote(str(Path(state_dir).expanduser().resolve()), dataclasses.asdict(adapter),
-             dataclasses.asdict(config), admin_token_sha256, dtype)
-    ray.get(actor.info.remote())  # surfaces a failed __init__ (wrong base, foreign state folder) here
+    ).remote(str(Path(state_dir).expanduser().resolve()), space.to_dict(), dataclasses.asdict(config),
+             admin_token_sha256, dtype)
+    ray.get(actor.info.remote())  # surfaces a failed __init__ (a state folder of another base or shape) here
     return actor
 
 

@@ -22,7 +22,6 @@ from typing import Any, Callable
 import torch
 
 from blocklora.artifact import ConceptArtifact, InvalidArtifact, check_class_word, check_name
-from blocklora.base import Base
 from blocklora.config import AdapterConfig, FederationConfig
 from blocklora.export import MergedFactors
 from blocklora.safefile import write_safetensors
@@ -74,21 +73,21 @@ class _State:
 class Registry:
     """One federation: a base (fingerprint), an AdapterConfig (K slots, rank, targets), its concepts.
 
-    The base is read once, for what fits it (`space`), its native resolution and its dtype, and is
-    never changed. The live set's merged residual is kept as `MergedFactors`: each live concept's
-    A and owned B rows in the base's dtype, exact and block-sparse by construction; `merged_lora`
-    serves it as one standard LoRA file, `merged_residual` forms the dense Σ dW for whoever asks.
+    It never sees the base itself, only what fits it (`space`: `SlotSpace.of(base, adapter)`, which
+    carries the adapter and the base's native resolution) and the dtype of the merged LoRA it serves.
+    The live set's merged residual is kept as `MergedFactors`: each live concept's A and owned B rows
+    in that dtype, exact and block-sparse by construction; `merged_lora` serves it as one standard
+    LoRA file, `merged_residual` forms the dense Σ dW for whoever asks.
     """
 
-    def __init__(self, base: Base, adapter: AdapterConfig, config: FederationConfig = FederationConfig(),
+    def __init__(self, space: SlotSpace, config: FederationConfig = FederationConfig(),
                  store: StateStore | None = None, admin_token_sha256: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, dtype: torch.dtype = torch.float32) -> None:
         """Loads the state in `store` if there is one (it must be for the same base and adapter)."""
-        self.adapter, self.config, self.store, self.clock = adapter, config, store, clock
-        self.space = SlotSpace.of(base, adapter)  # what fits, read once
-        self.resolution = base.resolution
+        self.space, self.config, self.store, self.clock = space, config, store, clock
+        self.adapter, self.resolution = space.adapter, space.resolution
         self._lock = threading.RLock()
-        self._residual = MergedFactors(self.space.layout, base.pipe.unet.dtype)
+        self._residual = MergedFactors(self.space.layout, dtype)
         self._bytes: dict[str, bytes] = {}  # live name -> its artifact as submitted (what replicas load)
         self.quarantined: list[Quarantined] = []  # records set aside when the state was loaded
         self._s = _State(accounts=Accounts(admin_token_sha256))

@@ -25,6 +25,7 @@ from blocklora.artifact import ConceptArtifact, InvalidArtifact
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig
 from blocklora.safefile import write_safetensors
+from blocklora.slots import SlotSpace
 from core_helpers import make_artifact
 from federation.auth import token_hash
 from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
@@ -61,7 +62,8 @@ def base():
 
 @pytest.fixture(scope="module")
 def reg_ctx(base, tmp_path_factory) -> Ctx:
-    reg = Registry(base, ADAPTER, FederationConfig(max_artifact_bytes=4 * 1024 * 1024, max_slots_per_client=2),
+    reg = Registry(SlotSpace.of(base, ADAPTER),
+                   FederationConfig(max_artifact_bytes=4 * 1024 * 1024, max_slots_per_client=2),
                    StateStore(tmp_path_factory.mktemp("bad") / "state"), token_hash(ADMIN))
     alice, bob = (reg.register(n).token for n in ("alice", "bob"))
     pet = make_artifact(base, ADAPTER, "pet", reg.reserve(alice, "pet", "dog").slot, seed=1)

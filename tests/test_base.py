@@ -1,3 +1,5 @@
+import concurrent.futures
+
 import pytest
 import torch
 
@@ -12,6 +14,16 @@ def test_tiny_fingerprint_is_stable_and_survives_a_save_load(tiny_base, tmp_path
     half = load_base(str(tmp_path / "tiny"), dtype=torch.bfloat16)
     assert half.fingerprint == tiny_base.fingerprint and half.pipe.unet.dtype == torch.bfloat16
     assert {p.dtype for p in half.pipe.text_encoder.parameters()} == {torch.bfloat16}
+
+
+def test_embedded_bases_built_side_by_side_are_the_same_weights():
+    """Threads that load embedded bases at once (coordinators started together) each get the weights
+    a lone load gets: the builders share torch's global generator, so they take turns."""
+    specs = ["tiny", "tiny-sd2", "tiny-sdxl"] * 2
+    alone = {spec: load_base(spec).fingerprint for spec in set(specs)}
+    with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
+        together = list(pool.map(lambda spec: load_base(spec).fingerprint, specs))
+    assert together == [alone[spec] for spec in specs]
 
 
 def test_tokenizer_matches_clip_ids(tiny_base):

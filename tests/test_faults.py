@@ -35,6 +35,7 @@ from federation import coordinator
 from federation.local_cluster import LocalCluster
 from federation.client import train_artifact
 from blocklora.safefile import write_safetensors
+from blocklora.slots import SlotSpace
 from federation.auth import token_hash
 from federation.errors import FederationError
 from federation.protocol import Grant
@@ -126,7 +127,7 @@ def test_bad_manifest_records_are_quarantined_not_fatal(tmp_path):
     that folder died with TypeError. Now each record is checked on its own at start-up; a bad one is
     moved aside with its reason and the federation starts with the rest."""
     base, state_dir = load_base("tiny"), tmp_path / "state"
-    reg = Registry(base, ADAPTER, FederationConfig(), StateStore(state_dir), token_hash(ADMIN))
+    reg = Registry(SlotSpace.of(base, ADAPTER), FederationConfig(), StateStore(state_dir), token_hash(ADMIN))
     alice = reg.register("alice").token
     arts = {}
     for i, name in enumerate(("keep", "float-slots", "gone", "typo")):
@@ -148,7 +149,7 @@ def test_bad_manifest_records_are_quarantined_not_fatal(tmp_path):
     m["concepts"]["pet\n"] = dict(m["concepts"]["keep"])  # a name only `$` would accept, on keep's slot
     reg.store.write_manifest(m)
 
-    back = Registry(base, ADAPTER, FederationConfig(), StateStore(state_dir))
+    back = Registry(SlotSpace.of(base, ADAPTER), FederationConfig(), StateStore(state_dir))
     reasons = {q.name: q.reason for q in back.quarantined}
     assert set(reasons) == {"'float-slots'", "'gone'", "'held'", "'c0000000000000000'", "'pet\\n'"}, reasons
     assert "num_slots must be an integer" in reasons["'float-slots'"] and "missing" in reasons["'gone'"]
@@ -164,7 +165,7 @@ def test_bad_manifest_records_are_quarantined_not_fatal(tmp_path):
     assert sorted(p.name for p in (state_dir / "concepts").iterdir()) == [m["concepts"]["keep"]["file"]]
     # the federation works on: alice's token, a new reservation in a freed slot; a restart is clean
     assert back.reserve(alice, "again", "dog").slot != arts["keep"].meta.slot
-    assert Registry(base, ADAPTER, FederationConfig(), StateStore(state_dir)).quarantined == []
+    assert Registry(SlotSpace.of(base, ADAPTER), FederationConfig(), StateStore(state_dir)).quarantined == []
 
 
 # -- the session cluster: coordinator and replica crashes ----------------------------------------

@@ -22,6 +22,7 @@ import torch
 from blocklora.artifact import ConceptArtifact, InvalidArtifact
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig
+from blocklora.slots import SlotSpace
 from conftest import REPO
 from core_helpers import make_artifact
 from federation.local_cluster import LocalCluster
@@ -84,7 +85,7 @@ def test_no_pickle_on_any_boundary():
 
 
 def test_tokens_stored_hashed_and_only_owner_or_admin_acts(base, tmp_path):
-    reg = Registry(base, ADAPTER, FederationConfig(), StateStore(tmp_path / "state"), token_hash(ADMIN))
+    reg = Registry(SlotSpace.of(base, ADAPTER), FederationConfig(), StateStore(tmp_path / "state"), token_hash(ADMIN))
     alice, bob = (reg.register(n).token for n in ("alice", "bob"))
     slot = reg.reserve(alice, "pet", "dog").slot
     art = make_artifact(base, ADAPTER, "pet", slot, seed=1)

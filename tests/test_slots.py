@@ -4,6 +4,7 @@ without touching the base, one compatibility check, and the pipeline binding's t
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -32,6 +33,13 @@ def test_space_is_pure_and_compares_by_value(tiny_base):
     assert space != SlotSpace.of(tiny_base, dataclasses.replace(CFG, rank=3))
     assert space.hidden == {"text_encoder": 32}
     assert set(space.layout) == set(bound.targets) and any(k.startswith("text_encoder.") for k in space.layout)
+
+
+def test_space_crosses_json_whole(tiny_base):
+    """What the coordinator receives (`to_dict`, JSON at the Ray edge) is the space it was made from."""
+    space = SlotSpace.of(tiny_base, CFG)
+    back = SlotSpace.from_dict(json.loads(json.dumps(space.to_dict())))
+    assert back == space and hash(back) == hash(space) and back.resolution == tiny_base.resolution
 
 
 def _with_meta(art, **changes):
