@@ -282,18 +282,19 @@ def test_training_worker_killed_resumes_from_its_checkpoint(fed, tmp_path):
     grant = Grant(name="resumed", slot=3, class_word="dog", triggers=("<blk3>",), adapter=ADAPTER, base_spec="tiny",
                   base_fingerprint=fed.base.fingerprint, resolution=32, expires_at=0.0, reservation_id="straight")
     train = TrainConfig(steps=24, batch_size=1, resolution=32, checkpoint_every=4, seed=4)
-    reference = train_artifact(grant, images, train, storage_path=tmp_path / "runs")
 
     run = tmp_path / "runs" / "resumed-slot3-killed"
     is_worker = lambda a: "TrainWorker" in (a.class_name or "")  # noqa: E731
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
         job = pool.submit(train_artifact, dataclasses.replace(grant, reservation_id="killed"), images, train, 1,
                           False, tmp_path / "runs")
         wait_until(lambda: any(run.glob("checkpoint_*")), 180, "the first checkpoint")
         victims = alive_pids(fed.head, is_worker)
         assert len(victims) == 1 and not job.done()
         os.kill(victims.pop(), signal.SIGKILL)
-        resumed = job.result(timeout=600)
+        # the uninterrupted run of the same reservation's settings, alongside the restart (its own run folder)
+        straight = pool.submit(train_artifact, grant, images, train, storage_path=tmp_path / "runs")
+        resumed, reference = job.result(timeout=600), straight.result(timeout=600)
     assert ConceptArtifact.from_bytes(resumed).tensors.keys() == ConceptArtifact.from_bytes(reference).tensors.keys()
     for key, value in ConceptArtifact.from_bytes(reference).tensors.items():
         torch.testing.assert_close(ConceptArtifact.from_bytes(resumed).tensors[key], value, rtol=0, atol=1e-6)
