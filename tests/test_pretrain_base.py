@@ -3,9 +3,11 @@ that the normal loader opens, with the model card, loss curve and sample grid be
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +40,14 @@ def test_pretrain_resumes_and_exports_a_loadable_base(tmp_path: Path) -> None:
     assert json.loads((work / "state.json").read_text())["unet_step"] == 2
     assert tuple(first.pipe.unet.config.block_out_channels) == (16, 32, 64)
 
-    pretrain(work, out, steps=3)  # resumes at denoiser step 2: the VAE and steps 0-1 are not redone
+    # Two runs side by side: the same work dir resumed, and a new one trained on from the first export
+    # (--init-from; a copy, since the resumed run exports over `out`).
+    shutil.copytree(out, tmp_path / "first")
+    more_work, more = tmp_path / "more-work", tmp_path / "more"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        resumed = pool.submit(pretrain, work, out, 3)  # resumes at denoiser step 2: VAE and steps 0-1 not redone
+        onward = pool.submit(pretrain, more_work, more, 2, "--init-from", str(tmp_path / "first"), "--seed", "1")
+        resumed.result(), onward.result()
     rows = list(csv.DictReader((work / "loss.csv").open()))
     assert [(r["stage"], int(r["step"])) for r in rows] == [("vae", 0), ("vae", 1), ("unet", 0), ("unet", 1), ("unet", 2)]
     second = load_base(str(out), device="cpu")
@@ -54,15 +63,13 @@ def test_pretrain_resumes_and_exports_a_loadable_base(tmp_path: Path) -> None:
 
     # Training on from the exported base (--init-from): its VAE and latent scale are kept as they are,
     # the denoiser starts from its weights (its first loss is a trained model's, not a random one's).
-    more_work, more = tmp_path / "more-work", tmp_path / "more"
-    pretrain(more_work, more, 2, "--init-from", str(out), "--seed", "1")
     third = load_base(str(more), device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(second.pipe.vae.state_dict().values(), third.pipe.vae.state_dict().values()))
     assert third.pipe.vae.config.scaling_factor == second.pipe.vae.config.scaling_factor
     assert third.fingerprint != second.fingerprint
     rows = list(csv.DictReader((more_work / "loss.csv").open()))
     assert [(r["stage"], int(r["step"])) for r in rows] == [("unet", 0), ("unet", 1)]
-    assert f"--init-from {out}" in (more / "README.md").read_text()
+    assert f"--init-from {tmp_path / 'first'}" in (more / "README.md").read_text()
     from blocklora.toy.pretrain import Run
     with pytest.raises(ValueError, match="already holds a run"):  # a work dir belongs to one starting point
         Run(more_work).start_from(tmp_path, vae_steps=2)
