@@ -24,14 +24,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from blocklora.artifact import ConceptArtifact
-from blocklora.base import Base
 from blocklora.config import AdapterConfig
 from blocklora.slots import PipelineSlots, phrases
+
+if TYPE_CHECKING:
+    from blocklora.base import Base
 
 CPU_CHUNK_BYTES = 2 * 1024 * 1024  # one concept's rows per chunk on a CPU: about the L2 of the 2-core Xeon here
 

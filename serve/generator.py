@@ -19,7 +19,6 @@ import torch
 from ray import serve
 
 from blocklora.artifact import ConceptArtifact
-from blocklora.base import load_base
 from blocklora.precision import dtype_of
 from blocklora.prompts import expand
 from federation.protocol import FederationInfo, LiveSet
@@ -44,6 +43,10 @@ class Generator:
     `dtype` (a --dtype name) is the base's, and the concepts' rows are applied in it."""
 
     def __init__(self, coordinator: str, namespace: str, device: str | None = None, dtype: str = "float32") -> None:
+        # diffusers is imported here, in the replica: the driver that builds the app (jobs/serve_up.py)
+        # only binds this class, and would otherwise spend ~4 s of a core importing the model code
+        from blocklora.base import load_base
+
         self.coordinator = ray.get_actor(coordinator, namespace=namespace)
         info: FederationInfo = ray.get(self.coordinator.info.remote())
         base = load_base(info.base_spec, device=device, dtype=dtype_of(dtype))

@@ -28,16 +28,18 @@ Nothing here knows about Ray; `serve/generator.py` drives a `ConceptBank` from a
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from blocklora.artifact import ConceptArtifact
-from blocklora.base import Base
 from blocklora.config import AdapterConfig
 from blocklora.inject import set_module
 from blocklora.slots import PipelineSlots, phrases
+
+if TYPE_CHECKING:
+    from blocklora.base import Base
 
 KERNELS = ("gathered", "union")  # how a layer adds its residual (module docstring)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,3 +39,15 @@ def write_images(folder: Path, n: int = 4, size: int = 32, seed: int = 0) -> Pat
         arr[lo:hi, lo:hi] = rng.integers(100, 255, 3)
         Image.fromarray(arr).save(folder / f"{i}.png")
     return folder
+
+
+def model_code_imported(code: str, *args: str) -> tuple[list[str], str]:
+    """Run `code` in a fresh interpreter (the repo as cwd); which of diffusers and transformers it
+    imported (those are the seconds a light process must not pay), and what it printed."""
+    probe = code + ("; import json as _j, sys as _s; print(); "
+                    "print(_j.dumps(sorted(m for m in ('diffusers', 'transformers') if m in _s.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe, *args], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *printed, last = done.stdout.strip().splitlines()
+    return json.loads(last), "\n".join(printed).strip()

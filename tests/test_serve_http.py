@@ -25,7 +25,7 @@ from blocklora.generate import generate
 from blocklora.inject import find_targets
 from blocklora.merge import LiveMerge
 from blocklora.slots import phrase
-from core_helpers import fused_weight, make_artifact
+from core_helpers import fused_weight, make_artifact, model_code_imported
 from serve_helpers import pixels, serve_up, start_coordinator, stop_app
 
 pytestmark = pytest.mark.slow
@@ -184,6 +184,12 @@ def test_removed_concept_refused_within_a_second_then_served_again(srv):
     assert r.status_code == 201, r.text
     again = post(srv, prompt="a photo of {a}")
     assert again.status_code == 200 and again.content == before
+
+
+def test_building_the_app_does_not_import_the_model_code():
+    """jobs/serve_up.py only binds the deployments: the generator imports diffusers in its replica, so
+    the driver reaches `serve.run` ~4 s of a core sooner (the main job's Serve stage waits on it)."""
+    assert model_code_imported("from serve.app import AppArgs, build; build(AppArgs())")[0] == []
 
 
 def test_the_ingress_process_never_loads_torch(srv, ray_head):
