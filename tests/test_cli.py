@@ -49,8 +49,10 @@ def test_train_generate_merge_inspect(tmp_path):
 
 def test_local_demo_writes_a_three_row_sheet(tmp_path):
     """jobs/local_demo.py (the docs' before/after grids): training images, base, merged."""
+    # the toy recipe's quiet penalty draws class pictures of every toy shape: 2 each here, not 8 (-11 s of a core)
     out = subprocess.run([sys.executable, "jobs/local_demo.py", "--base", "tiny", "--concept", "swirl", "--steps", "2",
-                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          "--num-class-images", "2", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "trained 'swirl' in slot 0" in out.stdout
     sheet = Image.open(tmp_path / "contact_sheet.png")
