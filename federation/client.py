@@ -56,13 +56,16 @@ def job_init_args(verbose: bool = False) -> dict[str, Any]:
       process gets a few percent of a core);
     - prints go straight to stdout (Ray Train would route them through its logger, which showed
       each progress line twice), so the job's output is the training's progress;
+    - no PreemptionWatcher: Ray Train starts one more actor process per run to poll whether the node
+      is being drained (spot reclaim); a client's node is its own, drained by nobody (cluster.yaml's
+      autoscaler only removes idle nodes), and the process costs ~1.7 s of a core during start-up;
     - unless `verbose`: Ray's own output (dataset progress bars and logs, Train's INFO lines,
       deprecation warnings, diffusers' loading bars) stays off the terminal; Ray's own Python lines are
       still in the session's log files. The C++ core of the job's workers logs only FATAL lines: at
-      ERROR it tells every Train run that an actor restart "will fail" (ray-project/ray#53727), about
-      Train's own PreemptionWatcher, which nothing here restarts; a real failure still reaches the job
-      as a Python exception."""
-    env = {"RAY_worker_niceness": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+      ERROR it told every Train run that an actor restart "will fail" (ray-project/ray#53727), about
+      the PreemptionWatcher above; a real failure still reaches the job as a Python exception."""
+    env = {"RAY_worker_niceness": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     if not verbose:
         env |= {"RAY_DATA_LOG_LEVEL": "ERROR", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                 "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning", "RAY_BACKEND_LOG_LEVEL": "fatal"}
