@@ -41,14 +41,18 @@ class AppArgs(BaseModel):
 
 
 INGRESS_SHARE = 0.01  # of `ingress_resource`: the ingress is light, and the head's services share one unit
+# How often a stopping replica checks whether its requests are done (Serve's default: 2 s, slept once
+# even when none is left): an app deleted, redeployed or scaled down frees its replicas ~1.5 s sooner.
+SHUTDOWN_POLL_S = 0.5
 
 
 def build(args: AppArgs) -> Application:
     """The app; with `generator_resource` / `ingress_resource` set, Ray places each part on the node
     type that advertises it (cluster.yaml: replicas on serve_gpu nodes, the ingress on the head)."""
     on = lambda name, amount: {"resources": {name: amount}} if name else {}  # noqa: E731
-    generator = Generator.options(num_replicas=args.replicas, ray_actor_options={
-        "num_cpus": args.num_cpus, **on(args.generator_resource, 1)})
-    ingress = Ingress.options(ray_actor_options={"num_cpus": 0, **on(args.ingress_resource, INGRESS_SHARE)})
+    generator = Generator.options(num_replicas=args.replicas, graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
+                                  ray_actor_options={"num_cpus": args.num_cpus, **on(args.generator_resource, 1)})
+    ingress = Ingress.options(graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
+                              ray_actor_options={"num_cpus": 0, **on(args.ingress_resource, INGRESS_SHARE)})
     return ingress.bind(generator.bind(args.coordinator, args.namespace, args.device, args.dtype),
                         args.coordinator, args.namespace, args.api_key, args.max_pixel_steps)
