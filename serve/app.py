@@ -41,18 +41,21 @@ class AppArgs(BaseModel):
 
 
 INGRESS_SHARE = 0.01  # of `ingress_resource`: the ingress is light, and the head's services share one unit
-# How often a stopping replica checks whether its requests are done (Serve's default: 2 s, slept once
-# even when none is left): an app deleted, redeployed or scaled down frees its replicas ~1.5 s sooner.
-SHUTDOWN_POLL_S = 0.5
+# Serve's replica life cycle, tuned for a small federation's few replicas (both are cheap polls):
+# a stopping replica checks whether its requests are done every SHUTDOWN_POLL_S (Serve's 2 s is slept
+# once even when none is left), and the controller pings each replica every HEALTH_POLL_S (Serve's
+# 10 s): a replica that died is seen, and its replacement started, up to 8 s sooner.
+SHUTDOWN_POLL_S, HEALTH_POLL_S = 0.5, 2.0
+LIFE_CYCLE = {"graceful_shutdown_wait_loop_s": SHUTDOWN_POLL_S, "health_check_period_s": HEALTH_POLL_S}
 
 
 def build(args: AppArgs) -> Application:
     """The app; with `generator_resource` / `ingress_resource` set, Ray places each part on the node
     type that advertises it (cluster.yaml: replicas on serve_gpu nodes, the ingress on the head)."""
     on = lambda name, amount: {"resources": {name: amount}} if name else {}  # noqa: E731
-    generator = Generator.options(num_replicas=args.replicas, graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
+    generator = Generator.options(num_replicas=args.replicas, **LIFE_CYCLE,
                                   ray_actor_options={"num_cpus": args.num_cpus, **on(args.generator_resource, 1)})
-    ingress = Ingress.options(graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
+    ingress = Ingress.options(**LIFE_CYCLE,
                               ray_actor_options={"num_cpus": 0, **on(args.ingress_resource, INGRESS_SHARE)})
     return ingress.bind(generator.bind(args.coordinator, args.namespace, args.device, args.dtype),
                         args.coordinator, args.namespace, args.api_key, args.max_pixel_steps)
