@@ -1,5 +1,6 @@
 """The documented CLI, run as a user would: separate processes, files in between."""
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -33,9 +34,13 @@ def test_commands_without_a_base_do_not_import_diffusers():
 
 def test_train_generate_merge_inspect(tmp_path):
     images = write_images(tmp_path / "img")
-    for name, slot in (("a", 1), ("b", 2)):
-        _cli("train", "--images", str(images), "--name", name, "--class-word", "dog", "--slot", str(slot),
-             "--steps", "2", "--out", str(tmp_path / f"{name}.safetensors"))
+
+    def train(name: str, slot: int) -> str:
+        return _cli("train", "--images", str(images), "--name", name, "--class-word", "dog", "--slot", str(slot),
+                    "--steps", "2", "--out", str(tmp_path / f"{name}.safetensors"))
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two users training side by side
+        list(pool.map(train, ("a", "b"), (1, 2)))
     _cli("generate", "--concepts", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
          "--prompt", "{a} and {b}", "--steps", "2", "--out", str(tmp_path / "img.png"))
     assert Image.open(tmp_path / "img.png").size == (32, 32)
