@@ -22,6 +22,47 @@ import pytest  # noqa: E402
 from blocklora.base import load_base  # noqa: E402
 
 
+# -- prerun jobs (tests/prerun.py) -------------------------------------------------------------------
+# Tests marked `@pytest.mark.prerun(job=...)` run last; their jobs start when collection ends and run at idle
+# priority under the tests before them.
+
+from prerun import Prerun  # noqa: E402
+
+PRERUN = pytest.StashKey[Prerun]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "prerun(job=f): the test reads what f(folder, run) did at idle priority")
+
+
+def _job(item: pytest.Item):
+    marker = item.get_closest_marker("prerun")
+    return marker.kwargs["job"] if marker else None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: _job(item) is not None)  # stable: the order within each part is kept
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    jobs = [job for job in map(_job, session.items) if job is not None]
+    if jobs and not session.config.option.collectonly:
+        prerun = session.config.stash[PRERUN] = Prerun()
+        for job in jobs:
+            prerun.start(job)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if PRERUN in session.config.stash:
+        session.config.stash[PRERUN].close()
+
+
+@pytest.fixture
+def prerun(request: pytest.FixtureRequest):
+    """(what the test's prerun job returned, the folder it wrote in)."""
+    return request.config.stash[PRERUN].result(_job(request.node))
+
+
 @pytest.fixture
 def tiny_base():
     """A fresh embedded tiny base (tests may mutate it: merges, tokens, injected layers)."""

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,23 +20,23 @@ from blocklora.base import load_base
 from blocklora.config import AdapterConfig, TrainConfig
 from blocklora.export import to_lora_state_dict
 from blocklora.inject import layout
+from prerun import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_module(module: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    """Run `python -m benchmarks.<module> --quick` to success, on both cores (the benchmarks default to
-    one thread for steady timings on a shared machine; the tests assert no timings)."""
-    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick", "--threads", "2", "--out", str(out), *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def run_module(run: Runner, module: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Run `python -m benchmarks.<module> --quick` to success, as a prerun job's process (one thread, idle
+    priority: tests/prerun.py; the tests assert no timings)."""
+    proc = run([sys.executable, "-m", f"benchmarks.{module}", "--quick", "--threads", "1", "--out", str(out), *extra],
+               cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
-def run_quick(module: str, out: Path, *extra: str) -> dict:
+def run_quick(run: Runner, module: str, out: Path, *extra: str) -> dict:
     """Run `python -m benchmarks.<module> --quick` and parse its last stdout line."""
-    result = json.loads(run_module(module, out, *extra).stdout.strip().splitlines()[-1])
+    result = json.loads(run_module(run, module, out, *extra).stdout.strip().splitlines()[-1])
     assert result["quick"] is True
     assert {"device", "dtype", "torch"} <= set(result["env"])
     return result
@@ -65,9 +64,14 @@ def test_saved_activation_bytes_counts_what_autograd_keeps():
     assert saved_activation_bytes(lambda: a * b, exclude=[b]) == 0
 
 
+def merge_bench_quick(out: Path, run: Runner) -> dict:
+    return run_quick(run, "merge_bench", out)
+
+
 @pytest.mark.slow
-def test_merge_bench_quick_is_exact(tmp_path):
-    r = run_quick("merge_bench", tmp_path)
+@pytest.mark.prerun(job=merge_bench_quick)
+def test_merge_bench_quick_is_exact(prerun):
+    r, out = prerun
     ours, theirs = r["exactness"]["r4"]["blocklora"], r["exactness"]["r4"]["diffusers-peft"]
     assert ours["max_abs_diff_vs_dense"] == 0.0
     assert ours["max_abs_diff_vs_fresh"] == 0.0
@@ -77,12 +81,17 @@ def test_merge_bench_quick_is_exact(tmp_path):
                                                                  for n in r["N"]}
     assert all(row["add_s"] > 0 and row["extra_bytes_torch"] > 0 for row in r["rows"])
     assert {"ours_add_growth", "speedup_add_at_max_N"} <= set(r["summary"]["r4"])
-    assert (tmp_path / "merge_speed.csv").exists() and (tmp_path / "merge_add.png").exists()
+    assert (out / "merge_speed.csv").exists() and (out / "merge_add.png").exists()
+
+
+def train_bench_quick(out: Path, run: Runner) -> dict:
+    return run_quick(run, "train_bench", out)
 
 
 @pytest.mark.slow
-def test_train_bench_quick_reports_both_arms(tmp_path):
-    r = run_quick("train_bench", tmp_path)
+@pytest.mark.prerun(job=train_bench_quick)
+def test_train_bench_quick_reports_both_arms(prerun):
+    r, out = prerun
     rows = {(row["model"], row["arm"]): row for row in r["rows"]}
     assert set(rows) == {(m, a) for m in ("tiny", "sd15-shaped") for a in ("blocklora", "peft-lora")}
     for model in ("tiny", "sd15-shaped"):
@@ -90,12 +99,19 @@ def test_train_bench_quick_reports_both_arms(tmp_path):
         assert ours["adapter_params"] < theirs["adapter_params"]  # owned rows of B only
         assert ours["step_s_median"] > 0 and theirs["activation_bytes"] > 0
         assert ours["upload_bytes"] > 0 and theirs["upload_bytes"] > 0
-    assert (tmp_path / "train_cost.csv").exists() and (tmp_path / "train_step.png").exists()
+    assert (out / "train_cost.csv").exists() and (out / "train_step.png").exists()
+
+
+def retention_quick_twice(folder: Path, run: Runner) -> tuple[dict, subprocess.CompletedProcess]:
+    """The quick study, then a rerun on the same cache."""
+    args = ("--cache", str(folder / "cache"), "--ns", "2", "1", "2")
+    return run_quick(run, "retention", folder / "out", *args), run_module(run, "retention", folder / "again", *args)
 
 
 @pytest.mark.slow
-def test_retention_quick_covers_every_arm(tmp_path):
-    r = run_quick("retention", tmp_path / "out", "--cache", str(tmp_path / "cache"), "--ns", "2", "1", "2")
+@pytest.mark.prerun(job=retention_quick_twice)
+def test_retention_quick_covers_every_arm(prerun):
+    (r, again), folder = prerun
     assert r["profile"]["ns"] == [1, 2]  # --ns: the set sizes scored, sorted and once each
     assert set(r["methods"]) == set(ARMS)
     assert {"blocklora", "blocklora-mean"} <= set(r["methods"])  # both α arms: sum and Eq. 5's 1/N
@@ -109,14 +125,13 @@ def test_retention_quick_covers_every_arm(tmp_path):
     for c in r["criteria"]:
         assert c["interval"]["low"] <= c["interval"]["high"]
     assert set(r["lr_factors"]) and all(f > 0 for f in r["lr_factors"].values())
-    scores = (tmp_path / "out" / "scores.csv").read_text().splitlines()
+    scores = (folder / "out" / "scores.csv").read_text().splitlines()
     profile = r["profile"]
     rows = len(ARMS) * len(profile["ns"]) * profile["concepts"] * len(profile["seeds"])
     assert len(scores) - 1 == rows  # one row per (arm, N, concept, seed)
     for name in ("image_alignment_vs_N.png", "methods.csv", "criteria.csv", "tables.md", "interference.csv"):
-        assert (tmp_path / "out" / name).exists()
+        assert (folder / "out" / name).exists()
     # a rerun on the same cache trains and scores nothing, and reports the same figures
-    again = run_module("retention", tmp_path / "again", "--cache", str(tmp_path / "cache"), "--ns", "2", "1", "2")
     lines = again.stdout.strip().splitlines()
     assert not [line for line in lines if "ETA" in line], lines
     assert sum("scores cached" in line for line in lines) == len(ARMS)
@@ -155,17 +170,22 @@ def test_retention_progress_times_each_kind_of_work_at_its_own_rate(capsys):
     assert eta * 60 < 0.3 * 2  # 1 training (~0.3 s) + 99 windows (~0 s) left, not 101 at the mean rate
 
 
-def test_merge_rules_quick_pairs_every_rule_with_eq5(tmp_path):
+def merge_rules_quick(folder: Path, run: Runner) -> dict:
+    return run_quick(run, "merge_rules", folder / "out", "--cache", str(folder / "cache"))
+
+
+@pytest.mark.prerun(job=merge_rules_quick)
+def test_merge_rules_quick_pairs_every_rule_with_eq5(prerun):
     """At N = 2 two rules coincide with others exactly (α = 2/N is the sum, α = 1/2 is Eq. 5): the same
     residual, prompts and seeds must give the same scores, and Eq. 5 against itself differs by 0."""
-    r = run_quick("merge_rules", tmp_path / "out", "--cache", str(tmp_path / "cache"))
+    r, folder = prerun
     rules = r["rules"]
     assert r["n"] == 2 and {"alone (N = 1)", "trigger token only", "gated k/v + 1/N elsewhere"} <= set(rules)
     assert rules["α = 2/N"]["image_alignment"] == rules["α = 1 (sum)"]["image_alignment"]
     assert rules["α = 1/2"]["image_alignment"] == rules["α = 1/N (Eq. 5)"]["image_alignment"]
     assert rules["α = 1/N (Eq. 5)"]["image_alignment_minus_eq5"] == {"estimate": 0.0, "low": 0.0, "high": 0.0}
     assert set(r["prior_drift_at_n"]) == {"α = 1/N (Eq. 5)", "gated k/v + 1/N elsewhere"}
-    assert "Merge rules at N = 2" in (tmp_path / "out" / "tables.md").read_text()
+    assert "Merge rules at N = 2" in (folder / "out" / "tables.md").read_text()
 
 
 def test_retention_refuses_an_arm_the_base_cannot_hold_before_training(tmp_path):
@@ -178,27 +198,36 @@ def test_retention_refuses_an_arm_the_base_cannot_hold_before_training(tmp_path)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
-def test_gpu_suite_quick_writes_json_and_table(tmp_path):
+def gpu_suite_quick(out: Path, run: Runner) -> None:
+    proc = run([sys.executable, "-m", "benchmarks.gpu_suite", "--quick", "--device", "cpu",
+                "--parts", "mixed_bf16", "e2e_fp16", "--out", str(out)], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.prerun(job=gpu_suite_quick)
+def test_gpu_suite_quick_writes_json_and_table(prerun):
     """The GPU suite's structure on the CPU: a part's JSON, the suite's JSON and the markdown table;
     the mixed-precision part trains both arms on the same draws, so their losses agree closely."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--quick", "--device", "cpu",
-                           "--parts", "mixed_bf16", "e2e_fp16", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    suite = json.loads((tmp_path / "suite.json").read_text())
+    _, out = prerun
+    suite = json.loads((out / "suite.json").read_text())
     assert suite["quick"] is True and [p["part"] for p in suite["parts"]] == ["mixed_bf16", "e2e_fp16"]
-    e2e = json.loads((tmp_path / "e2e_fp16.json").read_text())["result"]
+    e2e = json.loads((out / "e2e_fp16.json").read_text())["result"]
     assert e2e["env"]["dtype"] == "float16" and e2e["merged"] == 15 and e2e["images_per_s"] > 0
-    mixed = json.loads((tmp_path / "mixed_bf16.json").read_text())["result"]
+    mixed = json.loads((out / "mixed_bf16.json").read_text())["result"]
     assert mixed["env"]["dtype"] == "bfloat16" and set(mixed["arms"]) == {"no", "bf16"}
     assert all(len(arm["losses"]) == mixed["steps"] and arm["step_s_median"] > 0 for arm in mixed["arms"].values())
     assert abs(mixed["loss_ratio"] - 1) < mixed["target"] and 0 < mixed["lora_b_rel_diff"] < 1
-    table = (tmp_path / "suite.md").read_text()
+    table = (out / "suite.md").read_text()
     assert "| e2e_fp16 |" in table and "| mixed_bf16 |" in table
 
 
-def test_concept_capacity_quick_scores_each_recipe(tmp_path):
-    r = run_quick("concept_capacity", tmp_path / "out", "--cache", str(tmp_path / "cache"))
+def concept_capacity_quick(folder: Path, run: Runner) -> dict:
+    return run_quick(run, "concept_capacity", folder / "out", "--cache", str(folder / "cache"))
+
+
+@pytest.mark.prerun(job=concept_capacity_quick)
+def test_concept_capacity_quick_scores_each_recipe(prerun):
+    r, folder = prerun
     results = r["results"]
     assert set(results) == {"base, class prompt", "default's trigger embedding, no weights",
                             "attention, 16 slots (the default)", "attention, 1 slot (every row)",
@@ -211,19 +240,28 @@ def test_concept_capacity_quick_scores_each_recipe(tmp_path):
         assert set(scores["per_concept"]) == {"ember"}
         assert -1 <= scores["shape_alignment"]["estimate"] <= 1 and 0 <= scores["image_alignment"]["estimate"] <= 1
     assert results["attention, 16 slots (the default)"]["image_alignment_minus_default"]["estimate"] == 0
-    assert (tmp_path / "out" / "sheet.png").exists()
+    assert (folder / "out" / "sheet.png").exists()
 
 
-def test_base_compare_quick_pairs_a_base_with_itself(tmp_path):
+BASE = ROOT / "models" / "toy-base"
+
+
+def base_compare_quick_of_one_base_twice(folder: Path, run: Runner) -> dict:
+    alias = folder / "same-base"
+    alias.symlink_to(BASE, target_is_directory=True)
+    return run_quick(run, "base_compare", folder / "out", "--bases", str(BASE), str(alias))
+
+
+@pytest.mark.prerun(job=base_compare_quick_of_one_base_twice)
+def test_base_compare_quick_pairs_a_base_with_itself(prerun):
     """The same base under two names draws the same pictures: every paired difference is exactly 0."""
-    base, alias = ROOT / "models" / "toy-base", tmp_path / "same-base"
-    alias.symlink_to(base, target_is_directory=True)
-    result = run_quick("base_compare", tmp_path / "out", "--bases", str(base), str(alias))
+    result, folder = prerun
+    base, alias = BASE, folder / "same-base"
     first, second = result["bases"][str(base)], result["bases"][str(alias)]
     assert first["shape"] == second["shape"] and first["colour"] == second["colour"]
     assert second["shape_minus_first"] == second["colour_minus_first"] == [0.0, 0.0, 0.0]
     assert set(first["shape_by_class"]) == {"circle", "square", "triangle", "star", "cross", "heart"}
-    assert len(result["pairs"]) == 12 and (tmp_path / "out" / "compare.png").is_file()
+    assert len(result["pairs"]) == 12 and (folder / "out" / "compare.png").is_file()
 
 
 def test_interference_groups_every_layer_a_variant_trains_and_names_a_stray_one():

@@ -8,7 +8,6 @@ import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,36 +17,43 @@ from PIL import Image
 
 from blocklora.base import load_base
 from blocklora.toy.base import GRID_PROMPTS, GRID_SEEDS, SAMPLES_FILE
+from prerun import Runner
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pretrain(work: Path, out: Path, steps: int, *extra: str) -> None:
+def pretrain(run: Runner, work: Path, out: Path, steps: int, *extra: str) -> None:
     cmd = [sys.executable, "jobs/pretrain_base.py", "--work-dir", str(work), "--out", str(out),
            "--steps", str(steps), "--vae-steps", "2", "--batch", "2", "--vae-batch", "2",
            "--checkpoint-every", "1", "--sample-every", "1000", "--eval-seeds", "1", "--sample-steps", "2",
            "--unet-width", "16", *extra]  # half the committed width: the flag reaches the exported UNet, and it is faster
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    done = run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.slow
-def test_pretrain_resumes_and_exports_a_loadable_base(tmp_path: Path) -> None:
+def pretrain_then_resume_and_init_from(tmp_path: Path, run: Runner) -> int:
+    """A 2-step run, then two side by side: the same work dir resumed, and a new one trained on from the
+    first export (--init-from; a copy, since the resumed run exports over it). The first run's step count."""
     work, out = tmp_path / "work", tmp_path / "base"
-    pretrain(work, out, steps=2)
-    first = load_base(str(out), device="cpu")
-    assert json.loads((work / "state.json").read_text())["unet_step"] == 2
-    assert tuple(first.pipe.unet.config.block_out_channels) == (16, 32, 64)
-
-    # Two runs side by side: the same work dir resumed, and a new one trained on from the first export
-    # (--init-from; a copy, since the resumed run exports over `out`).
+    pretrain(run, work, out, steps=2)
+    first_steps = json.loads((work / "state.json").read_text())["unet_step"]
     shutil.copytree(out, tmp_path / "first")
-    more_work, more = tmp_path / "more-work", tmp_path / "more"
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        resumed = pool.submit(pretrain, work, out, 3)  # resumes at denoiser step 2: VAE and steps 0-1 not redone
-        onward = pool.submit(pretrain, more_work, more, 2, "--init-from", str(tmp_path / "first"), "--seed", "1")
+        resumed = pool.submit(pretrain, run, work, out, 3)  # resumes at denoiser step 2: VAE and steps 0-1 not redone
+        onward = pool.submit(pretrain, run, tmp_path / "more-work", tmp_path / "more", 2,
+                             "--init-from", str(tmp_path / "first"), "--seed", "1")
         resumed.result(), onward.result()
+    return first_steps
+
+
+@pytest.mark.slow
+@pytest.mark.prerun(job=pretrain_then_resume_and_init_from)
+def test_pretrain_resumes_and_exports_a_loadable_base(prerun) -> None:
+    first_steps, tmp_path = prerun
+    work, out, more_work, more = tmp_path / "work", tmp_path / "base", tmp_path / "more-work", tmp_path / "more"
+    first = load_base(str(tmp_path / "first"), device="cpu")
+    assert first_steps == 2
+    assert tuple(first.pipe.unet.config.block_out_channels) == (16, 32, 64)
     rows = list(csv.DictReader((work / "loss.csv").open()))
     assert [(r["stage"], int(r["step"])) for r in rows] == [("vae", 0), ("vae", 1), ("unet", 0), ("unet", 1), ("unet", 2)]
     second = load_base(str(out), device="cpu")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from blocklora.base import Base, load_base
 from blocklora.toy.judge import Score, generate, load_judge
 from blocklora.toy.base import GRID_PROMPTS, SAMPLES_FILE, TOY_BASE_DIR, sample_grid
 from blocklora.toy.data import HELDOUT_PAIRS, SHAPES
+from prerun import Runner
 
 REPO = TOY_BASE_DIR.parents[1]
 # fixed pairs, two of them held out of training (never captioned together); the model card has the full evaluation
@@ -46,15 +46,21 @@ def test_architecture_fits_blocklora(base: Base) -> None:
     assert projections and min(m.out_features for m in projections) >= 16
 
 
-def test_fingerprint_same_across_loads_and_paths(base: Base) -> None:
-    """A second load in-process, and a fresh offline process loading by a relative path, agree."""
-    assert load_base(str(TOY_BASE_DIR), device="cpu").fingerprint == base.fingerprint
+def fingerprint_in_a_fresh_process(folder: Path, run: Runner) -> str:
+    """A fresh offline process loading the toy base by a path relative to the repository."""
     rel = os.path.relpath(TOY_BASE_DIR, REPO)
     code = f"from blocklora.base import load_base; print(load_base({rel!r}, device='cpu').fingerprint)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    out = run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == base.fingerprint
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.prerun(job=fingerprint_in_a_fresh_process)
+def test_fingerprint_same_across_loads_and_paths(base: Base, prerun) -> None:
+    """A second load in-process, and a fresh offline process loading by a relative path, agree."""
+    assert load_base(str(TOY_BASE_DIR), device="cpu").fingerprint == base.fingerprint
+    fresh, _ = prerun
+    assert fresh == base.fingerprint
 
 
 def test_judge_finds_the_prompted_colour_and_beats_chance_on_shape(base: Base) -> None:
