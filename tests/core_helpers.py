@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from blocklora.base import Base
 from blocklora.config import AdapterConfig
 from blocklora.slots import SlotSpace
 from blocklora.synthetic import random_artifact
+from prerun import Runner, run_now
 
 
 def make_artifact(base: Base, cfg: AdapterConfig, name: str, slot: int, seed: int = 0, **kw):
@@ -41,13 +41,12 @@ def write_images(folder: Path, n: int = 4, size: int = 32, seed: int = 0) -> Pat
     return folder
 
 
-def model_code_imported(code: str, *args: str) -> tuple[list[str], str]:
+def model_code_imported(code: str, *args: str, run: Runner = run_now) -> tuple[list[str], str]:
     """Run `code` in a fresh interpreter (the repo as cwd); which of diffusers and transformers it
     imported (those are the seconds a light process must not pay), and what it printed."""
     probe = code + ("; import json as _j, sys as _s; print(); "
                     "print(_j.dumps(sorted(m for m in ('diffusers', 'transformers') if m in _s.modules)))")
-    done = subprocess.run([sys.executable, "-c", probe, *args], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=120)
+    done = run([sys.executable, "-c", probe, *args], cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
     *printed, last = done.stdout.strip().splitlines()
     return json.loads(last), "\n".join(printed).strip()

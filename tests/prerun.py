@@ -23,10 +23,15 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-Runner = Callable[..., subprocess.CompletedProcess]  # Prerun.run: subprocess.run at idle priority
+Runner = Callable[..., subprocess.CompletedProcess]  # (argv, cwd=, env=) -> the finished process, output as text
 Job = Callable[[Path, Runner], Any]
 IDLE_NICE = 19  # the lowest CPU weight a process or an autogroup can have
 TIMEOUT_S = 1800  # a job may wait behind busy foreground tests for most of the suite before it runs
+
+
+def run_now(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The Runner of a test that runs its process itself, at once and at normal priority."""
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
 def _lower_priority(pid: int) -> None:

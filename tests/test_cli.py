@@ -32,10 +32,16 @@ def test_help_lists_the_commands(prerun):
         assert cmd in text
 
 
-def test_commands_without_a_base_do_not_import_diffusers():
+def cli_imports(folder: Path, run: Runner) -> tuple[list[str], str]:
+    return model_code_imported("import blocklora.cli, blocklora.export, blocklora.stats", run=run)
+
+
+@pytest.mark.prerun(job=cli_imports)
+def test_commands_without_a_base_do_not_import_diffusers(prerun):
     """`inspect`, `merge` and `--help` read artifacts only: they answer without the seconds that
     diffusers and transformers take to import (the artifact module needs neither)."""
-    assert model_code_imported("import blocklora.cli, blocklora.export, blocklora.stats")[0] == []
+    (imported, _), _ = prerun
+    assert imported == []
 
 
 def train_generate_merge_inspect(tmp_path: Path, run: Runner) -> list[str]:

@@ -26,6 +26,7 @@ from blocklora.inject import find_targets
 from blocklora.merge import LiveMerge
 from blocklora.slots import phrase
 from core_helpers import fused_weight, make_artifact, model_code_imported
+from prerun import Runner
 from serve_helpers import pixels, serve_up, start_coordinator, stop_app
 
 pytestmark = pytest.mark.slow
@@ -186,10 +187,16 @@ def test_removed_concept_refused_within_a_second_then_served_again(srv):
     assert again.status_code == 200 and again.content == before
 
 
-def test_building_the_app_does_not_import_the_model_code():
+def app_build_imports(folder: Path, run: Runner) -> tuple[list[str], str]:
+    return model_code_imported("from serve.app import AppArgs, build; build(AppArgs())", run=run)
+
+
+@pytest.mark.prerun(job=app_build_imports)
+def test_building_the_app_does_not_import_the_model_code(prerun):
     """jobs/serve_up.py only binds the deployments: the generator imports diffusers in its replica, so
     the driver reaches `serve.run` ~4 s of a core sooner (the main job's Serve stage waits on it)."""
-    assert model_code_imported("from serve.app import AppArgs, build; build(AppArgs())")[0] == []
+    (imported, _), _ = prerun
+    assert imported == []
 
 
 def test_the_ingress_process_never_loads_torch(srv, ray_head):
