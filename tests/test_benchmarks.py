@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -275,3 +276,35 @@ def test_interference_groups_every_layer_a_variant_trains_and_names_a_stray_one(
     assert set(groups.values()) == {"cross-attn k/v", "cross-attn q/out", "self-attn", "feed-forward"} < set(LAYER_GROUPS)
     with pytest.raises(ValueError, match="'unet.conv_in' is in no group"):
         group_of("unet.conv_in")
+
+
+SMALL_SUITE = """import time
+
+def test_sleeps():
+    time.sleep(0.3)
+
+def test_spins():
+    start = time.process_time()
+    while time.process_time() - start < 0.3:
+        pass
+"""
+
+
+def suite_cpu_of_a_small_suite(folder: Path, run: Runner) -> subprocess.CompletedProcess:
+    (folder / "test_small.py").write_text(SMALL_SUITE)
+    return run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.suite_cpu",
+                str(folder / "test_small.py")], cwd=ROOT, env={**os.environ, "SUITE_CPU_OUT": str(folder / "cpu.json")})
+
+
+@pytest.mark.prerun(job=suite_cpu_of_a_small_suite)
+def test_suite_cpu_records_each_phase_and_the_cpu_it_took(prerun):
+    """The suite profiler (benchmarks/suite_cpu.py): three phases a test; a test that spins 0.3 s of CPU is
+    seen to take at least that much of the machine's, one that sleeps takes its wall time."""
+    done, folder = prerun
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((folder / "cpu.json").read_text())
+    phases = {(test.split("::")[1], phase): (wall, cpu) for test, phase, wall, cpu in result["phases"]}
+    assert set(phases) == {(t, p) for t in ("test_sleeps", "test_spins") for p in ("setup", "call", "teardown")}
+    assert phases["test_sleeps", "call"][0] >= 0.3 and phases["test_spins", "call"][1] >= 0.25
+    assert abs(result["floor_s"] - result["cpu_s"] / result["cores"]) <= 0.1 and 0 < result["busy"]
+    assert len(result["modules"]) == 1 and "suite_cpu: " in done.stdout
