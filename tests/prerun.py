@@ -1,7 +1,7 @@
 """Subprocess work that a test only reads, run at idle priority while the rest of the suite waits on Ray.
 
-The suite is CPU-bound on two cores yet leaves about a third of them idle (docs/results/suite.md): Ray
-tests wait on health checks, replica restarts, timeouts. A test marked `@pytest.mark.prerun(job=...)` is
+The suite is CPU-bound on two cores yet left a quarter to a third of them idle (docs/results/suite.md):
+Ray tests wait on health checks, replica restarts, timeouts. A test marked `@pytest.mark.prerun(job=...)` is
 split in two: `job(folder, run)` runs its subprocesses (a benchmark in --quick mode, a CLI or demo script)
 from the session's start, two jobs at a time, every process of it on one thread in its own session
 whose autogroup has the lowest weight (nice 19), so it takes only CPU that the other tests leave idle;
@@ -35,9 +35,9 @@ def run_now(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None
 
 
 def _lower_priority(pid: int) -> None:
-    """Give process `pid` and its session the lowest CPU weight. With the kernel's autogroups on (each
-    session one scheduling group, as Ray's processes started by `ray start` are), a process's own nice
-    value only ranks it within its session, so the session's group is lowered too."""
+    """Give process `pid` and its session the lowest CPU weight. With the kernel's autogroups on, the CPU
+    is shared between sessions first (Ray's processes, started by `ray start` in a session of their own,
+    are one) and a process's nice value only ranks it within its session: so the session is lowered too."""
     os.setpriority(os.PRIO_PROCESS, pid, IDLE_NICE)
     with contextlib.suppress(FileNotFoundError):  # a kernel without autogroups: the nice value above ranks it
         Path(f"/proc/{pid}/autogroup").write_text(str(IDLE_NICE))
