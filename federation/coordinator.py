@@ -10,6 +10,7 @@ Serve replicas follow it with `state(since_version)`: artifacts travel through t
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 DEFAULT_NAME = "blocklora-coordinator"
 DEFAULT_NAMESPACE = "blocklora"
+# how long the Serve app's replicas wait for the coordinator's name: the app may be started beside
+# jobs/start_coordinator.py (the main job does), which reads the base before it creates the actor
+START_WAIT_S = 120.0
 
 
 class Coordinator:
@@ -125,12 +129,19 @@ def start(state_dir: str | Path, adapter: AdapterConfig, config: FederationConfi
     return actor
 
 
-def get(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> ray.actor.ActorHandle:
-    """The running coordinator, found by name; a clear error when there is none."""
+def get(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE, wait_s: float = 0.0) -> ray.actor.ActorHandle:
+    """The running coordinator, found by name; a clear error when there is none after `wait_s` seconds
+    (a Serve replica started beside `jobs/start_coordinator.py` waits for it: see START_WAIT_S)."""
     if not ray.is_initialized():  # ray.get_actor would quietly start a new, empty local cluster
         raise RuntimeError("not connected to a Ray cluster: call ray.init(address=...) first")
-    try:
-        return ray.get_actor(name, namespace=namespace)
-    except ValueError:
-        raise RuntimeError(f"no coordinator named {name!r} in Ray namespace {namespace!r}; start one with "
-                           "python jobs/start_coordinator.py --state-dir DIR (same --namespace/--name)") from None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+    waited = f" after waiting {wait_s:.0f} s" if wait_s else ""
+    raise RuntimeError(f"no coordinator named {name!r} in Ray namespace {namespace!r}{waited}; start one with "
+                       "python jobs/start_coordinator.py --state-dir DIR (same --namespace/--name)")

@@ -74,11 +74,29 @@ class Stage:
             print(f"      done in {dt:.1f} s", flush=True)
 
 
-def run(cmd: list[str], env: dict, timeout: float = 600) -> str:
+def run(cmd: list[str], env: dict, timeout: float = 600) -> None:
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} … failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-    return out.stdout
+
+
+def run_side_by_side(cmds: dict[str, list[str]], env: dict, logs: Path, timeout: float = 600) -> None:
+    """Start every script at once, each writing to logs/NAME.log, and wait for them in order; the first
+    failure stops the rest and is raised with the tail of its log."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name, cmd in cmds.items():
+            with open(logs / f"{name}.log", "wb") as log:
+                procs[name] = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        for name, proc in procs.items():
+            if proc.wait(timeout) != 0:
+                raise RuntimeError(f"{name} failed ({proc.returncode}):\n{(logs / f'{name}.log').read_text()[-3000:]}")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def concepts_to_train(limit: int) -> list[dict]:
@@ -256,7 +274,7 @@ def main() -> None:
     concepts = concepts_to_train(args.concepts)
     names = [c["name"] for c in concepts]
     timings: dict[str, float] = {}
-    stage = Stage(timings, total=8)
+    stage = Stage(timings, total=7)
     t_start = time.monotonic()
     report: dict = {"base_model": base, "steps": train.steps, "lr": train.lr, "token_lr": train.token_lr,
                     "guidance": sampling.guidance_scale, "timings_s": timings}
@@ -265,13 +283,15 @@ def main() -> None:
         cluster = LocalCluster(num_cpus=args.num_cpus, auth_token_path=out / "state" / "ray_auth_token", cwd=REPO).start()
         os.environ.update(cluster.auth_env)  # this process talks to the job API too
     try:
-        with stage(f"start the coordinator (base {base}, 16 slots)"):
-            run([sys.executable, "jobs/start_coordinator.py", "--base-model", base, "--slots", "16",
-                 "--state-dir", str(out / "state"), "--address", cluster.address, *precision], cluster.env)
         port = free_port()
-        with stage(f"start the Serve app on http://127.0.0.1:{port}/v1"):
-            run([sys.executable, "jobs/serve_up.py", "--address", cluster.address, "--port", str(port), *precision],
-                cluster.env)
+        # side by side: the app's replicas wait for the coordinator's name (it reads the base first), and
+        # each script's start-up (imports, Serve's controller and replicas) overlaps the other's
+        with stage(f"start the coordinator (base {base}, 16 slots) and the Serve app on http://127.0.0.1:{port}/v1"):
+            run_side_by_side({
+                "coordinator": [sys.executable, "jobs/start_coordinator.py", "--base-model", base, "--slots", "16",
+                                "--state-dir", str(out / "state"), "--address", cluster.address, *precision],
+                "serve": [sys.executable, "jobs/serve_up.py", "--address", cluster.address, "--port", str(port),
+                          *precision]}, cluster.env, out / "logs")
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
         admin = {"Authorization": f"Bearer {(out / 'state' / 'admin_token').read_text().strip()}"}
 

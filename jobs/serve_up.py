@@ -4,7 +4,8 @@
         [--coordinator blocklora-coordinator] [--replicas 1] [--api-key-file FILE] [--dtype float16] \
         [--generator-resource serve_gpu --ingress-resource head_services]   # on a cluster.yaml cluster
 
-Needs a running cluster and coordinator (jobs/start_coordinator.py). The app keeps running after
+Needs a running cluster and the coordinator (jobs/start_coordinator.py), or one starting: its replicas
+wait up to federation.coordinator.START_WAIT_S for the coordinator's name. The app keeps running after
 this script exits; `serve shutdown` (or `serve.delete("blocklora")`) stops it. Docs: /v1/docs.
 """
 

@@ -21,6 +21,7 @@ from ray import serve
 from blocklora.artifact import ConceptArtifact
 from blocklora.precision import dtype_of
 from blocklora.prompts import expand
+from federation.coordinator import START_WAIT_S, get as coordinator_named
 from federation.protocol import FederationInfo, LiveSet
 from serve.replies import ConceptUnavailable, DrawnImages
 from serve.residual import ConceptBank
@@ -47,7 +48,7 @@ class Generator:
         # only binds this class, and would otherwise spend ~4 s of a core importing the model code
         from blocklora.base import load_base
 
-        self.coordinator = ray.get_actor(coordinator, namespace=namespace)
+        self.coordinator = coordinator_named(coordinator, namespace, wait_s=START_WAIT_S)
         info: FederationInfo = ray.get(self.coordinator.info.remote())
         base = load_base(info.base_spec, device=device, dtype=dtype_of(dtype))
         if base.fingerprint != info.base_fingerprint:

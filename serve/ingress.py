@@ -31,6 +31,7 @@ from ray.serve.handle import DeploymentHandle
 
 from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
                                UnknownConcept)
+from federation.coordinator import START_WAIT_S, get as coordinator_named
 from federation.protocol import FederationInfo, LiveConcept
 from serve.body_limit import BodyLimit
 from serve.replies import ConceptUnavailable
@@ -128,7 +129,7 @@ class Ingress:
     def __init__(self, generator: DeploymentHandle, coordinator: str, namespace: str,
                  api_key: str | None = None, max_pixel_steps: int = MAX_PIXEL_STEPS) -> None:
         self.generator, self.api_key, self.max_pixel_steps = generator, api_key, max_pixel_steps
-        self.coordinator = ray.get_actor(coordinator, namespace=namespace)
+        self.coordinator = coordinator_named(coordinator, namespace, wait_s=START_WAIT_S)
         info: FederationInfo = ray.get(self.coordinator.info.remote())
         self.max_upload, self.resolution = info.max_artifact_bytes, info.resolution
         self.version, self.live = -1, {}

@@ -7,6 +7,7 @@ The tests of this module run in order and share one federation (one cluster for 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import re
 import subprocess
@@ -198,3 +199,29 @@ def test_fresh_coordinator_on_same_state_dir(fed):
     ray.get(actor.remove.remote(ADMIN_TOKEN, "dog-b"))
     assert set(live_artifacts(actor)) == {"dog-a2"}
     assert_residual_is_sum(actor)
+
+
+@ray.remote(num_cpus=0)
+class Stand:
+    """Any named actor: what `coordinator.get` looks for is the name."""
+
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_a_part_started_beside_the_coordinator_waits_for_its_name(fed):
+    """The Serve app's replicas look the coordinator up with a wait (the main job starts the app beside
+    jobs/start_coordinator.py, which reads the base before it names the actor): a name that appears
+    within the wait is found; one that does not is a clear error once the wait has passed."""
+    with pytest.raises(RuntimeError, match="no coordinator named 'late' in Ray namespace .* after waiting 1 s"):
+        coordinator.get("late", NAMESPACE, wait_s=1)
+
+    def name_it_soon() -> ray.actor.ActorHandle:
+        time.sleep(1.5)
+        return Stand.options(name="late", namespace=NAMESPACE).remote()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        named = pool.submit(name_it_soon)
+        found = coordinator.get("late", NAMESPACE, wait_s=60)
+        assert ray.get(found.ping.remote()) == "pong"
+    ray.kill(named.result(), no_restart=True)

@@ -42,8 +42,10 @@ def srv(ray_head, serve_port, tmp_path_factory):
     """Coordinator + two live concepts uploaded over HTTP + the app; yields what the tests need."""
     root = tmp_path_factory.mktemp("serve")
     ray.init(address=ray_head.address, namespace=NAMESPACE, log_to_driver=False)
-    actor = start_coordinator(ray_head, root / "state", NAMESPACE, NAME, ADAPTER, ADMIN)
-    client = serve_up(ray_head, serve_port, NAMESPACE, NAME)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # side by side, as the main job starts them
+        started = pool.submit(start_coordinator, ray_head, root / "state", NAMESPACE, NAME, ADAPTER, ADMIN)
+        client = pool.submit(serve_up, ray_head, serve_port, NAMESPACE, NAME).result()
+        actor = started.result()
     token = ray.get(actor.register.remote("serve-test")).token
     base = load_base("tiny")
     arts = {}
