@@ -135,8 +135,10 @@ class LocalCluster:
         raise TimeoutError(f"Ray dashboard at {url} not up after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
 
     def add_nodes(self, nodes: dict[str, dict[str, float]], num_cpus: int = 1, timeout: float = 120) -> dict[str, str]:
-        """Start worker nodes (name -> custom resources), side by side; their Ray node ids once all are up.
+        """Start worker nodes (name -> custom resources), one after another; their Ray node ids.
 
+        One at a time: `ray start` gives a node's raylet a fixed 30 s to register with the GCS, and on two
+        cores four raylets with their agents starting at once have kept the GCS from answering in time.
         Each has its own temp dir (short: socket paths are length-limited) for its sockets and logs."""
         taken = sorted(set(nodes) & set(self.node_ids))
         if taken:
@@ -148,7 +150,6 @@ class LocalCluster:
                    f"--resources={json.dumps(resources)}", f"--object-store-memory={NODE_OBJECT_STORE_BYTES}",
                    *_agent_ports(), f"--temp-dir={temp_dir}", "--disable-usage-stats"]
             self.nodes[name] = self._popen(cmd, self.temp_dir / f"ray-start-{name}.log")
-        for name in nodes:
             self.node_ids[name] = self._wait_node(name, timeout)
         return {name: self.node_ids[name] for name in nodes}
 
