@@ -95,7 +95,10 @@ def measure_arm(base: Base, arm: str, adapter: AdapterConfig, train: TrainConfig
         with peak_rss() as mem:
             times = [timed_cpu(lambda: trainer.step(images, captions)) for _ in range(steps)]
         if profile_to is not None:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if base.pipe.device.type == "cuda":  # the kernels' own time beside their launches'
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=activities) as prof:
                 trainer.step(images, captions)
             profile_to.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
         n_train = sum(p.numel() for p in trainable)
@@ -162,16 +165,19 @@ def _compare(ours: dict, theirs: dict) -> dict:
 
 def run(rounds: int, steps: int, rank: int, out: Path, device: str = "cpu",
         dtype: torch.dtype = torch.float32, mixed_precision: str = "no",
-        erasure: float = AdapterConfig.erasure, floor: bool = False, profile: bool = False) -> dict:
+        erasure: float = AdapterConfig.erasure, floor: bool = False, profile: bool = False,
+        sd15_size: int = 32) -> dict:
     """`dtype` is the whole base's, adapters included; with `mixed_precision` (then dtype is that
-    half dtype) the adapters of both arms are float32 and the step runs under autocast."""
+    half dtype) the adapters of both arms are float32 and the step runs under autocast.
+    `sd15_size`: the SD1.5-shaped model's image size (32, a 4 x 4 latent, fits a CPU; SD1.5 trains
+    at 512, a 64 x 64 latent, where a GPU's step is the kernels' work rather than their launches)."""
     arms = ARMS + ((FLOOR,) if floor else ())
     out.mkdir(parents=True, exist_ok=True)
     common = dict(rounds=rounds, mixed_precision=mixed_precision, erasure=erasure, arms=arms,
                   profile_dir=out if profile else None)
     rows = bench_model("tiny", load_base("tiny", device=device, dtype=dtype), rank, batch=2, image_size=32,
                        steps=steps, **common)
-    rows += bench_model("sd15-shaped", sd15_base(device=device, dtype=dtype), rank, batch=1, image_size=32,
+    rows += bench_model("sd15-shaped", sd15_base(device=device, dtype=dtype), rank, batch=1, image_size=sd15_size,
                         steps=max(2, steps // 3), **common)
     write_csv(out / "train_cost.csv", rows)
     get = {(r["model"], r["arm"]): r for r in rows}
@@ -191,7 +197,7 @@ def run(rounds: int, steps: int, rank: int, out: Path, device: str = "cpu",
     line_plot(out / "train_step.png", series, "model", "seconds per step (median)",
               f"one training step, rank {rank}", logy=True)
     return {"benchmark": "train", "env": environment(device, dtype), "mixed_precision": mixed_precision,
-            "rank": rank, "erasure": erasure, "rounds": rounds,
+            "rank": rank, "erasure": erasure, "rounds": rounds, "sd15_size": sd15_size,
             "summary": summary, "rows": rows}
 
 
@@ -207,6 +213,8 @@ def main() -> None:
     p.add_argument("--floor", action="store_true", help="add the arm without any UNet adapter")
     p.add_argument("--profile", action="store_true",
                    help="profile one more step per arm (torch.profiler): OUT/profile-MODEL-ARM.txt")
+    p.add_argument("--sd15-size", type=int, default=32,
+                   help="image size of the SD1.5-shaped model (512 is SD1.5's own: for a GPU)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 by default: on a shared machine, idle-waiting OpenMP threads "
                         "of an oversubscribed CPU make small ops erratic")
@@ -220,7 +228,7 @@ def main() -> None:
     dtype = base_dtype(mixed) if mixed != "no" else DTYPES[args.dtype]
     erasure = from_args(AdapterConfig, args, p).erasure
     result = run(rounds, steps, args.rank, args.out, args.device, dtype, mixed, erasure, args.floor,
-                 args.profile)
+                 args.profile, args.sd15_size)
     result["quick"] = args.quick
     emit(result)
 

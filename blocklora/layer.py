@@ -13,61 +13,7 @@ import math
 import torch
 from torch import nn
 
-from blocklora.partition import block_delta, owned_rows, row_count
-
-
-def _mm_grads(grad: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor,
-              need1: bool, need2: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of `mat1.mm(mat2)` exactly as autograd's mm backward computes them (torch's
-    mm_mat1_backward / mm_mat2_backward: a column-major operand gets a column-major gradient), so
-    the same BLAS calls on the same layouts give the same bits."""
-    g1 = g2 = None
-    if need1:
-        col_major = mat1.stride(0) == 1 and mat1.stride(1) == mat1.shape[0]
-        g1 = mat2.mm(grad.t()).t() if col_major else grad.mm(mat2.t())
-    if need2:
-        col_major = mat2.stride(0) == 1 and mat2.stride(1) == mat2.shape[0]
-        g2 = grad.t().mm(mat1).t() if col_major else mat1.t().mm(grad)
-    return g1, g2
-
-
-class _RowResidual(torch.autograd.Function):
-    """`out` with scale · keep ⊙ h Bᵀ added to its rows R, as one autograd node (h = x Aᵀ).
-
-    Why a node of its own: as tensor expressions this tail is ~8 autograd nodes per layer, and the
-    in-place `out[..., R] +=` makes autograd rebuild `out`'s gradient twice (two CopySlices, each
-    with a full-size zeros tensor). This node runs the kernels autograd ran for that expression
-    (the same mm calls on the same layouts), so outputs and gradients are bit-identical to it; it
-    hands `out`'s gradient through untouched and reads only its R columns.
-    """
-
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None,
-                scale: float, rows: slice) -> torch.Tensor:
-        h2d = h.reshape(-1, h.shape[-1])  # (tokens, r): a view, h is a fresh matmul result
-        res = h2d.mm(b.t()).view(*h.shape[:-1], b.shape[0])  # (..., |R|)
-        if keep is not None:
-            res.mul_(keep)
-        if scale != 1.0:
-            res.mul_(scale)
-        new = out.clone()
-        new[..., rows].add_(res.to(out.dtype))
-        ctx.save_for_backward(h2d, b, keep)
-        ctx.scale, ctx.rows, ctx.h_shape = scale, rows, h.shape
-        return new
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        h2d, b, keep = ctx.saved_tensors
-        g = grad[..., ctx.rows].to(b.dtype)
-        if ctx.scale != 1.0:
-            g = g * ctx.scale
-        if keep is not None:
-            g = g * keep
-        g = g.contiguous().view(-1, b.shape[0])  # (tokens, |R|)
-        g_h, g_bt = _mm_grads(g, h2d, b.t(), ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        return (grad, None if g_h is None else g_h.view(ctx.h_shape), None if g_bt is None else g_bt.t(),
-                None, None, None)
+from blocklora.partition import block_delta, owned_rows, row_count, widen
 
 
 class BlockLoRALinear(nn.Module):
@@ -119,16 +65,24 @@ class BlockLoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Ordinary tensor ops on (tokens, features) matrices, so every backward node is autograd's
+        own C++ one: where a step is bound by kernel launches (a GPU at small latents) a Python
+        autograd node costs more than the ops it saves (docs/results §2a). The residual joins the
+        output as `out + widen(res)`, not `out[..., R] += res`, whose CopySlices would rebuild the
+        output's gradient at full size twice; widen's backward is a view of R's columns."""
         out = self.base(x)
         if self.merged or self.scale == 0.0:
             return out
-        h = x.to(self.lora_A.dtype) @ self.lora_A.T  # (..., r); under autocast in its dtype
-        keep = None
+        h = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype).mm(self.lora_A.t())  # (tokens, r); autocast's dtype
+        res = h.mm(self.lora_B.to(h.dtype).t())  # (tokens, |R|)
         if self.training and self.erasure > 0:
-            # one keep-mask per sample over this concept's output features, broadcast over tokens
-            shape = (h.shape[0],) + (1,) * (h.dim() - 2) + (self.lora_B.shape[0],)
-            keep = torch.rand(shape, device=h.device).ge_(self.erasure).to(h.dtype)  # 1.0 kept, 0.0 erased
-        return _RowResidual.apply(out, h, self.lora_B.to(h.dtype), keep, self.scale, self.rows)
+            # one keep-mask per sample over this concept's output features, shared by its tokens
+            res = res.view(x.shape[0], -1, res.shape[-1])
+            keep = torch.rand(x.shape[0], 1, res.shape[-1], device=res.device).ge_(self.erasure)
+            res = res * keep.to(res.dtype)  # 1.0 kept, 0.0 erased
+        if self.scale != 1.0:
+            res = res * self.scale
+        return out + widen(res.to(out.dtype), self.rows, out.shape[-1]).view(out.shape)
 
     def delta_rows(self) -> torch.Tensor:
         """The rows R of scale · dW that can be non-zero: scale · B_R A, shape (|R|, n)."""

@@ -10,6 +10,7 @@ training, merging and serving touch them with views, never gathers. Two layouts:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from blocklora.config import ROW_LAYOUTS
 
@@ -48,6 +49,18 @@ def row_count(rows: slice, m: int) -> int:
 def all_blocks(m: int, num_slots: int, layout: str = "block") -> list[slice]:
     """Every slot's rows, in slot order."""
     return [row_block(m, num_slots, k, layout) for k in range(num_slots)]
+
+
+def widen(values: torch.Tensor, rows: slice, m: int) -> torch.Tensor:
+    """The m-wide tensor holding `values` (..., |R|) in the columns `rows` and zeros elsewhere.
+
+    Built with F.pad alone, so its backward is a narrow of the gradient (a view), never a scatter;
+    a strided slice pads each value to a group of `step` and flattens the groups."""
+    start, stop, step = rows.indices(m)
+    if step == 1:
+        return F.pad(values, (start, m - stop))
+    grouped = F.pad(values.unsqueeze(-1), (start, step - 1 - start)).flatten(-2)  # (..., |R| * step)
+    return F.pad(grouped, (0, m - grouped.shape[-1]))
 
 
 def block_delta(b_rows: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

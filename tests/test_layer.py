@@ -62,7 +62,7 @@ def test_gradients_reach_only_lora_params():
 
 
 def test_strided_gradients_equal_the_dense_expressions():
-    """Strided rows through the fused residual node: the gradients of A, B and x of
+    """Strided rows through the layer (widen's grouped padding): the gradients of A, B and x of
     x (W0 + (M ⊙ B) A)ᵀ written out densely with M over every 8th row."""
     layer = _layer(row_layout="strided").eval()
     x = torch.randn(3, 5, 24, requires_grad=True)
@@ -102,11 +102,12 @@ def test_scale_reaches_delta_weight_forward_and_merge():
     assert torch.equal(layer.base.weight, w0 + layer.delta_weight())  # the merge adds exactly delta_weight()
 
 
-# -- the fused residual node against the plain tensor expressions it replaced ---------------------------
+# -- the layer against the plain tensor expressions of its math -------------------------------------------
 
 class _Reference(BlockLoRALinear):
-    """The layer's forward written as plain tensor expressions, autograd recording every op: the math
-    the fused node (`_RowResidual`) must reproduce bit for bit, forward and backward."""
+    """The layer's forward written as the plain tensor expressions of its math (a 3-d matmul, the
+    in-place `out[..., R] +=`), autograd recording every op: what the layer's own ops (2-d mm,
+    `out + widen(res)`) must reproduce bit for bit, forward and backward."""
 
     def forward(self, x):
         out = self.base(x)
@@ -124,7 +125,7 @@ def _bits(t):
 
 
 def _pair(erasure, blockwise=True, frozen_a=False, scale=1.0):
-    """The same layer twice, fused and reference, sharing one base and equal A and B."""
+    """The same layer twice, BlockLoRALinear and the reference, sharing one base and equal A and B."""
     torch.manual_seed(3)
     base = nn.Linear(24, 40)
     a = torch.randn(3, 24) if frozen_a else None
@@ -167,18 +168,18 @@ LAYERS = {  # name -> _pair kwargs
 
 @pytest.mark.parametrize("layer_case", LAYERS)
 @pytest.mark.parametrize("input_case", INPUTS)
-def test_fused_residual_is_bit_identical_to_the_plain_expressions(layer_case, input_case):
-    fused, ref = _pair(**LAYERS[layer_case])
+def test_layer_is_bit_identical_to_the_plain_expressions(layer_case, input_case):
+    layer, ref = _pair(**LAYERS[layer_case])
     shape, requires_grad, transform = INPUTS[input_case]
     g = torch.Generator().manual_seed(7)
     x = torch.randn(shape, generator=g)
     x = (transform(x) if transform else x).requires_grad_(requires_grad)
-    grad = torch.randn(fused.base(x).shape, generator=g)
+    grad = torch.randn(layer.base(x).shape, generator=g)
     # the plain expressions fail on a frozen 3-d input when R is every row (an in-place update of
     # the whole output): there the reference runs on an input that requires grad, same numbers
     ref_x = x.detach().requires_grad_() if layer_case == "plain lora rows" and not requires_grad else x
     for seed in (0, 1):
-        got, want = _run(fused, x, grad, seed), _run(ref, ref_x, grad, seed)
+        got, want = _run(layer, x, grad, seed), _run(ref, ref_x, grad, seed)
         if ref_x is not x:
             want[1] = None
         for name, a, b in zip(("out", "x.grad", "A.grad", "B.grad"), got, want):
@@ -186,13 +187,13 @@ def test_fused_residual_is_bit_identical_to_the_plain_expressions(layer_case, in
             if a is not None:
                 assert torch.equal(_bits(a), _bits(b)), f"{name} differs ({layer_case}, {input_case})"
     if LAYERS[layer_case].get("frozen_a"):
-        assert fused.lora_A.grad is None
+        assert layer.lora_A.grad is None
 
 
 def test_shared_input_gradients_accumulate_in_the_same_order():
     """One input feeding three layers (q, k, v of an attention) and an upstream parameter: the
-    gradient sums it receives are float additions, whose result depends on their order; the fused
-    node must deliver its contributions in the order the plain expressions did."""
+    gradient sums it receives are float additions, whose result depends on their order; the layer
+    must deliver its contributions in the order the plain expressions did."""
     def model(cls):
         torch.manual_seed(11)
         pre = nn.Linear(24, 24)
@@ -215,7 +216,7 @@ def test_shared_input_gradients_accumulate_in_the_same_order():
 
 def test_training_steps_are_bit_identical_to_the_plain_expressions(monkeypatch):
     """Through the real trainer on the tiny UNet (inputs shared by q/k/v, erasure, AdamW): two steps
-    with the fused node and two with the plain expressions leave the very same adapter and trigger."""
+    with the layer's ops and two with the plain expressions leave the very same adapter and trigger."""
     images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     trained = []
     for forward in (BlockLoRALinear.forward, _Reference.forward):

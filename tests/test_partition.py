@@ -1,7 +1,8 @@
 import pytest
+import torch
 
 from blocklora.config import ROW_LAYOUTS
-from blocklora.partition import all_blocks, row_block, row_count
+from blocklora.partition import all_blocks, row_block, row_count, widen
 
 
 @pytest.mark.parametrize("layout", ROW_LAYOUTS)
@@ -36,3 +37,17 @@ def test_slot_out_of_range(slot):
 def test_unknown_layout_is_refused():
     with pytest.raises(ValueError, match="unknown row layout 'diagonal'"):
         row_block(64, 16, 0, "diagonal")
+
+
+@pytest.mark.parametrize("m, k, layout", [(40, 8, "block"), (41, 8, "block"), (40, 8, "strided"), (43, 6, "strided")])
+def test_widen_places_a_slots_values_in_its_rows_and_zeros_elsewhere(m, k, layout):
+    for slot in range(k):
+        rows = row_block(m, k, slot, layout)
+        values = torch.randn(2, 3, row_count(rows, m), requires_grad=True)
+        wide = widen(values, rows, m)
+        want = torch.zeros(2, 3, m)
+        want[..., rows] = values.detach()
+        assert wide.shape == (2, 3, m) and torch.equal(wide, want)
+        grad = torch.randn(2, 3, m)
+        wide.backward(grad)
+        assert torch.equal(values.grad, grad[..., rows])  # the backward reads the slot's columns only
