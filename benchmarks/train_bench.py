@@ -169,8 +169,9 @@ def run(rounds: int, steps: int, rank: int, out: Path, device: str = "cpu",
         sd15_size: int = 32) -> dict:
     """`dtype` is the whole base's, adapters included; with `mixed_precision` (then dtype is that
     half dtype) the adapters of both arms are float32 and the step runs under autocast.
-    `sd15_size`: the SD1.5-shaped model's image size (32, a 4 x 4 latent, fits a CPU; SD1.5 trains
-    at 512, a 64 x 64 latent, where a GPU's step is the kernels' work rather than their launches)."""
+    `sd15_size`: the SD1.5-shaped model's image size. Its VAE is the tiny one (÷2), so the default
+    32 is a 16 x 16 latent, which fits a CPU; 128 is SD1.5's own 64 x 64 latent (512 px through
+    SD1.5's VAE), where a GPU's step is the kernels' work rather than their launches."""
     arms = ARMS + ((FLOOR,) if floor else ())
     out.mkdir(parents=True, exist_ok=True)
     common = dict(rounds=rounds, mixed_precision=mixed_precision, erasure=erasure, arms=arms,
@@ -214,7 +215,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true",
                    help="profile one more step per arm (torch.profiler): OUT/profile-MODEL-ARM.txt")
     p.add_argument("--sd15-size", type=int, default=32,
-                   help="image size of the SD1.5-shaped model (512 is SD1.5's own: for a GPU)")
+                   help="image size of the SD1.5-shaped model, whose tiny VAE halves it: 32 -> a 16 x 16 "
+                        "latent; 128 -> SD1.5's own 64 x 64 (for a GPU)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 by default: on a shared machine, idle-waiting OpenMP threads "
                         "of an oversubscribed CPU make small ops erratic")
