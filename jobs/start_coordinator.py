@@ -27,16 +27,20 @@ from federation.auth import new_token, token_hash  # noqa: E402
 from federation.store import MANIFEST  # noqa: E402
 
 
-def admin_token_sha256(state_dir: Path) -> str | None:
-    """The admin token's hash for a new federation (None: the state folder already has one)."""
+def new_admin_token(state_dir: Path) -> str | None:
+    """A new federation's admin token (None: the state folder already holds a federation, whose
+    token stays). Held in memory until the coordinator is up, so a failed start leaves no file."""
     if (state_dir / MANIFEST).exists():
         print("existing federation state found: its admin token stays valid")
         return None
-    token = os.environ.get("BLOCKLORA_ADMIN_TOKEN") or new_token()
+    return os.environ.get("BLOCKLORA_ADMIN_TOKEN") or new_token()
+
+
+def keep_admin_token(state_dir: Path, token: str) -> None:
+    """Written once the coordinator runs with its hash: the only copy a generated token has."""
     state_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(state_dir / "admin_token", token.encode(), 0o600)
     print(f"admin token written to {state_dir / 'admin_token'} (mode 0600)")
-    return token_hash(token)
 
 
 def main() -> None:
@@ -56,9 +60,12 @@ def main() -> None:
     adapter = from_args(AdapterConfig, args, p)
     config = from_args(FederationConfig, args, p, max_artifact_bytes=int(args.max_artifact_mb * 2**20))
     state_dir = Path(args.state_dir).expanduser().resolve()
+    token = new_admin_token(state_dir)
     coordinator.connect(args.address, args.namespace)
-    actor = coordinator.start(state_dir, adapter, config, admin_token_sha256(state_dir), args.name,
+    actor = coordinator.start(state_dir, adapter, config, token and token_hash(token), args.name,
                               args.namespace, args.max_restarts, dtype=from_args(PrecisionConfig, args, p).dtype)
+    if token:
+        keep_admin_token(state_dir, token)
     info = ray.get(actor.info.remote())
     print(f"coordinator {args.name!r} (namespace {args.namespace!r}) is up: base {info.base_spec} "
           f"{info.base_fingerprint[:12]}…, {info.num_slots} slots, {info.live} live concept(s), "

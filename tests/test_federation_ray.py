@@ -11,6 +11,7 @@ import concurrent.futures
 import dataclasses
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -20,6 +21,7 @@ import torch
 from blocklora.artifact import ConceptArtifact
 from blocklora.base import load_base
 from blocklora.config import AdapterConfig
+from conftest import REPO
 from core_helpers import make_artifact
 from federation import coordinator
 from federation.errors import ArtifactRejected, ReservationError, SlotUnavailable, Unauthorized
@@ -225,3 +227,17 @@ def test_a_part_started_beside_the_coordinator_waits_for_its_name(fed):
         found = coordinator.get("late", NAMESPACE, wait_s=60)
         assert ray.get(found.ping.remote()) == "pong"
     ray.kill(named.result(), no_restart=True)
+
+
+def test_a_start_on_a_bad_base_names_it_and_leaves_no_state(fed):
+    """jobs/start_coordinator.py with a --base-model that is no base: it fails naming the base, before
+    any actor exists, and writes nothing (the generated admin token is kept only once the coordinator runs)."""
+    state, missing = fed.root / "never-started", fed.root / "no-such-base"
+    proc = subprocess.run([sys.executable, "jobs/start_coordinator.py", "--base-model", str(missing), "--slots",
+                           str(SLOTS), "--rank", str(RANK), "--state-dir", str(state), "--address", fed.head.address,
+                           "--namespace", NAMESPACE, "--name", "bad-base"],
+                          cwd=REPO, env=fed.head.env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0 and str(missing) in proc.stderr
+    assert not state.exists()
+    with pytest.raises(RuntimeError, match="no coordinator named 'bad-base'"):
+        coordinator.get("bad-base", NAMESPACE)
