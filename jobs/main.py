@@ -74,15 +74,9 @@ class Stage:
             print(f"      done in {dt:.1f} s", flush=True)
 
 
-def run(cmd: list[str], env: dict, timeout: float = 600) -> None:
-    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} … failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-
-
 def run_side_by_side(cmds: dict[str, list[str]], env: dict, logs: Path, timeout: float = 600) -> None:
-    """Start every script at once, each writing to logs/NAME.log, and wait for them in order; the first
-    failure stops the rest and is raised with the tail of its log."""
+    """Start every script at once (one is fine), each writing to logs/NAME.log, and wait for them in
+    order; the first failure stops the rest and is raised with the tail of its log."""
     logs.mkdir(parents=True, exist_ok=True)
     procs: dict[str, subprocess.Popen] = {}
     try:
@@ -119,12 +113,13 @@ def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: lis
     for c in concepts:
         job_id = f"client-{c['name']}-{int(time.time())}"
         t_submit = time.time()
-        run(["ray", "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO),
-             "--submission-id", job_id, "--no-wait", "--",
-             "python", "jobs/client_train.py", "--images", str(c["dir"].relative_to(REPO)),
-             "--class-word", c["class_word"], "--name", c["name"], *train_flags,
-             "--client-name", f"user-{c['name']}", "--token-file", str(out / "clients" / f"{c['name']}.token"),
-             "--storage-path", str(out / "clients" / "runs")], cluster.env)
+        run_side_by_side({f"submit-{c['name']}": [
+            "ray", "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO),
+            "--submission-id", job_id, "--no-wait", "--",
+            "python", "jobs/client_train.py", "--images", str(c["dir"].relative_to(REPO)),
+            "--class-word", c["class_word"], "--name", c["name"], *train_flags,
+            "--client-name", f"user-{c['name']}", "--token-file", str(out / "clients" / f"{c['name']}.token"),
+            "--storage-path", str(out / "clients" / "runs")]}, cluster.env, out / "logs")
         jobs[c["name"]] = job_id
         submitted[c["name"]] = {"t_submit": t_submit, "t_submitted": time.time()}
         print(f"      submitted {job_id}", flush=True)
