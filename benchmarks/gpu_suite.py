@@ -5,6 +5,8 @@
 
 Each part is one of the project's benchmarks run as its own process (a crash or a timeout in one
 leaves the others' figures), with the same --device and its own --dtype:
+- layer_fp32: one adapter layer's own cost, forward + backward, over 32 chained 320x320 linears:
+  plain linear, peft LoRA, BlockLoRA (layer_bench; how the layer was chosen, docs/results §5d);
 - train_fp32 / train_bf16: one client step, BlockLoRA vs peft LoRA, at SD1.5 shapes (train_bench;
   train_bf16 is bf16 mixed precision: the base in bf16, both arms' adapters and AdamW state in
   float32, the step under autocast);
@@ -37,6 +39,7 @@ from blocklora.merge import LiveMerge
 ROOT = Path(__file__).resolve().parents[1]
 # part -> (benchmark module, its arguments beside --device/--dtype, dtype)
 PARTS: dict[str, tuple[str, list[str], str]] = {
+    "layer_fp32": ("layer_bench", [], "float32"),
     "train_fp32": ("train_bench", [], "float32"),
     "train_bf16": ("train_bench", [], "float32"),  # the base's dtype comes from MODES
     "mixed_bf16": ("mixed_precision", [], "bfloat16"),
@@ -113,6 +116,12 @@ def table(parts: list[dict]) -> str:
                          f"({r['loss_ratio']:.4f}x, target within {r['target']:.0%}); step "
                          f"{arms['no']['step_s_median'] * 1e3:.1f} vs {arms[r['mixed_precision']]['step_s_median'] * 1e3:.1f} ms "
                          f"({r['step_time_ratio']:.2f}x) |")
+        elif name.startswith("layer"):
+            cells = "; ".join(
+                f"{x['tokens']} tokens: linear {x['us_per_layer']['linear']:.0f}, peft {x['us_per_layer']['peft-lora']:.0f}, "
+                f"BlockLoRA {x['us_per_layer']['blocklora']:.0f} µs ({x['blocklora_vs_peft']:.2f}x peft; adapter cost "
+                f"{x['adapter_cost_ratio']:.2f}x)" for x in r["rows"])
+            lines.append(f"| {name} | fwd + bwd per layer, {r['layers']} chained {r['width']}x{r['width']} linears | {cells} |")
         elif name.startswith("train"):
             rows = {(x["model"], x["arm"]): x for x in r["rows"]}
             ours, peft = rows["sd15-shaped", "blocklora"], rows["sd15-shaped", "peft-lora"]
@@ -147,7 +156,8 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS), help="which parts to run")
     p.add_argument("--quick", action="store_true", help="every part at its --quick size (for CPU checks)")
     p.add_argument("--part-timeout", type=float, default=70.0,
-                   help="seconds before a part is given up (6 parts x 70 s + e2e keep the suite under 8 min)")
+                   help="seconds before a part is given up (parts take 10-40 s on an H200; the cap keeps a "
+                        "stuck one from eating the lease)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     parts = []

@@ -103,6 +103,25 @@ def test_train_bench_quick_reports_both_arms(prerun):
     assert (out / "train_cost.csv").exists() and (out / "train_step.png").exists()
 
 
+def layer_bench_quick(out: Path, run: Runner) -> dict:
+    return run_quick(run, "layer_bench", out)
+
+
+@pytest.mark.prerun(job=layer_bench_quick)
+def test_layer_bench_quick_times_each_arm_per_layer(prerun):
+    """The chain of 32 wrapped linears: every arm timed, each adapter costing more than the plain
+    frozen linear it wraps (it adds work to the same product), the ratios the row's own numbers."""
+    r, out = prerun
+    (row,) = r["rows"]
+    us = row["us_per_layer"]
+    assert set(us) == {"linear", "peft-lora", "blocklora"} and row["tokens"] == 16
+    assert 0 < us["linear"] < min(us["peft-lora"], us["blocklora"])
+    assert row["blocklora_vs_peft"] == us["blocklora"] / us["peft-lora"]
+    assert row["adapter_cost_ratio"] == (us["blocklora"] - us["linear"]) / (us["peft-lora"] - us["linear"])
+    assert row["kernels_per_layer"] == {"linear": None, "peft-lora": None, "blocklora": None}  # counted on a GPU
+    assert json.loads((out / "layer.json").read_text()) == r
+
+
 def retention_quick_twice(folder: Path, run: Runner) -> tuple[dict, subprocess.CompletedProcess]:
     """The quick study, then a rerun on the same cache."""
     args = ("--cache", str(folder / "cache"), "--ns", "2", "1", "2")
@@ -201,17 +220,19 @@ def test_retention_refuses_an_arm_the_base_cannot_hold_before_training(tmp_path)
 
 def gpu_suite_quick(out: Path, run: Runner) -> None:
     proc = run([sys.executable, "-m", "benchmarks.gpu_suite", "--quick", "--device", "cpu",
-                "--parts", "mixed_bf16", "e2e_fp16", "--out", str(out)], cwd=ROOT)
+                "--parts", "layer_fp32", "mixed_bf16", "e2e_fp16", "--out", str(out)], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.mark.prerun(job=gpu_suite_quick)
 def test_gpu_suite_quick_writes_json_and_table(prerun):
-    """The GPU suite's structure on the CPU: a part's JSON, the suite's JSON and the markdown table;
+    """The GPU suite's structure on the CPU: the parts' JSON, the suite's JSON and the markdown table;
     the mixed-precision part trains both arms on the same draws, so their losses agree closely."""
     _, out = prerun
     suite = json.loads((out / "suite.json").read_text())
-    assert suite["quick"] is True and [p["part"] for p in suite["parts"]] == ["mixed_bf16", "e2e_fp16"]
+    assert suite["quick"] is True and [p["part"] for p in suite["parts"]] == ["layer_fp32", "mixed_bf16", "e2e_fp16"]
+    layer = json.loads((out / "layer_fp32.json").read_text())["result"]
+    assert layer["env"]["dtype"] == "float32" and [row["tokens"] for row in layer["rows"]] == [16]
     e2e = json.loads((out / "e2e_fp16.json").read_text())["result"]
     assert e2e["env"]["dtype"] == "float16" and e2e["merged"] == 15 and e2e["images_per_s"] > 0
     mixed = json.loads((out / "mixed_bf16.json").read_text())["result"]
@@ -219,7 +240,7 @@ def test_gpu_suite_quick_writes_json_and_table(prerun):
     assert all(len(arm["losses"]) == mixed["steps"] and arm["step_s_median"] > 0 for arm in mixed["arms"].values())
     assert abs(mixed["loss_ratio"] - 1) < mixed["target"] and 0 < mixed["lora_b_rel_diff"] < 1
     table = (out / "suite.md").read_text()
-    assert "| e2e_fp16 |" in table and "| mixed_bf16 |" in table
+    assert "| e2e_fp16 |" in table and "| mixed_bf16 |" in table and "| layer_fp32 | fwd + bwd per layer" in table
 
 
 def concept_capacity_quick(folder: Path, run: Runner) -> dict:
