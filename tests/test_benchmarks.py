@@ -21,7 +21,7 @@ from blocklora.base import load_base
 from blocklora.config import AdapterConfig, TrainConfig
 from blocklora.export import to_lora_state_dict
 from blocklora.inject import layout
-from prerun import Runner
+from prerun import Job, Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +41,17 @@ def run_quick(run: Runner, module: str, out: Path, *extra: str) -> dict:
     assert result["quick"] is True
     assert {"device", "dtype", "torch"} <= set(result["env"])
     return result
+
+
+def quick_job(module: str, cached: bool = False) -> Job:
+    """The prerun job of a benchmark's --quick test: run it and return its JSON. Its output goes to the
+    job's folder, or with `cached` to folder/out beside its --cache folder/cache."""
+    def job(folder: Path, run: Runner) -> dict:
+        if cached:
+            return run_quick(run, module, folder / "out", "--cache", str(folder / "cache"))
+        return run_quick(run, module, folder)
+    job.__name__ = f"{module}_quick"  # the job's folder name
+    return job
 
 
 def test_plain_lora_export_applies_the_same_delta():
@@ -65,12 +76,8 @@ def test_saved_activation_bytes_counts_what_autograd_keeps():
     assert saved_activation_bytes(lambda: a * b, exclude=[b]) == 0
 
 
-def merge_bench_quick(out: Path, run: Runner) -> dict:
-    return run_quick(run, "merge_bench", out)
-
-
 @pytest.mark.slow
-@pytest.mark.prerun(job=merge_bench_quick)
+@pytest.mark.prerun(job=quick_job("merge_bench"))
 def test_merge_bench_quick_is_exact(prerun):
     r, out = prerun
     ours, theirs = r["exactness"]["r4"]["blocklora"], r["exactness"]["r4"]["diffusers-peft"]
@@ -85,12 +92,8 @@ def test_merge_bench_quick_is_exact(prerun):
     assert (out / "merge_speed.csv").exists() and (out / "merge_add.png").exists()
 
 
-def train_bench_quick(out: Path, run: Runner) -> dict:
-    return run_quick(run, "train_bench", out)
-
-
 @pytest.mark.slow
-@pytest.mark.prerun(job=train_bench_quick)
+@pytest.mark.prerun(job=quick_job("train_bench"))
 def test_train_bench_quick_reports_both_arms(prerun):
     r, out = prerun
     rows = {(row["model"], row["arm"]): row for row in r["rows"]}
@@ -103,11 +106,7 @@ def test_train_bench_quick_reports_both_arms(prerun):
     assert (out / "train_cost.csv").exists() and (out / "train_step.png").exists()
 
 
-def layer_bench_quick(out: Path, run: Runner) -> dict:
-    return run_quick(run, "layer_bench", out)
-
-
-@pytest.mark.prerun(job=layer_bench_quick)
+@pytest.mark.prerun(job=quick_job("layer_bench"))
 def test_layer_bench_quick_times_each_arm_per_layer(prerun):
     """The chain of 32 wrapped linears: every arm timed, each adapter costing more than the plain
     frozen linear it wraps (it adds work to the same product), the ratios the row's own numbers."""
@@ -190,11 +189,7 @@ def test_retention_progress_times_each_kind_of_work_at_its_own_rate(capsys):
     assert eta * 60 < 0.3 * 2  # 1 training (~0.3 s) + 99 windows (~0 s) left, not 101 at the mean rate
 
 
-def merge_rules_quick(folder: Path, run: Runner) -> dict:
-    return run_quick(run, "merge_rules", folder / "out", "--cache", str(folder / "cache"))
-
-
-@pytest.mark.prerun(job=merge_rules_quick)
+@pytest.mark.prerun(job=quick_job("merge_rules", cached=True))
 def test_merge_rules_quick_pairs_every_rule_with_eq5(prerun):
     """At N = 2 two rules coincide with others exactly (α = 2/N is the sum, α = 1/2 is Eq. 5): the same
     residual, prompts and seeds must give the same scores, and Eq. 5 against itself differs by 0."""
@@ -243,11 +238,7 @@ def test_gpu_suite_quick_writes_json_and_table(prerun):
     assert "| e2e_fp16 |" in table and "| mixed_bf16 |" in table and "| layer_fp32 | fwd + bwd per layer" in table
 
 
-def concept_capacity_quick(folder: Path, run: Runner) -> dict:
-    return run_quick(run, "concept_capacity", folder / "out", "--cache", str(folder / "cache"))
-
-
-@pytest.mark.prerun(job=concept_capacity_quick)
+@pytest.mark.prerun(job=quick_job("concept_capacity", cached=True))
 def test_concept_capacity_quick_scores_each_recipe(prerun):
     r, folder = prerun
     results = r["results"]
