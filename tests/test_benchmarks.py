@@ -108,13 +108,14 @@ def test_train_bench_quick_reports_both_arms(prerun):
 
 @pytest.mark.prerun(job=quick_job("layer_bench"))
 def test_layer_bench_quick_times_each_arm_per_layer(prerun):
-    """The chain of 32 wrapped linears: every arm timed, each adapter costing more than the plain
-    frozen linear it wraps (it adds work to the same product), the ratios the row's own numbers."""
+    """The chain of 32 wrapped linears: every arm timed once a round, the ratios the row's own numbers.
+    Which arm is faster is the benchmark's finding, not the test's: the suite times it on a busy
+    machine (CI once saw the plain linear at 16 tokens slower than both adapters)."""
     r, out = prerun
     (row,) = r["rows"]
     us = row["us_per_layer"]
     assert set(us) == {"linear", "peft-lora", "blocklora"} and row["tokens"] == 16
-    assert 0 < us["linear"] < min(us["peft-lora"], us["blocklora"])
+    assert all(t > 0 and row["round_us_per_layer"][arm] == [t] for arm, t in us.items())  # --quick: one round
     assert row["blocklora_vs_peft"] == us["blocklora"] / us["peft-lora"]
     assert row["adapter_cost_ratio"] == (us["blocklora"] - us["linear"]) / (us["peft-lora"] - us["linear"])
     assert row["kernels_per_layer"] == {"linear": None, "peft-lora": None, "blocklora": None}  # counted on a GPU
