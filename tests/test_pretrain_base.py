@@ -78,9 +78,9 @@ def test_pretrain_resumes_and_exports_a_loadable_base(prerun) -> None:
     assert f"--init-from {tmp_path / 'first'}" in (more / "README.md").read_text()
     from blocklora.toy.pretrain import Run
     with pytest.raises(ValueError, match="already holds a run"):  # a work dir belongs to one starting point
-        Run(more_work).start_from(tmp_path, vae_steps=2)
+        Run(more_work).start_from(tmp_path, vae_steps=2, unet_width=16)
     with pytest.raises(ValueError, match="not an exported toy base: no vae, unet, text_encoder"):
-        Run(tmp_path / "fresh").start_from(tmp_path / "fresh", vae_steps=2)
+        Run(tmp_path / "fresh").start_from(tmp_path / "fresh", vae_steps=2, unet_width=16)
 
 
 def test_worker_processes_draw_the_same_batches() -> None:

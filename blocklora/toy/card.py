@@ -78,7 +78,10 @@ def write_card(out: Path, pipe: StableDiffusionPipeline, cfg: PretrainConfig, ru
     init = run.state.get("init_from")
     vae_row = (f"| VAE (L1+MSE+1e-6 KL) | {cfg.vae_steps} | {cfg.vae_batch} | {finals['vae']:.4f} |" if not init else
                f"| VAE | kept from the initial base `{init}` (latent scale too) | | |")
-    started = (f"Started from the exported base `{init}`: the denoiser and text encoder trained on for the steps in the table above,"
+    trained_on = ("the text encoder trained on and the denoiser (width "
+                  f"{cfg.unet_width}, wider than the initial base's) trained from scratch" if run.state.get("fresh_unet")
+                  else "the denoiser and text encoder trained on")
+    started = (f"Started from the exported base `{init}`: {trained_on} for the steps in the table above,"
                " fresh AdamW moments, on the data stream of the seed above.\n" if init else "")
     (out / "README.md").write_text(f"""# toy-base: blocklora's own tiny text-to-image base
 

@@ -76,10 +76,11 @@ class Run:
         self._t0 = time.time()
         self._forget_uncheckpointed_losses()
 
-    def start_from(self, base_dir: Path, vae_steps: int) -> None:
+    def start_from(self, base_dir: Path, vae_steps: int, unet_width: int) -> None:
         """Seed an empty work dir with an exported toy base: its VAE (and latent scale) count as stage 1
-        done, and the denoiser and text encoder train on from its weights with fresh optimizer moments.
-        More steps for a base that still draws blobs, without redoing the ones it already had."""
+        done, and the text encoder trains on from its weights with fresh optimizer moments. The denoiser
+        trains on from the base's too when it has `unet_width`; a wider one starts from scratch (more rows
+        per slot, docs/results: concept capacity) on the kept VAE latents and the kept text encoder."""
         base_dir = Path(base_dir)
         if (self.work / "state.json").exists():
             if self.state.get("init_from") != str(base_dir):
@@ -90,9 +91,13 @@ class Run:
         if missing:
             raise ValueError(f"{base_dir} is not an exported toy base: no {', '.join(missing)} folder")
         vae = AutoencoderKL.from_pretrained(base_dir / "vae")
-        self._save_weights({"vae": vae, "unet": UNet2DConditionModel.from_pretrained(base_dir / "unet"),
-                            "text_encoder": CLIPTextModel.from_pretrained(base_dir / "text_encoder")})
-        self.state.update(vae_step=vae_steps, init_from=str(base_dir), latent_scale=vae.config.scaling_factor)
+        kept: dict[str, torch.nn.Module] = {"vae": vae, "text_encoder": CLIPTextModel.from_pretrained(base_dir / "text_encoder")}
+        base_width = UNet2DConditionModel.load_config(base_dir / "unet")["block_out_channels"][0]
+        if base_width == unet_width:
+            kept["unet"] = UNet2DConditionModel.from_pretrained(base_dir / "unet")
+        self._save_weights(kept)
+        self.state.update(vae_step=vae_steps, init_from=str(base_dir), latent_scale=vae.config.scaling_factor,
+                          fresh_unet=base_width != unet_width)
         atomic_write(self.work / "state.json", json.dumps(self.state, indent=1).encode())
 
     def _forget_uncheckpointed_losses(self) -> None:
@@ -246,7 +251,7 @@ def pretrain(cfg: PretrainConfig, work_dir: Path, init_from: Path | None = None
         m.to(cfg.device)
     run = Run(work_dir, cfg.device)
     if init_from is not None:
-        run.start_from(init_from, cfg.vae_steps)
+        run.start_from(init_from, cfg.vae_steps, cfg.unet_width)
     train_vae(run, vae, cfg.vae_steps, cfg.vae_batch, cfg.seed, cfg.checkpoint_every, cfg.data_workers)
     if "latent_scale" in run.state:  # the initial base's: its denoiser learned on latents at that scale
         vae.register_to_config(scaling_factor=run.state["latent_scale"])
