@@ -23,10 +23,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from benchmarks.common import emit, environment
-from blocklora.base import load_base
-from blocklora.stats import mean_diff, paired_bootstrap
+from blocklora.pipeline.base import load_base
+from benchmarks.stats import mean_diff, paired_bootstrap
 from blocklora.toy.base import SAMPLE_STEPS, TOY_BASE_DIR, draw
-from blocklora.toy.data import SHAPES, SIZE
+from blocklora.toy.vocabulary import SHAPES
+from blocklora.toy.draw import SIZE
 from blocklora.toy.judge import SCORED_HELDOUT, SCORED_SEEN, load_judge
 
 PAIRS = SCORED_HELDOUT + SCORED_SEEN  # the model card's pairs

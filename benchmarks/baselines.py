@@ -13,12 +13,12 @@ from typing import Iterator
 
 import torch
 
-from blocklora.artifact import ConceptArtifact
-from blocklora.base import Base
-from blocklora.conditioning import encode_prompts
+from blocklora.method.artifact import ConceptArtifact
+from blocklora.pipeline.base import Base
+from blocklora.pipeline.conditioning import encode_prompts
 from blocklora.config import AdapterConfig, TrainConfig
-from blocklora.inject import find_targets
-from blocklora.slots import PipelineSlots
+from blocklora.method.inject import find_targets
+from blocklora.method.slots import PipelineSlots
 
 
 @dataclass(frozen=True)

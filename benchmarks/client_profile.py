@@ -7,9 +7,9 @@ two arms `--repeats` times, so both see the same load on this shared machine:
 - client: one real client job, submitted with the CLI the README shows;
 - plain: `python -m blocklora train` on the same pictures, base, steps and batch, with as many
   torch threads as the client's training worker had (it reports them).
-Both print the same summary line from the one step loop (`blocklora.trainer.Progress`): the
+Both print the same summary line from the one step loop (`blocklora.training.trainer.Progress`): the
 steady-state step rate after the first step. The client job also prints wall-clock marks of its
-phases, which `federation.job_profile.phase_seconds` turns into the profile; this script adds the
+phases, which `devtools.job_profile.phase_seconds` turns into the profile; this script adds the
 submit and the end. The last stdout line is one JSON object; the load average is recorded with it.
 """
 
@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 from benchmarks.common import emit
-from blocklora.base import default_base_spec
+from blocklora.toy.recipe import default_base_spec
 from blocklora.config import TrainConfig
-from federation.job_profile import marks_from_log, phase_seconds
-from federation.local_cluster import VENV_BIN, LocalCluster
+from devtools.job_profile import marks_from_log, phase_seconds
+from devtools.local_cluster import VENV_BIN, LocalCluster
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "examples" / "concepts" / "chelsea"

@@ -31,20 +31,22 @@ import torch
 from PIL import Image
 
 from benchmarks.common import RESULTS_DIR, emit, environment
-from benchmarks.retention import Progress, Trainings, Variant
-from benchmarks.retention_eval import EvalConfig, phrase, sample
-from benchmarks.retention_report import ci
-from benchmarks.world import World, load_world
-from blocklora.base import Base, default_base_spec, load_base
-from blocklora.baselines import residual_applied
-from blocklora.config import FEED_FORWARD_TARGETS, TOY_BASE_TRAIN, UNET_TARGETS, AdapterConfig, TrainConfig
-from blocklora.data import load_concept_images
-from blocklora.generate import contact_sheet
-from blocklora.inject import layout
-from blocklora.partition import owned_rows, row_count
-from blocklora.stats import mean_diff, paired_bootstrap
+from benchmarks.retention.study import Progress, Trainings, Variant
+from benchmarks.retention.eval import EvalConfig, phrase, sample
+from benchmarks.retention.report import ci
+from benchmarks.retention.world import World, load_world
+from blocklora.pipeline.base import Base, load_base
+from blocklora.toy.recipe import default_base_spec
+from benchmarks.baselines import residual_applied
+from blocklora.config import FEED_FORWARD_TARGETS, UNET_TARGETS, AdapterConfig, TrainConfig
+from blocklora.toy.recipe import TOY_BASE_TRAIN
+from blocklora.training.data import load_concept_images
+from blocklora.pipeline.generate import contact_sheet
+from blocklora.method.inject import layout
+from blocklora.method.partition import owned_rows, row_count
+from benchmarks.stats import mean_diff, paired_bootstrap
 from blocklora.toy.concepts import ToyConcept
-from blocklora.trainer import ConceptTrainer, run_steps
+from blocklora.training.trainer import ConceptTrainer, run_steps
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:

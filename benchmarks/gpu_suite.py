@@ -14,7 +14,7 @@ leaves the others' figures), with the same --device and its own --dtype:
   the final loss of each (#14: within 2%) and the step times (mixed_precision);
 - merge_fp16: LiveMerge add/remove at N = 1 and 15 vs diffusers' unfuse -> load -> set_adapters -> fuse;
 - serve_fp16 / serve_fp32: 8 requests with CFG, 16 live, each request its own pair: base, fused,
-  mixed (serve.residual) and peft per request (serve_bench at latent 64);
+  mixed (blocklora.method.residual) and peft per request (serve_bench at latent 64);
 - e2e_fp16: images/s of the whole pipeline (text encoder, 20 UNet steps, VAE) with 15 merged concepts.
 Everything is written under --out: `<part>.json`, `suite.json` (all parts) and `suite.md` (the table).
 """
@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import DTYPES, emit, environment, random_artifact, sd15_base, sync
-from blocklora.base import Base, load_base
+from blocklora.pipeline.base import Base, load_base
 from blocklora.config import AdapterConfig
-from blocklora.inject import layout
-from blocklora.merge import LiveMerge
+from blocklora.method.inject import layout
+from blocklora.method.merge import LiveMerge
 
 ROOT = Path(__file__).resolve().parents[1]
 # part -> (benchmark module, its arguments beside --device/--dtype, dtype)

@@ -27,7 +27,7 @@ from torch import nn
 
 from benchmarks.common import DTYPES, add_device_args, emit, environment, timed
 from blocklora.config import AdapterConfig, add_flags, from_args
-from blocklora.layer import BlockLoRALinear
+from blocklora.method.layer import BlockLoRALinear
 
 ARMS = ("linear", "peft-lora", "blocklora")
 

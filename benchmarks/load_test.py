@@ -44,13 +44,13 @@ from PIL import Image
 from ray.util.state import list_actors
 
 from benchmarks.common import RESULTS_DIR, emit, environment
-from blocklora.base import load_base
+from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, GenerateConfig
-from blocklora.generate import generate
-from blocklora.merge import LiveMerge
-from blocklora.slots import SlotSpace, phrase
-from blocklora.synthetic import random_artifact
-from federation.local_cluster import LocalCluster, free_port
+from blocklora.pipeline.generate import generate
+from blocklora.method.merge import LiveMerge
+from blocklora.method.slots import SlotSpace, phrase
+from benchmarks.synthetic import random_artifact
+from devtools.local_cluster import LocalCluster, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTER = AdapterConfig(rank=2, num_slots=8)

@@ -25,13 +25,13 @@ from diffusers.utils import logging as diffusers_logging
 
 from benchmarks.common import (DTYPES, RESULTS_DIR, add_device_args, emit, environment, line_plot, peak_rss,
                                random_artifact, sd15_base, timed, write_csv)
-from blocklora.artifact import ConceptArtifact
-from blocklora.base import Base
-from blocklora.baselines import merge_deltas
+from blocklora.method.artifact import ConceptArtifact
+from blocklora.pipeline.base import Base
+from benchmarks.baselines import merge_deltas
 from blocklora.config import AdapterConfig
-from blocklora.export import to_lora_state_dict
-from blocklora.inject import find_targets
-from blocklora.merge import LiveMerge
+from blocklora.method.export import to_lora_state_dict
+from blocklora.method.inject import find_targets
+from blocklora.method.merge import LiveMerge
 
 NUM_SLOTS = 16
 log = logging.getLogger("merge_bench")

@@ -6,7 +6,7 @@ concept at N = 15 than α = 1/N does, while staying instant and exact?
 
 At α = 1/N a merged concept keeps about its trigger token (docs/results §3d); at α = 1 the others'
 rows wreck it. Two ways between, each scored for concept r in the window S of N concepts that
-`benchmarks.retention_eval` uses (same concepts, prompts, sampling seeds, paired cell by cell):
+`benchmarks.retention.eval` uses (same concepts, prompts, sampling seeds, paired cell by cell):
 - **α between 1/N and 1** for every member (2/N, 1/√N, 1/2): where the trade between keeping r's own
   weights and letting the others' in has its best;
 - **trigger-gated cross-attention k/v**: each concept's key/value residual acts only on its own trigger
@@ -29,14 +29,15 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS_DIR, emit, environment
-from benchmarks.retention import PROFILES, Progress, Trainings, add_study_args, study_configs, variants
-from benchmarks.retention_eval import EvalConfig, group_of, phrase, sample, window
-from benchmarks.retention_report import ci, md_table
-from benchmarks.world import load_world
-from blocklora.base import default_base_spec, load_base
-from blocklora.baselines import merge_deltas, residual_applied
+from benchmarks.retention.study import PROFILES, Progress, Trainings, add_study_args, study_configs, variants
+from benchmarks.retention.eval import EvalConfig, group_of, phrase, sample, window
+from benchmarks.retention.report import ci, md_table
+from benchmarks.retention.world import load_world
+from blocklora.pipeline.base import load_base
+from blocklora.toy.recipe import default_base_spec
+from benchmarks.baselines import merge_deltas, residual_applied
 from blocklora.config import AdapterConfig, TrainConfig
-from blocklora.stats import mean_diff, paired_bootstrap
+from benchmarks.stats import mean_diff, paired_bootstrap
 
 REFERENCE = "α = 1/N (Eq. 5)"
 

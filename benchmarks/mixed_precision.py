@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import RESULTS_DIR, add_device_args, emit, environment, line_plot, sd15_base, timed
-from blocklora.base import Base, load_base
-from blocklora.config import TOY_BASE_TRAIN, AdapterConfig
-from blocklora.precision import DTYPES, MIXED
-from blocklora.trainer import ConceptTrainer
+from blocklora.pipeline.base import Base, load_base
+from blocklora.config import AdapterConfig
+from blocklora.toy.recipe import TOY_BASE_TRAIN
+from blocklora.pipeline.precision import DTYPES, MIXED
+from blocklora.training.trainer import ConceptTrainer
 
 TARGET = 0.02  # #14: the mixed arm's final loss within 2% of float32's
 

@@ -6,7 +6,7 @@
 One batch is `batch` requests, each with classifier-free guidance (UNet batch 2 x batch):
 - (a) base: the UNet with no concept;
 - (b) fused: one subset merged into W (LiveMerge) and shared by the whole batch;
-- (c) mixed: every request a different subset, one forward through serve.residual's layers
+- (c) mixed: every request a different subset, one forward through blocklora.method.residual's layers
   (`gathered` kernel, the default; c_union: the same batch with the `union` kernel);
 - (d) peft: the same concepts as plain LoRAs in diffusers + peft, which cannot mix subsets in one
   forward, so each request runs alone after `set_adapters` (d) or `fuse_lora`/`unfuse_lora` (d_fuse).
@@ -30,12 +30,12 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 from benchmarks.common import DTYPES, add_device_args, emit, environment, random_artifact, sd15_base, sync
-from blocklora.base import Base, load_base
+from blocklora.pipeline.base import Base, load_base
 from blocklora.config import AdapterConfig
-from blocklora.export import to_lora_state_dict
-from blocklora.inject import layout
-from blocklora.merge import LiveMerge
-from serve.residual import ConceptBank
+from blocklora.method.export import to_lora_state_dict
+from blocklora.method.inject import layout
+from blocklora.method.merge import LiveMerge
+from blocklora.method.residual import ConceptBank
 
 ADAPTER = AdapterConfig(rank=4, num_slots=16)
 LIVE = 16  # concepts loaded; each request asks for two of them

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from blocklora.artifact import ConceptArtifact, ConceptMeta
+from blocklora.method.artifact import ConceptArtifact, ConceptMeta
 from blocklora.config import AdapterConfig
-from blocklora.partition import owned_rows, row_count
-from blocklora.tokens import trigger_names
+from blocklora.method.partition import owned_rows, row_count
+from blocklora.method.tokens import trigger_names
 
 
 def random_artifact(name: str, slot: int, adapter: AdapterConfig, fingerprint: str,

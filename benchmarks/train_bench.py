@@ -29,11 +29,11 @@ from safetensors.torch import save as safetensors_bytes
 
 from benchmarks.common import (DTYPES, RESULTS_DIR, add_device_args, emit, environment, line_plot, peak_rss,
                                saved_activation_bytes, sd15_base, timed, write_csv)
-from blocklora.base import Base, load_base
+from blocklora.pipeline.base import Base, load_base
 from blocklora.config import AdapterConfig, TrainConfig, add_flags, from_args
-from blocklora.inject import eject
-from blocklora.precision import base_dtype
-from blocklora.trainer import ConceptTrainer
+from blocklora.method.inject import eject
+from blocklora.pipeline.precision import base_dtype
+from blocklora.training.trainer import ConceptTrainer
 
 ARMS = ("blocklora", "peft-lora")
 FLOOR = "no-adapter"

@@ -1,16 +1,17 @@
 """blocklora: concepts that own disjoint row blocks, so any set of them merges exactly and instantly.
 
-The names below load on first use: importing one light module (`blocklora.config`, `blocklora.data`)
+The names below load on first use: importing one light module (`blocklora.config`, `blocklora.training.data`)
 must not drag in diffusers and transformers, which take seconds to import (a client job's driver
 only needs the configs)."""
 
 from importlib import import_module
 from typing import Any
 
-_EXPORTS = {"ConceptArtifact": "artifact", "InvalidArtifact": "artifact", "Base": "base", "load_base": "base",
+_EXPORTS = {"ConceptArtifact": "method.artifact", "InvalidArtifact": "method.artifact",
+            "BlockLoRALinear": "method.layer", "LiveMerge": "method.merge",
+            "Base": "pipeline.base", "load_base": "pipeline.base",
             "AdapterConfig": "config", "GenerateConfig": "config", "TrainConfig": "config",
-            "PrecisionConfig": "config",
-            "BlockLoRALinear": "layer", "LiveMerge": "merge"}
+            "PrecisionConfig": "config"}
 __all__ = sorted(_EXPORTS)
 
 

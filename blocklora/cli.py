@@ -8,11 +8,11 @@ import json
 import logging
 from pathlib import Path
 
-from blocklora.artifact import ConceptArtifact
+from blocklora.method.artifact import ConceptArtifact
 from blocklora.config import TINY, AdapterConfig, GenerateConfig, PrecisionConfig, TrainConfig, add_flags, from_args
-from blocklora.precision import base_dtype, check_mixed, dtype_of
+from blocklora.pipeline.precision import base_dtype, check_mixed, dtype_of
 
-# blocklora.base (diffusers, transformers: seconds to import) loads in the commands that need a
+# blocklora.pipeline.base (diffusers, transformers: seconds to import) loads in the commands that need a
 # base, so `inspect`, `merge` and `--help` answer at once.
 
 
@@ -22,8 +22,8 @@ def _load(paths: list[str]) -> list[ConceptArtifact]:
 
 def _merged_base(args: argparse.Namespace):
     """The base with the given concept files merged, and the {name} -> phrase table for prompts."""
-    from blocklora.base import load_base
-    from blocklora.merge import LiveMerge
+    from blocklora.pipeline.base import load_base
+    from blocklora.method.merge import LiveMerge
 
     base = load_base(args.base, dtype=dtype_of(from_args(PrecisionConfig, args, args.parser).dtype))
     arts = _load(args.concepts)
@@ -35,8 +35,8 @@ def _merged_base(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from blocklora.base import default_device, load_base
-    from blocklora.trainer import train_concept
+    from blocklora.pipeline.base import default_device, load_base
+    from blocklora.training.trainer import train_concept
 
     adapter = from_args(AdapterConfig, args, args.parser)
     train = from_args(TrainConfig, args, args.parser, resolution=args.resolution or TrainConfig.resolution)
@@ -55,8 +55,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from blocklora.generate import generate
-    from blocklora.prompts import expand
+    from blocklora.pipeline.generate import generate
+    from blocklora.pipeline.prompts import expand
 
     base, phrases = _merged_base(args)
     cfg = from_args(GenerateConfig, args, args.parser, width=args.size or base.resolution,
@@ -71,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from blocklora.export import export_lora
+    from blocklora.method.export import export_lora
 
     arts = _load(args.concepts)
     scales = [1.0 / len(arts)] * len(arts) if args.mean else args.scales
@@ -81,7 +81,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from blocklora.stats import pairwise_stats, summary
+    from blocklora.method.overlap import pairwise_stats, summary
 
     arts = _load(args.concepts)
     for a in arts:

@@ -17,15 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from blocklora.toy.vocabulary import SHAPES
-
 # Attention projections of diffusers' self- (attn1) and cross-attention (attn2) blocks.
 UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 # The feed-forward of each transformer block (GEGLU in: 8x the channels out; and out): more rows per slot.
 FEED_FORWARD_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2")
 # Attention projections of transformers' CLIPTextModel.
 TEXT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
-ROW_LAYOUTS: tuple[str, ...] = ("block", "strided")  # how a slot's rows lie in a weight (blocklora.partition)
+ROW_LAYOUTS: tuple[str, ...] = ("block", "strided")  # how a slot's rows lie in a weight (blocklora.method.partition)
 # The pipeline components that encode prompts, in conditioning order, and the tokenizer feeding each.
 # Everything per text encoder (token ids, trigger vectors, widths) is keyed by these names.
 TEXT_ENCODERS: dict[str, str] = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -53,7 +51,7 @@ def cache_max_bytes() -> int:
 
 TINY = "tiny"  # the random tiny SD-architecture pipeline, built from config with a fixed seed
 TINY_SD2, TINY_SDXL = "tiny-sd2", "tiny-sdxl"  # the same for the SD 2.x (v-prediction) and SDXL families
-# Precision names (blocklora/precision.py maps them to torch dtypes): accelerate's for training,
+# Precision names (blocklora/pipeline/precision.py maps them to torch dtypes): accelerate's for training,
 # torch's for the dtype a base is loaded in to generate and serve.
 MIXED_PRECISION: tuple[str, ...] = ("no", "fp16", "bf16")
 DTYPE_NAMES: tuple[str, ...] = ("float32", "float16", "bfloat16")
@@ -159,7 +157,7 @@ class TrainConfig:
 def to_json(cfg: Any) -> str:
     """Canonical JSON of the fields that differ from their defaults (sorted keys): equal configs give
     equal strings, and a field added later at its default leaves every string, and every cache keyed
-    by one (benchmarks/retention.py), as it was."""
+    by one (benchmarks/retention/study.py), as it was."""
     changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                if f.default is dataclasses.MISSING or getattr(cfg, f.name) != f.default}
     return json.dumps({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in changed.items()},
@@ -251,15 +249,6 @@ class PretrainConfig:
             raise ValueError(f"unet_width must be a multiple of 8 (norm groups, attention heads) >= 16, got {self.unet_width}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-
-
-# Named presets: settings measured on the pretrained toy base (docs/results/README.md, toy-base
-# concepts) that the main job and the local demo start from; flags still override each field.
-# token lr 10x, as ED-LoRA: toy concepts are mostly colour; the quiet penalty keeps each concept's rows
-# off pictures without it, so merged concepts keep what they have alone (§3h-§3i; +~10% per step), over
-# the base's pictures of every shape it knows, since the others in a merge are other shapes (§3k)
-TOY_BASE_TRAIN = TrainConfig(steps=300, lr=5e-3, token_lr=5e-2, quiet_weight=0.1, quiet_classes=SHAPES)
-TOY_BASE_GENERATE = GenerateConfig(guidance_scale=2.0)  # at 5 the toy base's pictures oversaturate
 
 
 def flag_name(f: dataclasses.Field) -> str:

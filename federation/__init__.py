@@ -4,5 +4,5 @@ their concept with Ray Train and upload only the artifact.
 registry.py (plain state, no Ray) · auth.py (clients and tokens) · protocol.py (the messages, frozen
 dataclasses) · errors.py (the refusals, importable without torch) · store.py (atomic persistence) ·
 coordinator.py (the actor) · client.py (the client's steps) · train_func.py (the per-worker Ray Train
-function) · job_profile.py (where a client job's time goes).
+function) · procfs.py (process ancestry from /proc). Dev tools (a local cluster, job profiles): devtools/.
 """

@@ -14,7 +14,7 @@ import hmac
 import secrets
 from dataclasses import dataclass, field
 
-from blocklora.schema import SchemaError, check_text
+from blocklora.files.schema import SchemaError, check_text
 from federation.errors import FederationError, Unauthorized
 from federation.protocol import Principal, Registration
 

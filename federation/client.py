@@ -21,20 +21,19 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from blocklora.config import TrainConfig
-from blocklora.data import load_concept_images
+from blocklora.training.data import load_concept_images
 from federation.errors import Unauthorized
 from federation.procfs import argv, parent_pid
-from federation.protocol import Grant, LiveConcept
+from federation.protocol import ARTIFACT_FILE, Grant, LiveConcept
 
 DEFAULT_STORAGE = "~/blocklora-train"  # Ray Train run folders (checkpoints) on the client's node
-ARTIFACT_FILE = "artifact.safetensors"  # in the final checkpoint: the only thing the client uploads
 
 
 def job_node_id() -> str:
     """The Ray node this process runs on: where a client job's images are, so its workers go there.
 
     `get_node_id()` names the node whose raylet the driver connected to, which on a real cluster is
-    its own; where several raylets share one host (federation.local_cluster's multi-node cluster)
+    its own; where several raylets share one host (devtools.local_cluster's multi-node cluster)
     Ray connects every driver to the head's. A job's driver descends from its node's raylet
     (raylet -> JobSupervisor -> driver), so the nearest raylet ancestor names its node; a driver
     started by hand has none, and then the connected node is the answer."""

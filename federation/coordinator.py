@@ -43,8 +43,8 @@ class Coordinator:
         loads the base, so neither its first start nor a restart after a crash imports diffusers."""
         # imported here, in the actor's process: a client's driver that only looks the actor up by
         # name (`get`) then starts without torch
-        from blocklora.precision import dtype_of
-        from blocklora.slots import SlotSpace
+        from blocklora.pipeline.precision import dtype_of
+        from blocklora.method.slots import SlotSpace
         from federation.registry import Registry
 
         self.registry = Registry(SlotSpace.from_dict(space), from_dict(FederationConfig, config),
@@ -107,8 +107,8 @@ def start(state_dir: str | Path, adapter: AdapterConfig, config: FederationConfi
     coordinator under `name`. Reads what fits the base here (`SlotSpace`: shapes, fingerprint,
     resolution), once; the actor gets it as JSON and never imports the model code.
     """
-    from blocklora.base import load_base  # here, not at the top: `get` stays free of diffusers
-    from blocklora.slots import SlotSpace
+    from blocklora.pipeline.base import load_base  # here, not at the top: `get` stays free of diffusers
+    from blocklora.method.slots import SlotSpace
 
     try:
         ray.get_actor(name, namespace=namespace)

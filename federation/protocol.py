@@ -18,6 +18,10 @@ from blocklora.config import AdapterConfig
 if TYPE_CHECKING:
     from federation.manifest import Quarantined
 
+# In a client's final Ray Train checkpoint, the artifact: the training worker (federation/train_func.py)
+# writes it, the client's driver (federation/client.py) uploads it, and nothing else leaves the client.
+ARTIFACT_FILE = "artifact.safetensors"
+
 
 class _Message:
     def to_dict(self) -> dict[str, Any]:

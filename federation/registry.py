@@ -21,13 +21,13 @@ from typing import Any, Callable
 
 import torch
 
-from blocklora.artifact import ConceptArtifact, InvalidArtifact, check_class_word, check_name
+from blocklora.method.artifact import ConceptArtifact, InvalidArtifact, check_class_word, check_name
 from blocklora.config import AdapterConfig, FederationConfig
-from blocklora.export import MergedFactors
-from blocklora.safefile import write_safetensors
-from blocklora.schema import SchemaError, check_text, parse
-from blocklora.slots import SlotSpace
-from blocklora.tokens import trigger_names
+from blocklora.method.export import MergedFactors
+from blocklora.files.safefile import write_safetensors
+from blocklora.files.schema import SchemaError, check_text, parse
+from blocklora.method.slots import SlotSpace
+from blocklora.method.tokens import trigger_names
 from federation.auth import ADMIN, MAX_CLIENT_NAME, Accounts, Client
 from federation.manifest import Quarantined, exclusive, sift
 from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable,  # noqa: F401

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blocklora.atomic import TMP_SUFFIX, atomic_write
+from blocklora.files.atomic import TMP_SUFFIX, atomic_write
 
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)

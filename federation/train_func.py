@@ -1,4 +1,4 @@
-"""The per-worker Ray Train function: plain PyTorch running `blocklora.trainer.run_steps`.
+"""The per-worker Ray Train function: plain PyTorch running `blocklora.training.trainer.run_steps`.
 
 The Ray lines are marked `# Ray`. Data parallel without DDP wrapping: ConceptTrainer calls the
 UNet itself, so instead of `prepare_model` every worker all-reduces the trainable gradients
@@ -25,12 +25,12 @@ import torch.distributed as dist
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from blocklora.base import load_base
+from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, TrainConfig, from_dict
-from blocklora.precision import base_dtype
-from blocklora.class_pictures import class_pool
-from blocklora.trainer import ConceptTrainer, Progress, checkpoint_due, run_steps
-from federation.client import ARTIFACT_FILE
+from blocklora.pipeline.precision import base_dtype
+from blocklora.training.class_pictures import class_pool
+from blocklora.training.trainer import ConceptTrainer, Progress, checkpoint_due, run_steps
+from federation.protocol import ARTIFACT_FILE
 
 
 def shard_tensors(shard) -> tuple[torch.Tensor, list[str | None]]:

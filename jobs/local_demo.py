@@ -19,15 +19,16 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blocklora.base import default_base_spec, load_base  # noqa: E402
-from blocklora.config import (TOY_BASE_GENERATE, TOY_BASE_TRAIN, AdapterConfig, GenerateConfig,  # noqa: E402
-                              TrainConfig, add_flags, from_args)
-from blocklora.data import image_files  # noqa: E402
-from blocklora.generate import contact_sheet, generate  # noqa: E402
-from blocklora.merge import LiveMerge  # noqa: E402
-from blocklora.precision import base_dtype  # noqa: E402
-from blocklora.prompts import expand  # noqa: E402
-from blocklora.trainer import train_concept  # noqa: E402
+from blocklora.pipeline.base import load_base  # noqa: E402
+from blocklora.toy.recipe import default_base_spec  # noqa: E402
+from blocklora.config import AdapterConfig, GenerateConfig, TrainConfig, add_flags, from_args # noqa: E402
+from blocklora.toy.recipe import TOY_BASE_GENERATE, TOY_BASE_TRAIN # noqa: E402
+from blocklora.training.data import image_files  # noqa: E402
+from blocklora.pipeline.generate import contact_sheet, generate  # noqa: E402
+from blocklora.method.merge import LiveMerge  # noqa: E402
+from blocklora.pipeline.precision import base_dtype  # noqa: E402
+from blocklora.pipeline.prompts import expand  # noqa: E402
+from blocklora.training.trainer import train_concept  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "concepts"
 

@@ -33,15 +33,15 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from blocklora.base import default_base_spec  # noqa: E402
-from blocklora.config import (TOY_BASE_GENERATE, TOY_BASE_TRAIN, GenerateConfig, PrecisionConfig,  # noqa: E402
-                              TrainConfig, add_flags, from_args, to_argv)
-from blocklora.generate import contact_sheet  # noqa: E402
+from blocklora.toy.recipe import default_base_spec  # noqa: E402
+from blocklora.config import GenerateConfig, PrecisionConfig, TrainConfig, add_flags, from_args, to_argv # noqa: E402
+from blocklora.toy.recipe import TOY_BASE_GENERATE, TOY_BASE_TRAIN # noqa: E402
+from blocklora.pipeline.generate import contact_sheet  # noqa: E402
 from blocklora.toy.concepts import (ToyConcept, class_prompt, concept_from_json, eval_attributes,  # noqa: E402
                                     instance_prompt, reference_pictures, training_pictures)
 from blocklora.toy.identity import load_identity_judge  # noqa: E402
-from federation.job_profile import MARKS_LINE, marks_from_log, phase_seconds  # noqa: E402
-from federation.local_cluster import LocalCluster, free_port  # noqa: E402
+from devtools.job_profile import MARKS_LINE, marks_from_log, phase_seconds  # noqa: E402
+from devtools.local_cluster import LocalCluster, free_port  # noqa: E402
 
 EXAMPLES = REPO / "examples" / "concepts"
 RAY_PREFIX = re.compile(r"^(\x1b\[[\d;]*m)*\([^)]*\)(\x1b\[[\d;]*m)*\s*")  # "(RayTrainWorker pid=…) ", coloured
@@ -100,7 +100,7 @@ def concepts_to_train(limit: int) -> list[dict]:
     missing = [n for n in MAIN_CONCEPTS[:limit] if not (EXAMPLES / n / "concept.json").is_file()]
     if missing:
         raise SystemExit(f"example concept folder(s) {missing} missing under {EXAMPLES}; "
-                         "write them with `python jobs/make_example_concepts.py`")
+                         "write them with `python jobs/toy/make_example_concepts.py`")
     return [json.loads((EXAMPLES / n / "concept.json").read_text()) | {"dir": EXAMPLES / n} for n in MAIN_CONCEPTS[:limit]]
 
 

@@ -18,13 +18,13 @@ import ray
 import torch
 from ray import serve
 
-from blocklora.artifact import ConceptArtifact
-from blocklora.precision import dtype_of
-from blocklora.prompts import expand
+from blocklora.method.artifact import ConceptArtifact
+from blocklora.pipeline.precision import dtype_of
+from blocklora.pipeline.prompts import expand
 from federation.coordinator import START_WAIT_S, get as coordinator_named
 from federation.protocol import FederationInfo, LiveSet
 from serve.replies import ConceptUnavailable, DrawnImages
-from serve.residual import ConceptBank
+from blocklora.method.residual import ConceptBank
 from serve.schemas import GenerateRequest
 
 
@@ -46,7 +46,7 @@ class Generator:
     def __init__(self, coordinator: str, namespace: str, device: str | None = None, dtype: str = "float32") -> None:
         # diffusers is imported here, in the replica: the driver that builds the app (jobs/serve_up.py)
         # only binds this class, and would otherwise spend ~4 s of a core importing the model code
-        from blocklora.base import load_base
+        from blocklora.pipeline.base import load_base
 
         self.coordinator = coordinator_named(coordinator, namespace, wait_s=START_WAIT_S)
         info: FederationInfo = ray.get(self.coordinator.info.remote())

@@ -11,7 +11,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from blocklora.config import GenerateConfig
-from blocklora.prompts import concept_refs
+from blocklora.pipeline.prompts import concept_refs
 
 MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens; longer text only costs tokenizer time
 MAX_STEPS = 100
@@ -26,7 +26,7 @@ MAX_CONCEPT_WEIGHT = 4.0  # |α|; merged concepts past a few units only produce 
 # a GPU deployment raises it (jobs/serve_up.py --max-pixel-steps).
 MAX_PIXEL_STEPS = 2**21
 _DEFAULTS = GenerateConfig()
-ConceptName = Annotated[str, Field(min_length=1, max_length=64)]  # as blocklora.artifact.NAME_RE allows
+ConceptName = Annotated[str, Field(min_length=1, max_length=64)]  # as blocklora.method.artifact.NAME_RE allows
 
 
 class ConceptWeight(BaseModel):

@@ -19,7 +19,7 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import pytest  # noqa: E402
 
-from blocklora.base import load_base  # noqa: E402
+from blocklora.pipeline.base import load_base  # noqa: E402
 
 
 # -- prerun jobs (tests/prerun.py) -------------------------------------------------------------------
@@ -71,14 +71,14 @@ def tiny_base():
 
 # -- a real Ray cluster ------------------------------------------------------------------------------
 # One single-node cluster per test session, started the way an operator would (`ray start --head`),
-# bound to 127.0.0.1 only: federation.local_cluster.LocalCluster, the same class the main job uses.
+# bound to 127.0.0.1 only: devtools.local_cluster.LocalCluster, the same class the main job uses.
 # Every port is picked free so it can run beside other clusters on the machine, and teardown ends
 # only this cluster's processes (its own process group), never `ray stop`, which would also stop
 # everyone else's. Token auth is off here (loopback only); tests/test_security.py covers it on.
 
 from pathlib import Path  # noqa: E402
 
-from federation.local_cluster import VENV_BIN, LocalCluster, free_port  # noqa: E402, F401
+from devtools.local_cluster import VENV_BIN, LocalCluster, free_port  # noqa: E402, F401
 
 REPO = Path(__file__).resolve().parents[1]
 

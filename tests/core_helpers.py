@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from blocklora.base import Base
+from blocklora.pipeline.base import Base
 from blocklora.config import AdapterConfig
-from blocklora.slots import SlotSpace
-from blocklora.synthetic import random_artifact
+from blocklora.method.slots import SlotSpace
+from benchmarks.synthetic import random_artifact
 from prerun import Runner, run_now
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from blocklora.atomic import TMP_SUFFIX, atomic_write
+from blocklora.files.atomic import TMP_SUFFIX, atomic_write
 
 
 def test_writes_bytes_with_the_mode_and_leaves_no_tmp(tmp_path: Path) -> None:

@@ -21,11 +21,11 @@ from fastapi import HTTPException
 import ray
 import torch
 
-from blocklora.artifact import ConceptArtifact, InvalidArtifact
-from blocklora.base import load_base
+from blocklora.method.artifact import ConceptArtifact, InvalidArtifact
+from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig
-from blocklora.safefile import write_safetensors
-from blocklora.slots import SlotSpace
+from blocklora.files.safefile import write_safetensors
+from blocklora.method.slots import SlotSpace
 from core_helpers import make_artifact
 from federation.auth import token_hash
 from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,

@@ -3,7 +3,7 @@ import concurrent.futures
 import pytest
 import torch
 
-from blocklora.base import load_base
+from blocklora.pipeline.base import load_base
 
 
 def test_tiny_fingerprint_is_stable_and_survives_a_save_load(tiny_base, tmp_path):

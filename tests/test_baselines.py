@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from blocklora.baselines import METHODS, gradient_fusion, input_grams, merge_deltas, residual_applied, ties
+from benchmarks.baselines import METHODS, gradient_fusion, input_grams, merge_deltas, residual_applied, ties
 from blocklora.config import AdapterConfig
-from blocklora.inject import find_targets, inject, eject
+from blocklora.method.inject import find_targets, inject, eject
 
 
 def test_ties_trims_elects_and_averages_agreeing_entries():

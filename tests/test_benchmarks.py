@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from benchmarks.common import random_artifact, saved_activation_bytes
-from benchmarks import retention
-from benchmarks.retention import ARMS
-from blocklora.artifact import ConceptArtifact
-from blocklora.base import load_base
+from benchmarks.retention import study as retention
+from benchmarks.retention.study import ARMS
+from blocklora.method.artifact import ConceptArtifact
+from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, TrainConfig
-from blocklora.export import to_lora_state_dict
-from blocklora.inject import layout
+from blocklora.method.export import to_lora_state_dict
+from blocklora.method.inject import layout
 from prerun import Job, Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,7 +281,7 @@ def test_base_compare_quick_pairs_a_base_with_itself(prerun):
 def test_interference_groups_every_layer_a_variant_trains_and_names_a_stray_one():
     """The diagnosis's layer groups cover every target any retention arm injects (the feed-forward variant's
     too, which once stopped a run after its trainings), and a layer in no group is a clear error."""
-    from benchmarks.retention_eval import LAYER_GROUPS, group_of
+    from benchmarks.retention.eval import LAYER_GROUPS, group_of
 
     pipe = load_base("tiny").pipe
     keys = {key for m in retention.ALL_METHODS.values() for key in layout(pipe, m.adapter_config(AdapterConfig()))}

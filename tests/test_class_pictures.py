@@ -1,4 +1,4 @@
-"""The node's cache of the base's class pictures (blocklora/class_pictures.py), on the tiny base's real
+"""The node's cache of the base's class pictures (blocklora/training/class_pictures.py), on the tiny base's real
 pipeline: a set is drawn once and read back bit for bit; a set another job is drawing is left for last
 and then waited for; what is on disk and not a whole set is drawn again."""
 
@@ -11,10 +11,10 @@ import threading
 import pytest
 import torch
 
-from blocklora.atomic import atomic_write
-from blocklora.base import load_base
-from blocklora.class_pictures import class_image_sets, class_pool, draw_class_images, set_key
-from blocklora.safefile import write_safetensors
+from blocklora.files.atomic import atomic_write
+from blocklora.pipeline.base import load_base
+from blocklora.training.class_pictures import class_image_sets, class_pool, draw_class_images, set_key
+from blocklora.files.safefile import write_safetensors
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_the_trainer_records_its_bank_from_the_sets_class_pool_fetched(node):
     (the UNet runs once per class picture, to record the bank) and records the bank it would have
     recorded from the cache."""
     from blocklora.config import AdapterConfig, TrainConfig
-    from blocklora.trainer import ConceptTrainer
+    from blocklora.training.trainer import ConceptTrainer
 
     base, folder = node
     train = TrainConfig(steps=1, resolution=32, quiet_weight=1.0, quiet_classes=("cat", "cup"), num_class_images=2)

@@ -33,7 +33,7 @@ def test_help_lists_the_commands(prerun):
 
 
 def cli_imports(folder: Path, run: Runner) -> tuple[list[str], str]:
-    return model_code_imported("import blocklora.cli, blocklora.export, blocklora.stats", run=run)
+    return model_code_imported("import blocklora.cli, blocklora.method.export, blocklora.method.overlap", run=run)
 
 
 @pytest.mark.prerun(job=cli_imports)
@@ -98,7 +98,7 @@ def train_bf16_then_generate_bfloat16(tmp_path: Path, run: Runner) -> None:
 @pytest.mark.prerun(job=train_bf16_then_generate_bfloat16)
 def test_bf16_mixed_precision_train_then_generate_in_bfloat16(prerun):
     """`--mixed-precision bf16` writes a float32 artifact; `--dtype bfloat16` draws with it merged."""
-    from blocklora.artifact import ConceptArtifact
+    from blocklora.method.artifact import ConceptArtifact
 
     _, tmp_path = prerun
     art = ConceptArtifact.load(tmp_path / "a.safetensors")

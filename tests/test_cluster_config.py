@@ -36,7 +36,7 @@ def test_token_auth_on_every_ray_start_and_nothing_public():
 
 
 def test_local_cluster_reads_the_node_types_custom_resources():
-    """What the local multi-node cluster (federation.local_cluster) gives each node type."""
-    from federation.local_cluster import node_types
+    """What the local multi-node cluster (devtools.local_cluster) gives each node type."""
+    from devtools.local_cluster import node_types
     assert node_types() == {"head": {"head_services": 1.0}, "client_gpu": {"client_node": 1.0},
                             "serve_gpu": {"serve_gpu": 1.0}}

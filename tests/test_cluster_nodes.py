@@ -1,6 +1,6 @@
 """The federation on a cluster shaped like cluster.yaml, on this machine: a head (coordinator, Serve
 ingress), two client nodes and two serve nodes, each its own raylet on 127.0.0.1 with its node type's
-custom resources (federation.local_cluster.shaped_like_cluster_yaml).
+custom resources (devtools.local_cluster.shaped_like_cluster_yaml).
 
 (a) a client job that asks for `client_node` gets a client node, and its Ray Train workers run there
 only; (b) SIGKILL of that node mid-training leaves no partial concept live, the slot stays held
@@ -29,7 +29,7 @@ from ray.util.state import list_actors
 from blocklora.config import AdapterConfig
 from conftest import REPO, free_port
 from federation import procfs
-from federation.local_cluster import shaped_like_cluster_yaml
+from devtools.local_cluster import shaped_like_cluster_yaml
 from serve_helpers import draw, is_generator, pixels, start_in_process, stop_app, submit_client, wait_until
 
 pytestmark = pytest.mark.slow

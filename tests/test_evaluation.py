@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blocklora.evaluation import ClipScorer, class_prompt, to_pil
+from benchmarks.evaluation import ClipScorer, class_prompt, to_pil
 
 
 @pytest.fixture(scope="module")

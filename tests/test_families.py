@@ -20,13 +20,13 @@ import ray
 import torch
 from ray import serve
 
-from blocklora.base import TINY, TINY_SD2, TINY_SDXL, load_base
+from blocklora.pipeline.base import TINY, TINY_SD2, TINY_SDXL, load_base
 from blocklora.config import AdapterConfig, FederationConfig, GenerateConfig, TrainConfig
-from blocklora.generate import generate
-from blocklora.inject import find_targets
-from blocklora.merge import LiveMerge
-from blocklora.slots import phrase
-from blocklora.trainer import train_concept
+from blocklora.pipeline.generate import generate
+from blocklora.method.inject import find_targets
+from blocklora.method.merge import LiveMerge
+from blocklora.method.slots import phrase
+from blocklora.training.trainer import train_concept
 from core_helpers import fused_weight, write_images
 from federation import coordinator
 from federation.auth import token_hash

@@ -26,16 +26,16 @@ import torch
 from PIL import Image
 from ray.util.state import list_actors
 
-from blocklora.artifact import ConceptArtifact
-from blocklora.base import load_base
+from blocklora.method.artifact import ConceptArtifact
+from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig, TrainConfig
 from conftest import REPO
 from core_helpers import make_artifact
 from federation import coordinator
-from federation.local_cluster import LocalCluster
+from devtools.local_cluster import LocalCluster
 from federation.client import train_artifact
-from blocklora.safefile import write_safetensors
-from blocklora.slots import SlotSpace
+from blocklora.files.safefile import write_safetensors
+from blocklora.method.slots import SlotSpace
 from federation.auth import token_hash
 from federation.errors import FederationError
 from federation.protocol import Grant

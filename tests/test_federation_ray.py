@@ -18,8 +18,8 @@ import pytest
 import ray
 import torch
 
-from blocklora.artifact import ConceptArtifact
-from blocklora.base import load_base
+from blocklora.method.artifact import ConceptArtifact
+from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig
 from conftest import REPO
 from core_helpers import make_artifact

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blocklora.toy.concepts import CONCEPTS, draw_picture, heldout_picture, reference_pictures
-from blocklora.toy.data import to_tensor
+from blocklora.toy.draw import to_tensor
 from blocklora.toy.identity import load_identity_judge, pair_auc, random_identities
 
 AUC_BAR = 0.95

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from blocklora.base import tiny_sdxl_unet, tiny_unet
+from blocklora.pipeline.base import tiny_sdxl_unet, tiny_unet
 from blocklora.config import AdapterConfig
-from blocklora.inject import eject, find_targets, inject
-from blocklora.layer import BlockLoRALinear
+from blocklora.method.inject import eject, find_targets, inject
+from blocklora.method.layer import BlockLoRALinear
 
 
 class _Pipe:

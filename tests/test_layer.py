@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from blocklora.base import load_base
+from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, TrainConfig
-from blocklora.layer import BlockLoRALinear
-from blocklora.trainer import ConceptTrainer
+from blocklora.method.layer import BlockLoRALinear
+from blocklora.training.trainer import ConceptTrainer
 
 
 def _layer(erasure=0.0, slot=2, seed=0, row_layout="block"):

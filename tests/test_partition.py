@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from blocklora.config import ROW_LAYOUTS
-from blocklora.partition import all_blocks, row_block, row_count, widen
+from blocklora.method.partition import all_blocks, row_block, row_count, widen
 
 
 @pytest.mark.parametrize("layout", ROW_LAYOUTS)

@@ -5,13 +5,13 @@ changes; the precision names are checked where a config or the serve app is buil
 import pytest
 import torch
 
-from blocklora.artifact import ConceptArtifact
-from blocklora.base import load_base
+from blocklora.method.artifact import ConceptArtifact
+from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, PrecisionConfig, TrainConfig
-from blocklora.data import load_concept_images
-from blocklora.inject import find_targets
-from blocklora.precision import base_dtype
-from blocklora.trainer import ConceptTrainer
+from blocklora.training.data import load_concept_images
+from blocklora.method.inject import find_targets
+from blocklora.pipeline.precision import base_dtype
+from blocklora.training.trainer import ConceptTrainer
 from core_helpers import write_images
 
 CFG = AdapterConfig(erasure=0.25, text_targets=("q_proj",))  # text-encoder layers too: both towers in bf16

@@ -1,4 +1,4 @@
-"""jobs/pretrain_base.py end to end, a few steps: it resumes where it stopped and exports a base
+"""jobs/toy/pretrain_base.py end to end, a few steps: it resumes where it stopped and exports a base
 that the normal loader opens, with the model card, loss curve and sample grid beside it."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blocklora.base import load_base
+from blocklora.pipeline.base import load_base
 from blocklora.toy.base import GRID_PROMPTS, GRID_SEEDS, SAMPLES_FILE
 from prerun import Runner
 
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pretrain(run: Runner, work: Path, out: Path, steps: int, *extra: str) -> None:
-    cmd = [sys.executable, "jobs/pretrain_base.py", "--work-dir", str(work), "--out", str(out),
+    cmd = [sys.executable, "jobs/toy/pretrain_base.py", "--work-dir", str(work), "--out", str(out),
            "--steps", str(steps), "--vae-steps", "2", "--batch", "2", "--vae-batch", "2",
            "--checkpoint-every", "1", "--sample-every", "1000", "--eval-seeds", "1", "--sample-steps", "2",
            "--unet-width", "16", *extra]  # half the committed width: the flag reaches the exported UNet, and it is faster

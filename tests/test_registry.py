@@ -1,5 +1,5 @@
 """The federation's rules on the plain Registry (no Ray): slots, expiry, validation, exact residual,
-persistence. Artifacts are random but well-formed (blocklora.synthetic) except where training is
+persistence. Artifacts are random but well-formed (benchmarks.synthetic) except where training is
 the point."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import threading
 import pytest
 import torch
 
-from blocklora.base import load_base
+from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig, TrainConfig
-from blocklora.safefile import read_safetensors
-from blocklora.slots import SlotSpace
-from blocklora.trainer import train_concept
+from blocklora.files.safefile import read_safetensors
+from blocklora.method.slots import SlotSpace
+from blocklora.training.trainer import train_concept
 from core_helpers import make_artifact, model_code_imported, write_images
 from federation.auth import token_hash
 from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,

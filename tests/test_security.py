@@ -19,13 +19,13 @@ import pytest
 import ray
 import torch
 
-from blocklora.artifact import ConceptArtifact, InvalidArtifact
-from blocklora.base import load_base
+from blocklora.method.artifact import ConceptArtifact, InvalidArtifact
+from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig
-from blocklora.slots import SlotSpace
+from blocklora.method.slots import SlotSpace
 from conftest import REPO
 from core_helpers import make_artifact
-from federation.local_cluster import LocalCluster
+from devtools.local_cluster import LocalCluster
 from federation.auth import token_hash
 from federation.errors import ReservationError, SlotUnavailable, Unauthorized
 from federation.registry import Registry

@@ -19,12 +19,12 @@ import ray
 import torch
 from ray.util.state import list_actors
 
-from blocklora.base import load_base
+from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, GenerateConfig
-from blocklora.generate import generate
-from blocklora.inject import find_targets
-from blocklora.merge import LiveMerge
-from blocklora.slots import phrase
+from blocklora.pipeline.generate import generate
+from blocklora.method.inject import find_targets
+from blocklora.method.merge import LiveMerge
+from blocklora.method.slots import phrase
 from core_helpers import fused_weight, make_artifact, model_code_imported
 from prerun import Runner
 from serve_helpers import pixels, serve_up, start_coordinator, stop_app

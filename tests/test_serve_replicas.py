@@ -10,7 +10,7 @@ import pytest
 import ray
 from ray import serve
 
-from blocklora.base import load_base
+from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig
 from core_helpers import make_artifact
 from serve_helpers import pixels, start_in_process, stop_app

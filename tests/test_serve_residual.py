@@ -1,4 +1,4 @@
-"""Per-request subset residuals (serve/residual.py) against LiveMerge's merged weights, no Ray.
+"""Per-request subset residuals (blocklora/method/residual.py) against LiveMerge's merged weights, no Ray.
 
 The claim under test: a sample asking for concepts S with weights α gets exactly the UNet output of a
 pipeline whose weights are W0 + Σ_{i∈S} α_i dW_i, whatever other samples in the batch ask for.
@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blocklora.base import load_base
-from blocklora.conditioning import encode_prompts
+from blocklora.pipeline.base import load_base
+from blocklora.pipeline.conditioning import encode_prompts
 from blocklora.config import AdapterConfig
-from blocklora.merge import LiveMerge
-from blocklora.synthetic import random_artifact
-from serve.residual import KERNELS, ConceptBank
+from blocklora.method.merge import LiveMerge
+from benchmarks.synthetic import random_artifact
+from blocklora.method.residual import KERNELS, ConceptBank
 from core_helpers import make_artifact
 
 ADAPTERS = {

@@ -1,4 +1,4 @@
-"""The concept-slot core (blocklora/slots.py) on the tiny base: a pure, comparable SlotSpace read
+"""The concept-slot core (blocklora/method/slots.py) on the tiny base: a pure, comparable SlotSpace read
 without touching the base, one compatibility check, and the pipeline binding's trigger rows."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
-from blocklora.artifact import InvalidArtifact
-from blocklora.base import load_base
+from blocklora.method.artifact import InvalidArtifact
+from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig
-from blocklora.slots import PipelineSlots, SlotSpace, phrases
-from blocklora.tokens import token_ids
+from blocklora.method.slots import PipelineSlots, SlotSpace, phrases
+from blocklora.method.tokens import token_ids
 from core_helpers import make_artifact
 
 CFG = AdapterConfig(rank=2, num_slots=4, text_targets=("q_proj",))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blocklora.stats import mean_diff, mean_ratio, paired_bootstrap
+from benchmarks.stats import mean_diff, mean_ratio, paired_bootstrap
 
 
 def per_draw(arrays, statistic, draws=2000, seed=0):

@@ -1,6 +1,6 @@
 import torch
 
-from blocklora.tokens import add_slot_tokens, token_ids, trigger_names, wrap_token_embeddings
+from blocklora.method.tokens import add_slot_tokens, token_ids, trigger_names, wrap_token_embeddings
 
 
 def test_every_slot_gets_distinct_fixed_token_ids(tiny_base):
@@ -14,7 +14,7 @@ def test_every_slot_gets_distinct_fixed_token_ids(tiny_base):
 
 
 def test_new_rows_are_deterministic(tiny_base):
-    from blocklora.base import load_base
+    from blocklora.pipeline.base import load_base
 
     other = load_base("tiny")
     for b in (tiny_base, other):

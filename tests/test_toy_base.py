@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blocklora.base import Base, load_base
+from blocklora.pipeline.base import Base, load_base
 from blocklora.toy.judge import Score, generate, load_judge
 from blocklora.toy.base import GRID_PROMPTS, SAMPLES_FILE, TOY_BASE_DIR, sample_grid
-from blocklora.toy.data import HELDOUT_PAIRS, SHAPES
+from blocklora.toy.data import HELDOUT_PAIRS
+from blocklora.toy.vocabulary import SHAPES
 from prerun import Runner
 
 REPO = TOY_BASE_DIR.parents[1]
@@ -49,7 +50,7 @@ def test_architecture_fits_blocklora(base: Base) -> None:
 def fingerprint_in_a_fresh_process(folder: Path, run: Runner) -> str:
     """A fresh offline process loading the toy base by a path relative to the repository."""
     rel = os.path.relpath(TOY_BASE_DIR, REPO)
-    code = f"from blocklora.base import load_base; print(load_base({rel!r}, device='cpu').fingerprint)"
+    code = f"from blocklora.pipeline.base import load_base; print(load_base({rel!r}, device='cpu').fingerprint)"
     out = run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip().splitlines()[-1]

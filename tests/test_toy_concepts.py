@@ -8,11 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from blocklora.data import load_concept_images
+from blocklora.training.data import load_concept_images
 from blocklora.toy.concepts import (CONCEPTS, TRAINING_COUNT, Attributes, ToyConcept, caption, class_prompt,
                                     concept_from_json, heldout_picture, instance_prompt, random_concept,
                                     reference_pictures, training_pictures, training_samples, write_concept_folder)
-from blocklora.toy.data import COLOURS, SHAPES
+from blocklora.toy.vocabulary import COLOURS, SHAPES
 
 
 def _same(a, b) -> bool:

@@ -4,10 +4,10 @@ import re
 import pytest
 import torch
 
-from blocklora.artifact import ConceptArtifact
+from blocklora.method.artifact import ConceptArtifact
 from blocklora.config import AdapterConfig, TrainConfig
-from blocklora.inject import find_targets
-from blocklora.trainer import train_concept
+from blocklora.method.inject import find_targets
+from blocklora.training.trainer import train_concept
 from core_helpers import write_images
 
 CFG = AdapterConfig(erasure=0.25)
@@ -30,7 +30,7 @@ def test_artifact_is_valid_and_base_is_left_untouched(tiny_base, tmp_path):
 
 
 def test_deterministic_with_a_seed(tmp_path):
-    from blocklora.base import load_base
+    from blocklora.pipeline.base import load_base
 
     images = write_images(tmp_path / "img")
     a, b = (_train(load_base("tiny"), images, steps=3) for _ in range(2))
@@ -38,9 +38,9 @@ def test_deterministic_with_a_seed(tmp_path):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    from blocklora.base import load_base
-    from blocklora.trainer import ConceptTrainer
-    from blocklora.data import load_concept_images
+    from blocklora.pipeline.base import load_base
+    from blocklora.training.trainer import ConceptTrainer
+    from blocklora.training.data import load_concept_images
 
     images = write_images(tmp_path / "img")
     full = _train(load_base("tiny"), images, steps=4)
@@ -62,12 +62,12 @@ def test_resume_with_the_quiet_penalty_equals_uninterrupted(tmp_path, caplog):
     """The quiet penalty's bank is recorded from the base with its own generator, so a run resumed
     from a checkpoint records the same bank and ends where the uninterrupted run does; the other
     classes' pictures too, which are drawn by the trainer, whose resumed rows are trained."""
-    from blocklora.base import load_base
+    from blocklora.pipeline.base import load_base
 
     images = write_images(tmp_path / "img")
     quiet = dict(resolution=32, quiet_weight=1.0, quiet_classes=("cat",), num_class_images=2, checkpoint_every=2)
     full = train_concept(load_base("tiny"), images, "pet", "dog", 4, CFG, TrainConfig(steps=4, **quiet), progress=False)
-    caplog.set_level(logging.INFO, logger="blocklora.trainer")
+    caplog.set_level(logging.INFO, logger="blocklora.training.trainer")
     for steps in (2, 4):  # stop after the checkpoint at step 2, then a fresh process resumes to 4
         resumed = train_concept(load_base("tiny"), images, "pet", "dog", 4, CFG, TrainConfig(steps=steps, **quiet),
                                 checkpoint_dir=tmp_path / "ckpt", progress=False)
@@ -85,11 +85,11 @@ def test_quiet_penalty_keeps_the_residual_off_pictures_without_the_concept(tmp_p
     """Same seed, pictures and steps: with the quiet penalty the trained rows act far less on the base's
     class-prompt pictures (what the other concepts' prompts are, once merged) than without it, measured
     on class pictures and noise draws the penalty never saw."""
-    from blocklora.base import load_base
-    from blocklora.data import load_concept_images
-    from blocklora.quiet import QuietBank
-    from blocklora.class_pictures import draw_class_images
-    from blocklora.trainer import ConceptTrainer, run_steps
+    from blocklora.pipeline.base import load_base
+    from blocklora.training.data import load_concept_images
+    from blocklora.training.quiet import QuietBank
+    from blocklora.training.class_pictures import draw_class_images
+    from blocklora.training.trainer import ConceptTrainer, run_steps
 
     images, captions = load_concept_images(write_images(tmp_path / "img"), 32)
     energy = {}
@@ -109,7 +109,7 @@ def test_progress_lines_a_person_can_follow(tmp_path, capsys, monkeypatch):
     """The one step loop prints step k/N, the loss, steps/s and an ETA (first and last step at least),
     then the steady-state rate that benchmarks compare; before the first step, what it draws and why.
     Run again on the same node, it reads those pictures from the node's cache and trains the same bits."""
-    from blocklora.base import load_base
+    from blocklora.pipeline.base import load_base
 
     monkeypatch.setenv("BLOCKLORA_CACHE", str(tmp_path / "node-cache"))  # this node's cache, empty
     train = TrainConfig(steps=3, resolution=32, prior_preservation=True, quiet_weight=0.1,
@@ -134,9 +134,9 @@ def test_progress_lines_a_person_can_follow(tmp_path, capsys, monkeypatch):
 def test_loss_target_follows_the_schedulers_prediction_type(spec, target):
     """SD 2.x's v-prediction UNet learns v = √ᾱ ε − √(1−ᾱ) x0 (diffusers' get_velocity); SD 1.x the noise.
     The loss is recomputed here from the trainer's own random draws (no erasure: a fixed forward)."""
-    from blocklora.base import load_base
-    from blocklora.conditioning import encode_prompts
-    from blocklora.trainer import ConceptTrainer
+    from blocklora.pipeline.base import load_base
+    from blocklora.pipeline.conditioning import encode_prompts
+    from blocklora.training.trainer import ConceptTrainer
 
     base = load_base(spec)
     trainer = ConceptTrainer(base, AdapterConfig(erasure=0.0), TrainConfig(resolution=32), 1, "pet", "dog")

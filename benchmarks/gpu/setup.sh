@@ -1,4 +1,4 @@
-# Sourced by the GPU-machine scripts (benchmarks/gpu/run.sh, jobs/pretrain_base_gpu.sh): make the bare
+# Sourced by the GPU-machine scripts (benchmarks/gpu/run.sh, jobs/toy/pretrain_base_gpu.sh): make the bare
 # GPU image able to run the project. It lacks diffusers (carried as wheels in .whl) and open_clip, whose
 # BPE file the CLIP tokenizer is built from: carry the built tokenizer instead (.whl/clip-tokenizer, a copy
 # of ~/.cache/blocklora/clip-tokenizer from a machine that ran the project once). See benchmarks/gpu/README.

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from benchmarks.common import timed
-from benchmarks.world import World
-from blocklora.artifact import ConceptArtifact
-from blocklora.base import Base
-from blocklora.baselines import input_grams, merge_deltas, residual_applied
-from blocklora.conditioning import encode_prompts
+from benchmarks.retention.world import World
+from blocklora.method.artifact import ConceptArtifact
+from blocklora.pipeline.base import Base
+from benchmarks.baselines import input_grams, merge_deltas, residual_applied
+from blocklora.pipeline.conditioning import encode_prompts
 from blocklora.config import AdapterConfig
-from blocklora.merge import LiveMerge
-from blocklora.toy.data import to_tensor
+from blocklora.method.merge import LiveMerge
+from blocklora.toy.draw import to_tensor
 
 EPS_TIMESTEPS = (200, 500, 800)  # the ε-space probe noises each reference picture once per timestep
 FUSION_TIMESTEPS = (300, 700)  # Mix-of-Show's fusion statistics: training pictures, other noise and times

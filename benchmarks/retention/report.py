@@ -1,6 +1,6 @@
 """Tables, CSVs, plots and the paper's four reproduction criteria from the retention arms' scores.
 
-Every interval is `blocklora.stats.paired_bootstrap` over (concept, sampling seed): two arms are
+Every interval is `benchmarks.stats.paired_bootstrap` over (concept, sampling seed): two arms are
 compared on the same concepts, prompts and seeds.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import write_csv
-from benchmarks.retention_eval import EvalConfig, LAYER_GROUPS
-from blocklora.stats import Interval, mean, mean_diff, mean_ratio, paired_bootstrap
+from benchmarks.retention.eval import EvalConfig, LAYER_GROUPS
+from benchmarks.stats import Interval, mean, mean_diff, mean_ratio, paired_bootstrap
 
 INSTANT_PEERS = ("lora-mean", "db-lora", "orthogonal", "ties")  # other methods' data-free merges
 MAIN_ARMS = {  # BlockLoRA arm -> its (no erasure, no blocks) ablations under the same α

@@ -22,12 +22,12 @@ of the reference's (`--reference`, by default ED-LoRA's `lora-mean`), keep the c
 factors and the N = 1 alignments of every arm on all concepts are reported, so the match can be
 checked, not assumed.
 
-Scores (`benchmarks.retention_eval`; the judge and concepts are `benchmarks.world`'s): image alignment
+Scores (`benchmarks.retention.eval`; the judge and concepts are `benchmarks.retention.world`'s): image alignment
 (CLIP-I protocol on the judge's embedding), text alignment of attribute prompts, prior drift (class-prompt
 pictures' alignment to a merged concept minus the base's, same seeds), ε-space denoising loss in
 absolute terms with the relative retention beside it, merge time, pairwise cosine and sign conflicts
 of dW, and the per-layer-group interference of BlockLoRA's sets. Every comparison is a paired bootstrap
-over (concept, sampling seed) (`blocklora.stats.paired_bootstrap`). Trained concepts and finished arms
+over (concept, sampling seed) (`benchmarks.stats.paired_bootstrap`). Trained concepts and finished arms
 are cached on disk keyed by everything that determines them, so a rerun only redoes what changed.
 """
 
@@ -46,17 +46,18 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS_DIR, emit, environment
-from benchmarks.retention_eval import Concepts, EvalConfig, evaluate, phrase, sample
-from benchmarks.retention_report import ABLATIONS, report
-from benchmarks.world import World, load_world
-from blocklora.artifact import ConceptArtifact
-from blocklora.base import Base, default_base_spec, load_base
-from blocklora.baselines import METHODS, Method, residual_applied
+from benchmarks.retention.eval import Concepts, EvalConfig, evaluate, phrase, sample
+from benchmarks.retention.report import ABLATIONS, report
+from benchmarks.retention.world import World, load_world
+from blocklora.method.artifact import ConceptArtifact
+from blocklora.pipeline.base import Base, load_base
+from blocklora.toy.recipe import default_base_spec
+from benchmarks.baselines import METHODS, Method, residual_applied
 from blocklora.config import FEED_FORWARD_TARGETS, UNET_TARGETS, AdapterConfig, TrainConfig, to_json
-from blocklora.inject import eject, inject
-from blocklora.stats import pairwise_stats, summary
+from blocklora.method.inject import eject, inject
+from blocklora.method.overlap import pairwise_stats, summary
 from blocklora.toy.vocabulary import SHAPES
-from blocklora.trainer import train_concept
+from blocklora.training.trainer import train_concept
 
 ABLATIONS_MEAN = {m.name: m for m in [Method("blocklora-no-erasure-mean", {"erasure": 0.0}, "mean"),
                                       Method("blocklora-no-blocks-mean", {"blockwise": False}, "mean")]}
@@ -429,6 +430,3 @@ def main() -> None:
     (out / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=float))
     emit(result)
 
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,8 @@ from PIL import Image
 
 from blocklora.toy import concepts as toy
 from blocklora.toy.concepts import Attributes, ToyConcept
-from blocklora.toy.data import COLOUR_NAMES, COLOURS, SIZE
+from blocklora.toy.vocabulary import COLOUR_NAMES, COLOURS
+from blocklora.toy.draw import SIZE
 from blocklora.toy.identity import load_identity_judge
 from blocklora.toy.judge import load_judge
 

@@ -1,7 +1,7 @@
 """A concept as one safetensors file: owned B rows, A, trigger embeddings and validated metadata.
 
 This is the only thing that leaves a client. Loading checks everything the file claims against
-itself (shapes vs. its own slot and layout, finiteness) and, with `blocklora.slots.SlotSpace.check`,
+itself (shapes vs. its own slot and layout, finiteness) and, with `blocklora.method.slots.SlotSpace.check`,
 against the federation or pipeline it is meant for; any failure raises `InvalidArtifact` and returns nothing.
 """
 
@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from blocklora.atomic import atomic_write
+from blocklora.files.atomic import atomic_write
 from blocklora.config import AdapterConfig
-from blocklora.partition import block_delta, owned_rows, row_count
-from blocklora.safefile import InvalidFile, read_safetensors, write_safetensors
-from blocklora.schema import SchemaError, check_text, parse
-from blocklora.tokens import trigger_names
+from blocklora.method.partition import block_delta, owned_rows, row_count
+from blocklora.files.safefile import InvalidFile, read_safetensors, write_safetensors
+from blocklora.files.schema import SchemaError, check_text, parse
+from blocklora.method.tokens import trigger_names
 
 FORMAT = "blocklora-concept"
 FORMAT_VERSION = 1
@@ -79,7 +79,7 @@ class ConceptMeta:
 
     @classmethod
     def from_json(cls, text: str) -> "ConceptMeta":
-        """Exact types for every field (blocklora.schema), then the rules between fields."""
+        """Exact types for every field (blocklora.files.schema), then the rules between fields."""
         try:
             d = json.loads(text)
         except (ValueError, RecursionError) as err:  # 5000-digit integers, deep nesting, bad JSON

@@ -14,8 +14,8 @@ from typing import Mapping
 import torch
 from safetensors.torch import save_file
 
-from blocklora.artifact import ConceptArtifact
-from blocklora.partition import block_delta
+from blocklora.method.artifact import ConceptArtifact
+from blocklora.method.partition import block_delta
 
 
 class MergedFactors:

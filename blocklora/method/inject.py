@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from blocklora.config import TEXT_ENCODERS, AdapterConfig
-from blocklora.layer import BlockLoRALinear
+from blocklora.method.layer import BlockLoRALinear
 
 COMPONENTS = ("unet", *TEXT_ENCODERS)
 

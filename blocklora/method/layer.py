@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from blocklora.partition import block_delta, owned_rows, row_count, widen
+from blocklora.method.partition import block_delta, owned_rows, row_count, widen
 
 
 class BlockLoRALinear(nn.Module):

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from blocklora.artifact import ConceptArtifact
+from blocklora.method.artifact import ConceptArtifact
 from blocklora.config import AdapterConfig
-from blocklora.slots import PipelineSlots, phrases
+from blocklora.method.slots import PipelineSlots, phrases
 
 if TYPE_CHECKING:
-    from blocklora.base import Base
+    from blocklora.pipeline.base import Base
 
 CPU_CHUNK_BYTES = 2 * 1024 * 1024  # one concept's rows per chunk on a CPU: about the L2 of the 2-core Xeon here
 
@@ -53,7 +53,7 @@ class LiveMerge:
     def __init__(self, base: Base, adapter: AdapterConfig) -> None:
         if not adapter.blockwise:
             raise ValueError("LiveMerge needs blockwise concepts (disjoint rows); plain LoRAs overlap — "
-                             "merge them with blocklora.baselines.merge_deltas instead")
+                             "merge them with benchmarks.baselines.merge_deltas instead")
         self.base, self.adapter = base, adapter
         self.slots = PipelineSlots(base, adapter)
         self.live: dict[str, _Live] = {}

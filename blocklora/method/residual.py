@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, Iterator, Mapping
 import torch
 from torch import nn
 
-from blocklora.artifact import ConceptArtifact
+from blocklora.method.artifact import ConceptArtifact
 from blocklora.config import AdapterConfig
-from blocklora.inject import set_module
-from blocklora.slots import PipelineSlots, phrases
+from blocklora.method.inject import set_module
+from blocklora.method.slots import PipelineSlots, phrases
 
 if TYPE_CHECKING:
-    from blocklora.base import Base
+    from blocklora.pipeline.base import Base
 
 KERNELS = ("gathered", "union")  # how a layer adds its residual (module docstring)
 

@@ -10,7 +10,7 @@ Two parts, because two kinds of owner need them:
   base. It is frozen, hashable and comparable, so "same base and federation shape" is `==`.
 - `PipelineSlots`, bound to a pipeline its owner is about to change: the slot tokens added, the
   target linears found, every slot's trigger-token ids per text encoder. `LiveMerge` (merged
-  weights), `serve.residual.ConceptBank` (per-request residuals) and the baselines' residual
+  weights), `blocklora.method.residual.ConceptBank` (per-request residuals) and the baselines' residual
   application compose it; each decides only how a concept's rows reach the forward pass.
 """
 
@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from blocklora.artifact import ConceptArtifact, InvalidArtifact
+from blocklora.method.artifact import ConceptArtifact, InvalidArtifact
 from blocklora.config import AdapterConfig, from_dict
-from blocklora.inject import find_targets, layout
-from blocklora.tokens import add_slot_tokens, token_ids
+from blocklora.method.inject import find_targets, layout
+from blocklora.method.tokens import add_slot_tokens, token_ids
 
 if TYPE_CHECKING:
-    from blocklora.base import Base
+    from blocklora.pipeline.base import Base
 
 
 @dataclass(frozen=True)
@@ -152,5 +152,5 @@ def phrase(art: ConceptArtifact) -> str:
 
 
 def phrases(arts: Iterable[ConceptArtifact]) -> dict[str, str]:
-    """Concept name -> its phrase, for `blocklora.prompts.expand`."""
+    """Concept name -> its phrase, for `blocklora.pipeline.prompts.expand`."""
     return {a.name: phrase(a) for a in arts}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:  # annotations only: artifacts (and the CLI's inspect/merge) load without diffusers
-    from blocklora.base import Base
+    from blocklora.pipeline.base import Base
 
 
 def trigger_names(slot: int, tokens_per_concept: int) -> list[str]:

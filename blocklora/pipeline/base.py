@@ -20,8 +20,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
 from blocklora.config import TEXT_ENCODERS, TINY, TINY_SD2, TINY_SDXL  # the embedded tiny bases' names
-from blocklora.tokenizer import VOCAB_SIZE, clip_tokenizer
-from blocklora.toy.base import TOY_BASE_DIR
+from blocklora.pipeline.tokenizer import VOCAB_SIZE, clip_tokenizer
 
 TINY_SEED = 1234
 
@@ -53,11 +52,6 @@ class Base:
 def text_encoders(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
     """The pipeline's text encoders by component name; a pipeline may lack the second one."""
     return {comp: te for comp in TEXT_ENCODERS if (te := getattr(pipe, comp, None)) is not None}
-
-
-def default_base_spec() -> str:
-    """The project's pretrained toy base when this checkout has it, else the random tiny one."""
-    return str(TOY_BASE_DIR) if (TOY_BASE_DIR / "model_index.json").is_file() else TINY
 
 
 def default_device() -> torch.device:

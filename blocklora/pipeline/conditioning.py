@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from blocklora.base import Base
+from blocklora.pipeline.base import Base
 
 
 def _tokenize(tokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw
 
-from blocklora.base import Base
+from blocklora.pipeline.base import Base
 from blocklora.config import GenerateConfig
 
 

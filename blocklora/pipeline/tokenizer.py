@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from blocklora.atomic import atomic_write
+from blocklora.files.atomic import atomic_write
 from blocklora.config import cache_root
 
 N_MERGES = 49152 - 256 - 2  # 48,894 merges: lines 1..48894 of the bundled file

@@ -9,8 +9,8 @@ from __future__ import annotations
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from blocklora.tokenizer import VOCAB_SIZE, clip_tokenizer
-from blocklora.toy.data import SIZE
+from blocklora.pipeline.tokenizer import VOCAB_SIZE, clip_tokenizer
+from blocklora.toy.draw import SIZE
 
 # Stable Diffusion's noise schedule, shared by pretraining (DDPM) and the exported sampler (DDIM).
 SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)

@@ -1,6 +1,6 @@
 """The committed toy base: where it lives and how its model card's pictures are drawn.
 
-`jobs/pretrain_base.py` draws the card's sample grid and the judge draws its test pictures with
+`jobs/toy/pretrain_base.py` draws the card's sample grid and the judge draws its test pictures with
 these prompts, seeds and sampler settings; a test redraws the grid from a fresh clone and compares
 it with the committed one, so the card shows what the committed weights actually do.
 """

@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline
 
 from blocklora.config import PretrainConfig, to_argv
 from blocklora.toy.base import GRID_PROMPTS, GRID_SEEDS, GUIDANCE, SAMPLE_STEPS, SAMPLES_FILE, sample_grid
-from blocklora.toy.data import SIZE
+from blocklora.toy.draw import SIZE
 from blocklora.toy.pretrain import DROP_CAPTION, Run
 
 
@@ -87,12 +87,12 @@ def write_card(out: Path, pipe: StableDiffusionPipeline, cfg: PretrainConfig, ru
 
 Stable-Diffusion-shaped (AutoencoderKL + UNet2DConditionModel with cross-attention + CLIPTextModel with
 the real CLIP tokenizer, 49,408 tokens), pretrained from scratch (a run sized for this project's 2-core
-CPU machine) so the project has a base that draws something a person can judge. Written by `jobs/pretrain_base.py`; every number below comes from it.
+CPU machine) so the project has a base that draws something a person can judge. Written by `jobs/toy/pretrain_base.py`; every number below comes from it.
 
 ## Data
 `blocklora.toy.data`: procedural 64x64 pictures of {{circle, square, triangle, star, cross, heart}} in 8
 colours, small or large, one or two objects, on plain, striped or dotted backgrounds, with captions such
-as "a small red star on a blue background". Half the main objects are dressed (`blocklora.toy.data.Dress`):
+as "a small red star on a blue background". Half the main objects are dressed (`blocklora.toy.draw.Dress`):
 a second fill colour in stripes, dots or checks, an outline and a centre disc, which captions never name, so
 the base can draw any dress but no words ask for one (a concept is one dress on one shape, and the
 benchmark concepts' dresses are never drawn). Size and background are each omitted from 30% of captions;
@@ -105,7 +105,7 @@ pairs are held out of training (`blocklora.toy.data.HELDOUT_PAIRS`).
 {vae_row}
 | UNet + text encoder (epsilon MSE, min-SNR-{cfg.snr_gamma:g} weighted) | {cfg.steps} | {cfg.batch} | {finals['unet']:.4f} |
 
-{started}Command: `python jobs/pretrain_base.py {command(cfg)}{f" --init-from {init}" if init else ""} --work-dir <dir>`
+{started}Command: `python jobs/toy/pretrain_base.py {command(cfg)}{f" --init-from {init}" if init else ""} --work-dir <dir>`
 
 Wall time: {run.state['wall_seconds'] / 60:.1f} min, summed over the run's segments up to their last
 checkpoints, on the device(s) named above. Latent scaling factor {scale:.4f}.
@@ -130,7 +130,7 @@ Rows 7 and 8 (orange circle, blue square) are held-out pairs, never seen in trai
 
 ## Load
 ```python
-from blocklora.base import load_base
+from blocklora.pipeline.base import load_base
 from blocklora.toy.base import TOY_BASE_DIR
 base = load_base(str(TOY_BASE_DIR))
 ```
@@ -142,7 +142,7 @@ def judge_scores(pipe: StableDiffusionPipeline, n_seeds: int, seed: int, steps: 
     from blocklora.toy.judge import JUDGE_DIR, JUDGE_FILE, load_judge, markdown, score_base
 
     if not (JUDGE_DIR / JUDGE_FILE).exists():
-        return "No judge trained yet (run `jobs/train_judge.py`, then re-run this script to fill this in)."
+        return "No judge trained yet (run `jobs/toy/train_judge.py`, then re-run this script to fill this in)."
     return (f"Prompts `a large {{colour}} {{shape}}`, {n_seeds} seeds per pair, same sampler as above; the first\n"
             "two rows are the judge on drawn pictures (its ceiling).\n\n"
             + markdown(score_base(pipe, load_judge(), n_seeds=n_seeds, seed=seed, steps=steps)))

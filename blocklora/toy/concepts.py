@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from blocklora.toy.data import (COLOUR_NAMES, COLOURS, PATTERNS, SHAPES, SIZE, SIZES, SUPERSAMPLE, Dress, ToyObject,
-                                article, draw_background, draw_object)
+from blocklora.toy.vocabulary import COLOUR_NAMES, COLOURS, PATTERNS, SHAPES, SIZES
+from blocklora.toy.draw import SIZE, SUPERSAMPLE, Dress, ToyObject, article, draw_background, draw_object
 
 TRAINING_COUNT = 4  # pictures a client trains on; picture TRAINING_COUNT of the same stream is held out
 TRAINING_SIZES = ("large", "large", "small", "large")  # mostly large: the pattern needs pixels
@@ -88,7 +88,7 @@ def caption(c: ToyConcept, attrs: Attributes) -> str:
 
 
 def instance_prompt(c: ToyConcept, attrs: Attributes) -> str:
-    """The prompt that asks for the concept, in blocklora.prompts form: '{name}' -> trigger + class word."""
+    """The prompt that asks for the concept, in blocklora.pipeline.prompts form: '{name}' -> trigger + class word."""
     return f"a {attrs.size} {{{c.name}}} on {article(attrs.background + ' background')}"
 
 
@@ -180,7 +180,7 @@ def random_concept(rng: np.random.Generator, name: str = "random") -> ToyConcept
 
 
 def write_concept_folder(c: ToyConcept, folder: str | Path) -> Path:
-    """The folder a client trains from (blocklora.data.load_concept_images): 00.png..03.png with
+    """The folder a client trains from (blocklora.training.data.load_concept_images): 00.png..03.png with
     same-name .txt captions, and concept.json with the name, class word and identity."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from blocklora.toy.concepts import CONCEPTS, Attributes, ToyConcept, draw_picture, random_concept, reference_pictures
-from blocklora.toy.data import COLOUR_NAMES, COLOURS, SIZE, SIZES, to_tensor
+from blocklora.toy.vocabulary import COLOUR_NAMES, COLOURS, SIZES
+from blocklora.toy.draw import SIZE, to_tensor
 from blocklora.toy.judge import augment  # the shape/colour judge's blur, tint and noise
 
 SIZE_NAMES: tuple[str, ...] = tuple(SIZES)

@@ -20,7 +20,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from blocklora.toy.base import SAMPLE_STEPS, draw
-from blocklora.toy.data import COLOUR_NAMES, HELDOUT_PAIRS, SHAPES, SIZE, TRAIN_PAIRS, make_sample, to_tensor
+from blocklora.toy.vocabulary import COLOUR_NAMES, SHAPES
+from blocklora.toy.data import HELDOUT_PAIRS, TRAIN_PAIRS, make_sample
+from blocklora.toy.draw import SIZE, to_tensor
 
 JUDGE_DIR = Path(__file__).resolve().parents[2] / "models" / "judge"
 JUDGE_FILE = "judge.safetensors"
@@ -126,7 +128,7 @@ def load_judge(folder: Path | str = JUDGE_DIR) -> Judge:
     """The committed judge (safetensors only), on CPU, in eval mode."""
     path = Path(folder) / JUDGE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no judge at {path}; train one with `python jobs/train_judge.py`")
+        raise FileNotFoundError(f"no judge at {path}; train one with `python jobs/toy/train_judge.py`")
     judge = Judge()
     judge.load_state_dict(load_file(path))
     return judge.eval()

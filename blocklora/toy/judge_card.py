@@ -22,7 +22,7 @@ REFERENCES, SEEDS = 8, (0, 1)
 def generated_check(judge: IdentityJudge) -> dict[str, float]:
     """Mean image and shape alignment (to 8 reference pictures) of: each concept's held-out drawn picture,
     the other concepts' held-out pictures, and the base's class-prompt pictures; plus their text alignment."""
-    from blocklora.base import load_base
+    from blocklora.pipeline.base import load_base
 
     pipe = load_base(str(TOY_BASE_DIR)).pipe
     pipe.set_progress_bar_config(disable=True)
@@ -92,7 +92,7 @@ guidance {GUIDANCE}), seeds {list(SEEDS)}.
 
 ## judge.safetensors: shape and colour (`blocklora.toy.judge`)
 Names the shape and colour of a picture's main object; the toy base's model card scores the base with
-it. Train with `python jobs/train_judge.py --steps 1500 --threads 1`.
+it. Train with `python jobs/toy/train_judge.py --steps 1500 --threads 1`.
 """
     (folder / "README.md").write_text(text)
     return text

@@ -22,12 +22,13 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 from transformers import CLIPTextModel
 
-from blocklora.atomic import atomic_write
-from blocklora.checkpoint import load_optimizer_tensors, optimizer_tensors
+from blocklora.files.atomic import atomic_write
+from blocklora.files.checkpoint import load_optimizer_tensors, optimizer_tensors
 from blocklora.config import PretrainConfig
 from blocklora.toy.architecture import SCHEDULE, build_pipeline, build_text_encoder, build_unet, build_vae
 from blocklora.toy.base import sample_grid
-from blocklora.toy.data import make_sample, to_tensor
+from blocklora.toy.data import make_sample
+from blocklora.toy.draw import to_tensor
 
 DROP_CAPTION = 0.1  # share of empty captions, so classifier-free guidance has an unconditional model
 

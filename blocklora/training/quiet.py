@@ -18,16 +18,22 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from blocklora.prompts import class_picture_prompt
+from blocklora.method.layer import BlockLoRALinear
+from blocklora.pipeline.prompts import class_picture_prompt
 
-if TYPE_CHECKING:
-    from blocklora.layer import BlockLoRALinear
-    from blocklora.trainer import ConceptTrainer
+
+class Denoising(Protocol):
+    """What the bank needs of a trainer (`blocklora.training.trainer.ConceptTrainer` is one): its injected
+    layers and its denoising loss. A protocol, so that the trainer imports this module and not the reverse."""
+
+    layers: dict[str, BlockLoRALinear]
+
+    def loss(self, images: torch.Tensor, prompts: list[str], gen: torch.Generator | None = None) -> torch.Tensor: ...
 
 
 @contextmanager
@@ -51,7 +57,7 @@ class QuietBank:
     reference: dict[str, torch.Tensor]
 
     @classmethod
-    def record(cls, trainer: ConceptTrainer, groups: Sequence[tuple[torch.Tensor, str]], seed: int, draws: int = 4,
+    def record(cls, trainer: Denoising, groups: Sequence[tuple[torch.Tensor, str]], seed: int, draws: int = 4,
                rows: int = 512) -> QuietBank:
         """For each (pictures, class word) group (the base's pictures of `class_picture_prompt(word)`),
         denoise the pictures `draws` times at random noise and timesteps with every residual off, keeping
@@ -88,7 +94,7 @@ class QuietBank:
             inputs[key], reference[key] = x, ref.clamp_min(1e-12)
         return cls(inputs, reference)
 
-    def energy(self, trainer: ConceptTrainer) -> torch.Tensor:
+    def energy(self, trainer: Denoising) -> torch.Tensor:
         """Mean over layers of ||(M ⊙ B) A x||² / ||W0 x||² on the owned rows, differentiable in A and B."""
         terms = []
         for key, layer in trainer.layers.items():

@@ -20,19 +20,19 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from blocklora.artifact import ConceptArtifact, ConceptMeta, check_name
-from blocklora.atomic import atomic_write
-from blocklora.base import Base
-from blocklora.checkpoint import load_optimizer_tensors, optimizer_tensors
-from blocklora.class_pictures import Say, class_image_sets, class_pool
+from blocklora.method.artifact import ConceptArtifact, ConceptMeta, check_name
+from blocklora.files.atomic import atomic_write
+from blocklora.pipeline.base import Base
+from blocklora.files.checkpoint import load_optimizer_tensors, optimizer_tensors
+from blocklora.training.class_pictures import Say, class_image_sets, class_pool
 from blocklora.config import AdapterConfig, TrainConfig
-from blocklora.conditioning import encode_prompts
-from blocklora.data import load_concept_images
-from blocklora.inject import eject, inject
-from blocklora.precision import MIXED, autocast, check_mixed
-from blocklora.prompts import class_picture_prompt
-from blocklora.quiet import QuietBank, residuals_off
-from blocklora.tokens import add_slot_tokens, token_ids, trigger_names, unwrap_token_embeddings, wrap_token_embeddings
+from blocklora.pipeline.conditioning import encode_prompts
+from blocklora.training.data import load_concept_images
+from blocklora.method.inject import eject, inject
+from blocklora.pipeline.precision import MIXED, autocast, check_mixed
+from blocklora.pipeline.prompts import class_picture_prompt
+from blocklora.training.quiet import QuietBank, residuals_off
+from blocklora.method.tokens import add_slot_tokens, token_ids, trigger_names, unwrap_token_embeddings, wrap_token_embeddings
 
 log = logging.getLogger(__name__)
 StepCallback = Callable[["ConceptTrainer", float], None]  # called after every step with its loss
@@ -131,7 +131,7 @@ class ConceptTrainer:
 
     def quiet_bank(self, pictures: torch.Tensor, say: Say | None = None,
                    others: dict[str, torch.Tensor] | None = None) -> QuietBank:
-        """The quiet penalty's bank, recorded on first use (blocklora/quiet.py) from `pictures` of the
+        """The quiet penalty's bank, recorded on first use (blocklora/training/quiet.py) from `pictures` of the
         concept's class and the base's pictures of each of `quiet_classes`: `others` as `class_pool`
         fetched them, else read from the node's cache (or drawn here with the residuals off, as a resumed
         run's rows are trained) with the same seed, so a resumed run records the same bank.

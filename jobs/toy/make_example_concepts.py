@@ -6,7 +6,7 @@ scikit-image's bundled photos that carry no copyright restriction (CC0 or public
 docstrings in skimage.data state), plus a procedural glyph; the toy base cannot draw those, they are
 there for real Stable Diffusion bases. Everything is deterministic: re-running writes the same files.
 
-    python jobs/make_example_concepts.py [--out examples/concepts]
+    python jobs/toy/make_example_concepts.py [--out examples/concepts]
 """
 
 from __future__ import annotations
@@ -69,10 +69,10 @@ def write_concept(folder: Path, name: str, class_word: str, images: list[Image.I
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "examples" / "concepts")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "examples" / "concepts")
     args = ap.parse_args()
     lines = ["# Example concepts: sources and licences", "",
-             "Written by `jobs/make_example_concepts.py` (deterministic, 64x64). The toy concepts are what the",
+             "Written by `jobs/toy/make_example_concepts.py` (deterministic, 64x64). The toy concepts are what the",
              "main job trains on the toy base; the photos and the glyph are for real bases.", "",
              "| concept | class word | source | licence |", "|---|---|---|---|"]
     for name, class_word, func, licence, crops in PHOTOS:

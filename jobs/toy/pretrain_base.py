@@ -3,7 +3,7 @@
 The one way to make models/toy-base: blocklora.toy.pretrain trains (resumable from --work-dir; re-running
 a finished run only re-exports), blocklora.toy.card exports the diffusers folder with its model card.
 
-    python jobs/pretrain_base.py --work-dir /tmp/toy-base-work
+    python jobs/toy/pretrain_base.py --work-dir /tmp/toy-base-work
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a plain script
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, when run as a plain script
 
 import torch  # noqa: E402
 

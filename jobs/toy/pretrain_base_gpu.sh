@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Pretrain the toy base on a lent GPU inside a fixed time budget; bring its work dir back to export here.
 #
-#   bash jobs/pretrain_base_gpu.sh OUT_DIR DENOISER_SECONDS      # on the GPU machine (device tool, carry .whl)
-#   python jobs/pretrain_base.py <the flags in OUT_DIR/command.txt> --work-dir WORK   # here, after unpacking
+#   bash jobs/toy/pretrain_base_gpu.sh OUT_DIR DENOISER_SECONDS      # on the GPU machine (device tool, carry .whl)
+#   python jobs/toy/pretrain_base.py <the flags in OUT_DIR/command.txt> --work-dir WORK   # here, after unpacking
 #
 # A cosine schedule needs its length up front, so a 60-step probe measures the denoiser's step time
 # first and the run gets the steps that fit DENOISER_SECONDS (a multiple of 800, so 8 sample grids).
@@ -12,7 +12,7 @@
 # A dry run on a CPU checks the plumbing: DEVICE=cpu UNIT=8 VAE_STEPS=4 BATCH=4 bash ... /tmp/o 5
 set -euo pipefail
 device="${DEVICE:-cuda}" unit="${UNIT:-800}" vae_steps="${VAE_STEPS:-2000}" batch="${BATCH:-256}"  # the step is launch-bound on an H200: 0.11 s at batch 16 and at 64 alike
-out="${1:?usage: bash jobs/pretrain_base_gpu.sh OUT_DIR DENOISER_SECONDS}"
+out="${1:?usage: bash jobs/toy/pretrain_base_gpu.sh OUT_DIR DENOISER_SECONDS}"
 budget="${2:-300}"
 source benchmarks/gpu/setup.sh
 mkdir -p "$out"
@@ -46,7 +46,7 @@ steps=$(python3 -c "print(max($unit, int($budget / $step_s) // $unit * $unit))")
 echo "probe: ${step_s} s/step at batch $batch -> ${steps} denoiser steps in ${budget} s" | tee -a "$out/info.txt"
 flags=("${common[@]}" --steps "$steps" --vae-steps "$vae_steps" --checkpoint-every 400 --sample-every $((steps / 8)))
 echo "${flags[*]}" > "$out/command.txt"
-python3 jobs/pretrain_base.py "${flags[@]}" --eval-seeds 1 --work-dir "$work" --out "$export_to" 2>&1 \
+python3 jobs/toy/pretrain_base.py "${flags[@]}" --eval-seeds 1 --work-dir "$work" --out "$export_to" 2>&1 \
   | tr '\r' '\n' | grep -v '^\s*$' | awk 'NR % 200 == 1 || /exported|Error|error/' | tee "$out/pretrain.log"
 tar -C "$work" --exclude 'opt_*' -czf "$work.tgz" .
 split -b 15M -d "$work.tgz" "$out/work.tgz."

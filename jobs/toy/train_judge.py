@@ -1,6 +1,6 @@
 """Train the toy judge (shape + colour of the main object) and write models/judge/judge.safetensors.
 
-    python jobs/train_judge.py --steps 1500 --threads 1
+    python jobs/toy/train_judge.py --steps 1500 --threads 1
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Validate the toy identity judge and write its card, models/judge/README.md.
 
-    python jobs/validate_identity_judge.py          # a few CPU minutes: draws, and samples the toy base
+    python jobs/toy/validate_identity_judge.py          # a few CPU minutes: draws, and samples the toy base
 
 Pair AUC (same concept vs different concept) on fresh drawn pictures of random identities and of the
 benchmark's CONCEPTS, clean and degraded; the size and background readouts' accuracy; and the judge

@@ -1,0 +1,24 @@
+"""The toy base's recipe: the training and sampling presets the main job, the local demo and the
+benchmarks start from on the pretrained toy base, and which base they use by default.
+
+They live here, not in `blocklora.config`, so that the core never imports the toy world; the entry
+points (jobs/, benchmarks/) choose them. Flags still override each field. The settings were measured
+on the toy base's concepts: docs/results/README.md.
+"""
+
+from __future__ import annotations
+
+from blocklora.config import TINY, GenerateConfig, TrainConfig
+from blocklora.toy.base import TOY_BASE_DIR
+from blocklora.toy.vocabulary import SHAPES
+
+# Token lr 10x the adapter's, as ED-LoRA: toy concepts are mostly colour. The quiet penalty keeps each
+# concept's rows off pictures without it, so merged concepts keep what they have alone; over the base's
+# pictures of every shape it knows, since the others in a merge are other shapes.
+TOY_BASE_TRAIN = TrainConfig(steps=300, lr=5e-3, token_lr=5e-2, quiet_weight=0.1, quiet_classes=SHAPES)
+TOY_BASE_GENERATE = GenerateConfig(guidance_scale=2.0)  # at the default 5 the toy base's pictures oversaturate
+
+
+def default_base_spec() -> str:
+    """The project's pretrained toy base when this checkout has it, else the random tiny one."""
+    return str(TOY_BASE_DIR) if (TOY_BASE_DIR / "model_index.json").is_file() else TINY
