@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, TrainConfig
 from blocklora.method.layer import BlockLoRALinear
+from blocklora.pipeline.base import load_base
 from blocklora.training.trainer import ConceptTrainer
 
 
@@ -107,7 +107,7 @@ def test_scale_reaches_delta_weight_forward_and_merge():
 class _Reference(BlockLoRALinear):
     """The layer's forward written as the plain tensor expressions of its math (a 3-d matmul, the
     in-place `out[..., R] +=`), autograd recording every op: what the layer's own ops (2-d mm,
-    `out + widen(res)`) must reproduce bit for bit, forward and backward."""
+    `out + widen(res)`) must reproduce, forward and backward, to float32 rounding (`_close`)."""
 
     def forward(self, x):
         out = self.base(x)
@@ -120,8 +120,19 @@ class _Reference(BlockLoRALinear):
         return out
 
 
-def _bits(t):
-    return t.view(torch.int32)  # fp32 compared as bit patterns: -0.0 and +0.0 would differ
+def _close(got: torch.Tensor, want: torch.Tensor, ulps: int = 32, what: str = "") -> None:
+    """`got` equals `want` to `ulps` float32 units in the last place of `want`'s largest entry.
+
+    The layer and the plain expressions form the same sums through different BLAS calls (a 2-d `mm`
+    on the flattened tokens against a batched `matmul`, and the transposed products of their
+    backwards). Which kernel a BLAS takes for a call, and so the order of its additions, depends on
+    the CPU (MKL's AVX-512 and AMX paths round otherwise than its AVX2 one), so the two agree bit for
+    bit only on some CPUs. What float arithmetic promises is a few units in the last place of the
+    sums: here each side stays within 3 of the float64 result, and 32 leaves room for kernels that
+    sum in other orders without letting a wrong row, mask or scale through (those are off by the
+    size of a term, not of its rounding)."""
+    atol = ulps * torch.finfo(torch.float32).eps * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 def _pair(erasure, blockwise=True, frozen_a=False, scale=1.0):
@@ -168,7 +179,7 @@ LAYERS = {  # name -> _pair kwargs
 
 @pytest.mark.parametrize("layer_case", LAYERS)
 @pytest.mark.parametrize("input_case", INPUTS)
-def test_layer_is_bit_identical_to_the_plain_expressions(layer_case, input_case):
+def test_layer_matches_the_plain_expressions(layer_case, input_case):
     layer, ref = _pair(**LAYERS[layer_case])
     shape, requires_grad, transform = INPUTS[input_case]
     g = torch.Generator().manual_seed(7)
@@ -185,15 +196,15 @@ def test_layer_is_bit_identical_to_the_plain_expressions(layer_case, input_case)
         for name, a, b in zip(("out", "x.grad", "A.grad", "B.grad"), got, want):
             assert (a is None) == (b is None), name
             if a is not None:
-                assert torch.equal(_bits(a), _bits(b)), f"{name} differs ({layer_case}, {input_case})"
+                _close(a, b, what=f"{name} ({layer_case}, {input_case})")
     if LAYERS[layer_case].get("frozen_a"):
         assert layer.lora_A.grad is None
 
 
-def test_shared_input_gradients_accumulate_in_the_same_order():
+def test_shared_input_gradients_accumulate_alike():
     """One input feeding three layers (q, k, v of an attention) and an upstream parameter: the
-    gradient sums it receives are float additions, whose result depends on their order; the layer
-    must deliver its contributions in the order the plain expressions did."""
+    gradients it receives from the three sum to what the plain expressions give, to float32
+    rounding (`_close`: the sums run through other BLAS calls, and float additions in other orders)."""
     def model(cls):
         torch.manual_seed(11)
         pre = nn.Linear(24, 24)
@@ -211,12 +222,15 @@ def test_shared_input_gradients_accumulate_in_the_same_order():
         (q @ k.transpose(1, 2) @ v).square().mean().backward()
         grads.append([pre.weight.grad, pre.bias.grad] + [p.grad for layer in qkv for p in (layer.lora_A, layer.lora_B)])
     for a, b in zip(*grads):
-        assert torch.equal(_bits(a), _bits(b))
+        _close(a, b)
 
 
-def test_training_steps_are_bit_identical_to_the_plain_expressions(monkeypatch):
+def test_training_steps_match_the_plain_expressions(monkeypatch):
     """Through the real trainer on the tiny UNet (inputs shared by q/k/v, erasure, AdamW): two steps
-    with the layer's ops and two with the plain expressions leave the very same adapter and trigger."""
+    with the layer's ops and two with the plain expressions leave the same adapter and trigger, to
+    float32 rounding. AdamW divides each gradient by its own magnitude, so the first steps carry a
+    gradient's rounding into the weights several times over: 128 units in the last place (a layer
+    summed in float64 instead lands within 18)."""
     images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     trained = []
     for forward in (BlockLoRALinear.forward, _Reference.forward):
@@ -226,5 +240,7 @@ def test_training_steps_are_bit_identical_to_the_plain_expressions(monkeypatch):
         losses = [trainer.step(images, [None]) for _ in range(2)]
         trained.append((losses, [p.detach().clone() for g in trainer.opt.param_groups for p in g["params"]]))
     (losses, params), (ref_losses, ref_params) = trained
-    assert losses == ref_losses
-    assert len(params) == len(ref_params) and all(torch.equal(_bits(a), _bits(b)) for a, b in zip(params, ref_params))
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert len(params) == len(ref_params)
+    for a, b in zip(params, ref_params):
+        _close(a, b, ulps=128)

@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
-from blocklora.method.artifact import InvalidArtifact
-from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig
+from blocklora.method.artifact import InvalidArtifact
 from blocklora.method.slots import PipelineSlots, SlotSpace, phrases
 from blocklora.method.tokens import token_ids
+from blocklora.pipeline.base import load_base
 from core_helpers import make_artifact
 
 CFG = AdapterConfig(rank=2, num_slots=4, text_targets=("q_proj",))
@@ -95,4 +95,6 @@ def test_factors_are_the_delta_rows(tiny_base):
         a, b_rows = art.factors(key)
         rows = art.rows(key)
         assert a.shape == (CFG.rank, art.meta.layout[key][1]) and b_rows.shape == (rows.stop - rows.start, CFG.rank)
-        assert torch.equal(art.delta(key)[art.rows(key)], b_rows @ a)
+        # delta() forms B_R A with `bmm` (blocklora.method.partition.block_delta), `@` here is `mm`: other
+        # BLAS kernels on some CPUs, so equal to float32 rounding, not bit for bit
+        torch.testing.assert_close(art.delta(key)[art.rows(key)], b_rows @ a)
