@@ -23,12 +23,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from benchmarks.common import emit, environment
-from blocklora.pipeline.base import load_base
 from benchmarks.stats import mean_diff, paired_bootstrap
+from blocklora.pipeline.base import load_base
 from blocklora.toy.base import SAMPLE_STEPS, TOY_BASE_DIR, draw
-from blocklora.toy.vocabulary import SHAPES
 from blocklora.toy.draw import SIZE
 from blocklora.toy.judge import SCORED_HELDOUT, SCORED_SEEN, load_judge
+from blocklora.toy.vocabulary import SHAPES
 
 PAIRS = SCORED_HELDOUT + SCORED_SEEN  # the model card's pairs
 
@@ -59,7 +59,8 @@ def strip(rows: list[tuple[str, list[Image.Image]]], png: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bases", nargs="+", default=[str(TOY_BASE_DIR)], help="diffusers folders; the first is the reference")
+    p.add_argument("--bases", nargs="+", default=[str(TOY_BASE_DIR)],
+                   help="diffusers folders; the first is the reference")
     p.add_argument("--seeds", type=int, default=16, help="sampling seeds per (shape, colour) pair")
     p.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="DDIM steps (the card's sampler)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -77,14 +78,16 @@ def main() -> None:
     bases = {}
     for b, (shape, colour, _) in scored.items():
         row = {"shape": float(shape.mean()), "colour": float(colour.mean()),
-               "shape_by_class": {s: float(shape[[k for k, (ps, _) in enumerate(PAIRS) if ps == s]].mean()) for s in SHAPES}}
+               "shape_by_class": {s: float(shape[[k for k, (ps, _) in enumerate(PAIRS) if ps == s]].mean())
+                                  for s in SHAPES}}
         if b != args.bases[0]:
             for what, ours, ref in (("shape", shape, ref_shape), ("colour", colour, ref_colour)):
                 iv = paired_bootstrap([ours, ref], mean_diff)
                 row[f"{what}_minus_first"] = [float(iv.estimate), float(iv.low), float(iv.high)]
         bases[b] = row
-    result = {"benchmark": "base_compare", "quick": args.quick, "env": environment("cpu", torch.float32), "pairs": PAIRS,
-              "seeds": args.seeds, "steps": args.steps, "bases": bases, "seconds": time.perf_counter() - t0}
+    result = {"benchmark": "base_compare", "quick": args.quick, "env": environment("cpu", torch.float32),
+              "pairs": PAIRS, "seeds": args.seeds, "steps": args.steps, "bases": bases,
+              "seconds": time.perf_counter() - t0}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "result.json").write_text(json.dumps(result, indent=1))

@@ -13,12 +13,12 @@ from typing import Iterator
 
 import torch
 
-from blocklora.method.artifact import ConceptArtifact
-from blocklora.pipeline.base import Base
-from blocklora.pipeline.conditioning import encode_prompts
 from blocklora.config import AdapterConfig, TrainConfig
+from blocklora.method.artifact import ConceptArtifact
 from blocklora.method.inject import find_targets
 from blocklora.method.slots import PipelineSlots
+from blocklora.pipeline.base import Base
+from blocklora.pipeline.conditioning import encode_prompts
 
 
 @dataclass(frozen=True)

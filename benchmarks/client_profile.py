@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import emit
-from blocklora.toy.recipe import default_base_spec
 from blocklora.config import TrainConfig
+from blocklora.toy.recipe import default_base_spec
 from devtools.job_profile import marks_from_log, phase_seconds
 from devtools.local_cluster import VENV_BIN, LocalCluster
 
@@ -49,9 +49,10 @@ def plain_train(base: str, work: Path, steps: int, threads: int) -> tuple[float,
     session of its own, like a user's terminal: with the kernel's autogroup scheduling (on here) CPU
     is shared between sessions first, and the Ray cluster's workers run in the cluster's session."""
     out = subprocess.run([str(VENV_BIN / "python"), "-m", "blocklora", "train", "--base", base, "--images", str(IMAGES),
-                          "--name", "plain", "--class-word", "cat", "--slot", "15", "--steps", str(steps), "--out", str(work / "plain.safetensors")],
-                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True, check=True,
-                         start_new_session=True)
+                          "--name", "plain", "--class-word", "cat", "--slot", "15", "--steps", str(steps),
+                          "--out", str(work / "plain.safetensors")],
+                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True,
+                         check=True, start_new_session=True)
     return steady_rate(out.stdout)
 
 

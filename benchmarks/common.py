@@ -24,11 +24,11 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from benchmarks import synthetic
-from blocklora.method.artifact import ConceptArtifact
-from blocklora.pipeline.base import Base, tiny_pipeline
 from blocklora.config import AdapterConfig
-from blocklora.pipeline.precision import DTYPES  # --dtype names, as the CLI and the serve app take them
+from blocklora.method.artifact import ConceptArtifact
 from blocklora.method.slots import SlotSpace
+from blocklora.pipeline.base import Base, tiny_pipeline
+from blocklora.pipeline.precision import DTYPES  # --dtype names, as the CLI and the serve app take them
 from blocklora.pipeline.tokenizer import VOCAB_SIZE
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"

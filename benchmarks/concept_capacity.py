@@ -30,23 +30,23 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.baselines import residual_applied
 from benchmarks.common import RESULTS_DIR, emit, environment
-from benchmarks.retention.study import Progress, Trainings, Variant
 from benchmarks.retention.eval import EvalConfig, phrase, sample
 from benchmarks.retention.report import ci
+from benchmarks.retention.study import Progress, Trainings, Variant
 from benchmarks.retention.world import World, load_world
-from blocklora.pipeline.base import Base, load_base
-from blocklora.toy.recipe import default_base_spec
-from benchmarks.baselines import residual_applied
+from benchmarks.stats import mean_diff, paired_bootstrap
 from blocklora.config import FEED_FORWARD_TARGETS, UNET_TARGETS, AdapterConfig, TrainConfig
-from blocklora.toy.recipe import TOY_BASE_TRAIN
-from blocklora.training.data import load_concept_images
-from blocklora.pipeline.generate import contact_sheet
 from blocklora.method.inject import layout
 from blocklora.method.partition import owned_rows, row_count
-from benchmarks.stats import mean_diff, paired_bootstrap
+from blocklora.pipeline.base import Base, load_base
+from blocklora.pipeline.generate import contact_sheet
 from blocklora.toy.concepts import ToyConcept
+from blocklora.toy.recipe import TOY_BASE_TRAIN, default_base_spec
+from blocklora.training.data import load_concept_images
 from blocklora.training.trainer import ConceptTrainer, run_steps
+
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -58,7 +58,8 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "default": Recipe("attention, 16 slots (the default)", {}, {}),
     "every-row": Recipe("attention, 1 slot (every row)", {"num_slots": 1}, {}),
-    "feed-forward": Recipe("attention + feed-forward, 16 slots", {"unet_targets": UNET_TARGETS + FEED_FORWARD_TARGETS}, {}),
+    "feed-forward": Recipe("attention + feed-forward, 16 slots",
+                           {"unet_targets": UNET_TARGETS + FEED_FORWARD_TARGETS}, {}),
     "lr-x4": Recipe("attention, 16 slots, lr x4", {}, {"lr": 4 * TOY_BASE_TRAIN.lr}),
     "rare-token": Recipe("fixed rare token, weights only", {}, {"token_lr": 0.0, "token_init": "rare"}),
 }
@@ -135,7 +136,8 @@ def run(base_spec: str, names: tuple[str, ...], recipes: list[Recipe], cfg: Eval
     info = {}
     for recipe in recipes:
         label = recipe.label
-        v = Variant(label, dataclasses.replace(AdapterConfig(), **recipe.adapter), dataclasses.replace(train, **recipe.train))
+        v = Variant(label, dataclasses.replace(AdapterConfig(), **recipe.adapter),
+                    dataclasses.replace(train, **recipe.train))
         arts = [trainings.concept(v, 1.0, index[c.name]) for c in concepts]
         pictures = []
         for c, art in zip(concepts, arts):

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import DTYPES, emit, environment, random_artifact, sd15_base, sync
-from blocklora.pipeline.base import Base, load_base
 from blocklora.config import AdapterConfig
 from blocklora.method.inject import layout
 from blocklora.method.merge import LiveMerge
+from blocklora.pipeline.base import Base, load_base
 
 ROOT = Path(__file__).resolve().parents[1]
 # part -> (benchmark module, its arguments beside --device/--dtype, dtype)
@@ -107,45 +107,52 @@ def table(parts: list[dict]) -> str:
     for p in parts:
         name, r = p["part"], p.get("result")
         if r is None:
-            lines.append(f"| {name} | failed | {p['error'].strip().splitlines()[-1][:120] if p['error'].strip() else '?'} |")
+            error = p["error"].strip()
+            lines.append(f"| {name} | failed | {error.splitlines()[-1][:120] if error else '?'} |")
             continue
         if name.startswith("mixed"):
-            arms = r["arms"]
-            lines.append(f"| {name} | {r['steps']} steps, {r['model']}, float32 vs {r['mixed_precision']} mixed | final loss "
-                         f"{arms['no']['final_loss']:.4f} vs {arms[r['mixed_precision']]['final_loss']:.4f} "
+            plain, mixed = r["arms"]["no"], r["arms"][r["mixed_precision"]]
+            lines.append(f"| {name} | {r['steps']} steps, {r['model']}, float32 vs {r['mixed_precision']} mixed "
+                         f"| final loss {plain['final_loss']:.4f} vs {mixed['final_loss']:.4f} "
                          f"({r['loss_ratio']:.4f}x, target within {r['target']:.0%}); step "
-                         f"{arms['no']['step_s_median'] * 1e3:.1f} vs {arms[r['mixed_precision']]['step_s_median'] * 1e3:.1f} ms "
+                         f"{plain['step_s_median'] * 1e3:.1f} vs {mixed['step_s_median'] * 1e3:.1f} ms "
                          f"({r['step_time_ratio']:.2f}x) |")
         elif name.startswith("layer"):
             cells = "; ".join(
-                f"{x['tokens']} tokens: linear {x['us_per_layer']['linear']:.0f}, peft {x['us_per_layer']['peft-lora']:.0f}, "
-                f"BlockLoRA {x['us_per_layer']['blocklora']:.0f} µs ({x['blocklora_vs_peft']:.2f}x peft; adapter cost "
-                f"{x['adapter_cost_ratio']:.2f}x)" for x in r["rows"])
-            lines.append(f"| {name} | fwd + bwd per layer, {r['layers']} chained {r['width']}x{r['width']} linears | {cells} |")
+                f"{x['tokens']} tokens: linear {x['us_per_layer']['linear']:.0f}, "
+                f"peft {x['us_per_layer']['peft-lora']:.0f}, BlockLoRA {x['us_per_layer']['blocklora']:.0f} µs "
+                f"({x['blocklora_vs_peft']:.2f}x peft; adapter cost {x['adapter_cost_ratio']:.2f}x)" for x in r["rows"])
+            lines.append(f"| {name} | fwd + bwd per layer, {r['layers']} chained {r['width']}x{r['width']} linears "
+                         f"| {cells} |")
         elif name.startswith("train"):
             rows = {(x["model"], x["arm"]): x for x in r["rows"]}
             ours, peft = rows["sd15-shaped", "blocklora"], rows["sd15-shaped", "peft-lora"]
             mixed = "" if r.get("mixed_precision", "no") == "no" else f", {r['mixed_precision']} mixed precision"
-            lines.append(f"| {name} | step, SD1.5 shapes, batch {ours['batch']}{mixed} | BlockLoRA {ours['step_s_median'] * 1e3:.1f} ms "
-                         f"vs peft {peft['step_s_median'] * 1e3:.1f} ms ({r['summary']['sd15-shaped']['step_time_ratio']:.2f}x) |")
+            lines.append(f"| {name} | step, SD1.5 shapes, batch {ours['batch']}{mixed} "
+                         f"| BlockLoRA {ours['step_s_median'] * 1e3:.1f} ms "
+                         f"vs peft {peft['step_s_median'] * 1e3:.1f} ms "
+                         f"({r['summary']['sd15-shaped']['step_time_ratio']:.2f}x) |")
         elif name.startswith("merge"):
             n = max(r["N"])
             rows = {(x["method"], x["N"]): x for x in r["rows"]}
             ours, theirs = rows["blocklora", n], rows["diffusers-peft", n]
             ex = r["exactness"]["r4"]["blocklora"]  # vs-dense compares with a CPU BLAS reference: not bitwise on a GPU
-            lines.append(f"| {name} | add / remove at N = {n} | ours {ours['add_s'] * 1e3:.2f} / {ours['remove_s'] * 1e3:.2f} ms, "
-                         f"diffusers {theirs['add_s'] * 1e3:.0f} / {theirs['remove_s'] * 1e3:.0f} ms; restore and cycled-vs-fresh "
-                         f"max abs diff {ex['restore_max_abs_diff']:g} / {ex['max_abs_diff_vs_fresh']:g} |")
+            lines.append(f"| {name} | add / remove at N = {n} "
+                         f"| ours {ours['add_s'] * 1e3:.2f} / {ours['remove_s'] * 1e3:.2f} ms, "
+                         f"diffusers {theirs['add_s'] * 1e3:.0f} / {theirs['remove_s'] * 1e3:.0f} ms; "
+                         f"restore and cycled-vs-fresh max abs diff {ex['restore_max_abs_diff']:g} / "
+                         f"{ex['max_abs_diff_vs_fresh']:g} |")
         elif name.startswith("serve"):
             s = r["runs"][-1]
             ms = s["step_ms"]
-            lines.append(f"| {name} | UNet step, {s['batch']} requests (batch {s['unet_batch']}), latent {s['latent']} | "
-                         f"base {ms['a_base']} ms, fused {ms['b_fused']} ms, mixed {ms['c_mixed']} ms "
+            lines.append(f"| {name} | UNet step, {s['batch']} requests (batch {s['unet_batch']}), "
+                         f"latent {s['latent']} | base {ms['a_base']} ms, fused {ms['b_fused']} ms, "
+                         f"mixed {ms['c_mixed']} ms "
                          f"({s['c_over_b']}x fused; union kernel {ms.get('c_union', '-')} ms), "
                          f"peft per request {ms['d_peft']} ms |")
         else:
-            lines.append(f"| {name} | {r['prompts']} prompts x {r['steps']} steps, {r['pixels']} px, {r['merged']} merged | "
-                         f"{r['call_s']:.2f} s per call, {r['images_per_s']:.2f} images/s |")
+            lines.append(f"| {name} | {r['prompts']} prompts x {r['steps']} steps, {r['pixels']} px, "
+                         f"{r['merged']} merged | {r['call_s']:.2f} s per call, {r['images_per_s']:.2f} images/s |")
     return "\n".join(lines) + "\n"
 
 

@@ -44,12 +44,12 @@ from PIL import Image
 from ray.util.state import list_actors
 
 from benchmarks.common import RESULTS_DIR, emit, environment
-from blocklora.pipeline.base import load_base
+from benchmarks.synthetic import random_artifact
 from blocklora.config import AdapterConfig, GenerateConfig
-from blocklora.pipeline.generate import generate
 from blocklora.method.merge import LiveMerge
 from blocklora.method.slots import SlotSpace, phrase
-from benchmarks.synthetic import random_artifact
+from blocklora.pipeline.base import load_base
+from blocklora.pipeline.generate import generate
 from devtools.local_cluster import LocalCluster, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,8 +129,8 @@ def run_load(url: str, dashboard_url: str, actor, admin: str, duration: float, c
     arts = {}
     for i, name in enumerate((*STABLE, CHURN)):
         slot = ray.get(actor.reserve.remote(owner, name, "dog")).slot
-        arts[name] = random_artifact(name, slot, ADAPTER, base.fingerprint, space.layout, space.hidden, seed=i + 1, b_scale=0.5,
-                                     class_word="dog")
+        arts[name] = random_artifact(name, slot, ADAPTER, base.fingerprint, space.layout, space.hidden, seed=i + 1,
+                                     b_scale=0.5, class_word="dog")
         r = http.post("/v1/concepts", content=arts[name].to_bytes(), headers={"Authorization": f"Bearer {owner}"})
         r.raise_for_status()
     reqs = bodies()

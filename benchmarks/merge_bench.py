@@ -15,23 +15,34 @@ from __future__ import annotations
 
 import argparse
 import logging
-import warnings
 import random
 import statistics
+import warnings
 from pathlib import Path
 
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from benchmarks.common import (DTYPES, RESULTS_DIR, add_device_args, emit, environment, line_plot, peak_rss,
-                               random_artifact, sd15_base, timed, write_csv)
-from blocklora.method.artifact import ConceptArtifact
-from blocklora.pipeline.base import Base
 from benchmarks.baselines import merge_deltas
+from benchmarks.common import (
+    DTYPES,
+    RESULTS_DIR,
+    add_device_args,
+    emit,
+    environment,
+    line_plot,
+    peak_rss,
+    random_artifact,
+    sd15_base,
+    timed,
+    write_csv,
+)
 from blocklora.config import AdapterConfig
+from blocklora.method.artifact import ConceptArtifact
 from blocklora.method.export import to_lora_state_dict
 from blocklora.method.inject import find_targets
 from blocklora.method.merge import LiveMerge
+from blocklora.pipeline.base import Base
 
 NUM_SLOTS = 16
 log = logging.getLogger("merge_bench")
@@ -250,7 +261,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="rank 4, N = 1 and 2, fewer repeats and diffusers cycles")
     p.add_argument("--ranks", type=int, nargs="+", help="adapter ranks (default: 4 8; --quick: 4)")
-    p.add_argument("--ns", type=int, nargs="+", help="numbers of live concepts, at most 16 (default: 1 5 10 15; --quick: 1 2)")
+    p.add_argument("--ns", type=int, nargs="+",
+                   help="numbers of live concepts, at most 16 (default: 1 5 10 15; --quick: 1 2)")
     p.add_argument("--diffusers-cycles", type=int, default=20,
                    help="add/remove cycles of the exactness check on the diffusers path (ours always runs 100)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "merge", help="folder for CSV and PNG")

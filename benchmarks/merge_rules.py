@@ -28,16 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.baselines import merge_deltas, residual_applied
 from benchmarks.common import RESULTS_DIR, emit, environment
-from benchmarks.retention.study import PROFILES, Progress, Trainings, add_study_args, study_configs, variants
 from benchmarks.retention.eval import EvalConfig, group_of, phrase, sample, window
 from benchmarks.retention.report import ci, md_table
+from benchmarks.retention.study import PROFILES, Progress, Trainings, add_study_args, study_configs, variants
 from benchmarks.retention.world import load_world
+from benchmarks.stats import mean_diff, paired_bootstrap
+from blocklora.config import AdapterConfig, TrainConfig
 from blocklora.pipeline.base import load_base
 from blocklora.toy.recipe import default_base_spec
-from benchmarks.baselines import merge_deltas, residual_applied
-from blocklora.config import AdapterConfig, TrainConfig
-from benchmarks.stats import mean_diff, paired_bootstrap
 
 REFERENCE = "α = 1/N (Eq. 5)"
 
@@ -83,7 +83,8 @@ def run(profile_name: str, base_spec: str, train: TrainConfig, study: AdapterCon
         c, art = world.concepts[r], arts[r]
         refs = world.references(c, cfg.references, seed=0)
         ident, attrs = world.identity_attributes(c), world.text_attributes(c)
-        prompts = [world.instance_prompt(c, phrase(art), ident)] * s + [world.instance_prompt(c, phrase(art), attrs)] * s
+        prompts = ([world.instance_prompt(c, phrase(art), ident)] * s
+                   + [world.instance_prompt(c, phrase(art), attrs)] * s)
         members = [arts[j] for j in window(r, n, m)]
         own, total = merge_deltas([art], "sum"), merge_deltas(members, "sum")
         residuals = rules(own, total, n)
@@ -91,13 +92,15 @@ def run(profile_name: str, base_spec: str, train: TrainConfig, study: AdapterCon
             written = [art] if name in ALONE else members
             with residual_applied(base, v.adapter, res, written):
                 pics = sample(base, prompts, seeds * 2, cfg)
-            for table, score in ((ia, world.image_alignment(pics[:s], refs)), (sa, world.shape_alignment(pics[:s], refs)),
+            for table, score in ((ia, world.image_alignment(pics[:s], refs)),
+                                 (sa, world.shape_alignment(pics[:s], refs)),
                                  (ta, world.text_alignment(pics[s:], attrs))):
                 table.setdefault(name, np.zeros((m, s)))[r] = score.numpy()
         class_prompts = [world.class_prompt(c, ident)] * s
         eq5 = residuals[REFERENCE]  # a class prompt holds no trigger: gated, no concept's k/v acts on it
         for name, res, written in (("base", {}, []), (REFERENCE, eq5, members),
-                                   ("gated k/v + 1/N elsewhere", {k: 0 * t if is_kv(k) else t for k, t in eq5.items()}, members)):
+                                   ("gated k/v + 1/N elsewhere",
+                                    {k: 0 * t if is_kv(k) else t for k, t in eq5.items()}, members)):
             with residual_applied(base, v.adapter, res, written):
                 drift[name][r] = world.image_alignment(sample(base, class_prompts, seeds, cfg), refs).numpy()
         progress(f"{c.name}: " + ", ".join(f"{k} {ia[k][r].mean():.2f}" for k in ia), "concept")
@@ -108,7 +111,8 @@ def run(profile_name: str, base_spec: str, train: TrainConfig, study: AdapterCon
                     "text_alignment_minus_eq5": paired_bootstrap([ta[name], ta[REFERENCE]], mean_diff).__dict__}
              for name in ia}
     drifts = {name: {"prior_drift": ci(d).__dict__,
-                     "minus_eq5": paired_bootstrap([d, drift[REFERENCE]], mean_diff).__dict__} for name, d in drift.items()}
+                     "minus_eq5": paired_bootstrap([d, drift[REFERENCE]], mean_diff).__dict__}
+              for name, d in drift.items()}
     result = {"benchmark": "merge_rules", "env": environment("cpu", torch.float32), "base": base_spec, "arm": arm,
               "profile": profile_name, "concepts": [c.name for c in world.concepts[:m]], "n": n,
               "adapter": dataclasses.asdict(v.adapter), "train": dataclasses.asdict(v.train),
@@ -127,7 +131,8 @@ def tables_md(result: dict) -> str:
     rows = [[name, iv(r["image_alignment"]), iv(r["image_alignment_minus_eq5"]), f'{r["shape_alignment"]:.2f}',
              iv(r["text_alignment"]), iv(r["text_alignment_minus_eq5"])] for name, r in result["rules"].items()]
     drift = [[name, iv(d["prior_drift"]), iv(d["minus_eq5"])] for name, d in result["prior_drift_at_n"].items()]
-    return (f"## Merge rules at N = {n} ({result['arm']}, {result['profile']} profile; paired over concepts x seeds)\n\n"
+    return (f"## Merge rules at N = {n} ({result['arm']}, {result['profile']} profile; "
+            "paired over concepts x seeds)\n\n"
             + md_table(["rule", "IA", "IA − Eq. 5", "shape", "TA", "TA − Eq. 5"], rows)
             + f"\n\n## Class-prompt drift toward the concept at N = {n}\n\n"
             + md_table(["rule", "drift", "− Eq. 5"], drift) + "\n")

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import RESULTS_DIR, add_device_args, emit, environment, line_plot, sd15_base, timed
-from blocklora.pipeline.base import Base, load_base
 from blocklora.config import AdapterConfig
-from blocklora.toy.recipe import TOY_BASE_TRAIN
+from blocklora.pipeline.base import Base, load_base
 from blocklora.pipeline.precision import DTYPES, MIXED
+from blocklora.toy.recipe import TOY_BASE_TRAIN
 from blocklora.training.trainer import ConceptTrainer
 
 TARGET = 0.02  # #14: the mixed arm's final loss within 2% of float32's
@@ -94,8 +94,9 @@ def run(model: str, steps: int, last: int, batch: int, image_size: int, mixed: s
                 arm.step(images, captions)
             if k % 10 == 0 or k == steps:  # stderr: stdout's last line is the JSON
                 eta = (time.perf_counter() - t0) / k * (steps - k)
-                print(f"[mixed_precision] step {k}/{steps}  loss " + "  ".join(f"{a.mixed} {a.losses[-1]:.4f}" for a in arms)
-                      + f"  ETA {eta:.0f} s", file=sys.stderr, flush=True)
+                losses = "  ".join(f"{a.mixed} {a.losses[-1]:.4f}" for a in arms)
+                print(f"[mixed_precision] step {k}/{steps}  loss {losses}  ETA {eta:.0f} s", file=sys.stderr,
+                      flush=True)
         ref, half = arms
         final = {a.mixed: statistics.fmean(a.losses[-last:]) for a in arms}
         rows = {a.mixed: {"final_loss": final[a.mixed], "first_loss": a.losses[0],

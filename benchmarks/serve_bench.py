@@ -11,10 +11,10 @@ One batch is `batch` requests, each with classifier-free guidance (UNet batch 2 
 - (d) peft: the same concepts as plain LoRAs in diffusers + peft, which cannot mix subsets in one
   forward, so each request runs alone after `set_adapters` (d) or `fuse_lora`/`unfuse_lora` (d_fuse).
 Per-step latency is one UNet call for the whole batch ((d): one batch-of-one call per request,
-plus its switch (set_adapters, or fuse+unfuse) paid once per request and amortised over `steps`). The cases take turns round by round; (d)
-runs in a first phase (peft wraps the layers), rescaled by the (a) measured beside it, the rest in a
-second. Ratios are to (a) of the same model and run. c_same_subset: the mixed path when the whole
-batch happens to ask for one subset (what a fused fast path would save).
+plus its switch (set_adapters, or fuse+unfuse) paid once per request and amortised over `steps`). The cases
+take turns round by round; (d) runs in a first phase (peft wraps the layers), rescaled by the (a)
+measured beside it, the rest in a second. Ratios are to (a) of the same model and run. c_same_subset:
+the mixed path when the whole batch happens to ask for one subset (what a fused fast path would save).
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 from benchmarks.common import DTYPES, add_device_args, emit, environment, random_artifact, sd15_base, sync
-from blocklora.pipeline.base import Base, load_base
 from blocklora.config import AdapterConfig
 from blocklora.method.export import to_lora_state_dict
 from blocklora.method.inject import layout
 from blocklora.method.merge import LiveMerge
 from blocklora.method.residual import ConceptBank
+from blocklora.pipeline.base import Base, load_base
 
 ADAPTER = AdapterConfig(rank=4, num_slots=16)
 LIVE = 16  # concepts loaded; each request asks for two of them

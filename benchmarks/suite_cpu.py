@@ -61,5 +61,6 @@ def pytest_terminal_summary(terminalreporter) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**result, "phases": ROWS}, indent=1))
     terminalreporter.write_line(f"suite_cpu: {result['wall_s']} s of tests, {result['cpu_s']} s of CPU, "
-                                f"{result['busy']:.0%} of {result['cores']} cores busy (floor {result['floor_s']} s); {out}")
+                                f"{result['busy']:.0%} of {result['cores']} cores busy "
+                                f"(floor {result['floor_s']} s); {out}")
     terminalreporter.write_line(json.dumps({k: v for k, v in result.items() if k != "modules"}))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from blocklora.method.artifact import ConceptArtifact, ConceptMeta
 from blocklora.config import AdapterConfig
+from blocklora.method.artifact import ConceptArtifact, ConceptMeta
 from blocklora.method.partition import owned_rows, row_count
 from blocklora.method.tokens import trigger_names
 

@@ -27,11 +27,22 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save as safetensors_bytes
 
-from benchmarks.common import (DTYPES, RESULTS_DIR, add_device_args, emit, environment, line_plot, peak_rss,
-                               saved_activation_bytes, sd15_base, timed, write_csv)
-from blocklora.pipeline.base import Base, load_base
+from benchmarks.common import (
+    DTYPES,
+    RESULTS_DIR,
+    add_device_args,
+    emit,
+    environment,
+    line_plot,
+    peak_rss,
+    saved_activation_bytes,
+    sd15_base,
+    timed,
+    write_csv,
+)
 from blocklora.config import AdapterConfig, TrainConfig, add_flags, from_args
 from blocklora.method.inject import eject
+from blocklora.pipeline.base import Base, load_base
 from blocklora.pipeline.precision import base_dtype
 from blocklora.training.trainer import ConceptTrainer
 
@@ -140,7 +151,8 @@ def bench_model(name: str, base: Base, rank: int, batch: int, image_size: int, r
         rows.append({"model": name, "arm": arm, "rank": rank, "batch": batch, "erasure": erasure,
                      "latent": image_size // base.pipe.vae_scale_factor, "step_s_median": statistics.median(times),
                      "step_s_min": min(times), "step_cpu_s_median": statistics.median(cpu),
-                     "timed_steps": len(times), "round_medians_s": [statistics.median(r) for r in _rounds(times, rounds)],
+                     "timed_steps": len(times),
+                     "round_medians_s": [statistics.median(r) for r in _rounds(times, rounds)],
                      "round_cpu_medians_s": [statistics.median(r) for r in _rounds(cpu, rounds)],
                      **{k: v for k, v in rs[0].items() if k != "arm"},
                      "peak_rss_extra_bytes": max(r["peak_rss_extra_bytes"] for r in rs)})

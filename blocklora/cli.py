@@ -8,8 +8,8 @@ import json
 import logging
 from pathlib import Path
 
-from blocklora.method.artifact import ConceptArtifact
 from blocklora.config import TINY, AdapterConfig, GenerateConfig, PrecisionConfig, TrainConfig, add_flags, from_args
+from blocklora.method.artifact import ConceptArtifact
 from blocklora.pipeline.precision import base_dtype, check_mixed, dtype_of
 
 # blocklora.pipeline.base (diffusers, transformers: seconds to import) loads in the commands that need a
@@ -22,8 +22,8 @@ def _load(paths: list[str]) -> list[ConceptArtifact]:
 
 def _merged_base(args: argparse.Namespace):
     """The base with the given concept files merged, and the {name} -> phrase table for prompts."""
-    from blocklora.pipeline.base import load_base
     from blocklora.method.merge import LiveMerge
+    from blocklora.pipeline.base import load_base
 
     base = load_base(args.base, dtype=dtype_of(from_args(PrecisionConfig, args, args.parser).dtype))
     arts = _load(args.concepts)

@@ -116,7 +116,8 @@ class TrainConfig:
                                     "which is what the other concepts' prompts are once merged")
     quiet_classes: tuple[str, ...] = knob((), "other class words whose base pictures the quiet penalty also keeps "
                                               "the rows quiet on: the classes a merge is expected to hold beside "
-                                              "this one (none: the concept's own class only; unused while quiet_weight is 0)")
+                                              "this one (none: the concept's own class only; unused while "
+                                              "quiet_weight is 0)")
     num_class_images: int = knob(8, "base pictures of the class prompt, made when prior preservation or the "
                                     "quiet penalty is on")
     checkpoint_every: int = knob(50, "steps between resumable checkpoints (0: never)")
@@ -246,7 +247,8 @@ class PretrainConfig:
         if self.data_workers < 0:
             raise ValueError(f"data_workers must be >= 0, got {self.data_workers}")
         if self.unet_width < 16 or self.unet_width % 8:
-            raise ValueError(f"unet_width must be a multiple of 8 (norm groups, attention heads) >= 16, got {self.unet_width}")
+            raise ValueError("unet_width must be a multiple of 8 (norm groups, attention heads) >= 16, "
+                             f"got {self.unet_width}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 

@@ -162,7 +162,8 @@ class LocalCluster:
                 raise RuntimeError(f"`ray start` of node {name!r} exited with {self.nodes[name].returncode}:\n"
                                    f"{(self.temp_dir / f'ray-start-{name}.log').read_text()[-3000:]}")
             try:
-                alive = list_nodes(address=self.dashboard_url, filters=[("node_name", "=", name), ("state", "=", "ALIVE")],
+                alive = list_nodes(address=self.dashboard_url,
+                                   filters=[("node_name", "=", name), ("state", "=", "ALIVE")],
                                    raise_on_missing_output=False)
             except Exception:  # noqa: BLE001 - the state API answers errors while the node registers
                 alive = []
@@ -175,7 +176,8 @@ class LocalCluster:
         """The driver log of job `submission_id`, from the node that ran it. Ray writes it there; the
         dashboard finds a node's logs by IP, so where every node is 127.0.0.1 `ray job logs` reads
         the head's copy, which holds only the job's first line when the job ran on a worker node."""
-        logs = sorted(self.temp_dir.glob(f"**/session_*/logs/job-driver-{submission_id}.log"), key=lambda p: p.stat().st_size)
+        logs = sorted(self.temp_dir.glob(f"**/session_*/logs/job-driver-{submission_id}.log"),
+                      key=lambda p: p.stat().st_size)
         return logs[-1].read_text(errors="replace") if logs else ""
 
     def kill_node(self, name: str) -> None:

@@ -9,15 +9,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
 BOXES = {
-    "c1": (0.02, 0.70, "Client node A\n(ray job submit\n jobs/client_train.py)\nimages stay here\nRay Train: BlockLoRA slot 3"),
+    "c1": (0.02, 0.70, "Client node A\n(ray job submit\n jobs/client_train.py)\nimages stay here\n"
+                       "Ray Train: BlockLoRA slot 3"),
     "c2": (0.02, 0.40, "Client node B\nRay Train: slot 7"),
     "c3": (0.02, 0.10, "Client node C\nRay Train: slot 12"),
-    "coord": (0.37, 0.40, "Coordinator actor\n(named, detached, max_restarts)\nslots + owner tokens (hashed)\nvalidates artifacts\nmerged residual, version v\nstate dir: safetensors + manifest"),
-    "serve": (0.70, 0.55, "Serve generator replicas\nbase loaded once\nper-slot factors; apply only\nchanged concept's rows\nper-request subsets batched"),
-    "http": (0.70, 0.15, "FastAPI ingress (127.0.0.1)\nPOST /v1/generate\nGET /v1/concepts\nadmin: POST/DELETE /v1/concepts"),
+    "coord": (0.37, 0.40, "Coordinator actor\n(named, detached, max_restarts)\nslots + owner tokens (hashed)\n"
+                          "validates artifacts\nmerged residual, version v\nstate dir: safetensors + manifest"),
+    "serve": (0.70, 0.55, "Serve generator replicas\nbase loaded once\nper-slot factors; apply only\n"
+                          "changed concept's rows\nper-request subsets batched"),
+    "http": (0.70, 0.15, "FastAPI ingress (127.0.0.1)\nPOST /v1/generate\nGET /v1/concepts\n"
+                         "admin: POST/DELETE /v1/concepts"),
 }
 ARROWS = [("c1", "coord", "artifact: B rows, A,\ntoken embeds (safetensors)"), ("c2", "coord", ""), ("c3", "coord", ""),
-          ("coord", "serve", "state(v) via object store"), ("http", "serve", "requests"), ("http", "coord", "admin add/remove\n(admin token)")]
+          ("coord", "serve", "state(v) via object store"), ("http", "serve", "requests"),
+          ("http", "coord", "admin add/remove\n(admin token)")]
 
 
 def _edge(src: tuple, dst: tuple) -> tuple[float, float]:

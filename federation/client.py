@@ -127,7 +127,8 @@ def train_artifact(grant: Grant, images_dir: str | Path, train: TrainConfig, wor
     marks["t_data_read"] = time.time()
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"base_spec": grant.base_spec, "base_fingerprint": grant.base_fingerprint,  # Ray job edge: JSON
+        # the Ray job's edge: JSON
+        train_loop_config={"base_spec": grant.base_spec, "base_fingerprint": grant.base_fingerprint,
                            "adapter": dataclasses.asdict(grant.adapter), "train": dataclasses.asdict(train),
                            "slot": grant.slot, "name": grant.name, "class_word": grant.class_word,
                            "ray_log_level": "INFO" if verbose else "WARNING"},

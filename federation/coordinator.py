@@ -20,8 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 import blocklora
 import federation
 from blocklora.config import AdapterConfig, FederationConfig, from_dict
-from federation.protocol import (FederationInfo, Grant, HeldSlot, LiveConcept, LiveSet, Principal, Registration,
-                                 Removed)
+from federation.protocol import FederationInfo, Grant, HeldSlot, LiveConcept, LiveSet, Principal, Registration, Removed
 from federation.store import StateStore
 
 if TYPE_CHECKING:
@@ -43,8 +42,8 @@ class Coordinator:
         loads the base, so neither its first start nor a restart after a crash imports diffusers."""
         # imported here, in the actor's process: a client's driver that only looks the actor up by
         # name (`get`) then starts without torch
-        from blocklora.pipeline.precision import dtype_of
         from blocklora.method.slots import SlotSpace
+        from blocklora.pipeline.precision import dtype_of
         from federation.registry import Registry
 
         self.registry = Registry(SlotSpace.from_dict(space), from_dict(FederationConfig, config),
@@ -107,8 +106,8 @@ def start(state_dir: str | Path, adapter: AdapterConfig, config: FederationConfi
     coordinator under `name`. Reads what fits the base here (`SlotSpace`: shapes, fingerprint,
     resolution), once; the actor gets it as JSON and never imports the model code.
     """
-    from blocklora.pipeline.base import load_base  # here, not at the top: `get` stays free of diffusers
     from blocklora.method.slots import SlotSpace
+    from blocklora.pipeline.base import load_base  # here, not at the top: `get` stays free of diffusers
 
     try:
         ray.get_actor(name, namespace=namespace)

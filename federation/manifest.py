@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from blocklora.method.artifact import InvalidArtifact
 from blocklora.files.schema import SchemaError
+from blocklora.method.artifact import InvalidArtifact
 
 T = TypeVar("T")
 # what a bad record can raise while it is parsed and checked (a missing or corrupted artifact file

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, TrainConfig, from_dict
+from blocklora.pipeline.base import load_base
 from blocklora.pipeline.precision import base_dtype
 from blocklora.training.class_pictures import class_pool
 from blocklora.training.trainer import ConceptTrainer, Progress, checkpoint_due, run_steps

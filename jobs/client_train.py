@@ -30,9 +30,9 @@ os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
 import ray  # noqa: E402
 
 from blocklora.config import TrainConfig, add_flags, from_args  # noqa: E402
+from devtools.job_profile import MARKS_LINE  # noqa: E402
 from federation import coordinator  # noqa: E402
 from federation.client import DEFAULT_STORAGE, job_init_args, load_or_register, train_and_submit  # noqa: E402
-from devtools.job_profile import MARKS_LINE  # noqa: E402
 
 
 def main() -> None:

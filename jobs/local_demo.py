@@ -19,15 +19,18 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blocklora.pipeline.base import load_base  # noqa: E402
-from blocklora.toy.recipe import default_base_spec  # noqa: E402
-from blocklora.config import AdapterConfig, GenerateConfig, TrainConfig, add_flags, from_args # noqa: E402
-from blocklora.toy.recipe import TOY_BASE_GENERATE, TOY_BASE_TRAIN # noqa: E402
-from blocklora.training.data import image_files  # noqa: E402
-from blocklora.pipeline.generate import contact_sheet, generate  # noqa: E402
+from blocklora.config import AdapterConfig, GenerateConfig, TrainConfig, add_flags, from_args  # noqa: E402
 from blocklora.method.merge import LiveMerge  # noqa: E402
+from blocklora.pipeline.base import load_base  # noqa: E402
+from blocklora.pipeline.generate import contact_sheet, generate  # noqa: E402
 from blocklora.pipeline.precision import base_dtype  # noqa: E402
 from blocklora.pipeline.prompts import expand  # noqa: E402
+from blocklora.toy.recipe import (  # noqa: E402
+    TOY_BASE_GENERATE,
+    TOY_BASE_TRAIN,
+    default_base_spec,  # noqa: E402
+)
+from blocklora.training.data import image_files  # noqa: E402
 from blocklora.training.trainer import train_concept  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "concepts"
@@ -52,7 +55,8 @@ def main() -> None:
     t0 = time.time()
     train = from_args(TrainConfig, args, ap)
     base = load_base(args.base, dtype=base_dtype(train.mixed_precision))  # generates in that dtype too
-    print(f"[1/3] base {args.base} loaded (fingerprint {base.fingerprint[:12]}…, {base.resolution}px, {base.pipe.unet.dtype})")
+    print(f"[1/3] base {args.base} loaded (fingerprint {base.fingerprint[:12]}…, {base.resolution}px, "
+          f"{base.pipe.unet.dtype})")
     art = train_concept(base, folder, info["name"], info["class_word"], args.slot, adapter,
                         dataclasses.replace(train, resolution=base.resolution))
     path = art.save(out / f"{art.name}.safetensors")
@@ -65,8 +69,8 @@ def main() -> None:
     lm.add(art)
     after = generate(base, expand(prompt, lm.phrases()), cfg, 4)
     shown = [Image.open(f).convert("RGB") for f in image_files(folder)[:4]]
-    sheet = contact_sheet([(f"training images of {art.name}", shown), (f"base: a photo of {info['class_word']}", before),
-                           (f"merged: {prompt}", after)])
+    sheet = contact_sheet([(f"training images of {art.name}", shown),
+                           (f"base: a photo of {info['class_word']}", before), (f"merged: {prompt}", after)])
     sheet.save(out / "contact_sheet.png")
     print(f"[3/3] wrote {out / 'contact_sheet.png'} in {time.time() - t0:.0f} s total")
 

@@ -33,13 +33,23 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from blocklora.toy.recipe import default_base_spec  # noqa: E402
-from blocklora.config import GenerateConfig, PrecisionConfig, TrainConfig, add_flags, from_args, to_argv # noqa: E402
-from blocklora.toy.recipe import TOY_BASE_GENERATE, TOY_BASE_TRAIN # noqa: E402
+from blocklora.config import GenerateConfig, PrecisionConfig, TrainConfig, add_flags, from_args, to_argv  # noqa: E402
 from blocklora.pipeline.generate import contact_sheet  # noqa: E402
-from blocklora.toy.concepts import (ToyConcept, class_prompt, concept_from_json, eval_attributes,  # noqa: E402
-                                    instance_prompt, reference_pictures, training_pictures)
+from blocklora.toy.concepts import (  # noqa: E402
+    ToyConcept,
+    class_prompt,
+    concept_from_json,
+    eval_attributes,
+    instance_prompt,
+    reference_pictures,
+    training_pictures,
+)
 from blocklora.toy.identity import load_identity_judge  # noqa: E402
+from blocklora.toy.recipe import (  # noqa: E402
+    TOY_BASE_GENERATE,
+    TOY_BASE_TRAIN,
+    default_base_spec,  # noqa: E402
+)
 from devtools.job_profile import MARKS_LINE, marks_from_log, phase_seconds  # noqa: E402
 from devtools.local_cluster import LocalCluster, free_port  # noqa: E402
 
@@ -101,7 +111,8 @@ def concepts_to_train(limit: int) -> list[dict]:
     if missing:
         raise SystemExit(f"example concept folder(s) {missing} missing under {EXAMPLES}; "
                          "write them with `python jobs/toy/make_example_concepts.py`")
-    return [json.loads((EXAMPLES / n / "concept.json").read_text()) | {"dir": EXAMPLES / n} for n in MAIN_CONCEPTS[:limit]]
+    return [json.loads((EXAMPLES / n / "concept.json").read_text()) | {"dir": EXAMPLES / n}
+            for n in MAIN_CONCEPTS[:limit]]
 
 
 def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: list[str],
@@ -140,7 +151,7 @@ def wait_jobs(cluster: LocalCluster, jobs: dict[str, str], submitted: dict[str, 
               timeout: float) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
     """Poll until every job ends, printing each job's newest line when it changes (so a person sees
     every client's step, loss, speed and ETA); returns the jobs' statuses and phase timings."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dashboard_url)
     deadline = time.monotonic() + timeout
@@ -165,7 +176,8 @@ def wait_jobs(cluster: LocalCluster, jobs: dict[str, str], submitted: dict[str, 
             failed = {n: s for n, s in status.items() if s != "SUCCEEDED"}
             if failed:
                 tails = {n: client.get_job_logs(jobs[n])[-3000:] for n in failed}
-                raise RuntimeError(f"client job(s) failed: {failed}\n" + "\n".join(f"--- {n}\n{t}" for n, t in tails.items()))
+                raise RuntimeError(f"client job(s) failed: {failed}\n"
+                                   + "\n".join(f"--- {n}\n{t}" for n, t in tails.items()))
             return status, phases
         time.sleep(3)
     raise TimeoutError(f"client jobs not done after {timeout:.0f} s: {status}")
@@ -197,7 +209,8 @@ def query_subsets(http: httpx.Client, concepts: list[ToyConcept], out: Path, num
                          "concepts": [c.name] if subset is None else subset})
              for label, subset, make_prompt in stages for c in concepts]
     a, b = names[:2]
-    bodies = [body for _, _, body in cells] + [{"prompt": f"{{{a}}} next to {{{b}}}", "concepts": []}]  # named in the prompt only
+    # the last: both named in the prompt only
+    bodies = [body for _, _, body in cells] + [{"prompt": f"{{{a}}} next to {{{b}}}", "concepts": []}]
     # in flight together, as many as a replica batches: requests for different subsets share one denoising loop
     with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
         answers = list(pool.map(lambda i, body: _request(http, body, i, out, num_images, steps, guidance),
@@ -242,7 +255,8 @@ def _request(http: httpx.Client, body: dict, index: int, out: Path, num_images: 
         img.save(p)
         paths.append(str(p.relative_to(out)))
     print(f"      {code} {body['prompt']!r} concepts={body['concepts']} -> {len(images)} image(s)", flush=True)
-    return code, images, {"prompt": body["prompt"], "concepts": body["concepts"], "status": code, "images": paths, **extra}
+    return code, images, {"prompt": body["prompt"], "concepts": body["concepts"], "status": code, "images": paths,
+                          **extra}
 
 
 def main() -> None:
@@ -275,7 +289,8 @@ def main() -> None:
                     "guidance": sampling.guidance_scale, "timings_s": timings}
 
     with stage("start a Ray head on 127.0.0.1 (token auth on)"):
-        cluster = LocalCluster(num_cpus=args.num_cpus, auth_token_path=out / "state" / "ray_auth_token", cwd=REPO).start()
+        cluster = LocalCluster(num_cpus=args.num_cpus, auth_token_path=out / "state" / "ray_auth_token",
+                               cwd=REPO).start()
         os.environ.update(cluster.auth_env)  # this process talks to the job API too
     try:
         port = free_port()

@@ -20,8 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import ray  # noqa: E402
 
-from blocklora.files.atomic import atomic_write  # noqa: E402
 from blocklora.config import AdapterConfig, FederationConfig, PrecisionConfig, add_flags, from_args  # noqa: E402
+from blocklora.files.atomic import atomic_write  # noqa: E402
 from federation import coordinator  # noqa: E402
 from federation.auth import new_token, token_hash  # noqa: E402
 from federation.store import MANIFEST  # noqa: E402

@@ -21,7 +21,8 @@ from serve.schemas import MAX_PIXEL_STEPS
 class AppArgs(BaseModel):
     coordinator: str = Field(DEFAULT_NAME, description="name of the coordinator actor to follow")
     namespace: str = Field(DEFAULT_NAMESPACE, description="its Ray namespace")
-    api_key: str | None = Field(None, description="if set, /v1/generate and /v1/lora need 'Authorization: Bearer <key>'")
+    api_key: str | None = Field(None, description="if set, /v1/generate and /v1/lora need "
+                                                   "'Authorization: Bearer <key>'")
     replicas: int = Field(1, ge=1, description="generator replicas, each with its own copy of the base")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per generator replica")
     device: str | None = Field(None, description="torch device of the replicas; default CUDA if present")

@@ -19,12 +19,12 @@ import torch
 from ray import serve
 
 from blocklora.method.artifact import ConceptArtifact
+from blocklora.method.residual import ConceptBank
 from blocklora.pipeline.precision import dtype_of
 from blocklora.pipeline.prompts import expand
 from federation.coordinator import START_WAIT_S, get as coordinator_named
 from federation.protocol import FederationInfo, LiveSet
 from serve.replies import ConceptUnavailable, DrawnImages
-from blocklora.method.residual import ConceptBank
 from serve.schemas import GenerateRequest
 
 

@@ -21,11 +21,9 @@ import pytest  # noqa: E402
 
 from blocklora.pipeline.base import load_base  # noqa: E402
 
-
 # -- prerun jobs (tests/prerun.py) -------------------------------------------------------------------
 # Tests marked `@pytest.mark.prerun(job=...)` run last; their jobs start when collection ends and run at idle
 # priority under the tests before them.
-
 from prerun import Prerun  # noqa: E402
 
 PRERUN = pytest.StashKey[Prerun]()

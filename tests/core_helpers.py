@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from blocklora.pipeline.base import Base
+from benchmarks.synthetic import random_artifact
 from blocklora.config import AdapterConfig
 from blocklora.method.slots import SlotSpace
-from benchmarks.synthetic import random_artifact
+from blocklora.pipeline.base import Base
 from prerun import Runner, run_now
 
 

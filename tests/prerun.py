@@ -65,7 +65,8 @@ class Prerun:
         future, folder = self._jobs[job]
         return future.result(), folder
 
-    def run(self, argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """`subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)`, at idle priority on one thread."""
         with self._lock:
             if self._closed:

@@ -6,10 +6,10 @@ import struct
 import pytest
 import torch
 
-from blocklora.method.artifact import ConceptArtifact, InvalidArtifact
-from blocklora.config import AdapterConfig
-from blocklora.method.merge import LiveMerge
 from benchmarks.synthetic import random_artifact
+from blocklora.config import AdapterConfig
+from blocklora.method.artifact import ConceptArtifact, InvalidArtifact
+from blocklora.method.merge import LiveMerge
 from core_helpers import make_artifact
 
 CFG = AdapterConfig()

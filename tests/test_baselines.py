@@ -3,7 +3,7 @@ import torch
 
 from benchmarks.baselines import METHODS, gradient_fusion, input_grams, merge_deltas, residual_applied, ties
 from blocklora.config import AdapterConfig
-from blocklora.method.inject import find_targets, inject, eject
+from blocklora.method.inject import eject, find_targets, inject
 
 
 def test_ties_trims_elects_and_averages_agreeing_entries():
@@ -59,7 +59,8 @@ def test_fusion_merge_uses_grams_from_the_real_unet(tiny_base):
     cfg = METHODS["mix-of-show"].adapter_config(AdapterConfig())
     arts = [make_artifact(tiny_base, cfg, f"c{i}", i, seed=i) for i in range(2)]
     latents, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([300, 700])
-    grams = [input_grams(tiny_base, cfg, a, latents, t, [f"a photo of {' '.join(a.meta.triggers)} dog"] * 2) for a in arts]
+    grams = [input_grams(tiny_base, cfg, a, latents, t, [f"a photo of {' '.join(a.meta.triggers)} dog"] * 2)
+             for a in arts]
     assert set(grams[0]) == set(arts[0].meta.layout)
     for key, c in grams[0].items():
         assert c.shape == (arts[0].meta.layout[key][1],) * 2 and torch.linalg.eigvalsh(c).min() > -1e-6 * c.abs().max()

@@ -16,11 +16,11 @@ import torch
 from benchmarks.common import random_artifact, saved_activation_bytes
 from benchmarks.retention import study as retention
 from benchmarks.retention.study import ARMS
-from blocklora.method.artifact import ConceptArtifact
-from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, TrainConfig
+from blocklora.method.artifact import ConceptArtifact
 from blocklora.method.export import to_lora_state_dict
 from blocklora.method.inject import layout
+from blocklora.pipeline.base import load_base
 from prerun import Job, Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +140,8 @@ def test_retention_quick_covers_every_arm(prerun):
             assert m["max_abs_cosine"] == 0.0 and m["mean_sign_conflict"] == 0.0, name
         for key, value in m.items():  # every interval is well-formed
             if isinstance(value, dict):
-                assert value["low"] <= value["estimate"] + 1e-9 and value["estimate"] <= value["high"] + 1e-9, (name, key)
+                low, estimate, high = value["low"], value["estimate"], value["high"]
+                assert low <= estimate + 1e-9 and estimate <= high + 1e-9, (name, key)
     assert {c["arm"] for c in r["criteria"]} == {"blocklora", "blocklora-mean"}
     for c in r["criteria"]:
         assert c["interval"]["low"] <= c["interval"]["high"]
@@ -286,7 +287,8 @@ def test_interference_groups_every_layer_a_variant_trains_and_names_a_stray_one(
     pipe = load_base("tiny").pipe
     keys = {key for m in retention.ALL_METHODS.values() for key in layout(pipe, m.adapter_config(AdapterConfig()))}
     groups = {key: group_of(key) for key in keys}
-    assert set(groups.values()) == {"cross-attn k/v", "cross-attn q/out", "self-attn", "feed-forward"} < set(LAYER_GROUPS)
+    assert (set(groups.values()) == {"cross-attn k/v", "cross-attn q/out", "self-attn", "feed-forward"}
+            < set(LAYER_GROUPS))
     with pytest.raises(ValueError, match="'unet.conv_in' is in no group"):
         group_of("unet.conv_in")
 

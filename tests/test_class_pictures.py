@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from blocklora.files.atomic import atomic_write
+from blocklora.files.safefile import write_safetensors
 from blocklora.pipeline.base import load_base
 from blocklora.training.class_pictures import class_image_sets, class_pool, draw_class_images, set_key
-from blocklora.files.safefile import write_safetensors
 
 
 @pytest.fixture

@@ -28,8 +28,8 @@ from ray.util.state import list_actors
 
 from blocklora.config import AdapterConfig
 from conftest import REPO, free_port
-from federation import procfs
 from devtools.local_cluster import shaped_like_cluster_yaml
+from federation import procfs
 from serve_helpers import draw, is_generator, pixels, start_in_process, stop_app, submit_client, wait_until
 
 pytestmark = pytest.mark.slow

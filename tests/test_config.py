@@ -6,7 +6,18 @@ import json
 
 import pytest
 
-from blocklora.config import AdapterConfig, FederationConfig, GenerateConfig, PretrainConfig, TrainConfig, add_flags, flag_name, from_args, to_argv, to_json
+from blocklora.config import (
+    AdapterConfig,
+    FederationConfig,
+    GenerateConfig,
+    PretrainConfig,
+    TrainConfig,
+    add_flags,
+    flag_name,
+    from_args,
+    to_argv,
+    to_json,
+)
 from blocklora.toy.recipe import TOY_BASE_TRAIN
 
 CONFIGS = (TrainConfig, AdapterConfig, GenerateConfig, FederationConfig, PretrainConfig)
@@ -86,7 +97,8 @@ def test_canonical_json_names_only_what_differs_from_the_defaults(cls):
     """Cache keys (benchmarks/retention/study.py) are built from it: a field added later at its default must
     leave them as they were, and any changed field must change them."""
     assert to_json(cls()) == "{}"
-    f = next(f for f in dataclasses.fields(cls) if isinstance(f.default, (int, float)) and not isinstance(f.default, bool))
+    f = next(f for f in dataclasses.fields(cls)
+             if isinstance(f.default, (int, float)) and not isinstance(f.default, bool))
     changed = dataclasses.replace(cls(), **{f.name: f.default + 1})
     assert json.loads(to_json(changed)) == {f.name: f.default + 1}
     assert to_json(changed) == to_json(dataclasses.replace(cls(), **{f.name: f.default + 1}))

@@ -1,10 +1,10 @@
 import torch
 
-from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig
 from blocklora.method.export import MergedFactors, export_lora
 from blocklora.method.inject import find_targets
 from blocklora.method.merge import LiveMerge
+from blocklora.pipeline.base import load_base
 from core_helpers import fused_weight, make_artifact
 
 CFG = AdapterConfig(text_targets=("q_proj", "k_proj", "v_proj", "out_proj"))

@@ -20,12 +20,12 @@ import ray
 import torch
 from ray import serve
 
-from blocklora.pipeline.base import TINY, TINY_SD2, TINY_SDXL, load_base
 from blocklora.config import AdapterConfig, FederationConfig, GenerateConfig, TrainConfig
-from blocklora.pipeline.generate import generate
 from blocklora.method.inject import find_targets
 from blocklora.method.merge import LiveMerge
 from blocklora.method.slots import phrase
+from blocklora.pipeline.base import TINY, TINY_SD2, TINY_SDXL, load_base
+from blocklora.pipeline.generate import generate
 from blocklora.training.trainer import train_concept
 from core_helpers import fused_weight, write_images
 from federation import coordinator

@@ -12,10 +12,10 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import signal
-import itertools
 import threading
 import time
 
@@ -26,17 +26,17 @@ import torch
 from PIL import Image
 from ray.util.state import list_actors
 
-from blocklora.method.artifact import ConceptArtifact
-from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig, TrainConfig
+from blocklora.files.safefile import write_safetensors
+from blocklora.method.artifact import ConceptArtifact
+from blocklora.method.slots import SlotSpace
+from blocklora.pipeline.base import load_base
 from conftest import REPO
 from core_helpers import make_artifact
-from federation import coordinator
 from devtools.local_cluster import LocalCluster
-from federation.client import train_artifact
-from blocklora.files.safefile import write_safetensors
-from blocklora.method.slots import SlotSpace
+from federation import coordinator
 from federation.auth import token_hash
+from federation.client import train_artifact
 from federation.errors import FederationError
 from federation.protocol import Grant
 from federation.registry import Registry

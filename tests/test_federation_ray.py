@@ -18,9 +18,9 @@ import pytest
 import ray
 import torch
 
+from blocklora.config import AdapterConfig
 from blocklora.method.artifact import ConceptArtifact
 from blocklora.pipeline.base import load_base
-from blocklora.config import AdapterConfig
 from conftest import REPO
 from core_helpers import make_artifact
 from federation import coordinator
@@ -95,7 +95,8 @@ def test_two_concurrent_client_jobs(fed):
         assert bool(re.search(announced, said)) == (name == "dog-a"), said
         # what the person who submitted it sees: the step progress of rank 0, not Ray's own lines
         assert re.search(rf"\[{name}\] step 3/3  loss \d+\.\d{{4}}  \d+\.\d\d steps/s  ETA 0 s", out), out[-4000:]
-        assert not re.search("Reporting training result|execution finished|DeprecationWarning|actor restart", out), out[-4000:]
+        noise = "Reporting training result|execution finished|DeprecationWarning|actor restart"
+        assert not re.search(noise, out), out[-4000:]
         fed.clients[name] = (fed.root / f"{name}.token").read_text().strip()
     concepts = ray.get(fed.actor.list_concepts.remote())
     assert [c.status for c in concepts] == ["live", "live"]

@@ -72,7 +72,8 @@ def test_silhouette_tells_shapes_apart(judge) -> None:
     z = judge.silhouette(reference_pictures(CONCEPTS[0], 3, seed=5))
     assert z.shape[0] == 3 and torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5)
     randoms = random_identities(16, seed=321)
-    assert pair_auc(judge, randoms, per_concept=3, seed=321, silhouette=True) >= 0.85  # small objects: few pixels of shape
+    # small objects: few pixels of shape
+    assert pair_auc(judge, randoms, per_concept=3, seed=321, silhouette=True) >= 0.85
     assert pair_auc(judge, CONCEPTS, per_concept=3, seed=123, silhouette=True) >= 0.9
 
 

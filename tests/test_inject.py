@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from blocklora.pipeline.base import tiny_sdxl_unet, tiny_unet
 from blocklora.config import AdapterConfig
 from blocklora.method.inject import eject, find_targets, inject
 from blocklora.method.layer import BlockLoRALinear
+from blocklora.pipeline.base import tiny_sdxl_unet, tiny_unet
 
 
 class _Pipe:

@@ -46,7 +46,8 @@ def test_live_view_shows_each_jobs_own_newest_line_from_its_start():
     a long line cut at its end, so what is left says whose line it is and what it is doing."""
     from jobs.main import MARKS_LINE, newest_line
 
-    long = "[ember] drawing 8 base pictures each of 5 more classes (circle, square, triangle, cross, heart) for the quiet penalty"
+    long = ("[ember] drawing 8 base pictures each of 5 more classes (circle, square, triangle, cross, heart) "
+            "for the quiet penalty")
     log = ("reserved slot 0 for 'ember'\n\x1b[36m(RayTrainWorker pid=42)\x1b[0m " + long + "\n"
            "2026-11-28 05:33:08,236\tWARNING worker.py:1 -- something of Ray's\n" + MARKS_LINE + "{}\n")
     shown = newest_line(log)

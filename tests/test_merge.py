@@ -3,14 +3,14 @@ import dataclasses
 import pytest
 import torch
 
-from blocklora.pipeline.base import load_base
 from benchmarks.baselines import METHODS, merge_deltas
 from blocklora.config import ROW_LAYOUTS, AdapterConfig
-from blocklora.method.inject import eject, inject
 from blocklora.method import merge
+from blocklora.method.inject import eject, inject
 from blocklora.method.merge import LiveMerge
-from blocklora.method.partition import row_count
 from blocklora.method.overlap import pairwise_stats, summary
+from blocklora.method.partition import row_count
+from blocklora.pipeline.base import load_base
 from core_helpers import make_artifact
 
 CFG = AdapterConfig(text_targets=("q_proj", "v_proj"))

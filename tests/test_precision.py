@@ -5,12 +5,12 @@ changes; the precision names are checked where a config or the serve app is buil
 import pytest
 import torch
 
-from blocklora.method.artifact import ConceptArtifact
-from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, PrecisionConfig, TrainConfig
-from blocklora.training.data import load_concept_images
+from blocklora.method.artifact import ConceptArtifact
 from blocklora.method.inject import find_targets
+from blocklora.pipeline.base import load_base
 from blocklora.pipeline.precision import base_dtype
+from blocklora.training.data import load_concept_images
 from blocklora.training.trainer import ConceptTrainer
 from core_helpers import write_images
 

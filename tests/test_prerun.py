@@ -51,7 +51,8 @@ def test_an_early_end_stops_the_jobs_still_running(tmp_path):
     pid_file = tmp_path / "pid"
 
     def sleeps(folder: Path, run: Runner) -> None:
-        run([sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"])
+        code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+        run([sys.executable, "-c", code])
         run([sys.executable, "-c", "print('the next step of the job')"])  # never started: the session is over
 
     jobs = Prerun()

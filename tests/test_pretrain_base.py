@@ -26,7 +26,8 @@ def pretrain(run: Runner, work: Path, out: Path, steps: int, *extra: str) -> Non
     cmd = [sys.executable, "jobs/toy/pretrain_base.py", "--work-dir", str(work), "--out", str(out),
            "--steps", str(steps), "--vae-steps", "2", "--batch", "2", "--vae-batch", "2",
            "--checkpoint-every", "1", "--sample-every", "1000", "--eval-seeds", "1", "--sample-steps", "2",
-           "--unet-width", "16", *extra]  # half the committed width: the flag reaches the exported UNet, and it is faster
+           # half the committed width: the flag reaches the exported UNet, and it is faster
+           "--unet-width", "16", *extra]
     done = run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -55,7 +56,8 @@ def test_pretrain_resumes_and_exports_a_loadable_base(prerun) -> None:
     assert first_steps == 2
     assert tuple(first.pipe.unet.config.block_out_channels) == (16, 32, 64)
     rows = list(csv.DictReader((work / "loss.csv").open()))
-    assert [(r["stage"], int(r["step"])) for r in rows] == [("vae", 0), ("vae", 1), ("unet", 0), ("unet", 1), ("unet", 2)]
+    assert [(r["stage"], int(r["step"])) for r in rows] == [("vae", 0), ("vae", 1),
+                                                             ("unet", 0), ("unet", 1), ("unet", 2)]
     second = load_base(str(out), device="cpu")
     assert second.resolution == 64 and second.fingerprint != first.fingerprint
     assert first.pipe.vae.config.scaling_factor == second.pipe.vae.config.scaling_factor  # frozen after stage 1
@@ -70,7 +72,8 @@ def test_pretrain_resumes_and_exports_a_loadable_base(prerun) -> None:
     # Training on from the exported base (--init-from): its VAE and latent scale are kept as they are,
     # the denoiser starts from its weights (its first loss is a trained model's, not a random one's).
     third = load_base(str(more), device="cpu")
-    assert all(torch.equal(a, b) for a, b in zip(second.pipe.vae.state_dict().values(), third.pipe.vae.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(second.pipe.vae.state_dict().values(), third.pipe.vae.state_dict().values()))
     assert third.pipe.vae.config.scaling_factor == second.pipe.vae.config.scaling_factor
     assert third.fingerprint != second.fingerprint
     rows = list(csv.DictReader((more_work / "loss.csv").open()))

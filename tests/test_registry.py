@@ -11,15 +11,21 @@ import threading
 import pytest
 import torch
 
-from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig, TrainConfig
 from blocklora.files.safefile import read_safetensors
 from blocklora.method.slots import SlotSpace
+from blocklora.pipeline.base import load_base
 from blocklora.training.trainer import train_concept
 from core_helpers import make_artifact, model_code_imported, write_images
 from federation.auth import token_hash
-from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
-                               UnknownConcept)
+from federation.errors import (
+    ArtifactRejected,
+    FederationError,
+    ReservationError,
+    SlotUnavailable,
+    Unauthorized,
+    UnknownConcept,
+)
 from federation.protocol import Removed
 from federation.registry import Registry
 from federation.store import StateStore
@@ -273,7 +279,8 @@ def test_admin_uploads_into_a_free_slot_without_reservation(base, tmp_path, cloc
 def test_base_untouched_and_live_set_served_as_one_lora(base, tmp_path, clock):
     vocab, table = len(base.pipe.tokenizer), base.pipe.text_encoder.get_input_embeddings().weight.clone()
     reg = make_registry(base, tmp_path, clock)
-    assert len(base.pipe.tokenizer) == vocab and torch.equal(base.pipe.text_encoder.get_input_embeddings().weight, table)
+    assert len(base.pipe.tokenizer) == vocab
+    assert torch.equal(base.pipe.text_encoder.get_input_embeddings().weight, table)
     with pytest.raises(UnknownConcept, match="nothing to download"):
         reg.merged_lora()
     alice = reg.register("alice").token

@@ -19,10 +19,10 @@ import pytest
 import ray
 import torch
 
-from blocklora.method.artifact import ConceptArtifact, InvalidArtifact
-from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig
+from blocklora.method.artifact import ConceptArtifact, InvalidArtifact
 from blocklora.method.slots import SlotSpace
+from blocklora.pipeline.base import load_base
 from conftest import REPO
 from core_helpers import make_artifact
 from devtools.local_cluster import LocalCluster

@@ -19,12 +19,12 @@ import ray
 import torch
 from ray.util.state import list_actors
 
-from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, GenerateConfig
-from blocklora.pipeline.generate import generate
 from blocklora.method.inject import find_targets
 from blocklora.method.merge import LiveMerge
 from blocklora.method.slots import phrase
+from blocklora.pipeline.base import load_base
+from blocklora.pipeline.generate import generate
 from core_helpers import fused_weight, make_artifact, model_code_imported
 from prerun import Runner
 from serve_helpers import pixels, serve_up, start_coordinator, stop_app
@@ -168,7 +168,8 @@ def test_bad_input_gets_its_status_and_does_not_disturb_others(srv):
     for method, path, headers, status in admin:
         r = srv.client.request(method, path, headers=headers, content=b"x" * 64)
         assert r.status_code == status, (method, path, r.text)
-    r = srv.client.post("/v1/concepts", content=b"not a safetensors file", headers={"Authorization": f"Bearer {srv.token}"})
+    r = srv.client.post("/v1/concepts", content=b"not a safetensors file",
+                        headers={"Authorization": f"Bearer {srv.token}"})
     assert r.status_code == 422 and "artifact refused" in r.text
 
 
@@ -183,7 +184,8 @@ def test_removed_concept_refused_within_a_second_then_served_again(srv):
     assert srv.client.get("/v1/concepts").json()["concepts"][0]["name"] == "b"
     slot = ray.get(srv.actor.reserve.remote(srv.token, "a", "dog")).slot
     assert slot == srv.arts["a"].meta.slot  # the lowest free slot is the one it left
-    r = srv.client.post("/v1/concepts", content=srv.arts["a"].to_bytes(), headers={"Authorization": f"Bearer {srv.token}"})
+    r = srv.client.post("/v1/concepts", content=srv.arts["a"].to_bytes(),
+                        headers={"Authorization": f"Bearer {srv.token}"})
     assert r.status_code == 201, r.text
     again = post(srv, prompt="a photo of {a}")
     assert again.status_code == 200 and again.content == before

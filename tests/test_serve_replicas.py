@@ -10,8 +10,8 @@ import pytest
 import ray
 from ray import serve
 
-from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig
+from blocklora.pipeline.base import load_base
 from core_helpers import make_artifact
 from serve_helpers import pixels, start_in_process, stop_app
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blocklora.pipeline.base import load_base
-from blocklora.pipeline.conditioning import encode_prompts
+from benchmarks.synthetic import random_artifact
 from blocklora.config import AdapterConfig
 from blocklora.method.merge import LiveMerge
-from benchmarks.synthetic import random_artifact
 from blocklora.method.residual import KERNELS, ConceptBank
+from blocklora.pipeline.base import load_base
+from blocklora.pipeline.conditioning import encode_prompts
 from core_helpers import make_artifact
 
 ADAPTERS = {

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from blocklora.pipeline.base import Base, load_base
-from blocklora.toy.judge import Score, generate, load_judge
 from blocklora.toy.base import GRID_PROMPTS, SAMPLES_FILE, TOY_BASE_DIR, sample_grid
 from blocklora.toy.data import HELDOUT_PAIRS
+from blocklora.toy.judge import Score, generate, load_judge
 from blocklora.toy.vocabulary import SHAPES
 from prerun import Runner
 

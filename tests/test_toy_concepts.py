@@ -8,11 +8,24 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from blocklora.training.data import load_concept_images
-from blocklora.toy.concepts import (CONCEPTS, TRAINING_COUNT, Attributes, ToyConcept, caption, class_prompt,
-                                    concept_from_json, heldout_picture, instance_prompt, random_concept,
-                                    reference_pictures, training_pictures, training_samples, write_concept_folder)
+from blocklora.toy.concepts import (
+    CONCEPTS,
+    TRAINING_COUNT,
+    Attributes,
+    ToyConcept,
+    caption,
+    class_prompt,
+    concept_from_json,
+    heldout_picture,
+    instance_prompt,
+    random_concept,
+    reference_pictures,
+    training_pictures,
+    training_samples,
+    write_concept_folder,
+)
 from blocklora.toy.vocabulary import COLOURS, SHAPES
+from blocklora.training.data import load_concept_images
 
 
 def _same(a, b) -> bool:
@@ -50,8 +63,9 @@ def test_training_pictures_vary_and_captions_name_the_rest() -> None:
             corner = np.asarray(s.image)[0, 0].astype(int)  # plain background: its colour at the corner
             assert np.abs(corner - COLOURS[s.attributes.background]).max() < 8
             text = s.caption(c)
+            background = s.attributes.background
             assert text == f"a {s.attributes.size} {{trigger}} {c.class_word} on " \
-                           f"{'an' if s.attributes.background[0] in 'aeiou' else 'a'} {s.attributes.background} background"
+                           f"{'an' if background[0] in 'aeiou' else 'a'} {background} background"
 
 
 def test_prompts() -> None:

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 
 from blocklora.toy.concepts import BY_NAME
+from blocklora.toy.data import (
+    DRESSED_RATE,
+    HELDOUT_PAIRS,
+    TRAIN_PAIRS,
+    ToyShapes,
+    _pick_dress,
+    caption_for,
+    make_sample,
+)
 from blocklora.toy.vocabulary import COLOUR_NAMES, PATTERNS, SHAPES
-from blocklora.toy.data import DRESSED_RATE, HELDOUT_PAIRS, TRAIN_PAIRS, ToyShapes, _pick_dress, caption_for, make_sample
 
 N = 200
 

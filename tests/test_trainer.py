@@ -4,8 +4,8 @@ import re
 import pytest
 import torch
 
-from blocklora.method.artifact import ConceptArtifact
 from blocklora.config import AdapterConfig, TrainConfig
+from blocklora.method.artifact import ConceptArtifact
 from blocklora.method.inject import find_targets
 from blocklora.training.trainer import train_concept
 from core_helpers import write_images
@@ -39,8 +39,8 @@ def test_deterministic_with_a_seed(tmp_path):
 
 def test_resume_equals_uninterrupted(tmp_path):
     from blocklora.pipeline.base import load_base
-    from blocklora.training.trainer import ConceptTrainer
     from blocklora.training.data import load_concept_images
+    from blocklora.training.trainer import ConceptTrainer
 
     images = write_images(tmp_path / "img")
     full = _train(load_base("tiny"), images, steps=4)
@@ -86,9 +86,9 @@ def test_quiet_penalty_keeps_the_residual_off_pictures_without_the_concept(tmp_p
     class-prompt pictures (what the other concepts' prompts are, once merged) than without it, measured
     on class pictures and noise draws the penalty never saw."""
     from blocklora.pipeline.base import load_base
+    from blocklora.training.class_pictures import draw_class_images
     from blocklora.training.data import load_concept_images
     from blocklora.training.quiet import QuietBank
-    from blocklora.training.class_pictures import draw_class_images
     from blocklora.training.trainer import ConceptTrainer, run_steps
 
     images, captions = load_concept_images(write_images(tmp_path / "img"), 32)
@@ -118,16 +118,18 @@ def test_progress_lines_a_person_can_follow(tmp_path, capsys, monkeypatch):
             for _ in range(2)]
     out = capsys.readouterr().out
     first, again = out.split("[pet] trained to step 3")[:2]
-    needed = r"\[pet\] class pictures for prior preservation and the quiet penalty: 2 base pictures each of 3 classes \(dog, cat, cup\)\n"
+    needed = (r"\[pet\] class pictures for prior preservation and the quiet penalty: "
+              r"2 base pictures each of 3 classes \(dog, cat, cup\)\n")
     bank = r"\[pet\] quiet penalty's bank recorded over 3 classes in \d+\.\d s\n\[pet\] step 1/3 "
-    assert re.search(r"\A" + needed + "".join(rf"\[pet\] drawing 2 base pictures of 'a photo of {w}'\n" for w in ("dog", "cat", "cup"))
-                     + r"\[pet\] class pictures ready in \d+\.\d s: 3 drawn here, 0 read from this node's cache\n" + bank, first), out
-    assert re.search(needed + r"\[pet\] class pictures ready in \d+\.\d s: 0 drawn here, 3 read from this node's cache\n" + bank,
-                     again), out
+    drawing = "".join(rf"\[pet\] drawing 2 base pictures of 'a photo of {w}'\n" for w in ("dog", "cat", "cup"))
+    ready = r"\[pet\] class pictures ready in \d+\.\d s: {} drawn here, {} read from this node's cache\n"
+    assert re.search(r"\A" + needed + drawing + ready.format(3, 0) + bank, first), out
+    assert re.search(needed + ready.format(0, 3) + bank, again), out
     assert arts[0].to_bytes() == arts[1].to_bytes()
     assert re.search(r"^\[pet\] step 1/3  loss \d+\.\d{4}  first step$", out, re.M), out
     assert re.search(r"^\[pet\] step 3/3  loss \d+\.\d{4}  \d+\.\d\d steps/s  ETA 0 s$", out, re.M), out
-    assert re.search(r"^\[pet\] trained to step 3: \d+\.\d{3} steps/s steady \(after the first step\), \d+ torch thread\(s\)$", out, re.M), out
+    assert re.search(r"^\[pet\] trained to step 3: \d+\.\d{3} steps/s steady \(after the first step\), "
+                     r"\d+ torch thread\(s\)$", out, re.M), out
 
 
 @pytest.mark.parametrize("spec, target", [("tiny", "noise"), ("tiny-sd2", "velocity")])

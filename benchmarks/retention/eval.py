@@ -16,14 +16,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from benchmarks.baselines import input_grams, merge_deltas, residual_applied
 from benchmarks.common import timed
 from benchmarks.retention.world import World
-from blocklora.method.artifact import ConceptArtifact
-from blocklora.pipeline.base import Base
-from benchmarks.baselines import input_grams, merge_deltas, residual_applied
-from blocklora.pipeline.conditioning import encode_prompts
 from blocklora.config import AdapterConfig
+from blocklora.method.artifact import ConceptArtifact
 from blocklora.method.merge import LiveMerge
+from blocklora.pipeline.base import Base
+from blocklora.pipeline.conditioning import encode_prompts
 from blocklora.toy.draw import to_tensor
 
 EPS_TIMESTEPS = (200, 500, 800)  # the ε-space probe noises each reference picture once per timestep
@@ -99,7 +99,8 @@ class Merger:
     @contextmanager
     def applied(self, members: list[int], residual: dict | None = None) -> Iterator[None]:
         arts = [self.concepts.arts[j] for j in members]
-        with residual_applied(self.base, self.concepts.adapter, self.residual(members) if residual is None else residual, arts):
+        applied = self.residual(members) if residual is None else residual
+        with residual_applied(self.base, self.concepts.adapter, applied, arts):
             yield
 
     def merge_seconds(self, members: list[int], repeats: int = 3) -> dict[str, float]:
@@ -187,8 +188,9 @@ def evaluate(base: Base, world: World, concepts: Concepts, rule: str, cfg: EvalC
         e0 = [eps(base, p) for p in probes]
         for r, c in enumerate(world.concepts[:m]):
             ident = world.identity_attributes(c)
-            pics = sample(base, [world.class_prompt(c, ident)] * s + [world.instance_prompt(c, phrase(concepts.arts[r]), ident)] * s,
-                          seeds * 2, cfg)
+            prompts = ([world.class_prompt(c, ident)] * s
+                       + [world.instance_prompt(c, phrase(concepts.arts[r]), ident)] * s)
+            pics = sample(base, prompts, seeds * 2, cfg)
             base_class[r] = world.image_alignment(pics[:s], refs[r]).numpy()
             out["ia_floor"][r] = world.image_alignment(pics[s:], refs[r]).numpy()
     # Its own trigger embeddings and no weights: what any merge that shrinks the weights tends to
@@ -256,7 +258,9 @@ def interference(base: Base, merger: Merger, probes: list[Probe], alone: list[to
             elif g == "self-scale":
                 res = {k: scale * v for k, v in own.items()}
             else:
-                keep = (lambda k: group_of(k) != "cross-attn k/v") if g == "others off k/v" else (lambda k: group_of(k) == g)
+                def keep(k: str, g: str = g) -> bool:
+                    return group_of(k) != "cross-attn k/v" if g == "others off k/v" else group_of(k) == g
+
                 if not any(keep(k) for k in full):
                     continue
                 res = {k: (full[k] - scale * own[k] if keep(k) else 0 * own[k]) + own[k] for k in full}

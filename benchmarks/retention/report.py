@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import write_csv
-from benchmarks.retention.eval import EvalConfig, LAYER_GROUPS
+from benchmarks.retention.eval import LAYER_GROUPS, EvalConfig
 from benchmarks.stats import Interval, mean, mean_diff, mean_ratio, paired_bootstrap
 
 INSTANT_PEERS = ("lora-mean", "db-lora", "orthogonal", "ties")  # other methods' data-free merges
@@ -177,14 +177,15 @@ def figure5(path: Path, results: dict, top: int) -> Path:
 def tables_md(methods: list[dict], crit: list[dict], interference: list[dict], calibration: list[dict],
               top: int, spread: float) -> str:
     t1 = md_table(
-        ["method", "trained as (lr x)", "merge s (N=%d)" % top, "IA no concept", "IA token only", "IA N=1", f"IA N={top}", "kept", "SA N=1",
-         f"SA N={top}", "TA N=1",
+        ["method", "trained as (lr x)", "merge s (N=%d)" % top, "IA no concept", "IA token only", "IA N=1",
+         f"IA N={top}", "kept", "SA N=1", f"SA N={top}", "TA N=1",
          f"TA N={top}", "drift N=1", f"drift N={top}", "ε loss base / 1 / %d" % top, "ε retention",
          "abs cos", "sign conflict"],
         [[m["method"], f'{m["trained_as"]} ({m["lr_factor"]:g})',
           fmt(m["merge_s"], 4) + ("" if not np.isfinite(m["livemerge_s"]) else f' (live {m["livemerge_s"]:.4f})')
           + (f' + stats {m["fusion_statistics_s"]:.1f}' if m["fusion_statistics_s"] else ""),
-          str(m["ia_floor"]), str(m["ia_token"]), str(m["ia_1"]), str(m[f"ia_{top}"]), str(m["ia_kept"]), str(m["sa_1"]), str(m[f"sa_{top}"]), str(m["ta_1"]), str(m[f"ta_{top}"]),
+          str(m["ia_floor"]), str(m["ia_token"]), str(m["ia_1"]), str(m[f"ia_{top}"]), str(m["ia_kept"]),
+          str(m["sa_1"]), str(m[f"sa_{top}"]), str(m["ta_1"]), str(m[f"ta_{top}"]),
           str(m["drift_1"]), str(m[f"drift_{top}"]),
           f'{m["eps_loss_base"]:.4f} / {m["eps_loss_1"]:.4f} / {m[f"eps_loss_{top}"]:.4f}',
           fmt(m[f"eps_retention_{top}"], 2), fmt(m["mean_abs_cosine"], 3), fmt(m["mean_sign_conflict"], 3)]
@@ -197,7 +198,8 @@ def tables_md(methods: list[dict], crit: list[dict], interference: list[dict], c
                                         for i in interference]) if interference else "(no blockwise arm)"
     t4 = md_table(["variant", "lr factor", "single-concept IA", "target"],
                   [[c["variant"], f'{c["factor"]:g}', fmt(c["image_alignment"]), fmt(c["target"])] for c in calibration]
-                  ) if calibration else "(not run in this profile: every lr factor is 1; the N=1 spread above is measured)"
+                  ) if calibration else ("(not run in this profile: every lr factor is 1; "
+                                         "the N=1 spread above is measured)")
     return (f"## Table 1 (IA: image alignment, TA: text alignment, drift: class-prompt pictures' IA to the concept "
             f"minus the base's; mean [95% CI])\n\nIA no concept: the instance prompt with the trigger rows at the "
             f"table's mean; IA token only: the concept's own trigger embeddings and no weights, what a merge that "

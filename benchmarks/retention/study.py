@@ -45,17 +45,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.baselines import METHODS, Method, residual_applied
 from benchmarks.common import RESULTS_DIR, emit, environment
 from benchmarks.retention.eval import Concepts, EvalConfig, evaluate, phrase, sample
 from benchmarks.retention.report import ABLATIONS, report
 from benchmarks.retention.world import World, load_world
-from blocklora.method.artifact import ConceptArtifact
-from blocklora.pipeline.base import Base, load_base
-from blocklora.toy.recipe import default_base_spec
-from benchmarks.baselines import METHODS, Method, residual_applied
 from blocklora.config import FEED_FORWARD_TARGETS, UNET_TARGETS, AdapterConfig, TrainConfig, to_json
+from blocklora.method.artifact import ConceptArtifact
 from blocklora.method.inject import eject, inject
 from blocklora.method.overlap import pairwise_stats, summary
+from blocklora.pipeline.base import Base, load_base
+from blocklora.toy.recipe import default_base_spec
 from blocklora.toy.vocabulary import SHAPES
 from blocklora.training.trainer import train_concept
 
@@ -178,7 +178,8 @@ class Trainings:
 
     def path(self, v: Variant, factor: float, i: int) -> Path:
         c = self.world.concepts[i]
-        return self.cache / f"{c.name}-{digest(to_json(v.adapter), to_json(scaled(v.train, factor)), self.base.fingerprint, repr(c), str(i))}.safetensors"
+        key = digest(to_json(v.adapter), to_json(scaled(v.train, factor)), self.base.fingerprint, repr(c), str(i))
+        return self.cache / f"{c.name}-{key}.safetensors"
 
     def concept(self, v: Variant, factor: float, i: int) -> ConceptArtifact:
         c = self.world.concepts[i]
@@ -190,8 +191,9 @@ class Trainings:
         with tempfile.TemporaryDirectory(prefix="retention-") as folder:
             self.world.write_training(c, Path(folder))
             t0 = time.perf_counter()
-            art = train_concept(self.base, folder, c.name, c.class_word, slot=i % v.adapter.num_slots, adapter=v.adapter,
-                                train=dataclasses.replace(train, seed=train.seed + i), progress=False)
+            art = train_concept(self.base, folder, c.name, c.class_word, slot=i % v.adapter.num_slots,
+                                adapter=v.adapter, train=dataclasses.replace(train, seed=train.seed + i),
+                                progress=False)
         art.save(path)
         self.progress(f"trained {v.label} x{factor:g} {c.name} ({train.steps} steps, {time.perf_counter() - t0:.0f} s)",
                       "training")
@@ -312,7 +314,8 @@ def run(profile: Profile, base_spec: str, train: TrainConfig, study: AdapterConf
     def plan_uncached() -> None:
         """Only work not cached is left, so a rerun's ETA is its own (strength matching may add trainings
         at other factors: until it ends the ETA stays a lower bound)."""
-        progress.plan("training", sum(not trainings.path(v, factors[v.label], i).exists() for v in distinct for i in range(m)))
+        progress.plan("training", sum(not trainings.path(v, factors[v.label], i).exists()
+                                      for v in distinct for i in range(m)))
         progress.plan("window", sum(windows[name] for name in arms if not arm_path(name).exists()))
 
     plan_uncached()
@@ -403,7 +406,8 @@ def main() -> None:
     add_study_args(p, rank=2)
     p.add_argument("--match", type=float, default=0.05, help="strength matching tolerance (relative image alignment)")
     p.add_argument("--calib-tries", type=int, default=None,
-                   help="lr factors tried per variant after the first, instead of the profile's (each halves or doubles)")
+                   help="lr factors tried per variant after the first, instead of the profile's "
+                        "(each halves or doubles)")
     p.add_argument("--reference", default=REFERENCE, help="the arm whose training every other one's strength is "
                                                          "matched to (it stays at lr factor 1)")
     p.add_argument("--guidance", type=float, default=3.0)

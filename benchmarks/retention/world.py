@@ -20,10 +20,10 @@ from PIL import Image
 
 from blocklora.toy import concepts as toy
 from blocklora.toy.concepts import Attributes, ToyConcept
-from blocklora.toy.vocabulary import COLOUR_NAMES, COLOURS
 from blocklora.toy.draw import SIZE
 from blocklora.toy.identity import load_identity_judge
 from blocklora.toy.judge import load_judge
+from blocklora.toy.vocabulary import COLOUR_NAMES, COLOURS
 
 
 class Judge(Protocol):
@@ -115,6 +115,7 @@ class InterimJudge:
         palette = torch.tensor([COLOURS[n] for n in COLOUR_NAMES], dtype=torch.float32) / 255  # (8, 3)
         edge = 4
         border = torch.cat([generated[..., :edge, :].flatten(2), generated[..., -edge:, :].flatten(2),
-                            generated[..., edge:-edge, :edge].flatten(2), generated[..., edge:-edge, -edge:].flatten(2)], 2)
+                            generated[..., edge:-edge, :edge].flatten(2),
+                            generated[..., edge:-edge, -edge:].flatten(2)], 2)
         nearest = torch.cdist(border.transpose(1, 2).float(), palette[None]).argmin(-1)  # (B, P)
         return (nearest == COLOUR_NAMES.index(attrs.background)).float().mean(1)

@@ -12,8 +12,7 @@ import math
 import struct
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 
 ALLOWED_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
 MAX_HEADER = 4 * 1024 * 1024  # 4 MiB of JSON is far beyond any real concept header

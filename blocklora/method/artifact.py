@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from blocklora.files.atomic import atomic_write
 from blocklora.config import AdapterConfig
-from blocklora.method.partition import block_delta, owned_rows, row_count
+from blocklora.files.atomic import atomic_write
 from blocklora.files.safefile import InvalidFile, read_safetensors, write_safetensors
 from blocklora.files.schema import SchemaError, check_text, parse
+from blocklora.method.partition import block_delta, owned_rows, row_count
 from blocklora.method.tokens import trigger_names
 
 FORMAT = "blocklora-concept"
@@ -120,7 +120,8 @@ def _token_key(comp: str) -> str:
 @dataclass
 class ConceptArtifact:
     meta: ConceptMeta
-    tensors: dict[str, torch.Tensor]  # "{key}.lora_A" (r, n), "{key}.lora_B" (|R|, r), "{component}.token_embeds" (t, d)
+    # "{key}.lora_A" (r, n), "{key}.lora_B" (|R|, r), "{component}.token_embeds" (t, d)
+    tensors: dict[str, torch.Tensor]
 
     @classmethod
     def from_parts(cls, meta: ConceptMeta, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -213,7 +214,8 @@ class ConceptArtifact:
         missing = sorted(set(expected) - set(self.tensors))
         extra = sorted(set(self.tensors) - set(expected))
         if missing or extra:
-            raise InvalidArtifact(f"tensor set does not match the layout: missing {missing[:5]}, unexpected {extra[:5]}")
+            raise InvalidArtifact(f"tensor set does not match the layout: missing {missing[:5]}, "
+                                  f"unexpected {extra[:5]}")
         dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in self.tensors.values()})
         if len(dtypes) > 1:
             raise InvalidArtifact(f"tensors mix dtypes {dtypes}; save every tensor in one dtype")

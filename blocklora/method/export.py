@@ -2,8 +2,8 @@
 
 A set S of concepts becomes one rank-(Σ r_i) LoRA per layer: A = [A_1; …; A_N] stacked, and B with
 column block i holding α_i (M_i ⊙ B_i), so B A = Σ α_i dW_i exactly. `MergedFactors` holds such a
-set as its factors; the coordinator keeps the federation's live set in one and serves it as this file. Trigger embeddings go to a
-separate textual-inversion file per concept (diffusers' `load_textual_inversion`).
+set as its factors; the coordinator keeps the federation's live set in one and serves it as this file.
+Trigger embeddings go to a separate textual-inversion file per concept (diffusers' `load_textual_inversion`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class MergedFactors:
     def remove(self, name: str) -> None:
         del self._parts[name]
 
-    def _scaled(self, key: str, scales: Mapping[str, float] | None) -> list[tuple[slice, torch.Tensor, torch.Tensor, float]]:
+    def _scaled(self, key: str,
+                scales: Mapping[str, float] | None) -> list[tuple[slice, torch.Tensor, torch.Tensor, float]]:
         return [(*parts[key], 1.0 if scales is None else scales[name]) for name, parts in self._parts.items()]
 
     def dense(self, scales: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from blocklora.method.artifact import ConceptArtifact
 from blocklora.config import AdapterConfig
+from blocklora.method.artifact import ConceptArtifact
 from blocklora.method.slots import PipelineSlots, phrases
 
 if TYPE_CHECKING:

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Iterator, Mapping
 import torch
 from torch import nn
 
-from blocklora.method.artifact import ConceptArtifact
 from blocklora.config import AdapterConfig
+from blocklora.method.artifact import ConceptArtifact
 from blocklora.method.inject import set_module
 from blocklora.method.slots import PipelineSlots, phrases
 

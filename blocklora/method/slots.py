@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from blocklora.method.artifact import ConceptArtifact, InvalidArtifact
 from blocklora.config import AdapterConfig, from_dict
+from blocklora.method.artifact import ConceptArtifact, InvalidArtifact
 from blocklora.method.inject import find_targets, layout
 from blocklora.method.tokens import add_slot_tokens, token_ids
 
@@ -89,7 +89,8 @@ class SlotSpace:
             if comp not in hidden:
                 raise InvalidArtifact(f"token embeddings for {comp!r}, which this base does not have")
             if v.shape[1] != hidden[comp]:
-                raise InvalidArtifact(f"{comp}.token_embeds has width {v.shape[1]}; the text encoder's is {hidden[comp]}")
+                raise InvalidArtifact(f"{comp}.token_embeds has width {v.shape[1]}; "
+                                      f"the text encoder's is {hidden[comp]}")
         if set(embeds) != set(hidden):
             raise InvalidArtifact(f"token embeddings for {sorted(embeds)}, base has {sorted(hidden)}")
         live = live or {}

@@ -71,7 +71,8 @@ def rare_token_init(tokenizer, embedding: nn.Embedding, slot: int, count: int) -
 class TokenOverride(nn.Module):
     """Wraps a token embedding: the concept's ids read trainable vectors, all others the frozen table."""
 
-    def __init__(self, base: nn.Embedding, ids: list[int], init: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, base: nn.Embedding, ids: list[int], init: torch.Tensor,
+                 dtype: torch.dtype | None = None) -> None:
         """`dtype` of the trainable vectors (None: the table's); float32 beside a half-precision table
         is mixed-precision training: they are cast to the table's dtype where they replace its rows."""
         super().__init__()

@@ -11,12 +11,17 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 from typing import Callable
 
-from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
 from blocklora.config import TEXT_ENCODERS, TINY, TINY_SD2, TINY_SDXL  # the embedded tiny bases' names

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw
 
-from blocklora.pipeline.base import Base
 from blocklora.config import GenerateConfig
+from blocklora.pipeline.base import Base
 
 
 @torch.no_grad()

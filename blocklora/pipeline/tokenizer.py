@@ -14,8 +14,8 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from blocklora.files.atomic import atomic_write
 from blocklora.config import cache_root
+from blocklora.files.atomic import atomic_write
 
 N_MERGES = 49152 - 256 - 2  # 48,894 merges: lines 1..48894 of the bundled file
 VOCAB_SIZE = 49408

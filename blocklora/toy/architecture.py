@@ -52,7 +52,8 @@ def build_text_encoder() -> CLIPTextModel:
     ))
 
 
-def build_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> StableDiffusionPipeline:
+def build_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel,
+                   text_encoder: CLIPTextModel) -> StableDiffusionPipeline:
     """The three modules behind DDIM and the CLIP tokenizer, as `save_pretrained` will export them."""
     scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(

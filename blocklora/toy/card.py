@@ -10,7 +10,7 @@ import numpy as np
 from diffusers import StableDiffusionPipeline
 
 from blocklora.config import PretrainConfig, to_argv
-from blocklora.toy.base import GRID_PROMPTS, GRID_SEEDS, GUIDANCE, SAMPLE_STEPS, SAMPLES_FILE, sample_grid
+from blocklora.toy.base import GRID_PROMPTS, GRID_SEEDS, GUIDANCE, SAMPLES_FILE, sample_grid
 from blocklora.toy.draw import SIZE
 from blocklora.toy.pretrain import DROP_CAPTION, Run
 
@@ -64,7 +64,8 @@ def plot_loss(csv_path: Path, png: Path) -> dict[str, float]:
 
 def command(cfg: PretrainConfig) -> str:
     """The flags that decide the weights, as they were set: what to type to train this base again."""
-    return " ".join(to_argv(cfg, skip=("checkpoint_every", "sample_every", "eval_seeds", "sample_steps", "note", "threads", "device", "data_workers")))
+    return " ".join(to_argv(cfg, skip=("checkpoint_every", "sample_every", "eval_seeds", "sample_steps", "note",
+                                       "threads", "device", "data_workers")))
 
 
 def write_card(out: Path, pipe: StableDiffusionPipeline, cfg: PretrainConfig, run: Run, scale: float,
@@ -79,15 +80,16 @@ def write_card(out: Path, pipe: StableDiffusionPipeline, cfg: PretrainConfig, ru
     vae_row = (f"| VAE (L1+MSE+1e-6 KL) | {cfg.vae_steps} | {cfg.vae_batch} | {finals['vae']:.4f} |" if not init else
                f"| VAE | kept from the initial base `{init}` (latent scale too) | | |")
     trained_on = ("the text encoder trained on and the denoiser (width "
-                  f"{cfg.unet_width}, wider than the initial base's) trained from scratch" if run.state.get("fresh_unet")
-                  else "the denoiser and text encoder trained on")
+                  f"{cfg.unet_width}, wider than the initial base's) trained from scratch"
+                  if run.state.get("fresh_unet") else "the denoiser and text encoder trained on")
     started = (f"Started from the exported base `{init}`: {trained_on} for the steps in the table above,"
                " fresh AdamW moments, on the data stream of the seed above.\n" if init else "")
     (out / "README.md").write_text(f"""# toy-base: blocklora's own tiny text-to-image base
 
 Stable-Diffusion-shaped (AutoencoderKL + UNet2DConditionModel with cross-attention + CLIPTextModel with
 the real CLIP tokenizer, 49,408 tokens), pretrained from scratch (a run sized for this project's 2-core
-CPU machine) so the project has a base that draws something a person can judge. Written by `jobs/toy/pretrain_base.py`; every number below comes from it.
+CPU machine) so the project has a base that draws something a person can judge. Written by \
+`jobs/toy/pretrain_base.py`; every number below comes from it.
 
 ## Data
 `blocklora.toy.data`: procedural 64x64 pictures of {{circle, square, triangle, star, cross, heart}} in 8
@@ -103,15 +105,18 @@ pairs are held out of training (`blocklora.toy.data.HELDOUT_PAIRS`).
 | stage | steps | batch | final loss (50-step mean) |
 |---|---|---|---|
 {vae_row}
-| UNet + text encoder (epsilon MSE, min-SNR-{cfg.snr_gamma:g} weighted) | {cfg.steps} | {cfg.batch} | {finals['unet']:.4f} |
+| UNet + text encoder (epsilon MSE, min-SNR-{cfg.snr_gamma:g} weighted) | {cfg.steps} | {cfg.batch} | \
+{finals['unet']:.4f} |
 
-{started}Command: `python jobs/toy/pretrain_base.py {command(cfg)}{f" --init-from {init}" if init else ""} --work-dir <dir>`
+{started}Command: `python jobs/toy/pretrain_base.py {command(cfg)}{f" --init-from {init}" if init else ""} \
+--work-dir <dir>`
 
 Wall time: {run.state['wall_seconds'] / 60:.1f} min, summed over the run's segments up to their last
 checkpoints, on the device(s) named above. Latent scaling factor {scale:.4f}.
 {cfg.note}
 Parameters: VAE {n_params['vae'] / 1e6:.2f} M, UNet {n_params['unet'] / 1e6:.2f} M, text encoder
-{n_params['text_encoder'] / 1e6:.2f} M (of which {pipe.text_encoder.get_input_embeddings().weight.numel() / 1e6:.2f} M token embeddings).
+{n_params['text_encoder'] / 1e6:.2f} M (of which \
+{pipe.text_encoder.get_input_embeddings().weight.numel() / 1e6:.2f} M token embeddings).
 
 ![loss](loss.png)
 
@@ -155,4 +160,5 @@ def export(out: Path, pipe: StableDiffusionPipeline, cfg: PretrainConfig, run: R
     finals = plot_loss(run.work / "loss.csv", out / "loss.png")
     sample_grid(pipe, cfg.sample_steps).save(out / SAMPLES_FILE)
     grids = progress_strip(run.work, out / "progress.png")
-    write_card(out, pipe, cfg, run, scale, finals, judge_scores(pipe, cfg.eval_seeds, cfg.seed, cfg.sample_steps), grids)
+    scores = judge_scores(pipe, cfg.eval_seeds, cfg.seed, cfg.sample_steps)
+    write_card(out, pipe, cfg, run, scale, finals, scores, grids)

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from blocklora.toy.vocabulary import COLOUR_NAMES, COLOURS, PATTERNS, SHAPES, SIZES
 from blocklora.toy.draw import SIZE, SUPERSAMPLE, Dress, ToyObject, article, draw_background, draw_object
+from blocklora.toy.vocabulary import COLOUR_NAMES, COLOURS, PATTERNS, SHAPES, SIZES
 
 TRAINING_COUNT = 4  # pictures a client trains on; picture TRAINING_COUNT of the same stream is held out
 TRAINING_SIZES = ("large", "large", "small", "large")  # mostly large: the pattern needs pixels

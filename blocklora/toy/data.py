@@ -15,8 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from blocklora.toy.concepts import IDENTITIES
-from blocklora.toy.draw import (SIZE, SUPERSAMPLE, Dress, ToyObject, article, draw_background, draw_object,
-                                to_tensor)
+from blocklora.toy.draw import SIZE, SUPERSAMPLE, Dress, ToyObject, article, draw_background, draw_object, to_tensor
 from blocklora.toy.vocabulary import COLOUR_NAMES, PATTERNS, SHAPES, SIZES, TEXTURES
 
 DRESSED_RATE = 0.5  # share of main objects drawn dressed: captions name shape and main colour only

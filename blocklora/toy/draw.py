@@ -63,7 +63,8 @@ def polygon(shape: str, x: float, y: float, r: float, angle: float) -> list[tupl
         ts, rs = np.arange(10) * np.pi / 5 - np.pi / 2, np.where(np.arange(10) % 2 == 0, r * 1.1, r * 0.45)
     elif shape == "cross":  # plus sign: 12 corners at arm half-width w
         w = 0.33 * r
-        pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
+        pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
+               (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
         ts = np.array([np.arctan2(py, px) for px, py in pts])
         rs = np.array([np.hypot(px, py) for px, py in pts])
     elif shape == "heart":  # the classic parametric heart, scaled to radius r

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from blocklora.toy.concepts import CONCEPTS, Attributes, ToyConcept, draw_picture, random_concept, reference_pictures
-from blocklora.toy.vocabulary import COLOUR_NAMES, COLOURS, SIZES
 from blocklora.toy.draw import SIZE, to_tensor
 from blocklora.toy.judge import augment  # the shape/colour judge's blur, tint and noise
+from blocklora.toy.vocabulary import COLOUR_NAMES, COLOURS, SIZES
 
 SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
 ImagesLike = torch.Tensor | Sequence[Image.Image]
@@ -152,7 +152,8 @@ class IdentityJudge:
 
     def predict_attributes(self, images: ImagesLike) -> list[Attributes]:
         bg, size = self.attribute_probs(images)
-        return [Attributes(SIZE_NAMES[s], COLOUR_NAMES[b]) for b, s in zip(bg.argmax(1).tolist(), size.argmax(1).tolist())]
+        return [Attributes(SIZE_NAMES[s], COLOUR_NAMES[b])
+                for b, s in zip(bg.argmax(1).tolist(), size.argmax(1).tolist())]
 
 
 @functools.cache

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from blocklora.toy.base import SAMPLE_STEPS, draw
-from blocklora.toy.vocabulary import COLOUR_NAMES, SHAPES
 from blocklora.toy.data import HELDOUT_PAIRS, TRAIN_PAIRS, make_sample
 from blocklora.toy.draw import SIZE, to_tensor
+from blocklora.toy.vocabulary import COLOUR_NAMES, SHAPES
 
 JUDGE_DIR = Path(__file__).resolve().parents[2] / "models" / "judge"
 JUDGE_FILE = "judge.safetensors"
@@ -181,7 +181,8 @@ def score_pairs(pipe, judge: Judge, name: str, pairs: list[tuple[str, str]], see
 
 # The (shape, colour) pairs a base is scored on: the held-out ones and as many training pairs, spread out.
 SCORED_HELDOUT: list[tuple[str, str]] = sorted(HELDOUT_PAIRS)
-SCORED_SEEN: list[tuple[str, str]] = list(TRAIN_PAIRS[:: len(TRAIN_PAIRS) // len(SCORED_HELDOUT)][: len(SCORED_HELDOUT)])
+SCORED_SEEN: list[tuple[str, str]] = list(
+    TRAIN_PAIRS[:: len(TRAIN_PAIRS) // len(SCORED_HELDOUT)][: len(SCORED_HELDOUT)])
 
 
 def score_base(pipe, judge: Judge, n_seeds: int = 8, seed: int = 0, steps: int = SAMPLE_STEPS) -> list[Score]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from blocklora.toy.base import GUIDANCE, SAMPLE_STEPS, TOY_BASE_DIR, draw
 from blocklora.toy.concepts import CONCEPTS, class_prompt, eval_attributes, heldout_picture, reference_pictures
@@ -46,7 +45,8 @@ def generated_check(judge: IdentityJudge) -> dict[str, float]:
             "text alignment of the toy base's class-prompt pictures": float(np.mean(text)),
             "shape alignment: held-out drawn picture of the concept": float(np.mean(shape_own)),
             "shape alignment: held-out drawn pictures of the other concepts": float(np.mean(shape_other)),
-            "shape alignment: toy base on the class prompt (it asks for the concept's shape)": float(np.mean(shape_base))}
+            "shape alignment: toy base on the class prompt (it asks for the concept's shape)":
+                float(np.mean(shape_base))}
 
 
 def write_card(judge: IdentityJudge, checks: list[Check], command: str, folder: Path) -> str:
@@ -74,7 +74,8 @@ Command: `{command}`
 
 ### Validation on fresh drawn pictures
 Pair AUC: every pair of 4 pictures per identity, same identity vs different identity, scored by the
-cosine of the embeddings (shape: same class word vs different, by the silhouette's cosine). "degraded": the same pictures through `degrade` (warp, blur, tint, noise,
+cosine of the embeddings (shape: same class word vs different, by the silhouette's cosine). \
+"degraded": the same pictures through `degrade` (warp, blur, tint, noise,
 resampling: roughly what the toy base does to a picture).
 
 | check | identities | clean | degraded |

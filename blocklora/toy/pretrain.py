@@ -17,14 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import load_file, save as safetensors_bytes
 from tqdm import tqdm
 from transformers import CLIPTextModel
 
+from blocklora.config import PretrainConfig
 from blocklora.files.atomic import atomic_write
 from blocklora.files.checkpoint import load_optimizer_tensors, optimizer_tensors
-from blocklora.config import PretrainConfig
 from blocklora.toy.architecture import SCHEDULE, build_pipeline, build_text_encoder, build_unet, build_vae
 from blocklora.toy.base import sample_grid
 from blocklora.toy.data import make_sample
@@ -92,7 +91,8 @@ class Run:
         if missing:
             raise ValueError(f"{base_dir} is not an exported toy base: no {', '.join(missing)} folder")
         vae = AutoencoderKL.from_pretrained(base_dir / "vae")
-        kept: dict[str, torch.nn.Module] = {"vae": vae, "text_encoder": CLIPTextModel.from_pretrained(base_dir / "text_encoder")}
+        kept: dict[str, torch.nn.Module] = {"vae": vae,
+                                            "text_encoder": CLIPTextModel.from_pretrained(base_dir / "text_encoder")}
         base_width = UNet2DConditionModel.load_config(base_dir / "unet")["block_out_channels"][0]
         if base_width == unet_width:
             kept["unet"] = UNet2DConditionModel.from_pretrained(base_dir / "unet")
@@ -233,7 +233,8 @@ def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_si
         if (step + 1) % every == 0 or step + 1 == steps:
             run.checkpoint({"unet": unet, "text_encoder": te}, opt, "unet")
         if (step + 1) % sample_every == 0:
-            sample_grid(pipe, sample_steps).save(run.work / f"samples_{step + 1:06d}.png")  # no dropout/BN: mode is moot
+            # no dropout/BN: train or eval mode is moot
+            sample_grid(pipe, sample_steps).save(run.work / f"samples_{step + 1:06d}.png")
     unet.eval()
     te.eval()
 
@@ -247,7 +248,8 @@ def pretrain(cfg: PretrainConfig, work_dir: Path, init_from: Path | None = None
 
     A finished run trains nothing again; it only rebuilds the pipeline from its checkpoints."""
     torch.manual_seed(cfg.seed)
-    vae, unet, te = build_vae(), build_unet(cfg.unet_width), build_text_encoder()  # init drawn from the seed, in this order
+    # the initial weights drawn from the seed, in this order
+    vae, unet, te = build_vae(), build_unet(cfg.unet_width), build_text_encoder()
     for m in (vae, unet, te):
         m.to(cfg.device)
     run = Run(work_dir, cfg.device)

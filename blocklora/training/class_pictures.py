@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from blocklora.files.atomic import atomic_write
-from blocklora.pipeline.base import Base
 from blocklora.config import TrainConfig, cache_max_bytes, cache_root
-from blocklora.pipeline.prompts import class_picture_prompt
+from blocklora.files.atomic import atomic_write
 from blocklora.files.safefile import InvalidFile, read_safetensors, write_safetensors
+from blocklora.pipeline.base import Base
+from blocklora.pipeline.prompts import class_picture_prompt
 
 # Bump when how the pictures are drawn changes (sampler, prompt wording): earlier sets are then never read.
 FORMAT = 1

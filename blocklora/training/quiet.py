@@ -81,7 +81,8 @@ class QuietBank:
                         trainer.loss(images, [class_picture_prompt(word)] * images.shape[0], gen)
                     for key, xs in current.items():
                         x = torch.cat(xs)
-                        seen.setdefault(key, []).append(x[torch.randperm(x.shape[0], generator=gen)[:rows].to(x.device)])
+                        pick = torch.randperm(x.shape[0], generator=gen)[:rows].to(x.device)
+                        seen.setdefault(key, []).append(x[pick])
         finally:
             for h in hooks:
                 h.remove()

@@ -17,22 +17,27 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import load_file, save as safetensors_bytes
 
-from blocklora.method.artifact import ConceptArtifact, ConceptMeta, check_name
-from blocklora.files.atomic import atomic_write
-from blocklora.pipeline.base import Base
-from blocklora.files.checkpoint import load_optimizer_tensors, optimizer_tensors
-from blocklora.training.class_pictures import Say, class_image_sets, class_pool
 from blocklora.config import AdapterConfig, TrainConfig
-from blocklora.pipeline.conditioning import encode_prompts
-from blocklora.training.data import load_concept_images
+from blocklora.files.atomic import atomic_write
+from blocklora.files.checkpoint import load_optimizer_tensors, optimizer_tensors
+from blocklora.method.artifact import ConceptArtifact, ConceptMeta, check_name
 from blocklora.method.inject import eject, inject
+from blocklora.method.tokens import (
+    add_slot_tokens,
+    token_ids,
+    trigger_names,
+    unwrap_token_embeddings,
+    wrap_token_embeddings,
+)
+from blocklora.pipeline.base import Base
+from blocklora.pipeline.conditioning import encode_prompts
 from blocklora.pipeline.precision import MIXED, autocast, check_mixed
 from blocklora.pipeline.prompts import class_picture_prompt
+from blocklora.training.class_pictures import Say, class_image_sets, class_pool
+from blocklora.training.data import load_concept_images
 from blocklora.training.quiet import QuietBank, residuals_off
-from blocklora.method.tokens import add_slot_tokens, token_ids, trigger_names, unwrap_token_embeddings, wrap_token_embeddings
 
 log = logging.getLogger(__name__)
 StepCallback = Callable[["ConceptTrainer", float], None]  # called after every step with its loss
@@ -95,7 +100,8 @@ class ConceptTrainer:
         if self.train_cfg.mixed_precision != "no":
             latents = latents.float()  # noise and target in float32; autocast casts what the UNet reads
         noise = torch.randn(latents.shape, generator=gen).to(dev, latents.dtype)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(dev)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (latents.shape[0],), generator=gen).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         with autocast(self.train_cfg.mixed_precision, dev):
             cond, added = encode_prompts(self.base, prompts)
@@ -174,10 +180,11 @@ class ConceptTrainer:
         factors = {key: (layer.lora_A.detach().float().cpu().clone(), layer.lora_B.detach().float().cpu().clone())
                    for key, layer in self.layers.items()}
         embeds = {comp: tok.vectors.detach().float().cpu().clone() for comp, tok in self.tokens.items()}
-        layout = {k: (l.base.out_features, l.base.in_features) for k, l in self.layers.items()}
+        layout = {key: (layer.base.out_features, layer.base.in_features) for key, layer in self.layers.items()}
         meta = ConceptMeta(name=self.name, class_word=self.class_word, slot=self.slot, adapter=self.adapter,
                            base_fingerprint=self.base.fingerprint, layout=layout, triggers=tuple(self.triggers),
-                           train_config={**json.loads(json.dumps(self.train_cfg.__dict__)), "steps_done": self.step_count})
+                           train_config={**json.loads(json.dumps(self.train_cfg.__dict__)),
+                                         "steps_done": self.step_count})
         return ConceptArtifact.from_parts(meta, factors, embeds)
 
     # -- resumable checkpoints: safetensors for tensors, JSON for the rest (local files, no pickle)

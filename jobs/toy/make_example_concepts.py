@@ -78,7 +78,8 @@ def main() -> None:
     for name, class_word, func, licence, crops in PHOTOS:
         photo = getattr(skimage.data, func)()
         write_concept(args.out / name, name, class_word, [crop(photo, *c) for c in crops])
-        lines.append(f"| {name} | {class_word} | `skimage.data.{func}()` (scikit-image {skimage.__version__}) | {licence} |")
+        lines.append(f"| {name} | {class_word} | `skimage.data.{func}()` (scikit-image {skimage.__version__}) "
+                     f"| {licence} |")
     name, class_word = GLYPH
     write_concept(args.out / name, name, class_word, [swirl(k * np.pi / 2.5, 0.85 + 0.04 * k) for k in range(5)])
     lines.append(f"| {name} | {class_word} | procedural (`swirl()` in the script) | no third-party content |")
