@@ -57,7 +57,7 @@ def job_init_args(verbose: bool = False) -> dict[str, Any]:
       each progress line twice), so the job's output is the training's progress;
     - no PreemptionWatcher: Ray Train starts one more actor process per run to poll whether the node
       is being drained (spot reclaim); a client's node is its own, drained by nobody (cluster.yaml's
-      autoscaler only removes idle nodes), and the process costs ~1.7 s of a core during start-up;
+      autoscaler only removes idle nodes), and the process costs a core for a while at start-up;
     - unless `verbose`: Ray's own output (dataset progress bars and logs, Train's INFO lines,
       deprecation warnings, diffusers' loading bars) stays off the terminal; Ray's own Python lines are
       still in the session's log files. The C++ core of the job's workers logs only FATAL lines: at
@@ -96,7 +96,7 @@ def concept_dataset(images_dir: str | Path, resolution: int) -> ray.data.Dataset
 
     A client brings a handful of pictures: decoding them here takes milliseconds, whereas a
     `read_images` pipeline starts read and map tasks, each a new worker process importing torch,
-    which cost 30-60 s per client on this 2-core machine (docs/results/client-job.md). In memory
+    which cost tens of seconds per client on a small machine (docs/results/client-job.md). In memory
     the dataset needs no task at all, and no CPU the training workers hold."""
     images, captions = load_concept_images(Path(images_dir).expanduser(), resolution)
     return ray.data.from_items([{"image": im.numpy(), "caption": c or ""} for im, c in zip(images, captions)])

@@ -1,6 +1,6 @@
 """What a generator replica returns or raises to the ingress, in a module of its own: the ingress (the
 HTTP front) unpickles them, and this way imports neither torch nor diffusers, which only the generator
-needs (about 7 s of one core per ingress replica, at its start or at its first request)."""
+needs (seconds of a core per ingress replica, at its start or at its first request)."""
 
 from __future__ import annotations
 

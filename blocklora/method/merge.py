@@ -10,11 +10,9 @@ stacked B_R, one `bmm` for the chunk's ΔW rows into a kept fp32 buffer, one for
 and one foreach add. How big a chunk is depends on what bounds an add:
 - on a GPU, kernel launches: a chunk is a whole shape group (a few ops per shape, not per layer);
 - on a CPU, memory traffic: an add passes over a concept's rows three times (save W0's, compute ΔW,
-  add), 23 MB at SD1.5 shapes, ~4.5 ms per pass from memory on one core of the Xeon here. Chunks
-  of about `CPU_CHUNK_BYTES` of rows, with one ΔW buffer re-used by every chunk, keep the second
-  and third pass in cache. Measured there at N = 15, rank 4, 1 / 2 threads: whole shape groups with
-  a buffer per group 19-23 / 12-14 ms; with one shared buffer 16.9 / 11.5 ms; in 2 MiB chunks
-  14.3 / 10.6 ms (1-4 MiB all within 5%).
+  add), tens of MB at SD1.5 shapes. Chunks of about `CPU_CHUNK_BYTES` of rows, with one ΔW buffer
+  re-used by every chunk, keep the second and third pass in cache, which made an add faster than
+  whole shape groups or a buffer per group (docs/results: the merge on a CPU, chunked add).
 Each layer's ΔW rows go through the same `bmm` on a batch of one (`partition.block_delta`; `mm`
 rounds differently on some CPUs), checked bit for bit in tests/test_merge.py, so a merge equals the
 dense W0 + Σ α dW exactly whatever the chunking.
@@ -36,7 +34,7 @@ from blocklora.method.slots import PipelineSlots, phrases
 if TYPE_CHECKING:
     from blocklora.pipeline.base import Base
 
-CPU_CHUNK_BYTES = 2 * 1024 * 1024  # one concept's rows per chunk on a CPU: about the L2 of the 2-core Xeon here
+CPU_CHUNK_BYTES = 2 * 1024 * 1024  # one concept's rows per chunk on a CPU: about a core's L2 cache
 
 
 @dataclass
@@ -92,7 +90,7 @@ class LiveMerge:
             raise ValueError(f"scale must be finite, got {scale}")
         rows = self._rows(art)
         # one allocation per layer: on a CPU, blocks of a few hundred KB come back warm from the heap,
-        # while one per chunk (MBs) was mapped afresh and page-faulted on every add (19.5 vs 13.5 ms)
+        # while one per chunk (MBs) was mapped afresh and page-faulted on every add
         saved = [torch.empty_like(r) for r in rows]
         start = 0
         for keys in self.chunks:

@@ -16,7 +16,7 @@ A_b (s·r, n) and α_b B_b (m, s·r). A layer's residual is then two batched mat
 extra cost is s·r·(n + m) per token — the sample's own subset, not the union of the batch's.
 
 The `union` kernel computes the same sum another way, for devices where skinny batched matmuls are
-slow (on an H200 the gathered path's two 8-column bmm per layer cost ~385 µs, docs/results §5c): one
+slow (the gathered path's two skinny bmm per layer on an H200: docs/results, serving on a GPU): one
 plain matmul of the whole flattened batch against every active slot's A (|active|·r columns), each
 sample's α as a broadcast multiply (zero for the slots it did not ask for), one matmul back into the
 output — |active|/s times the FLOPs of `gathered`, in shapes BLAS runs near peak. Which is faster is

@@ -3,8 +3,8 @@
 Prior preservation and the quiet penalty train against what the base draws for
 `class_picture_prompt(word)`. Those pictures depend on the base, the prompt, how many, the seed and
 the sampler, not on the concept, so the clients on one node with the same recipe need the very same
-ones: in the main job three clients drew the same 48 pictures at the same moment, 55-57 s of each
-client's 226 s (docs/results/client-job.md). Here a set is drawn by one job and written (safetensors,
+ones: in the main job several clients drew the same pictures at the same moment, a large share of
+each client's time (docs/results/client-job.md). Here a set is drawn by one job and written (safetensors,
 atomically) under a lock file of its own; a job that finds a set locked draws the sets nobody is
 drawing first and then waits for it, so jobs that start together share the drawing. A set that does
 not read back whole is drawn again and replaced.

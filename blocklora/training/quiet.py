@@ -3,14 +3,15 @@ class-prompt pictures, recorded once, so the penalty costs small matmuls per ste
 
 Why a bank and not a fresh pass each step: the penalty asks a concept's rows to stay quiet on pictures
 without the concept (what the other concepts' prompts are, once merged). A fresh no-grad denoising pass
-per step cost 68% more per training step on the toy base (the residual recomputed per layer on top);
-recorded once from the base itself (every residual off), the same inputs cost a few milliseconds a
-step. The base's activations are also what the penalty is about: when the rows do stay quiet on those
-pictures, the adapted model reads nearly what the base reads there.
+per step costs a UNet pass more per training step (the residual recomputed per layer on top); recorded
+once from the base itself (every residual off), the same inputs cost a few small matmuls a step. The
+base's activations are also what the penalty is about: when the rows do stay quiet on those pictures,
+the adapted model reads nearly what the base reads there.
 
 Which pictures: the concept's own class, and the other classes of `TrainConfig.quiet_classes`. In a
 merge the other concepts are mostly other classes asked for with other words; rows asked to stay
-quiet on those too hold a 15-concept sum better (docs/results §3k: kept 85% vs 77%, nothing lost alone).
+quiet on those too hold a large merged set better, and lose nothing alone (docs/results: the quiet
+penalty over other classes).
 """
 
 from __future__ import annotations
