@@ -27,19 +27,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save as safetensors_bytes
 
-from benchmarks.common import (
-    DTYPES,
-    RESULTS_DIR,
-    add_device_args,
-    emit,
-    environment,
-    line_plot,
-    peak_rss,
-    saved_activation_bytes,
-    sd15_base,
-    timed,
-    write_csv,
-)
+from benchmarks import common
 from blocklora.config import AdapterConfig, TrainConfig, add_flags, from_args
 from blocklora.method.inject import eject
 from blocklora.pipeline.base import Base, load_base
@@ -102,8 +90,8 @@ def measure_arm(base: Base, arm: str, adapter: AdapterConfig, train: TrainConfig
             trainer.step(images, captions)
         frozen = [p for p in base.pipe.unet.parameters() if not p.requires_grad]
         frozen += [p for te in base.text_encoders.values() for p in te.parameters() if not p.requires_grad]
-        activations = saved_activation_bytes(lambda: trainer.step(images, captions), frozen)
-        with peak_rss() as mem:
+        activations = common.saved_activation_bytes(lambda: trainer.step(images, captions), frozen)
+        with common.peak_rss() as mem:
             times = [timed_cpu(lambda: trainer.step(images, captions)) for _ in range(steps)]
         if profile_to is not None:
             activities = [torch.profiler.ProfilerActivity.CPU]
@@ -127,7 +115,7 @@ def timed_cpu(fn: Callable[[], object], device: torch.device | str | None = None
     """(wall seconds, this process's CPU seconds) of one call: with one torch thread the CPU time
     leaves out the waits a loaded shared machine adds to the wall clock."""
     cpu = time.process_time()
-    wall = timed(fn, device)
+    wall = common.timed(fn, device)
     return wall, time.process_time() - cpu
 
 
@@ -186,13 +174,13 @@ def run(rounds: int, steps: int, rank: int, out: Path, device: str = "cpu",
     SD1.5's VAE), where a GPU's step is the kernels' work rather than their launches."""
     arms = ARMS + ((FLOOR,) if floor else ())
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(rounds=rounds, mixed_precision=mixed_precision, erasure=erasure, arms=arms,
+    shared = dict(rounds=rounds, mixed_precision=mixed_precision, erasure=erasure, arms=arms,
                   profile_dir=out if profile else None)
     rows = bench_model("tiny", load_base("tiny", device=device, dtype=dtype), rank, batch=2, image_size=32,
-                       steps=steps, **common)
-    rows += bench_model("sd15-shaped", sd15_base(device=device, dtype=dtype), rank, batch=1, image_size=sd15_size,
-                        steps=max(2, steps // 3), **common)
-    write_csv(out / "train_cost.csv", rows)
+                       steps=steps, **shared)
+    rows += bench_model("sd15-shaped", common.sd15_base(device=device, dtype=dtype), rank, batch=1,
+                        image_size=sd15_size, steps=max(2, steps // 3), **shared)
+    common.write_csv(out / "train_cost.csv", rows)
     get = {(r["model"], r["arm"]): r for r in rows}
     summary = {}
     for model in ("tiny", "sd15-shaped"):
@@ -207,9 +195,9 @@ def run(rounds: int, steps: int, rank: int, out: Path, device: str = "cpu",
             summary[model]["floor_vs_peft"] = _compare(get[model, FLOOR], theirs)
     series = {arm: (["tiny", "sd15-shaped"], [get[m, arm]["step_s_median"] for m in ("tiny", "sd15-shaped")])
               for arm in arms}
-    line_plot(out / "train_step.png", series, "model", "seconds per step (median)",
+    common.line_plot(out / "train_step.png", series, "model", "seconds per step (median)",
               f"one training step, rank {rank}", logy=True)
-    return {"benchmark": "train", "env": environment(device, dtype), "mixed_precision": mixed_precision,
+    return {"benchmark": "train", "env": common.environment(device, dtype), "mixed_precision": mixed_precision,
             "rank": rank, "erasure": erasure, "rounds": rounds, "sd15_size": sd15_size,
             "summary": summary, "rows": rows}
 
@@ -218,8 +206,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer rounds and timed steps")
     p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "train", help="folder for CSV and PNG")
-    add_device_args(p)
+    p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "train", help="folder for CSV and PNG")
+    common.add_device_args(p)
     add_flags(p, TrainConfig, only=("mixed_precision",))
     add_flags(p, AdapterConfig, only=("erasure",))
     p.add_argument("--rounds", type=int, help="times the arms alternate (default: 3, --quick 1)")
@@ -239,12 +227,12 @@ def main() -> None:
     mixed = from_args(TrainConfig, args, p).mixed_precision
     if mixed != "no" and args.dtype != "float32":
         p.error(f"--mixed-precision {mixed} sets the base's dtype ({base_dtype(mixed)}); leave --dtype out")
-    dtype = base_dtype(mixed) if mixed != "no" else DTYPES[args.dtype]
+    dtype = base_dtype(mixed) if mixed != "no" else common.DTYPES[args.dtype]
     erasure = from_args(AdapterConfig, args, p).erasure
     result = run(rounds, steps, args.rank, args.out, args.device, dtype, mixed, erasure, args.floor,
                  args.profile, args.sd15_size)
     result["quick"] = args.quick
-    emit(result)
+    common.emit(result)
 
 
 if __name__ == "__main__":

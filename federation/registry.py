@@ -21,23 +21,17 @@ from typing import Any, Callable
 
 import torch
 
+from blocklora.method.artifact import ConceptArtifact, InvalidArtifact, check_class_word, check_name
 from blocklora.config import AdapterConfig, FederationConfig
+from blocklora.method.export import MergedFactors
 from blocklora.files.safefile import write_safetensors
 from blocklora.files.schema import SchemaError, check_text, parse
-from blocklora.method.artifact import ConceptArtifact, InvalidArtifact, check_class_word, check_name
-from blocklora.method.export import MergedFactors
 from blocklora.method.slots import SlotSpace
 from blocklora.method.tokens import trigger_names
 from federation.auth import ADMIN, MAX_CLIENT_NAME, Accounts, Client
-from federation.errors import (  # noqa: F401
-    ArtifactRejected,
-    FederationError,
-    ReservationError,
-    SlotUnavailable,
-    Unauthorized,
-    UnknownConcept,
-)
 from federation.manifest import Quarantined, exclusive, sift
+from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable,  # noqa: F401
+                               Unauthorized, UnknownConcept)
 from federation.protocol import FederationInfo, Grant, HeldSlot, LiveConcept, Principal, Registration, Removed
 from federation.store import StateStore
 

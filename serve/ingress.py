@@ -24,20 +24,14 @@ import ray
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
+                               UnknownConcept)
 from federation.coordinator import START_WAIT_S, get as coordinator_named
-from federation.errors import (
-    ArtifactRejected,
-    FederationError,
-    ReservationError,
-    SlotUnavailable,
-    Unauthorized,
-    UnknownConcept,
-)
 from federation.protocol import FederationInfo, LiveConcept
 from serve.body_limit import BodyLimit
 from serve.replies import ConceptUnavailable

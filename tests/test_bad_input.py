@@ -17,25 +17,19 @@ from typing import Any, Callable
 
 import httpx
 import pytest
+from fastapi import HTTPException
 import ray
 import torch
-from fastapi import HTTPException
 
+from blocklora.method.artifact import ConceptArtifact, InvalidArtifact
+from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig
 from blocklora.files.safefile import write_safetensors
-from blocklora.method.artifact import ConceptArtifact, InvalidArtifact
 from blocklora.method.slots import SlotSpace
-from blocklora.pipeline.base import load_base
 from core_helpers import make_artifact
 from federation.auth import token_hash
-from federation.errors import (
-    ArtifactRejected,
-    FederationError,
-    ReservationError,
-    SlotUnavailable,
-    Unauthorized,
-    UnknownConcept,
-)
+from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
+                               UnknownConcept)
 from federation.protocol import Grant
 from federation.registry import Registry
 from federation.store import StateStore

@@ -11,21 +11,15 @@ import threading
 import pytest
 import torch
 
+from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig, TrainConfig
 from blocklora.files.safefile import read_safetensors
 from blocklora.method.slots import SlotSpace
-from blocklora.pipeline.base import load_base
 from blocklora.training.trainer import train_concept
 from core_helpers import make_artifact, model_code_imported, write_images
 from federation.auth import token_hash
-from federation.errors import (
-    ArtifactRejected,
-    FederationError,
-    ReservationError,
-    SlotUnavailable,
-    Unauthorized,
-    UnknownConcept,
-)
+from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
+                               UnknownConcept)
 from federation.protocol import Removed
 from federation.registry import Registry
 from federation.store import StateStore
