@@ -398,7 +398,8 @@ def chosen_profile(name: str, ns: list[int] | None = None, calib_tries: int | No
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.retention", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="full")
     p.add_argument("--quick", action="store_true", help="same as --profile quick (CI)")
     p.add_argument("--ns", type=int, nargs="+", help="set sizes to score instead of the profile's (must include 1)")
