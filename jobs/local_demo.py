@@ -2,7 +2,7 @@
 
     python jobs/local_demo.py --concept chelsea --out outputs/local [--steps 300] [--guidance 2]
 
-Training and sampling start from the settings measured on the pretrained toy base (config.py's
+Training and sampling start from the settings measured on the pretrained toy base (blocklora/toy/recipe.py:
 TOY_BASE_TRAIN / TOY_BASE_GENERATE); every TrainConfig and AdapterConfig field has a flag.
 """
 
