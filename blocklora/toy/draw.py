@@ -52,7 +52,6 @@ def article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-
 def polygon(shape: str, x: float, y: float, r: float, angle: float) -> list[tuple[float, float]]:
     """Outline of a non-circular shape as points, centred at (x, y), radius r."""
     if shape == "square":

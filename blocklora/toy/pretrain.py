@@ -239,8 +239,6 @@ def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_si
     te.eval()
 
 
-
-
 def pretrain(cfg: PretrainConfig, work_dir: Path, init_from: Path | None = None
              ) -> tuple[StableDiffusionPipeline, Run, float]:
     """Both stages, resuming from `work_dir`: the trained pipeline, its run and the latent scale.
