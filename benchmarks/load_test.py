@@ -223,7 +223,7 @@ def main() -> None:
     p.add_argument("--admin-token-file", help="the federation's admin token file")
     p.add_argument("--namespace", default=NAMESPACE)
     p.add_argument("--coordinator", default=NAME)
-    p.add_argument("--out", default=str(RESULTS_DIR / "load_test.json"))
+    p.add_argument("--out", default=str(RESULTS_DIR / "load-test" / "result.json"))
     args = p.parse_args()
     duration = 20.0 if args.quick else args.duration
     if args.duration <= 0 or args.clients < 1 or not 0 < duration <= 3600:
