@@ -56,9 +56,9 @@ def test_the_benchmarks_own_record_is_read(tmp_path):
 def test_a_saved_command_wins_and_a_gpu_part_finds_its_env(tmp_path):
     gpu = {"part": "merge_fp16", "wall_s": 40.0, "cmd": ["python3", "-m", "benchmarks.merge_bench", "--device", "cuda"],
            "result": {"env": {**ENV, "device": "cuda", "device_name": "NVIDIA H200"}}}
-    _run(tmp_path / "gpu", {"conclusion": "c", "command": "not this"}, merge_fp16=gpu)
+    _run(tmp_path / "gpu", {"conclusion": "c", "command": "python from-run-json"}, merge_fp16=gpu)
     text = rr.render(tmp_path / "gpu", tmp_path)
-    assert "`python3 -m benchmarks.merge_bench --device cuda`" in text and "not this" not in text
+    assert "`python3 -m benchmarks.merge_bench --device cuda`" in text and "from-run-json" not in text
     assert "NVIDIA H200" in text and "40 s" in text
 
 
