@@ -126,7 +126,7 @@ def render(folder: Path, root: Path) -> str:
         lines += [f"**Superseded** by {meta['superseded_by']}.", ""]
     lines += [f"Discussed in: [{page['title']}]({up}{page['path']})." if page else f"Discussed in: {NOT_RECORDED}.", ""]
     if meta.get("was"):
-        lines += [f"This folder was `docs/results/{meta['was']}` until the results were reorganised.", ""]
+        lines += [f"Formerly `docs/results/{meta['was']}`.", ""]
     if not rows:  # the run wrote no JSON of its own (only pictures or tables): run.json says it all
         lines += [f"- {label(field)}: {_code(shared[field]) if field == 'command' else shared[field]}"
                   if shared.get(field) else f"- {label(field)}: {NOT_RECORDED}" for field in FIELDS[2:] if field != "took"]
