@@ -5,9 +5,9 @@ where it was not saved, the date, the code's commit, a one-line conclusion, the 
 the run), copied by hand from that page. Everything else (device, dtype, threads, load, duration,
 the command where the benchmark saved it) is read from the result JSON beside it. A field neither
 holds is written "not recorded", never guessed. A README is rewritten only when its text changes,
-so a second run changes nothing. `--check` writes nothing and exits 1 if a README is stale or a folder
-under docs/results is reached by no chain of links from docs/results/README.md
-(tests/test_results_readme.py runs both checks).
+so a second run changes nothing. `--check` writes nothing and exits 1 if a README is stale, a folder
+under docs/results is reached by no chain of links from docs/results/README.md, or a link there points
+at nothing (tests/test_results_readme.py runs these checks).
 
     python -m benchmarks.results_readme            # write every run folder's README.md
     python -m benchmarks.results_readme --check    # are they current?
@@ -190,11 +190,21 @@ def unreachable(root: Path) -> list[Path]:
     return sorted(d for d in root.resolve().rglob("*") if d.is_dir() and d not in reached)
 
 
+def broken_links(root: Path) -> list[str]:
+    """Links in the pages under `root` whose target does not exist (a folder renamed, a page moved)."""
+    broken = []
+    for page in sorted(root.rglob("*.md")):
+        for target in LINK.findall(page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(root)}: {target}")
+    return broken
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=RESULTS_DIR, help="default: docs/results")
     p.add_argument("--check", action="store_true",
-                   help="write nothing; exit 1 if a README is stale or a folder is linked from nowhere")
+                   help="write nothing; exit 1 if a README is stale, a folder is linked from nowhere or a link is broken")
     args = p.parse_args(argv)
     stale = update(args.root, args.check)
     for readme in stale:
@@ -202,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     lost = unreachable(args.root)
     for folder in lost:
         print(f"not reachable from {args.root / 'README.md'}: {folder}")
-    return 1 if args.check and (stale or lost) else 0
+    broken = broken_links(args.root)
+    for link in broken:
+        print(f"broken link in {link}")
+    return 1 if args.check and (stale or lost or broken) else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ def test_every_results_folder_is_reachable_from_the_index():
     assert rr.unreachable(rr.RESULTS_DIR) == []
 
 
+def test_no_link_under_docs_results_points_at_nothing():
+    assert rr.broken_links(rr.RESULTS_DIR) == []
+
+
 def test_every_run_folder_has_a_readme():
     """A run folder: one of docs/results or docs/results/archive, or any folder that holds JSON."""
     tops = (rr.RESULTS_DIR, rr.RESULTS_DIR / "archive")
@@ -77,4 +81,8 @@ def test_a_folder_no_link_reaches_is_reported(tmp_path):
     (tmp_path / "README.md").write_text("[a page](page.md)\n")
     (tmp_path / "page.md").write_text("see [it](linked/) and [a picture](https://example.org/x.png)\n")
     (tmp_path / "linked" / "README.md").write_text("[deeper](deeper/plot.png)\n")
+    (tmp_path / "linked" / "deeper" / "plot.png").write_bytes(b"")
     assert rr.unreachable(tmp_path) == [(tmp_path / "lost").resolve()]
+    assert rr.broken_links(tmp_path) == []
+    (tmp_path / "page.md").write_text("see [it](moved/)\n")
+    assert rr.broken_links(tmp_path) == ["page.md: moved/"]
