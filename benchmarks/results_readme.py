@@ -86,7 +86,8 @@ def _code(text: str) -> str:
     return text if text == NOT_RECORDED else f"`{text}`"
 
 
-FIELDS = ("file", "what", "command", "date", "commit", "device", "took", "committed_in")  # the commit that wrote the file
+# committed_in: the git commit that last wrote the result file (not the code's commit, which is `commit`)
+FIELDS = ("file", "what", "command", "date", "commit", "device", "took", "committed_in")
 
 
 def label(field: str) -> str:
@@ -129,7 +130,8 @@ def render(folder: Path, root: Path) -> str:
         lines += [f"Formerly `docs/results/{meta['was']}`.", ""]
     if not rows:  # the run wrote no JSON of its own (only pictures or tables): run.json says it all
         lines += [f"- {label(field)}: {_code(shared[field]) if field == 'command' else shared[field]}"
-                  if shared.get(field) else f"- {label(field)}: {NOT_RECORDED}" for field in FIELDS[2:] if field != "took"]
+                  if shared.get(field) else f"- {label(field)}: {NOT_RECORDED}"
+                  for field in FIELDS[2:] if field != "took"]
     elif len(rows) == 1 and not per_file:
         lines += [f"- {label(field)}: {value}" for field, value in rows[0].items() if field != "what"]
     else:
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=RESULTS_DIR, help="default: docs/results")
     p.add_argument("--check", action="store_true",
-                   help="write nothing; exit 1 if a README is stale, a folder is linked from nowhere or a link is broken")
+                   help="write nothing; exit 1 if a README is stale, a folder is unlinked or a link broken")
     args = p.parse_args(argv)
     stale = update(args.root, args.check)
     for readme in stale:
