@@ -206,7 +206,7 @@ def main() -> None:
     unknown = [r for r in chosen if r not in RECIPES]
     if unknown:
         raise SystemExit(f"unknown recipe(s) {unknown}; known: {list(RECIPES)}")
-    # one concept at a time: the quiet penalty (about merges) stays off, as when docs/results §3c/§3f ran
+    # one concept at a time: the quiet penalty (about merges) stays off, as in docs/results/concept-capacity.md
     train = dataclasses.replace(TOY_BASE_TRAIN, steps=args.steps, checkpoint_every=0, quiet_weight=0.0)
     cfg = EvalConfig(ns=(1,), seeds=tuple(range(args.seeds)), steps=args.gen_steps, guidance=args.guidance)
     result = run(args.base or default_base_spec(), tuple(args.concepts.split(",")), [RECIPES[r] for r in chosen],

@@ -6,7 +6,7 @@
 Each part is one of the project's benchmarks run as its own process (a crash or a timeout in one
 leaves the others' figures), with the same --device and its own --dtype:
 - layer_fp32: one adapter layer's own cost, forward + backward, over 32 chained 320x320 linears:
-  plain linear, peft LoRA, BlockLoRA (layer_bench; how the layer was chosen, docs/results §5d);
+  plain linear, peft LoRA, BlockLoRA (layer_bench; how the layer was chosen, docs/results/training-cost.md);
 - train_fp32 / train_bf16: one client step, BlockLoRA vs peft LoRA, at SD1.5 shapes (train_bench;
   train_bf16 is bf16 mixed precision: the base in bf16, both arms' adapters and AdamW state in
   float32, the step under autocast);

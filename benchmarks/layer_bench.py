@@ -5,7 +5,7 @@
     python -m benchmarks.layer_bench --quick           # one round, few steps, 16 tokens
 
 Why a chain and not the UNet: a training step at batch 1 on a GPU is the host dispatching a few
-thousand small kernels (docs/results §5d), and one step's time then varies by more from one process
+thousand small kernels (docs/results/training-cost.md), and one step's time then varies by more from one process
 to the next (±15% on an H200's host) than adapters differ. Many wrapped layers in one process, the
 arms alternating round by round, rank adapters by what each costs per layer. Arms: the plain frozen
 `nn.Linear` (the floor), peft's LoRA (same rank, no dropout) and BlockLoRA (its slot's rows, erasure

@@ -4,7 +4,7 @@ concept at N = 15 than α = 1/N does, while staying instant and exact?
     python -m benchmarks.merge_rules --profile recipe --rank 4   # the retention benchmark's recipe set, ~25 CPU-min
     python -m benchmarks.merge_rules --quick                     # CI: 2 concepts, 2 steps (structure only)
 
-At α = 1/N a merged concept keeps about its trigger token (docs/results §3d); at α = 1 the others'
+At α = 1/N a merged concept keeps about its trigger token (docs/results/retention.md); at α = 1 the others'
 rows wreck it. Two ways between, each scored for concept r in the window S of N concepts that
 `benchmarks.retention.eval` uses (same concepts, prompts, sampling seeds, paired cell by cell):
 - **α between 1/N and 1** for every member (2/N, 1/√N, 1/2): where the trade between keeping r's own

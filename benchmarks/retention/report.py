@@ -18,9 +18,10 @@ INSTANT_PEERS = ("lora-mean", "db-lora", "orthogonal", "ties")  # other methods'
 MAIN_ARMS = {  # BlockLoRA arm -> its (no erasure, no blocks) ablations under the same α
     "blocklora-mean": ("blocklora-no-erasure-mean", "blocklora-no-blocks-mean"),
     "blocklora": ("blocklora-no-erasure", "blocklora-no-blocks"),
-    "blocklora-quiet-mean": ("blocklora-quiet-no-blocks-mean",),  # the quiet variant (§3h): its blocks' share
+    # the quiet variant (docs/results/quiet-penalty.md): its blocks' share
+    "blocklora-quiet-mean": ("blocklora-quiet-no-blocks-mean",),
     "blocklora-quiet": ("blocklora-quiet-no-blocks",),
-    # over every toy shape's pictures (§3k; the toy recipe's default): both ablations
+    # over every toy shape's pictures (the toy recipe's default: docs/results/quiet-penalty.md): both ablations
     "blocklora-quiet-wide-mean": ("blocklora-quiet-wide-no-erasure-mean", "blocklora-quiet-wide-no-blocks-mean"),
     "blocklora-quiet-wide": ("blocklora-quiet-wide-no-erasure", "blocklora-quiet-wide-no-blocks"),
 }

@@ -61,23 +61,24 @@ from blocklora.training.trainer import train_concept
 
 ABLATIONS_MEAN = {m.name: m for m in [Method("blocklora-no-erasure-mean", {"erasure": 0.0}, "mean"),
                                       Method("blocklora-no-blocks-mean", {"blockwise": False}, "mean")]}
-# Variants to test against the claim (#12), each aimed at what §3d measured: summed, the other concepts
-# move a concept's prediction by 24x its own effect, 16x of it through self-attention rows, which act
-# on every image token whatever the prompt.
+# Variants to test against the claim (#12), each aimed at what docs/results/retention.md measured:
+# summed, the other concepts move a concept's prediction by 24x its own effect, 16x of it through
+# self-attention rows, which act on every image token whatever the prompt.
 # - cross-kv: the adapter on cross-attention's key/value only, so a concept's rows act on text tokens;
 # - prior: DreamBooth's prior preservation, so a concept's rows learn to leave prompts without its
 #   trigger (the other concepts' prompts, once merged) as the base draws them.
 # - quiet: a penalty on each layer's residual over the base's class-prompt pictures, so a concept's
-#   rows stay quiet on pictures without it (§3h), with its no-blocks ablation (Table 3 for the variant).
+#   rows stay quiet on pictures without it (docs/results/quiet-penalty.md), with its no-blocks ablation
+#   (Table 3 for the variant).
 CROSS_KV = {"unet_targets": ("attn2.to_k", "attn2.to_v")}
 PRIOR = {"prior_preservation": True}
 QUIET = {"quiet_weight": 0.1}
 # - quiet-wide: the same penalty over the base's pictures of every class the toy base knows, not only the
 #   concept's own: in a merge the other concepts are other classes, drawn with other words.
-QUIET_WIDE = {"quiet_weight": 0.1, "quiet_classes": SHAPES}  # the toy recipe's default since §3k
-QUIET_WIDE_W05 = {"quiet_weight": 0.5, "quiet_classes": SHAPES}  # §3k: five times the weight
-# - quiet-wide-ff: the same on the feed-forward layers too: more rows per slot, since §3l found that no lr
-#   brings a concept's 1/16 of the attention rows up to ED-LoRA's strength alone.
+QUIET_WIDE = {"quiet_weight": 0.1, "quiet_classes": SHAPES}  # the toy recipe's default (docs/results/quiet-penalty.md)
+QUIET_WIDE_W05 = {"quiet_weight": 0.5, "quiet_classes": SHAPES}  # five times the weight (docs/results/quiet-penalty.md)
+# - quiet-wide-ff: the same on the feed-forward layers too: more rows per slot, since no lr brings a
+#   concept's 1/16 of the attention rows up to ED-LoRA's strength alone (docs/results/strength-matching.md).
 ATTENTION_FF = {"unet_targets": UNET_TARGETS + FEED_FORWARD_TARGETS}
 # - quiet-wide-strided: the same recipe with a slot's rows spread over the attention heads (every K-th
 #   row) instead of one block, which in the toy base's 4-16-wide heads lies inside a single head.
@@ -125,15 +126,15 @@ class Profile:
 PROFILES = {
     "quick": Profile(2, 2, 1, (1, 2), (0, 1), 2, 1, 1),
     # the main job's recipe (run it with --rank 4) on the first 6 concepts at N in {1, 6}: a variant's
-    # first check, ~14 min on 2 cores for 3 trainings a concept (docs/results §3i)
+    # first check, ~14 min on 2 cores for 3 trainings a concept (docs/results/quiet-penalty.md)
     "pilot": Profile(6, 300, 2, (1, 6), (0, 1, 2), 10, 1, 0),
     "small": Profile(8, 24, 1, (1, 8), (0, 1, 2), 6, 1, 0),  # what a 2-core machine under load 10-30 allowed
     # 16 concepts at N in {1, 15}, trained long enough that the weights (not only the token) carry identity
     "medium": Profile(16, 100, 1, (1, 15), (0, 1, 2), 10, 1, 0),
-    # Figure 5 at six set sizes, strength matched on 2 concepts: ≤ 90 min on 2 cores (docs/results §3g)
+    # Figure 5 at six set sizes, strength matched on 2 concepts: ≤ 90 min on 2 cores (docs/results/retention.md)
     "full": Profile(16, 150, 2, (1, 2, 3, 5, 8, 15), (0, 1, 2), 10, 2, 2),
     # the main job's recipe (300 steps at batch 2; run it with --rank 4), where the weights carry
-    # identity beyond the trigger (docs/results §3c), at N in {1, 15}
+    # identity beyond the trigger (docs/results/concept-capacity.md), at N in {1, 15}
     "recipe": Profile(16, 300, 2, (1, 15), (0, 1, 2), 10, 1, 0),
     # the same, strength matched: each variant's lr factor found on 2 concepts, up to 2 steps past 1
     "recipe-matched": Profile(16, 300, 2, (1, 15), (0, 1, 2), 10, 2, 2),

@@ -67,7 +67,7 @@ class BlockLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Ordinary tensor ops on (tokens, features) matrices, so every backward node is autograd's
         own C++ one: where a step is bound by kernel launches (a GPU at small latents) a Python
-        autograd node costs more than the ops it saves (docs/results §5d). The residual joins the
+        autograd node costs more than the ops it saves (docs/results/training-cost.md). The residual joins the
         output as `out + widen(res)`, not `out[..., R] += res`, whose CopySlices would rebuild the
         output's gradient at full size twice; widen's backward is a view of R's columns."""
         out = self.base(x)

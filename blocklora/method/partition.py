@@ -4,7 +4,7 @@ A slot's rows are always a slice (sizes differ by at most one when K does not di
 training, merging and serving touch them with views, never gathers. Two layouts:
 - "block": one contiguous run per slot (rows 0..m/K for slot 0, ...);
 - "strided": every K-th row (slot k owns k, k+K, k+2K, ...). In an attention projection a block of a
-  few rows lies inside one head; strided rows spread a slot over every head (docs/results §3m).
+  few rows lies inside one head; strided rows spread a slot over every head (docs/results/variants.md).
 """
 
 from __future__ import annotations
