@@ -227,6 +227,9 @@ class PretrainConfig:
     snr_gamma: float = knob(5.0, "min-SNR loss weighting cap (0: plain MSE)")
     unet_width: int = knob(32, "UNet channels at its first level, doubling per level (32: the committed base; "
                                "wider gives each concept's slot more rows, at a cost a GPU can pay)")
+    teacher: str = knob("", "an exported toy base whose denoiser the new one also learns to predict like "
+                            "(distillation: a wider base learns to draw in fewer steps); none: data only")
+    teacher_weight: float = knob(1.0, "weight of the MSE to the teacher's prediction beside the data term")
     vae_steps: int = knob(1500, "VAE optimizer steps (stage 1)")
     vae_batch: int = knob(32, "VAE batch size")
     seed: int = knob(0, "weights, data stream and noise all derive from it")

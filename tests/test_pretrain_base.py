@@ -33,17 +33,21 @@ def pretrain(run: Runner, work: Path, out: Path, steps: int, *extra: str) -> Non
 
 
 def pretrain_then_resume_and_init_from(tmp_path: Path, run: Runner) -> int:
-    """A 2-step run, then two side by side: the same work dir resumed, and a new one trained on from the
-    first export (--init-from; a copy, since the resumed run exports over it). The first run's step count."""
+    """A 2-step run, then three side by side: the same work dir resumed, a new one trained on from the
+    first export (--init-from; a copy, since the resumed run exports over it), and a wider one started from
+    it and distilled from it (--unet-width 24 --teacher). The first run's step count."""
     work, out = tmp_path / "work", tmp_path / "base"
     pretrain(run, work, out, steps=2)
     first_steps = json.loads((work / "state.json").read_text())["unet_step"]
     shutil.copytree(out, tmp_path / "first")
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    first = str(tmp_path / "first")
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
         resumed = pool.submit(pretrain, run, work, out, 3)  # resumes at denoiser step 2: VAE and steps 0-1 not redone
         onward = pool.submit(pretrain, run, tmp_path / "more-work", tmp_path / "more", 2,
-                             "--init-from", str(tmp_path / "first"), "--seed", "1")
-        resumed.result(), onward.result()
+                             "--init-from", first, "--seed", "1")
+        wider = pool.submit(pretrain, run, tmp_path / "wider-work", tmp_path / "wider", 2,
+                            "--init-from", first, "--unet-width", "24", "--teacher", first, "--seed", "1")
+        resumed.result(), onward.result(), wider.result()
     return first_steps
 
 
@@ -79,6 +83,18 @@ def test_pretrain_resumes_and_exports_a_loadable_base(prerun) -> None:
     rows = list(csv.DictReader((more_work / "loss.csv").open()))
     assert [(r["stage"], int(r["step"])) for r in rows] == [("unet", 0), ("unet", 1)]
     assert f"--init-from {tmp_path / 'first'}" in (more / "README.md").read_text()
+
+    # A wider denoiser from the same base: its VAE (and latent scale) and text encoder are kept, the UNet
+    # of the new width starts from scratch and also regresses to the first base's predictions (--teacher).
+    wider = load_base(str(tmp_path / "wider"), device="cpu")
+    assert tuple(wider.pipe.unet.config.block_out_channels) == (24, 48, 96)
+    assert all(torch.equal(a, b)
+               for a, b in zip(first.pipe.vae.state_dict().values(), wider.pipe.vae.state_dict().values()))
+    assert json.loads((tmp_path / "wider-work" / "state.json").read_text())["fresh_unet"] is True
+    card = (tmp_path / "wider" / "README.md").read_text()
+    assert "the denoiser (width 24, wider than the initial base's) trained from scratch" in card
+    assert f"Distilled from `{tmp_path / 'first'}`" in card and "--teacher" in card
+
     from blocklora.toy.pretrain import Run
     with pytest.raises(ValueError, match="already holds a run"):  # a work dir belongs to one starting point
         Run(more_work).start_from(tmp_path, vae_steps=2, unet_width=16)

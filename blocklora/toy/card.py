@@ -84,6 +84,9 @@ def write_card(out: Path, pipe: StableDiffusionPipeline, cfg: PretrainConfig, ru
                   if run.state.get("fresh_unet") else "the denoiser and text encoder trained on")
     started = (f"Started from the exported base `{init}`: {trained_on} for the steps in the table above,"
                " fresh AdamW moments, on the data stream of the seed above.\n" if init else "")
+    if cfg.teacher:
+        started += (f"Distilled from `{cfg.teacher}`: the loss adds {cfg.teacher_weight:g} x the (min-SNR weighted) "
+                    "MSE to its denoiser's prediction; the loss column above is the data term alone.\n")
     (out / "README.md").write_text(f"""# toy-base: blocklora's own tiny text-to-image base
 
 Stable-Diffusion-shaped (AutoencoderKL + UNet2DConditionModel with cross-attention + CLIPTextModel with

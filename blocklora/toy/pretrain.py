@@ -194,9 +194,29 @@ def min_snr_weights(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torc
     return snr.clamp(max=gamma) / snr
 
 
+class Teacher:
+    """An exported toy base's frozen denoiser and text encoder: what it predicts for the very noisy
+    latents the student sees. Its prediction approximates E[eps | x_t, caption], a far less noisy target
+    than the sampled eps, so a new (e.g. wider) denoiser learns to draw what it draws in fewer steps."""
+
+    def __init__(self, base_dir: Path, device: str) -> None:
+        base_dir = Path(base_dir)
+        self.unet = UNet2DConditionModel.from_pretrained(base_dir / "unet").to(device).eval()
+        self.text_encoder = CLIPTextModel.from_pretrained(base_dir / "text_encoder").to(device).eval()
+        self.unet.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
+
+    @torch.no_grad()
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(noisy, t, self.text_encoder(ids).last_hidden_state).sample
+
+
 def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_size: int, lr: float,
-                   seed: int, every: int, sample_every: int, sample_steps: int, snr_gamma: float, workers: int) -> None:
-    """Epsilon prediction with the SD noise schedule; text encoder trained jointly from scratch."""
+                   seed: int, every: int, sample_every: int, sample_steps: int, snr_gamma: float, workers: int,
+                   teacher: Teacher | None = None, teacher_weight: float = 0.0) -> None:
+    """Epsilon prediction with the SD noise schedule; text encoder trained jointly from scratch. With a
+    teacher, the loss adds `teacher_weight` x the MSE to its prediction (the log keeps the data term, so
+    runs with and without a teacher compare)."""
     unet, te, tok, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
     noise_sched = DDPMScheduler(**SCHEDULE)
     params = list(unet.parameters()) + list(te.parameters())
@@ -221,11 +241,17 @@ def train_denoiser(run: Run, pipe: StableDiffusionPipeline, steps: int, batch_si
                   return_tensors="pt").input_ids.to(dev)
         noise = torch.randn(latents.shape, generator=g).to(dev)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=g).to(dev)
-        pred = unet(noise_sched.add_noise(latents, noise, t), t, te(ids).last_hidden_state).sample
+        noisy = noise_sched.add_noise(latents, noise, t)
+        pred = unet(noisy, t, te(ids).last_hidden_state).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (min_snr_weights(noise_sched, t, snr_gamma) * per_sample).mean()
+        weights = min_snr_weights(noise_sched, t, snr_gamma)
+        loss = (weights * per_sample).mean()
+        total = loss
+        if teacher is not None:
+            to_teacher = F.mse_loss(pred, teacher.predict(noisy, t, ids), reduction="none").mean(dim=(1, 2, 3))
+            total = loss + teacher_weight * (weights * to_teacher).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         run.log("unet", step, loss.item())
@@ -260,6 +286,7 @@ def pretrain(cfg: PretrainConfig, work_dir: Path, init_from: Path | None = None
     else:
         scale = set_latent_scale(vae, cfg.seed)
     pipe = build_pipeline(vae, unet, te)
+    teacher = Teacher(Path(cfg.teacher), cfg.device) if cfg.teacher else None
     train_denoiser(run, pipe, cfg.steps, cfg.batch, cfg.lr, cfg.seed, cfg.checkpoint_every, cfg.sample_every,
-                   cfg.sample_steps, cfg.snr_gamma, cfg.data_workers)
+                   cfg.sample_steps, cfg.snr_gamma, cfg.data_workers, teacher, cfg.teacher_weight)
     return pipe, run, scale
