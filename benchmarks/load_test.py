@@ -51,6 +51,7 @@ from blocklora.method.slots import SlotSpace, phrase
 from blocklora.pipeline.base import load_base
 from blocklora.pipeline.generate import generate
 from devtools.local_cluster import LocalCluster, free_port
+from federation import coordinator
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTER = AdapterConfig(rank=2, num_slots=8)
@@ -125,7 +126,7 @@ def run_load(url: str, dashboard_url: str, actor, admin: str, duration: float, c
     base = load_base("tiny")
     space = SlotSpace.of(base, ADAPTER)
     http = httpx.Client(base_url=url, timeout=300)
-    owner = ray.get(actor.register.remote("load-test")).token
+    owner = coordinator.enrol(actor, admin, "load-test", quota=100)
     arts = {}
     for i, name in enumerate((*STABLE, CHURN)):
         slot = ray.get(actor.reserve.remote(owner, name, "dog")).slot
@@ -223,7 +224,7 @@ def main() -> None:
     p.add_argument("--admin-token-file", help="the federation's admin token file")
     p.add_argument("--namespace", default=NAMESPACE)
     p.add_argument("--coordinator", default=NAME)
-    p.add_argument("--out", default=str(RESULTS_DIR / "load-test" / "result.json"))
+    p.add_argument("--out", default=str(RESULTS_DIR / "load_test.json"))
     args = p.parse_args()
     duration = 20.0 if args.quick else args.duration
     if args.duration <= 0 or args.clients < 1 or not 0 < duration <= 3600:

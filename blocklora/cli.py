@@ -88,6 +88,14 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         m = a.meta
         print(json.dumps({"name": m.name, "slot": m.slot, "triggers": m.triggers, "class_word": m.class_word,
                           "rank": m.adapter.rank, "slots": m.adapter.num_slots, "base": m.base_fingerprint[:16]}))
+    first: dict[int, str] = {}
+    clashes = []
+    for a in arts:  # concepts of one slot cannot be merged into one picture: their rows are the same
+        if a.meta.slot in first:
+            clashes.append({"slot": a.meta.slot, "concepts": [first[a.meta.slot], a.name]})
+        first.setdefault(a.meta.slot, a.name)
+    if clashes:
+        print(json.dumps({"clashes": clashes}))
     if len(arts) > 1:
         pairs = pairwise_stats({a.name: {k: a.delta(k) for k in a.meta.layout} for a in arts})
         print(json.dumps(summary(pairs)))
@@ -127,7 +135,8 @@ def parser() -> argparse.ArgumentParser:
     add_flags(gen, GenerateConfig, skip=("width", "height"))
     add_flags(gen, PrecisionConfig)
 
-    i = sub.add_parser("inspect", help="show artifacts' metadata and their pairwise weight statistics")
+    i = sub.add_parser("inspect", help="show artifacts' metadata (slot), which share a slot (cannot be merged), "
+                                       "and their pairwise weight statistics")
     i.add_argument("concepts", nargs="+")
     i.set_defaults(fn=cmd_inspect)
     return ap

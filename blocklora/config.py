@@ -207,12 +207,18 @@ class FederationConfig:
     reservation_ttl_s: float = knob(3600.0, "seconds before a reserved slot with no submitted concept returns",
                                     flag="--reservation-ttl")
     max_artifact_bytes: int = knob(64 * 1024 * 1024, "submissions above this many bytes are refused before parsing")
-    max_slots_per_client: int = knob(4, "reservations + live concepts one client may hold (the admin: no limit)")
+    max_concepts_per_person: int = knob(4, "live concepts + reservations one invited person may hold over all "
+                                           "their clients, unless the invitation says otherwise (the admin: no limit)")
+    max_collections_per_person: int = knob(4, "collections one person may own (each is kept merged in the "
+                                              "coordinator's memory; the admin: no limit)")
+    invitation_ttl_s: float = knob(7 * 86400.0, "seconds an invitation can be redeemed, unless it says otherwise",
+                                   flag="--invitation-ttl")
 
     def __post_init__(self) -> None:
-        if self.reservation_ttl_s <= 0:
-            raise ValueError(f"reservation_ttl_s must be > 0 seconds, got {self.reservation_ttl_s}")
-        for name in ("max_artifact_bytes", "max_slots_per_client"):
+        for name in ("reservation_ttl_s", "invitation_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        for name in ("max_artifact_bytes", "max_concepts_per_person", "max_collections_per_person"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -10,8 +10,10 @@ seconds, and only the training workers load the model code (`_train_worker`).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,9 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from blocklora.config import TrainConfig
+from blocklora.files.atomic import atomic_write
 from blocklora.training.data import load_concept_images
+from federation.auth import new_client_token
 from federation.errors import Unauthorized
 from federation.procfs import argv, parent_pid
 from federation.protocol import ARTIFACT_FILE, Grant, LiveConcept
@@ -72,23 +76,40 @@ def job_init_args(verbose: bool = False) -> dict[str, Any]:
     return {"runtime_env": {"env_vars": env}, "logging_level": "INFO" if verbose else "WARNING"}
 
 
-def load_or_register(coordinator, token_file: str | Path, client_name: str = "") -> str:
-    """Reuse the token saved in `token_file`, or register and save a new one there (mode 0600)."""
+def load_or_register(coordinator, token_file: str | Path, invitation: str | None = None) -> str:
+    """Reuse the token saved in `token_file`, or register with `invitation` and save a new one
+    there (mode 0600). Jobs that share a token file take turns under a lock on it, so two first-time
+    jobs register once: the second reads the token the first saved."""
     path = Path(token_file).expanduser()
-    if path.exists():
-        token = path.read_text().strip()
-        try:
-            ray.get(coordinator.whoami.remote(token))
-        except Unauthorized:
-            raise Unauthorized(f"the token saved in {path} is not valid for this federation (another "
-                               "coordinator or state folder?); delete the file to register anew") from None
-        return token
-    token = ray.get(coordinator.register.remote(client_name)).token
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
-    return token
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if path.exists():
+            token = path.read_text().strip()
+            try:
+                ray.get(coordinator.whoami.remote(token))
+            except Unauthorized:
+                raise Unauthorized(f"the token saved in {path} is not valid for this federation (another "
+                                   "coordinator or state folder?); delete the file to register anew") from None
+            return token
+        if not invitation:
+            raise Unauthorized(f"no token in {path} yet: register with the invitation code the federation's admin "
+                               "gave you (--invitation CODE)")
+        token = new_client_token()  # drawn here: a retried registration is recognised by its digest
+        registration = ray.get(coordinator.register.remote(invitation, token))
+        atomic_write(path, token.encode(), 0o600)
+        print(f"registered as {registration.name!r} (client {registration.client_id}); token saved in {path}",
+              flush=True)
+        return token
+
+
+def slot_line(slot: int, peers: int, names: tuple[str, ...]) -> str:
+    """What a user needs to know about a slot: which concepts it cannot be merged with."""
+    if not peers:
+        return f"slot {slot} holds no other live concept: it can be merged with any set that leaves slot {slot} free"
+    shown = ", ".join(repr(n) for n in names) + (f" and {peers - len(names)} more" if peers > len(names) else "")
+    return (f"slot {slot} is shared with {peers} other live concept(s) ({shown}): a picture merges at most one of "
+            f"them with it (reserve with --with NAME ... to stay apart from the ones you will combine)")
 
 
 def concept_dataset(images_dir: str | Path, resolution: int) -> ray.data.Dataset:
@@ -152,17 +173,20 @@ def train_artifact(grant: Grant, images_dir: str | Path, train: TrainConfig, wor
 def train_and_submit(coordinator, token: str, images_dir: str | Path, name: str, class_word: str,
                      train: TrainConfig, workers: int = 1, use_gpu: bool = False,
                      storage_path: str | Path = DEFAULT_STORAGE, marks: dict[str, float] | None = None,
-                     verbose: bool = False) -> LiveConcept:
-    """Reserve a slot, train for it at the base's resolution, submit: the live concept's record."""
+                     verbose: bool = False, with_: tuple[str, ...] = ()) -> LiveConcept:
+    """Reserve a slot (apart from the concepts in `with_`), train for it at the base's resolution,
+    submit: the live concept's record. Each call carries a request id, so a retry Ray makes after a
+    coordinator restart gets the first answer."""
     marks = {} if marks is None else marks
-    grant: Grant = ray.get(coordinator.reserve.remote(token, name, class_word))
+    grant: Grant = ray.get(coordinator.reserve.remote(token, name, class_word, tuple(with_), uuid.uuid4().hex))
     marks["t_reserved"] = time.time()
     print(f"reserved slot {grant.slot} for {name!r} (trigger {' '.join(grant.triggers)}); "
           f"training {train.steps} steps on {workers} worker(s)", flush=True)
+    print(slot_line(grant.slot, grant.slot_peers, grant.peer_names), flush=True)
     train = dataclasses.replace(train, resolution=grant.resolution)
     data = train_artifact(grant, images_dir, train, workers, use_gpu, storage_path, marks, verbose)
     print(f"uploading {len(data):,} bytes", flush=True)
     marks["t_upload_start"] = time.time()
-    live = ray.get(coordinator.submit.remote(token, data))
+    live = ray.get(coordinator.submit.remote(token, data, uuid.uuid4().hex))
     marks["t_uploaded"] = time.time()
     return live

@@ -2,14 +2,16 @@
 
 It is pinned to the node that started it (its state folder is that node's disk), restarts on
 failure (`max_restarts`) and rebuilds itself from the state folder in `__init__`, so a restarted
-or brand-new coordinator on the same folder has every live concept and every token back.
-Serve replicas follow it with `state(since_version)`: artifacts travel through the object store
-(one `ray.put` per concept, cached), never through files.
+or brand-new coordinator on the same folder has every live concept and every token back; the
+store's lock keeps a second coordinator off the folder for this one's life. Serve replicas ask it
+to `resolve` each request (names -> slots and artifact digests, clashes refused) and fetch the
+artifacts they miss with `artifact`: bytes through the object store, never through files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +22,21 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 import blocklora
 import federation
 from blocklora.config import AdapterConfig, FederationConfig, from_dict
-from federation.protocol import FederationInfo, Grant, HeldSlot, LiveConcept, LiveSet, Principal, Registration, Removed
+from federation.protocol import (
+    Collection,
+    ConceptPage,
+    ConceptQuery,
+    FederationInfo,
+    Grant,
+    Invitation,
+    LiveConcept,
+    Mergeable,
+    Plan,
+    Principal,
+    Registration,
+    Removed,
+)
+from federation.records import DEFAULT
 from federation.store import StateStore
 
 if TYPE_CHECKING:
@@ -34,7 +50,9 @@ START_WAIT_S = 120.0
 
 
 class Coordinator:
-    """Every public method is a remote call; errors are `federation.registry.FederationError`s."""
+    """Every public method is a remote call; errors are `federation.errors.FederationError`s.
+    Mutations take a `request_id` (drawn by the caller, the same on a retry): Ray retries a call
+    whose actor died (`max_task_retries`), and the retry gets the first call's answer."""
 
     def __init__(self, state_dir: str, space: dict[str, Any], config: dict[str, Any],
                  admin_token_sha256: str | None, dtype: str = "float32") -> None:
@@ -46,9 +64,11 @@ class Coordinator:
         from blocklora.pipeline.precision import dtype_of
         from federation.registry import Registry
 
+        ctx = ray.get_runtime_context() if ray.is_initialized() else None
+        holder = (f"coordinator {ctx.get_actor_name()!r} (namespace {ctx.namespace!r})" if ctx and ctx.get_actor_name()
+                  else f"a coordinator process (pid {os.getpid()})")
         self.registry = Registry(SlotSpace.from_dict(space), from_dict(FederationConfig, config),
-                                 StateStore(state_dir), admin_token_sha256, dtype=dtype_of(dtype))
-        self._refs: dict[str, ray.ObjectRef] = {}  # artifact sha256 -> its bytes in the object store
+                                 StateStore(state_dir, holder), admin_token_sha256, dtype=dtype_of(dtype))
 
     def info(self) -> FederationInfo:
         return self.registry.info()
@@ -56,36 +76,68 @@ class Coordinator:
     def version(self) -> int:
         return self.registry.version
 
-    def register(self, client_name: str = "") -> Registration:
-        return self.registry.register(client_name)
+    def invite(self, token: str, name: str, code: str, quota: int | None = None, uses: int = 1,
+               ttl_s: float | None = None) -> Invitation:
+        return self.registry.invite(token, name, code, quota, uses, ttl_s)
+
+    def register(self, invitation: str, token: str) -> Registration:
+        return self.registry.register(invitation, token)
 
     def whoami(self, token: str) -> Principal:
         return self.registry.whoami(token)
 
-    def reserve(self, token: str, name: str, class_word: str) -> Grant:
-        return self.registry.reserve(token, name, class_word)
+    def reserve(self, token: str, name: str, class_word: str, with_: tuple[str, ...] = (),
+                request_id: str | None = None) -> Grant:
+        return self.registry.reserve(token, name, class_word, with_, request_id)
 
-    def submit(self, token: str, data: bytes) -> LiveConcept:
-        return self.registry.submit(token, data)
+    def submit(self, token: str, data: bytes, request_id: str | None = None) -> LiveConcept:
+        return self.registry.submit(token, data, request_id)
 
-    def remove(self, token: str, name: str) -> Removed:
-        return self.registry.remove(token, name)
+    def remove(self, token: str, name: str, request_id: str | None = None) -> Removed:
+        return self.registry.remove(token, name, request_id)
 
-    def list_concepts(self) -> list[LiveConcept | HeldSlot]:
-        return self.registry.list_concepts()
+    def list_concepts(self, query: ConceptQuery = ConceptQuery()) -> ConceptPage:
+        return self.registry.list_concepts(query)
 
-    def state(self, since_version: int = -1) -> LiveSet:
-        """The whole live set (always complete) and whether it changed since `since_version`."""
-        version, live = self.registry.live()
-        self._refs = {c.sha256: self._refs.get(c.sha256) or ray.put(data) for c, data in live.values()}
-        return LiveSet(version, version != since_version, {n: c for n, (c, _) in live.items()},
-                       {n: self._refs[c.sha256] for n, (c, _) in live.items()})
+    def put_collection(self, token: str, name: str, members: tuple[str, ...],
+                       request_id: str | None = None) -> Collection:
+        return self.registry.put_collection(token, name, members, request_id)
 
-    def merged_residual(self) -> dict[str, torch.Tensor]:
-        return self.registry.merged_residual()
+    def delete_collection(self, token: str, name: str, request_id: str | None = None) -> Collection:
+        return self.registry.delete_collection(token, name, request_id)
 
-    def merged_lora(self, rule: str = "sum") -> tuple[int, bytes]:
-        return self.registry.merged_lora(rule)
+    def collection(self, name: str) -> Collection:
+        return self.registry.collection(name)
+
+    def list_collections(self) -> list[Collection]:
+        return self.registry.list_collections()
+
+    def mergeable(self, names: tuple[str, ...]) -> Mergeable:
+        return self.registry.mergeable(names)
+
+    def resolve(self, subset: dict[str, float], collection: str | None = None) -> Plan:
+        return self.registry.resolve(subset, collection)
+
+    def artifact(self, name: str, sha256: str) -> bytes:
+        """One live artifact's bytes, read from the state folder: what a replica's cache fetches."""
+        return self.registry.artifact(name, sha256)
+
+    def merged_residual(self, collection: str = DEFAULT) -> dict[str, torch.Tensor]:
+        return self.registry.merged_residual(collection)
+
+    def merged_lora(self, rule: str = "sum", collection: str = DEFAULT) -> tuple[int, bytes]:
+        return self.registry.merged_lora(rule, collection)
+
+
+def enrol(actor: ray.actor.ActorHandle, admin_token: str, name: str, quota: int | None = None) -> str:
+    """The admin's shortcut for a person who is also on this machine (benchmarks, tests, demos):
+    invite `name` and register one client for them; its token."""
+    from federation.auth import new_client_token, new_invitation_code
+
+    code, token = new_invitation_code(), new_client_token()
+    ray.get(actor.invite.remote(admin_token, name, code, quota))
+    ray.get(actor.register.remote(code, token))
+    return token
 
 
 def connect(address: str = "auto", namespace: str = DEFAULT_NAMESPACE) -> None:

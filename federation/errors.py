@@ -13,7 +13,7 @@ class Unauthorized(FederationError):
 
 
 class SlotUnavailable(FederationError):
-    """Every slot is taken, or the concept name is already live."""
+    """No slot fits the request (the named concepts hold every slot), a quota is reached, or the name is taken."""
 
 
 class ReservationError(FederationError):
@@ -26,3 +26,11 @@ class ArtifactRejected(FederationError):
 
 class UnknownConcept(FederationError):
     """No live concept or reservation has this name."""
+
+
+class SlotClash(FederationError):
+    """A set of concepts to merge holds two in one slot: their rows would add up in the same block."""
+
+
+class StateUnavailable(FederationError):
+    """The state folder cannot be written (read-only, full): nothing changed; retry once it is fixed."""

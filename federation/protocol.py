@@ -31,10 +31,23 @@ class _Message:
 
 @dataclass(frozen=True)
 class Registration(_Message):
-    """A new client. The token is shown this once; the federation keeps only its sha256."""
+    """A registered client; the client drew its token (federation.auth.new_client_token), the
+    federation keeps only its sha256."""
 
     client_id: str
     token: str
+    name: str  # the person's, from the invitation: what listings show as the owner
+
+
+@dataclass(frozen=True)
+class Invitation(_Message):
+    """What the admin hands a person: the code registers up to `uses` clients, until `expires_at`."""
+
+    name: str
+    code: str
+    quota: int  # live concepts + reservations the person's clients may hold together
+    uses: int
+    expires_at: float
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,8 @@ class Grant(_SlotConcept):
     resolution: int  # train at the base's native size
     expires_at: float  # wall-clock seconds; reserve again before then to renew
     reservation_id: str  # kept across renewals: names the training run, so only a retry of it resumes
+    slot_peers: int = 0  # other live concepts in this slot: none of them can be merged with this one
+    peer_names: tuple[str, ...] = ()  # a few of them, to show
 
 
 @dataclass(frozen=True)
@@ -103,14 +118,16 @@ class FederationInfo(_Message):
     base_fingerprint: str
     resolution: int
     adapter: AdapterConfig
-    free_slots: int
     live: int
     reserved: int
+    slot_use: tuple[int, ...]  # live concepts + reservations per slot
+    collections: int
+    people: int
     version: int
     max_artifact_bytes: int
     reservation_ttl_s: float
-    max_slots_per_client: int
-    quarantined: tuple[Quarantined, ...]  # manifest records set aside at start-up (federation/manifest.py)
+    max_concepts_per_person: int
+    quarantined: tuple[Quarantined, ...]  # records set aside at start-up (federation/manifest.py)
     state_dir: str | None
 
     @property
@@ -118,11 +135,73 @@ class FederationInfo(_Message):
         return self.adapter.num_slots
 
 
+STATUSES = ("live", "reserved", "any")
+
+
 @dataclass(frozen=True)
-class LiveSet:
-    """The live concepts at one federation version, as a serve replica follows them."""
+class ConceptQuery(_Message):
+    """One page of the library: concepts (and reservations) in name order, filtered. Every field is
+    checked by the registry; a bad one is refused naming it."""
+
+    limit: int = 100  # 1..MAX_PAGE
+    cursor: str | None = None  # `next_cursor` of the previous page
+    prefix: str | None = None  # of the name, case-insensitive
+    owner: str | None = None  # a person's name, case-insensitive
+    class_word: str | None = None  # exact
+    slot: int | None = None
+    collection: str | None = None  # only its members
+    status: Literal["live", "reserved", "any"] = "any"
+
+
+@dataclass(frozen=True)
+class ConceptPage(_Message):
+    version: int
+    total: int  # entries matching the filters, over every page
+    items: tuple[LiveConcept | HeldSlot, ...]
+    next_cursor: str | None  # None: this was the last page
+
+
+@dataclass(frozen=True)
+class Collection(_Message):
+    """A named set of concepts in pairwise different slots, kept merged by the coordinator."""
+
+    name: str
+    owner: str
+    members: dict[str, int]  # concept name -> its slot
+    version: int  # the federation version of its last change
+
+
+@dataclass(frozen=True)
+class Clash(_Message):
+    slot: int
+    concepts: tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Mergeable(_Message):
+    """Whether a set of concepts can be merged into one picture, and if not, why."""
+
+    mergeable: bool
+    slots: dict[str, int]  # each known concept's slot
+    clashes: tuple[Clash, ...]  # pairs in one slot
+    unknown: tuple[str, ...]  # names that are not live
+
+
+@dataclass(frozen=True)
+class Resolved(_Message):
+    """A live concept as one request uses it: the exact artifact (sha256) and its weight."""
+
+    name: str
+    slot: int
+    sha256: str
+    phrase: str  # what `{name}` expands to: the slot's trigger tokens and the class word
+    weight: float
+
+
+@dataclass(frozen=True)
+class Plan(_Message):
+    """What one generate request merges, checked by the coordinator at `version`: pairwise different
+    slots, every concept live. A replica draws exactly these artifacts (by sha256)."""
 
     version: int
-    changed: bool  # version differs from the one the caller said it has
-    concepts: dict[str, LiveConcept]
-    artifacts: dict[str, Any]  # name -> Ray ObjectRef of the artifact's bytes (one put per artifact, cached)
+    concepts: tuple[Resolved, ...]

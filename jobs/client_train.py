@@ -1,11 +1,13 @@
 """Train one concept for a federation and upload it; meant to run as a Ray job on the client's node.
 
     ray job submit --working-dir . -- python jobs/client_train.py --images /data/my-dog \
-        --class-word dog --name my-dog [--steps 200] [--workers 1] [--use-gpu] [--mixed-precision bf16] \
-        [--token-file PATH]
+        --class-word dog --name my-dog [--with her-cat our-sofa] [--steps 200] [--workers 1] [--use-gpu] \
+        [--mixed-precision bf16] [--token-file PATH] [--invitation CODE]
 
 --images is a folder on the node the job runs on. The client token is kept in --token-file
-(created with mode 0600 on first use, reused afterwards). Prints the trigger and the new version.
+(created with mode 0600 on first use, with the admin's --invitation code; reused afterwards).
+--with names concepts this one must be mergeable with (its slot is chosen apart from theirs).
+Prints the slot, the concepts it cannot be merged with, the trigger and the new version.
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--token-file", default="~/.blocklora/client_token")
-    p.add_argument("--client-name", default="", help="shown as the owner in list_concepts")
+    p.add_argument("--invitation", default=None, help="the code the federation's admin gave you (jobs/invite.py): "
+                                                      "needed once, to register; the token file is reused after")
+    p.add_argument("--with", dest="with_", nargs="+", default=[], metavar="NAME",
+                   help="live or reserved concepts this one must be mergeable with: its slot is chosen apart "
+                        "from theirs")
     p.add_argument("--storage-path", default=DEFAULT_STORAGE, help="checkpoints (on this node)")
     p.add_argument("--address", default="auto")
     p.add_argument("--namespace", default=coordinator.DEFAULT_NAMESPACE)
@@ -57,9 +63,9 @@ def main() -> None:
     ray.init(address=args.address, namespace=args.namespace, **job_init_args(args.verbose))
     marks["t_connected"] = time.time()
     coord = coordinator.get(args.coordinator, args.namespace)
-    token = load_or_register(coord, args.token_file, args.client_name)
+    token = load_or_register(coord, args.token_file, args.invitation)
     live = train_and_submit(coord, token, args.images, args.name, args.class_word, train, args.workers,
-                            args.use_gpu, args.storage_path, marks, args.verbose)
+                            args.use_gpu, args.storage_path, marks, args.verbose, tuple(args.with_))
     print(f"concept {live.name!r} is live in slot {live.slot}: prompt with "
           f"'{' '.join(live.triggers)} {live.class_word}'; federation version {live.version}")
     marks["t_driver_end"] = time.time()

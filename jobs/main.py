@@ -115,13 +115,16 @@ def concepts_to_train(limit: int) -> list[dict]:
             for n in MAIN_CONCEPTS[:limit]]
 
 
-def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: list[str],
-                   out: Path) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-    """One `ray job submit --no-wait` per concept; concept name -> Ray job id, and -> its submit marks.
+def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: list[str], out: Path,
+                   http: httpx.Client, admin: dict[str, str]) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """One `ray job submit --no-wait` per concept, each registering with an invitation of its own
+    person (`user-NAME`, POST /v1/invitations); concept name -> Ray job id, and -> its submit marks.
     One after another: the coordinator hands out slots in arrival order, so submitting all at once
     would give the concepts other slots (and the sheet other pictures) from run to run."""
     jobs, submitted = {}, {}
     for c in concepts:
+        invited = http.post("/v1/invitations", json={"name": f"user-{c['name']}"}, headers=admin)
+        invited.raise_for_status()
         job_id = f"client-{c['name']}-{int(time.time())}"
         t_submit = time.time()
         run_side_by_side({f"submit-{c['name']}": [
@@ -129,7 +132,7 @@ def submit_clients(cluster: LocalCluster, concepts: list[dict], train_flags: lis
             "--submission-id", job_id, "--no-wait", "--",
             "python", "jobs/client_train.py", "--images", str(c["dir"].relative_to(REPO)),
             "--class-word", c["class_word"], "--name", c["name"], *train_flags,
-            "--client-name", f"user-{c['name']}", "--token-file", str(out / "clients" / f"{c['name']}.token"),
+            "--invitation", invited.json()["code"], "--token-file", str(out / "clients" / f"{c['name']}.token"),
             "--storage-path", str(out / "clients" / "runs")]}, cluster.env, out / "logs")
         jobs[c["name"]] = job_id
         submitted[c["name"]] = {"t_submit": t_submit, "t_submitted": time.time()}
@@ -306,7 +309,7 @@ def main() -> None:
         admin = {"Authorization": f"Bearer {(out / 'state' / 'admin_token').read_text().strip()}"}
 
         with stage(f"train {len(names)} concepts concurrently with `ray job submit` ({train.steps} steps each)"):
-            jobs, submitted = submit_clients(cluster, concepts, to_argv(train, skip=("resolution",)), out)
+            jobs, submitted = submit_clients(cluster, concepts, to_argv(train, skip=("resolution",)), out, http, admin)
             report["jobs"], report["client_phases_s"] = wait_jobs(cluster, jobs, submitted, timeout=3600)
 
         with stage("wait until every concept is live over HTTP"):

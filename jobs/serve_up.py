@@ -2,6 +2,7 @@
 
     python jobs/serve_up.py --address auto --host 127.0.0.1 --port 8000 [--namespace blocklora] \
         [--coordinator blocklora-coordinator] [--replicas 1] [--api-key-file FILE] [--dtype float16] \
+        [--concept-cache-mb 1024] \
         [--generator-resource serve_gpu --ingress-resource head_services]   # on a cluster.yaml cluster
 
 Needs a running cluster and the coordinator (jobs/start_coordinator.py), or one starting: its replicas
@@ -42,7 +43,8 @@ def main() -> None:
     p.add_argument("--replicas", type=int, default=1, help="generator replicas (one base copy each)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per generator replica")
     p.add_argument("--api-key-file", help="file holding the API key /v1/generate will require (default: open)")
-    for name, kind in (("generator_resource", str), ("ingress_resource", str), ("max_pixel_steps", int)):
+    for name, kind in (("generator_resource", str), ("ingress_resource", str), ("max_pixel_steps", int),
+                       ("concept_cache_mb", float)):
         field = AppArgs.model_fields[name]
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=field.default, help=field.description)
     add_flags(p, PrecisionConfig)
@@ -56,7 +58,8 @@ def main() -> None:
     serve.run(build(AppArgs(coordinator=args.coordinator, namespace=args.namespace, api_key=api_key,
                             replicas=args.replicas, num_cpus=args.num_cpus,
                             generator_resource=args.generator_resource, ingress_resource=args.ingress_resource,
-                            max_pixel_steps=args.max_pixel_steps, dtype=from_args(PrecisionConfig, args, p).dtype)),
+                            max_pixel_steps=args.max_pixel_steps, concept_cache_mb=args.concept_cache_mb,
+                            dtype=from_args(PrecisionConfig, args, p).dtype)),
               name=APP_NAME, route_prefix="/")
     print(f"serving on http://{args.host}:{args.port}/v1 (docs: /v1/docs), following coordinator "
           f"{args.coordinator!r} in namespace {args.namespace!r}")

@@ -24,13 +24,13 @@ from blocklora.config import AdapterConfig, FederationConfig, PrecisionConfig, a
 from blocklora.files.atomic import atomic_write  # noqa: E402
 from federation import coordinator  # noqa: E402
 from federation.auth import new_token, token_hash  # noqa: E402
-from federation.store import MANIFEST  # noqa: E402
+from federation.store import DATABASE, MANIFEST  # noqa: E402
 
 
 def new_admin_token(state_dir: Path) -> str | None:
     """A new federation's admin token (None: the state folder already holds a federation, whose
     token stays). Held in memory until the coordinator is up, so a failed start leaves no file."""
-    if (state_dir / MANIFEST).exists():
+    if (state_dir / DATABASE).exists() or (state_dir / MANIFEST).exists():
         print("existing federation state found: its admin token stays valid")
         return None
     return os.environ.get("BLOCKLORA_ADMIN_TOKEN") or new_token()

@@ -13,7 +13,7 @@ from ray.serve import Application
 
 from blocklora.config import PrecisionConfig
 from federation.coordinator import DEFAULT_NAME, DEFAULT_NAMESPACE
-from serve.generator import Generator
+from serve.generator import DEFAULT_CACHE_MB, Generator
 from serve.ingress import Ingress
 from serve.schemas import MAX_PIXEL_STEPS
 
@@ -34,6 +34,8 @@ class AppArgs(BaseModel):
     dtype: str = Field(PrecisionConfig.dtype, description=dataclasses.fields(PrecisionConfig)[0].metadata["help"])
     max_pixel_steps: int = Field(MAX_PIXEL_STEPS, ge=1, description="most width x height x steps x images "
                                                                      "one /v1/generate request may ask for")
+    concept_cache_mb: float = Field(DEFAULT_CACHE_MB, ge=0, description="MiB of concept factors each generator "
+                                                                        "replica holds (least recently used out)")
 
     @field_validator("dtype")
     @classmethod
@@ -55,6 +57,7 @@ def build(args: AppArgs) -> Application:
     type that advertises it (cluster.yaml: replicas on serve_gpu nodes, the ingress on the head)."""
     on = lambda name, amount: {"resources": {name: amount}} if name else {}  # noqa: E731
     generator = Generator.options(num_replicas=args.replicas, **LIFE_CYCLE,
+                                  user_config={**Generator.user_config, "concept_cache_mb": args.concept_cache_mb},
                                   ray_actor_options={"num_cpus": args.num_cpus, **on(args.generator_resource, 1)})
     ingress = Ingress.options(**LIFE_CYCLE,
                               ray_actor_options={"num_cpus": 0, **on(args.ingress_resource, INGRESS_SHARE)})

@@ -1,8 +1,10 @@
-"""The model deployment: one base pipeline per replica, following the coordinator's live concepts.
+"""The model deployment: one base pipeline per replica, holding the concepts its requests use.
 
-A replica loads the base once, wraps its target layers in a `ConceptBank`, and before every batch
-brings the bank to the coordinator's version by adding or removing only the concepts that changed.
-Requests with different subsets of concepts, prompts and seeds share one denoising loop; only
+A replica loads the base once and wraps its target layers in a `ConceptBank`. Each request comes
+with its plan (the coordinator's resolution of its concepts to exact artifacts); the replica's
+`ConceptCache` makes sure those are held (fetched from the coordinator when missing, least recently
+used out past `--concept-cache-mb`) before the request joins a batch, so a batch never waits on a
+fetch. Requests with different subsets of concepts, prompts and seeds share one denoising loop; only
 requests with the same steps, guidance and size can share it, so a batch runs one loop per group.
 """
 
@@ -17,31 +19,38 @@ import numpy as np
 import ray
 import torch
 from ray import serve
+from ray.util import metrics
 
-from blocklora.method.artifact import ConceptArtifact
 from blocklora.method.residual import ConceptBank
 from blocklora.pipeline.precision import dtype_of
 from blocklora.pipeline.prompts import expand
 from federation.coordinator import START_WAIT_S, get as coordinator_named
-from federation.protocol import FederationInfo, LiveSet
+from federation.errors import UnknownConcept
+from federation.protocol import FederationInfo, Plan
+from serve.concept_cache import ConceptCache
 from serve.replies import ConceptUnavailable, DrawnImages
 from serve.schemas import GenerateRequest
+
+DEFAULT_CACHE_MB = 1024.0
 
 
 @dataclass
 class _Job:
-    """One request in a batch; `cancelled` is set when its caller went away (the HTTP client
-    disconnected and Serve cancelled the call), so nobody waits for its images any more."""
+    """One request in a batch, with its plan and the bank keys of its concepts; `cancelled` is set
+    when its caller went away (the HTTP client disconnected and Serve cancelled the call), so nobody
+    waits for its images any more."""
 
     request: GenerateRequest
+    plan: Plan
+    keys: list[str]
     cancelled: bool = False
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16,
-                  user_config={"max_batch_size": 4, "batch_wait_timeout_s": 0.05})
+                  user_config={"max_batch_size": 4, "batch_wait_timeout_s": 0.05, "concept_cache_mb": DEFAULT_CACHE_MB})
 class Generator:
-    """Follows the coordinator named `coordinator` in `namespace`; `device` None: CUDA if present;
-    `dtype` (a --dtype name) is the base's, and the concepts' rows are applied in it."""
+    """Serves the federation of the coordinator named `coordinator` in `namespace`; `device` None:
+    CUDA if present; `dtype` (a --dtype name) is the base's, and the concepts' rows are applied in it."""
 
     def __init__(self, coordinator: str, namespace: str, device: str | None = None, dtype: str = "float32") -> None:
         # diffusers is imported here, in the replica: the driver that builds the app (jobs/serve_up.py)
@@ -55,47 +64,43 @@ class Generator:
             raise RuntimeError(f"base {info.base_spec!r} loaded here has fingerprint {base.fingerprint[:12]}…, "
                                f"the federation's is {info.base_fingerprint[:12]}…; replicas need the same weights")
         self.bank = ConceptBank(base, info.adapter)
-        self.version = -1
-        self.digests: dict[str, str] = {}  # live name -> artifact sha256, to see a re-upload under a name
-        self.lock = asyncio.Lock()  # the bank changes only between batches, never under one
+        lookups = metrics.Counter("blocklora_concept_cache_lookups", "concepts looked up in a replica's cache",
+                                  tag_keys=("result",))
+        self.cache = ConceptCache(self.bank, int(DEFAULT_CACHE_MB * 2**20), self._fetch,
+                                  lambda hit: lookups.inc(tags={"result": "hit" if hit else "miss"}))
+        self.lock = asyncio.Lock()  # one denoising loop at a time: the bank's per-batch weights are shared
         self.cancelled_loops = 0  # denoising loops skipped or stopped because every caller had gone
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """Runtime knobs (Serve's user_config): batch size and how long a batch waits to fill."""
+        """Runtime knobs (Serve's user_config): batch size, how long a batch waits to fill, and the
+        MiB of concepts the cache holds (a smaller budget evicts at once, pinned concepts excepted)."""
         self._batched.set_max_batch_size(int(config["max_batch_size"]))
         self._batched.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+        self.cache.resize(int(float(config.get("concept_cache_mb", DEFAULT_CACHE_MB)) * 2**20))
 
-    async def _sync(self) -> None:
-        """Apply only what changed since our version: removed concepts first (their slots free up)."""
-        state: LiveSet = await self.coordinator.state.remote(self.version)
-        if not state.changed:
-            return
-        live = state.concepts
-        for name in [n for n, d in self.digests.items() if n not in live or live[n].sha256 != d]:
-            self.bank.remove(name)
-            del self.digests[name]
-        for name, c in live.items():
-            if name not in self.digests:
-                self.bank.add(ConceptArtifact.from_bytes(await state.artifacts[name]))
-                self.digests[name] = c.sha256
-        self.version = state.version
+    async def _fetch(self, name: str, sha256: str) -> bytes:
+        try:
+            return await self.coordinator.artifact.remote(name, sha256)
+        except UnknownConcept:  # removed or replaced since the ingress resolved the request
+            raise ConceptUnavailable([name], -1) from None
 
     async def status(self) -> dict[str, Any]:
-        """This replica after a sync: who it is, the version it serves and its live concepts' slots."""
-        async with self.lock:
-            await self._sync()
-            return {"replica": serve.get_replica_context().replica_id.unique_id, "version": self.version,
-                    "slots": {n: a.meta.slot for n, a in self.bank.live.items()},
-                    "cancelled_loops": self.cancelled_loops}
+        """This replica: who it is, its concept cache (held, bytes, hits and misses) and cancelled loops."""
+        return {"replica": serve.get_replica_context().replica_id.unique_id, "cache": self.cache.stats(),
+                "cancelled_loops": self.cancelled_loops}
 
-    async def generate(self, request: GenerateRequest) -> DrawnImages:
-        """Images for one request; raises ConceptUnavailable naming concepts that are not live."""
-        job = _Job(request)
+    async def generate(self, request: GenerateRequest, plan: Plan) -> DrawnImages:
+        """Images for one request and its plan; raises ConceptUnavailable naming a concept that was
+        removed or replaced since the plan was made."""
+        keys = await self.cache.acquire(plan.concepts)  # before the batch: no batch waits on a fetch
+        job = _Job(request, plan, keys)
         try:
             result = await self._batched(job)
         except asyncio.CancelledError:
             job.cancelled = True  # the batch skips or interrupts a loop nobody waits for
             raise
+        finally:
+            self.cache.release(keys)
         if isinstance(result, Exception):
             raise result
         return result
@@ -103,31 +108,23 @@ class Generator:
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def _batched(self, jobs: list[_Job]) -> list[DrawnImages | Exception]:
         requests = [j.request for j in jobs]
-        async with self.lock:
-            await self._sync()
-            results: list[DrawnImages | Exception | None] = [None] * len(requests)
-            runnable = []
-            for i, req in enumerate(requests):
-                missing = [n for n in req.subset() if n not in self.bank.live]
-                if missing:
-                    results[i] = ConceptUnavailable(missing, self.version)
-                else:
-                    runnable.append(i)
-            res = self.bank.base.resolution
-            key = lambda i: (requests[i].steps, requests[i].guidance_scale,  # noqa: E731
-                             requests[i].width or res, requests[i].height or res)
-            for _, group in itertools.groupby(sorted(runnable, key=key), key=key):
-                group = list(group)
-                if all(jobs[i].cancelled for i in group):
-                    self.cancelled_loops += 1
-                    continue
+        results: list[DrawnImages | Exception | None] = [None] * len(requests)
+        res = self.bank.base.resolution
+        key = lambda i: (requests[i].steps, requests[i].guidance_scale,  # noqa: E731
+                         requests[i].width or res, requests[i].height or res)
+        for _, group in itertools.groupby(sorted(range(len(jobs)), key=key), key=key):
+            group = list(group)
+            if all(jobs[i].cancelled for i in group):
+                self.cancelled_loops += 1
+                continue
+            async with self.lock:
                 pixels = await asyncio.to_thread(self._run, [jobs[i] for i in group])
-                if pixels is None:
-                    continue
-                for i, px in zip(group, pixels):
-                    seeds = [requests[i].seed + j for j in range(requests[i].num_images)]
-                    results[i] = DrawnImages(self.version, seeds, px)
-            return results
+            if pixels is None:
+                continue
+            for i, px in zip(group, pixels):
+                seeds = [requests[i].seed + j for j in range(requests[i].num_images)]
+                results[i] = DrawnImages(jobs[i].plan.version, seeds, px)
+        return results
 
     @torch.no_grad()
     def _run(self, jobs: list[_Job]) -> list[np.ndarray] | None:
@@ -135,10 +132,11 @@ class Generator:
         drawn from its own generator seeded `seed + j`, so it does not depend on its batch mates.
         None: every caller went away and the loop was stopped between two steps."""
         requests = [j.request for j in jobs]
-        phrases = self.bank.phrases()
         prompts, negatives, subsets, gens = [], [], [], []
-        for req in requests:
-            prompt, subset = expand(req.prompt, phrases), req.subset()
+        for job, req in zip(jobs, requests):
+            phrases = {c.name: c.phrase for c in job.plan.concepts}
+            prompt = expand(req.prompt, phrases)
+            subset = {key: c.weight for key, c in zip(job.keys, job.plan.concepts)}
             for j in range(req.num_images):
                 prompts.append(prompt)
                 negatives.append(req.negative_prompt)

@@ -1,9 +1,12 @@
 """The HTTP front: validation, the concept check against the coordinator, PNG encoding, admin calls.
 
-Every /v1/generate first reads the coordinator's version (one small actor call); when it moved, the
-live concept list is re-read, so a removed concept is refused here at once, before a replica is
-even asked. Admin calls go to the coordinator with the caller's bearer token: the coordinator
-decides who may submit or remove what, the ingress holds no secret of its own.
+Every /v1/generate first has the coordinator resolve its concepts (one small actor call: names ->
+slots and artifact digests, refused with 404 when one is not live and 409 when two share a slot),
+so a removed concept is refused at once, and the replica is told exactly which artifacts to draw
+with. The ingress keeps nothing of the library. Calls that change something go to the coordinator
+with the caller's bearer token and a request id (the client's `Idempotency-Key`, or one drawn
+here): the coordinator decides who may do what and answers a retry as it answered the first call;
+the ingress holds no secret of its own.
 
 (No `from __future__ import annotations` here: Serve's class-based views hand FastAPI the route
 signatures, and string annotations would turn the request body into a query parameter.)
@@ -17,11 +20,13 @@ import email.parser
 import email.policy
 import io
 import json
+import re
 import secrets
+import uuid
 from typing import Literal
 
 import ray
-from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,13 +34,16 @@ from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
-                               UnknownConcept)
+from federation.auth import new_invitation_code
+from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotClash, SlotUnavailable,
+                               StateUnavailable, Unauthorized, UnknownConcept)
 from federation.coordinator import START_WAIT_S, get as coordinator_named
-from federation.protocol import FederationInfo, LiveConcept
+from federation.protocol import ConceptQuery, FederationInfo, Plan
+from federation.records import DEFAULT
 from serve.body_limit import BodyLimit
 from serve.replies import ConceptUnavailable
-from serve.schemas import MAX_BODY_BYTES, MAX_PIXEL_STEPS, Concept, Concepts, GenerateRequest, Images
+from serve.schemas import (MAX_BODY_BYTES, MAX_PIXEL_STEPS, CollectionBody, Concept, Concepts, GenerateRequest, Images,
+                           InvitationBody)
 from serve.throttle import FailureThrottle
 
 app = FastAPI(title="blocklora", summary="Stable Diffusion with any live subset of a federation's concepts",
@@ -70,7 +78,18 @@ MAX_PARTS = 8  # multipart parts of an upload: the artifact and a few form field
 
 # federation errors -> HTTP status; the coordinator's message is passed through as the detail
 STATUS = ((Unauthorized, 403), (UnknownConcept, 404), (ArtifactRejected, 422), (ReservationError, 409),
-          (SlotUnavailable, 409), (FederationError, 400))
+          (SlotUnavailable, 409), (SlotClash, 409), (StateUnavailable, 503), (FederationError, 400))
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+
+def _request_id(key: str | None) -> str:
+    """The request id of a mutation: the client's Idempotency-Key (its retry then gets the first
+    answer), or a fresh one (Ray's own retries of the call still carry it)."""
+    if key is None:
+        return uuid.uuid4().hex
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise HTTPException(400, "Idempotency-Key must be 8-64 ASCII letters, digits, '-' or '_'")
+    return key
 
 
 def _bearer(authorization: str | None) -> str:
@@ -132,16 +151,7 @@ class Ingress:
         self.coordinator = coordinator_named(coordinator, namespace, wait_s=START_WAIT_S)
         info: FederationInfo = ray.get(self.coordinator.info.remote())
         self.max_upload, self.resolution = info.max_artifact_bytes, info.resolution
-        self.version, self.live = -1, {}
         self.throttle = FailureThrottle()
-
-    async def _live(self) -> tuple[int, dict[str, LiveConcept]]:
-        """(version, name -> live concept), re-read only when the coordinator's version moved."""
-        version = await self.coordinator.version.remote()
-        if version != self.version:
-            rows = await self.coordinator.list_concepts.remote()
-            self.version, self.live = version, {r.name: r for r in rows if isinstance(r, LiveConcept)}
-        return self.version, self.live
 
     def _check_api_key(self, request: Request, authorization: str | None) -> None:
         if self.api_key is not None:
@@ -175,13 +185,9 @@ class Ingress:
             raise HTTPException(422, f"request costs {cost:,} pixel-steps (width x height x steps x num_images); "
                                      f"this server allows at most {self.max_pixel_steps:,} per request "
                                      "(max_pixel_steps): use fewer steps, images or pixels")
-        version, live = await self._live()
-        missing = [n for n in req.subset() if n not in live]
-        if missing:
-            raise HTTPException(404, f"concept(s) {missing} are not live (version {version}); "
-                                     f"live: {sorted(live)} — see GET /v1/concepts")
+        plan: Plan = await self._call("resolve", req.subset(), req.collection)
         try:
-            out = await self.generator.generate.remote(req)  # Serve cancels it if the client goes away
+            out = await self.generator.generate.remote(req, plan)  # Serve cancels it if the client goes away
         except ConceptUnavailable as err:  # removed between our check and the replica's sync
             raise HTTPException(404, _message(err)) from None
         if req.num_images == 1:
@@ -191,39 +197,83 @@ class Ingress:
                                    images=[base64.b64encode(_png(p)).decode() for p in out.pixels]).model_dump())
 
     @app.get("/v1/concepts", response_model=Concepts)
-    async def concepts(self) -> Concepts:
-        version, live = await self._live()
-        return Concepts(version=version, concepts=[Concept.model_validate(r, from_attributes=True)
-                                                   for r in sorted(live.values(), key=lambda r: r.slot)])
+    async def concepts(self, limit: int = Query(100, ge=1, le=1000), cursor: str | None = Query(None, max_length=100),
+                       prefix: str | None = Query(None, max_length=64), owner: str | None = Query(None, max_length=64),
+                       class_word: str | None = Query(None, max_length=64), slot: int | None = Query(None, ge=0),
+                       collection: str | None = Query(None, max_length=64),
+                       status: Literal["live", "reserved", "any"] = "live") -> Concepts:
+        """One page of the library in name order; `next_cursor` asks for the next one."""
+        page = await self._call("list_concepts", ConceptQuery(limit, cursor, prefix, owner, class_word, slot,
+                                                              collection, status))
+        return Concepts(version=page.version, total=page.total, next_cursor=page.next_cursor,
+                        concepts=[Concept(**c.to_dict(), status=c.status) for c in page.items])
+
+    @app.get("/v1/mergeable")
+    async def mergeable(self, concepts: str = Query(max_length=64 * 65, description="names, comma-separated")) -> dict:
+        """Can these concepts be merged into one picture? If not, which pairs share a slot, and
+        which names are not live."""
+        return (await self._call("mergeable", tuple(n for n in concepts.split(",") if n))).to_dict()
+
+    @app.get("/v1/collections")
+    async def collections(self) -> dict:
+        return {"collections": [c.to_dict() for c in await self._call("list_collections")]}
+
+    @app.get("/v1/collections/{name}")
+    async def collection(self, name: str) -> dict:
+        return (await self._call("collection", name)).to_dict()
+
+    @app.put("/v1/collections/{name}")
+    async def put_collection(self, name: str, body: CollectionBody, request: Request,
+                             authorization: str | None = Header(None),
+                             idempotency_key: str | None = Header(None)) -> dict:
+        """Create a collection or set its members (its owner or the admin); the coordinator keeps
+        its merged residual by the members that come and go."""
+        return (await self._call("put_collection", _bearer(authorization), name, tuple(body.members),
+                                 _request_id(idempotency_key), source=_source(request))).to_dict()
+
+    @app.delete("/v1/collections/{name}")
+    async def delete_collection(self, name: str, request: Request, authorization: str | None = Header(None),
+                                idempotency_key: str | None = Header(None)) -> dict:
+        return (await self._call("delete_collection", _bearer(authorization), name, _request_id(idempotency_key),
+                                 source=_source(request))).to_dict()
+
+    @app.post("/v1/invitations", status_code=201)
+    async def invite(self, body: InvitationBody, request: Request, authorization: str | None = Header(None)) -> dict:
+        """The admin invites a person: the code (shown this once) registers their first client."""
+        return (await self._call("invite", _bearer(authorization), body.name, new_invitation_code(), body.quota,
+                                 body.uses, source=_source(request))).to_dict()
 
     @app.get("/v1/lora", responses={200: {"content": {"application/octet-stream": {}},
                                           "description": "pytorch_lora_weights.safetensors of the live set "
                                                          "(version in X-BlockLoRA-Version)"},
                                     404: {"description": "no concept is live"}})
     async def lora(self, request: Request, rule: Literal["sum", "mean"] = "sum",
+                   collection: str = Query(DEFAULT, max_length=64),
                    authorization: str | None = Header(None)) -> Response:
-        """The live set as ONE standard LoRA file, built from the coordinator's merged factors:
-        `pipe.load_lora_weights(folder)` gives W0 + Σ α dW, α = 1 ("sum") or 1/|S| ("mean"). Trigger
-        embeddings are not in it (diffusers loads those with `load_textual_inversion`)."""
+        """A collection (default: the default one, today's live set) as ONE standard LoRA file, built
+        from the coordinator's merged factors: `pipe.load_lora_weights(folder)` gives W0 + Σ α dW,
+        α = 1 ("sum") or 1/|S| ("mean"). Trigger embeddings are not in it (diffusers loads those
+        with `load_textual_inversion`)."""
         self._check_api_key(request, authorization)
-        version, data = await self._call("merged_lora", rule)
+        version, data = await self._call("merged_lora", rule, collection)
         return Response(data, media_type="application/octet-stream", headers={
             "X-BlockLoRA-Version": str(version),
             "Content-Disposition": 'attachment; filename="pytorch_lora_weights.safetensors"'})
 
     @app.get("/v1/healthz")
     async def healthz(self) -> dict:
-        """Coordinator reachable and a generator replica synced to it (it loads the base once), and
-        the records the coordinator set aside when it loaded its state (federation/manifest.py)."""
-        version, live = await self._live()
+        """Coordinator reachable and a generator replica up (it loads the base once) with its concept
+        cache, and the records the coordinator set aside when it loaded its state (federation/manifest.py)."""
         replica, info = await self.generator.status.remote(), await self.coordinator.info.remote()
-        return {"status": "ok", "version": version, "live": len(live), "replica_version": replica["version"],
-                "replica_cancelled_loops": replica["cancelled_loops"],
+        return {"status": "ok", "version": info.version, "live": info.live, "collections": info.collections,
+                "slot_use": list(info.slot_use), "replica_cancelled_loops": replica["cancelled_loops"],
+                "replica_cache": replica["cache"],
                 "quarantined": [dataclasses.asdict(q) for q in info.quarantined[:20]],
                 "quarantined_count": len(info.quarantined)}
 
     @app.post("/v1/concepts", status_code=201)
-    async def upload(self, request: Request, authorization: str | None = Header(None)) -> dict:
+    async def upload(self, request: Request, authorization: str | None = Header(None),
+                     idempotency_key: str | None = Header(None)) -> dict:
         """Submit an artifact (raw body, or multipart field 'artifact') with the token of the client
         that reserved its slot; the coordinator validates it and makes it live."""
         token = _bearer(authorization)
@@ -242,9 +292,13 @@ class Ingress:
         data = _multipart_file(ctype, body) if ctype.startswith("multipart/form-data") else body
         if not data:
             raise HTTPException(400, "empty upload: send the artifact's bytes (ConceptArtifact.save file)")
-        return (await self._call("submit", token, data, source=_source(request))).to_dict()
+        return (await self._call("submit", token, data, _request_id(idempotency_key),
+                                 source=_source(request))).to_dict()
 
     @app.delete("/v1/concepts/{name}")
-    async def remove(self, name: str, request: Request, authorization: str | None = Header(None)) -> dict:
-        """Take a live concept out (owner or admin token); replicas drop its slot on their next batch."""
-        return (await self._call("remove", _bearer(authorization), name, source=_source(request))).to_dict()
+    async def remove(self, name: str, request: Request, authorization: str | None = Header(None),
+                     idempotency_key: str | None = Header(None)) -> dict:
+        """Take a live concept out (owner or admin token): it leaves every collection, and
+        /v1/generate refuses it at once."""
+        return (await self._call("remove", _bearer(authorization), name, _request_id(idempotency_key),
+                                 source=_source(request))).to_dict()

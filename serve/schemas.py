@@ -54,6 +54,8 @@ class GenerateRequest(BaseModel):
     height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8,
                                description="pixels; default: the base's native resolution")
     num_images: int = Field(1, ge=1, le=MAX_IMAGES)
+    collection: ConceptName | None = Field(None, description="a collection whose members the request merges too "
+                                                             "(weight 1 unless listed with another)")
 
     @model_validator(mode="after")
     def _no_duplicate_concepts(self) -> "GenerateRequest":
@@ -85,8 +87,30 @@ class Concept(BaseModel):
     slot: int
     triggers: list[str]
     class_word: str
+    owner: str
+    status: str = Field(description="live, or reserved (still being trained)")
+    version: int | None = Field(None, description="the federation version it went live at")
+    expires_at: float | None = Field(None, description="a reservation's end, wall-clock seconds")
 
 
 class Concepts(BaseModel):
+    """One page of the library, in name order."""
+
     version: int
+    total: int = Field(description="entries matching the filters, over every page")
     concepts: list[Concept]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last one")
+
+
+class CollectionBody(BaseModel):
+    """The members a collection is set to: live concepts in pairwise different slots."""
+
+    model_config = ConfigDict(extra="forbid")
+    members: list[ConceptName] = Field(max_length=64)
+
+
+class InvitationBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, description="the person's name, shown as owner")
+    quota: int | None = Field(None, ge=1, le=100_000, description="live concepts + reservations they may hold")
+    uses: int = Field(1, ge=1, le=100, description="clients that may register with the code")

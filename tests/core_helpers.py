@@ -17,9 +17,25 @@ from blocklora.pipeline.base import Base
 from prerun import Runner, run_now
 
 
-def make_artifact(base: Base, cfg: AdapterConfig, name: str, slot: int, seed: int = 0, **kw):
+def make_artifact(base: Base, cfg: AdapterConfig, name: str, slot: int, seed: int = 0, class_word: str = "dog", **kw):
+    """A random concept as training would ship it; "dog", the class word the federation tests reserve."""
     space = SlotSpace.of(base, cfg)
-    return random_artifact(name, slot, cfg, base.fingerprint, space.layout, space.hidden, seed, **kw)
+    return random_artifact(name, slot, cfg, base.fingerprint, space.layout, space.hidden, seed,
+                           class_word=class_word, **kw)
+
+
+def enrol(federation, admin: str, name: str, quota: int | None = None, remote: bool = False) -> str:
+    """The admin invites `name`, who registers one client: its token. `federation` is a Registry,
+    or (remote) a coordinator actor handle (federation.coordinator.enrol)."""
+    from federation.auth import new_client_token, new_invitation_code
+
+    if remote:
+        from federation.coordinator import enrol as enrol_remote
+        return enrol_remote(federation, admin, name, quota)
+    code, token = new_invitation_code(), new_client_token()
+    federation.invite(admin, name, code, quota)
+    federation.register(code, token)
+    return token
 
 
 def fused_weight(pipe, key: str) -> torch.Tensor:
@@ -50,3 +66,20 @@ def model_code_imported(code: str, *args: str, run: Runner = run_now) -> tuple[l
     assert done.returncode == 0, done.stderr[-3000:]
     *printed, last = done.stdout.strip().splitlines()
     return json.loads(last), "\n".join(printed).strip()
+
+
+def open_registry(base: Base, folder: Path, adapter: AdapterConfig, admin: str, **cfg):
+    """A Registry on `folder` (its store locked until `close`), with FederationConfig(**cfg)."""
+    from blocklora.config import FederationConfig
+    from federation.auth import token_hash
+    from federation.registry import Registry
+    from federation.store import StateStore
+
+    return Registry(SlotSpace.of(base, adapter), FederationConfig(**cfg), StateStore(folder), token_hash(admin))
+
+
+def add_concept(reg, base: Base, token: str, name: str, seed: int = 0, with_: tuple[str, ...] = ()):
+    """Reserve `name` (class word "dog") and submit a random artifact for the slot granted: the artifact."""
+    art = make_artifact(base, reg.adapter, name, reg.reserve(token, name, "dog", with_).slot, seed=seed)
+    reg.submit(token, art.to_bytes())
+    return art

@@ -23,7 +23,7 @@ from blocklora.config import AdapterConfig, FederationConfig
 from conftest import REPO, VENV_BIN
 from core_helpers import write_images
 from federation import coordinator
-from federation.auth import token_hash
+from federation.auth import new_invitation_code, token_hash
 from serve.app import AppArgs, build
 
 CODE = [str(Path(m.__file__).parent) for m in (blocklora, federation, serve_pkg)]  # shipped to the workers
@@ -71,17 +71,25 @@ def start_in_process(head, state_dir: Path, namespace: str, name: str, adapter: 
     return actor, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
 
 
+def invite(actor, admin_token: str, name: str) -> str:
+    """An invitation code for person `name` (what jobs/invite.py prints)."""
+    code = new_invitation_code()
+    ray.get(actor.invite.remote(admin_token, name, code))
+    return code
+
+
 def submit_client(head, root: Path, name: str, seed: int, namespace: str, coordinator_name: str,
                   train: tuple[str, ...] = ("--steps", "3"), workers: int = 1,
-                  submit: tuple[str, ...] = ()) -> subprocess.Popen:
+                  submit: tuple[str, ...] = (), invitation: str | None = None) -> subprocess.Popen:
     """`ray job submit` of jobs/client_train.py for concept `name` (3 generated images under `root`,
-    its token in root/NAME.token, checkpoints in root/train); `submit`: more `ray job submit` flags,
-    e.g. --entrypoint-resources. The process streams the job's output and exits with its status."""
+    its token in root/NAME.token, registered with `invitation` the first time, checkpoints in
+    root/train); `submit`: more `ray job submit` flags, e.g. --entrypoint-resources. The process
+    streams the job's output and exits with its status."""
     images = write_images(root / f"images-{name}", n=3, seed=seed)
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--working-dir", str(REPO),
            *submit, "--", "python", "jobs/client_train.py", "--images", str(images), "--class-word", "dog",
            "--name", name, "--batch-size", "1", "--seed", str(seed), "--workers", str(workers), *train,
-           "--token-file", str(root / f"{name}.token"), "--client-name", f"owner-{name}",
+           "--token-file", str(root / f"{name}.token"), *(["--invitation", invitation] if invitation else []),
            "--storage-path", str(root / "train"), "--address", head.address, "--namespace", namespace,
            "--coordinator", coordinator_name]
     return subprocess.Popen(cmd, cwd=REPO, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

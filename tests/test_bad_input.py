@@ -26,11 +26,11 @@ from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig
 from blocklora.files.safefile import write_safetensors
 from blocklora.method.slots import SlotSpace
-from core_helpers import make_artifact
-from federation.auth import token_hash
+from core_helpers import enrol, make_artifact
+from federation.auth import new_client_token, new_invitation_code, token_hash
 from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
                                UnknownConcept)
-from federation.protocol import Grant
+from federation.protocol import ConceptQuery, Grant
 from federation.registry import Registry
 from federation.store import StateStore
 from serve.body_limit import json_depth
@@ -63,13 +63,14 @@ def base():
 @pytest.fixture(scope="module")
 def reg_ctx(base, tmp_path_factory) -> Ctx:
     reg = Registry(SlotSpace.of(base, ADAPTER),
-                   FederationConfig(max_artifact_bytes=4 * 1024 * 1024, max_slots_per_client=2),
+                   FederationConfig(max_artifact_bytes=4 * 1024 * 1024, max_concepts_per_person=2),
                    StateStore(tmp_path_factory.mktemp("bad") / "state"), token_hash(ADMIN))
-    alice, bob = (reg.register(n).token for n in ("alice", "bob"))
+    alice, bob = (enrol(reg, ADMIN, n) for n in ("alice", "bob"))
     pet = make_artifact(base, ADAPTER, "pet", reg.reserve(alice, "pet", "dog").slot, seed=1)
     reg.submit(alice, pet.to_bytes())
-    good = make_artifact(base, ADAPTER, "held", reg.reserve(alice, "held", "cat").slot, seed=2)
-    return Ctx(base, alice, bob, good, pet, reg=reg)
+    good = make_artifact(base, ADAPTER, "held", reg.reserve(alice, "held", "cat").slot, seed=2, class_word="cat")
+    yield Ctx(base, alice, bob, good, pet, reg=reg)
+    reg.close()
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +78,11 @@ def http_ctx(ray_head, serve_port, base, tmp_path_factory) -> Ctx:
     """The same starting state behind the real app (its own coordinator on the session cluster)."""
     actor, client = start_in_process(ray_head, tmp_path_factory.mktemp("bad-http") / "state", NAMESPACE, NAME,
                                      ADAPTER, ADMIN, serve_port)
-    alice, bob = (ray.get(actor.register.remote(n)).token for n in ("alice", "bob"))
+    alice, bob = (enrol(actor, ADMIN, n, remote=True) for n in ("alice", "bob"))
     pet = make_artifact(base, ADAPTER, "pet", ray.get(actor.reserve.remote(alice, "pet", "dog")).slot, seed=1)
     assert client.post("/v1/concepts", content=pet.to_bytes(), headers=auth(alice)).status_code == 201
-    good = make_artifact(base, ADAPTER, "held", ray.get(actor.reserve.remote(alice, "held", "cat")).slot, seed=2)
+    good = make_artifact(base, ADAPTER, "held", ray.get(actor.reserve.remote(alice, "held", "cat")).slot, seed=2,
+                         class_word="cat")
     yield Ctx(base, alice, bob, good, pet, http=client)
     client.close()
     stop_app(actor)
@@ -173,6 +175,19 @@ def reserve(who: str, name: str, class_word: str = "dog"):
     return lambda c: c.reg.reserve(getattr(c, who) if who in ("alice", "bob") else who, name, class_word)
 
 
+def invite(name):
+    return lambda c: c.reg.invite(ADMIN, name, new_invitation_code())
+
+
+def call(method: str, path: str, who: str | None = None, **kw):
+    """Any HTTP request, with `who`'s bearer token."""
+    def act(c: Ctx):
+        token = getattr(c, who) if who in ("alice", "bob") else who
+        headers = {**(auth(token) if token else {}), **kw.pop("headers", {})}
+        return c.http.request(method, path, headers=headers, **kw)
+    return act
+
+
 def remove(who: str, name: str):
     def act(c: Ctx):
         token = getattr(c, who) if who in ("alice", "bob") else who
@@ -197,7 +212,7 @@ def generate(body: dict | bytes):
 def race_reserve(c: Ctx):
     """Eight clients reserve the same free name at once: one wins, the others are told it is taken;
     the winner then cancels, so the race leaves nothing behind."""
-    tokens = [c.reg.register(f"racer{i}").token for i in range(8)]
+    tokens = [enrol(c.reg, ADMIN, f"racer{i}") for i in range(8)]
     before = c.reg.list_concepts()
 
     def one(t: str):
@@ -277,7 +292,7 @@ CASES = [
     ("foreign-base", "reg", submit("alice", lambda c: with_meta(c.good, base_fingerprint="0" * 64)), ArtifactRejected, "trained on base"),
     ("format-version-2", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(format_version=2))), ArtifactRejected, "format version 2"),
     ("unicode-artifact-name", "reg", submit("alice", lambda c: raw_meta(c.good, lambda d: d.update(name="hëld"))), ArtifactRejected, "not allowed"),
-    ("name-collision-new-bytes", "reg", submit("alice", lambda c: make_artifact(c.base, ADAPTER, "pet", c.pet.meta.slot, seed=9).to_bytes()), ReservationError, "no reservation"),
+    ("name-collision-new-bytes", "reg", submit("alice", lambda c: make_artifact(c.base, ADAPTER, "pet", c.pet.meta.slot, seed=9).to_bytes()), SlotUnavailable, "'pet' is already live"),
     ("other-clients-reservation", "reg", submit("bob", lambda c: c.good.to_bytes()), ReservationError, "another client"),
     ("not-bytes", "reg", lambda c: c.reg.submit(c.alice, c.good.to_bytes().decode("latin-1")), ArtifactRejected, "as bytes"),
     ("over-size-limit", "reg", submit("alice", lambda c: c.good.to_bytes() + b"\0" * (4 * 1024 * 1024)), ArtifactRejected, "accepts at most"),
@@ -291,12 +306,30 @@ CASES = [
     ("path-traversal-name", "reg", reserve("bob", "../../etc/passwd"), ReservationError, "not allowed"),
     ("empty-class-word", "reg", reserve("bob", "fine", "   "), ReservationError, "class word"),
     ("long-class-word", "reg", reserve("bob", "fine", "w" * 65), ReservationError, "class word"),
-    ("long-client-name", "reg", lambda c: c.reg.register("x" * 65), FederationError, "1-64 characters"),
-    ("client-name-control-chars", "reg", lambda c: c.reg.register("eve\x1b[2J"), FederationError, "control characters"),
+    ("long-person-name", "reg", invite("x" * 65), FederationError, "not allowed"),
+    ("person-name-control-chars", "reg", invite("eve\x1b[2J"), FederationError, "not allowed"),
+    ("person-name-admin", "reg", invite("Admin"), FederationError, "the admin's"),
+    ("person-name-homoglyph-admin", "reg", invite("\u0430dmin"), FederationError, "not allowed"),
+    ("person-name-taken-in-another-case", "reg", invite("ALICE"), FederationError, "already invited"),
+    ("invite-by-a-client", "reg", lambda c: c.reg.invite(c.alice, "eve", new_invitation_code()), Unauthorized, "only the admin"),
+    ("register-without-invitation", "reg", lambda c: c.reg.register("", new_client_token()), Unauthorized, "invitation code"),
+    ("register-forged-invitation", "reg", lambda c: c.reg.register("p0123456789abcdef." + "a" * 43, new_client_token()), Unauthorized, "not recognised"),
+    ("register-bad-token-shape", "reg", lambda c: c.reg.register("x", "short"), FederationError, "client token"),
+    ("reserve-with-unknown", "reg", lambda c: c.reg.reserve(c.bob, "fine", "dog", ("ghost",)), UnknownConcept, "'with' names"),
+    ("reserve-with-not-a-list", "reg", lambda c: c.reg.reserve(c.bob, "fine", "dog", "pet"), FederationError, "must be a list"),
+    ("reserve-with-bad-name", "reg", lambda c: c.reg.reserve(c.bob, "fine", "dog", ("../x",)), FederationError, "not a concept name"),
+    ("reserve-name-in-another-case", "reg", reserve("bob", "PET"), SlotUnavailable, "already live"),
+    ("submit-other-class-word", "reg", submit("alice", lambda c: make_artifact(c.base, ADAPTER, "held", c.good.meta.slot, class_word="totally-different").to_bytes()), ReservationError, "class word"),
+    ("collection-clash", "reg", lambda c: c.reg.put_collection(c.alice, "col", ["pet", "pet"]), FederationError, "more than once"),
+    ("collection-bad-name", "reg", lambda c: c.reg.put_collection(c.alice, "col/../x", ["pet"]), FederationError, "collection name"),
+    ("collection-unknown-member", "reg", lambda c: c.reg.put_collection(c.alice, "col", ["ghost"]), UnknownConcept, "not live"),
+    ("collection-default-by-client", "reg", lambda c: c.reg.put_collection(c.bob, "default", []), Unauthorized, "belongs to 'admin'"),
+    ("cursor-forged", "reg", lambda c: c.reg.list_concepts(ConceptQuery(cursor="Li4vZXRj")), FederationError, "cursor"),
+    ("request-id-bad", "reg", lambda c: c.reg.remove(c.alice, "ghost", request_id="x" * 65), FederationError, "request id"),
     ("reserve-name-trailing-newline", "reg", reserve("bob", "pet2\n"), ReservationError, "not allowed"),
     ("reserve-class-word-surrogate", "reg", reserve("bob", "fine", "d\ud800g"), ReservationError, "unpaired surrogates"),
-    ("reserve-over-client-quota", "reg", reserve("alice", "third"), SlotUnavailable, "max_slots_per_client = 2"),
-    ("client-name-not-str", "reg", lambda c: c.reg.register(12345), FederationError, "must be a string"),
+    ("reserve-over-person-quota", "reg", reserve("alice", "third"), SlotUnavailable, "their invitation allows \\(2\\)"),
+    ("person-name-not-str", "reg", invite(12345), FederationError, "not allowed"),
     ("remove-unknown", "reg", remove("alice", "ghost"), UnknownConcept, "no live concept"),
     ("remove-others", "reg", remove("bob", "pet"), Unauthorized, "owner or the admin"),
     ("race-reserve-same-name", "reg", race_reserve, ReservationError, "reserved by another client"),
@@ -324,8 +357,20 @@ CASES = [
     ("http-slot-forgery", "http", submit("alice", lambda c: make_artifact(c.base, ADAPTER, "held", c.pet.meta.slot, seed=3).to_bytes()), 409, "trained for slot"),
     ("http-upload-for-others-reservation", "http", submit("bob", lambda c: c.good.to_bytes()), 409, "another client"),
     ("http-remove-others", "http", remove("bob", "pet"), 403, "owner or the admin"),
+    ("http-bad-cursor", "http", call("GET", "/v1/concepts?cursor=@@"), 400, "cursor"),
+    ("http-page-too-long", "http", call("GET", "/v1/concepts?limit=100000"), 422, "less than or equal to 1000"),
+    ("http-unknown-status", "http", call("GET", "/v1/concepts?status=deleted"), 422, "live"),
+    ("http-mergeable-too-many", "http", call("GET", "/v1/mergeable?concepts=" + ",".join(f"c{i}" for i in range(65))), 400, "at most 64"),
+    ("http-collection-no-token", "http", call("PUT", "/v1/collections/mine", json={"members": ["pet"]}), 401, "Bearer"),
+    ("http-collection-unknown-member", "http", call("PUT", "/v1/collections/mine", "alice", json={"members": ["ghost"]}), 404, "not live"),
+    ("http-collection-bad-name", "http", call("PUT", "/v1/collections/a%20b", "alice", json={"members": []}), 400, "collection name"),
+    ("http-lora-unknown-collection", "http", call("GET", "/v1/lora?collection=nope"), 404, "no collection"),
+    ("http-generate-unknown-collection", "http", generate({"prompt": "x", "collection": "nope"}), 404, "no collection"),
+    ("http-idempotency-key-bad", "http", call("DELETE", "/v1/concepts/pet", "alice", headers={"Idempotency-Key": "x"}), 400, "Idempotency-Key"),
+    ("http-invitation-by-a-client", "http", call("POST", "/v1/invitations", "alice", json={"name": "eve"}), 403, "only the admin"),
+    ("http-invitation-as-admin-name", "http", call("POST", "/v1/invitations", ADMIN, json={"name": "ADMIN"}), 400, "the admin's"),
     ("http-remove-unicode-name", "http", remove(ADMIN, "pét-ü"), 404, "no live concept"),
-    ("http-unicode-concept", "http", generate({"prompt": "a photo", "concepts": ["pét"]}), 404, "not live"),
+    ("http-unicode-concept", "http", generate({"prompt": "a photo", "concepts": ["pét"]}), 400, "not a concept name"),
     ("http-long-concept-name", "http", generate({"prompt": "a photo", "concepts": ["n" * 65]}), 422, "at most 64"),
     ("http-long-unicode-prompt", "http", generate({"prompt": "ü" * 1001}), 422, "at most 1000"),
     ("http-negative-steps", "http", generate({"prompt": "x", "steps": -1}), 422, "greater than or equal to 1"),
@@ -382,10 +427,10 @@ def test_bad_input_is_refused_and_changes_nothing(case, request):
         assert ctx.http.get("/v1/concepts").json() == before
         return
     reg = ctx.reg
-    before = (reg.version, reg.list_concepts(), reg.merged_residual(), reg.store.manifest_path.read_bytes())
+    before = (reg.version, reg.list_concepts(), reg.merged_residual(), reg.store.load())
     with pytest.raises(expected, match=fragment):
         action(ctx)
-    after = (reg.version, reg.list_concepts(), reg.merged_residual(), reg.store.manifest_path.read_bytes())
+    after = (reg.version, reg.list_concepts(), reg.merged_residual(), reg.store.load())
     assert after[:2] == before[:2]
     assert all(torch.equal(after[2][k], v) for k, v in before[2].items())
     if not name.startswith("race-reserve"):  # the race registers its eight clients

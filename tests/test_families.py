@@ -27,7 +27,7 @@ from blocklora.method.slots import phrase
 from blocklora.pipeline.base import TINY, TINY_SD2, TINY_SDXL, load_base
 from blocklora.pipeline.generate import generate
 from blocklora.training.trainer import train_concept
-from core_helpers import fused_weight, write_images
+from core_helpers import enrol, fused_weight, write_images
 from federation import coordinator
 from federation.auth import token_hash
 from serve.app import AppArgs, build
@@ -75,7 +75,7 @@ def test_train_upload_serve_subset_and_export(family, federations, tmp_path):
     assert type(base.pipe).__name__ == pipeline_class
     assert base.pipe.scheduler.config.prediction_type == prediction
     actor, client = federations[family]
-    token = ray.get(actor.register.remote(family)).token
+    token = enrol(actor, ADMIN, family, remote=True)
     arts = {}
     for i, name in enumerate(("pet", "toy")):
         slot = ray.get(actor.reserve.remote(token, name, "dog")).slot

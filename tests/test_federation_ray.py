@@ -22,10 +22,12 @@ from blocklora.config import AdapterConfig
 from blocklora.method.artifact import ConceptArtifact
 from blocklora.pipeline.base import load_base
 from conftest import REPO
-from core_helpers import make_artifact
+from core_helpers import enrol, make_artifact
 from federation import coordinator
+from federation.client import load_or_register
 from federation.errors import ArtifactRejected, ReservationError, SlotUnavailable, Unauthorized
-from serve_helpers import start_coordinator as start_script, submit_client
+from federation.protocol import ConceptQuery
+from serve_helpers import invite, start_coordinator as start_script, submit_client
 
 pytestmark = pytest.mark.slow
 
@@ -52,16 +54,22 @@ def fed(ray_head, tmp_path_factory):
 
 
 def submit_job(fed, name: str, seed: int, workers: int, *flags: str) -> subprocess.Popen:
-    return submit_client(fed.head, fed.root, name, seed, NAMESPACE, NAME, ("--steps", "3", *flags), workers)
+    return submit_client(fed.head, fed.root, name, seed, NAMESPACE, NAME, ("--steps", "3", *flags), workers,
+                         invitation=invite(fed.actor, ADMIN_TOKEN, f"owner-{name}"))
+
+
+def live_concepts(actor) -> list:
+    return list(ray.get(actor.list_concepts.remote(ConceptQuery(status="live"))).items)
 
 
 def live_artifacts(actor) -> dict[str, ConceptArtifact]:
-    """What a serve replica sees: the live set through `state`, artifacts via the object store."""
-    state = ray.get(actor.state.remote(-1))
-    return {n: ConceptArtifact.from_bytes(ray.get(ref)) for n, ref in state.artifacts.items()}
+    """What a serve replica fetches: each live artifact, by name and digest, through the object store."""
+    return {c.name: ConceptArtifact.from_bytes(ray.get(actor.artifact.remote(c.name, c.sha256)))
+            for c in live_concepts(actor)}
 
 
 def assert_residual_is_sum(actor) -> None:
+    """The default collection's merged residual (every live concept while they hold distinct slots)."""
     arts = list(live_artifacts(actor).values())
     residual = ray.get(actor.merged_residual.remote())
     for key, value in residual.items():
@@ -98,7 +106,7 @@ def test_two_concurrent_client_jobs(fed):
         noise = "Reporting training result|execution finished|DeprecationWarning|actor restart"
         assert not re.search(noise, out), out[-4000:]
         fed.clients[name] = (fed.root / f"{name}.token").read_text().strip()
-    concepts = ray.get(fed.actor.list_concepts.remote())
+    concepts = live_concepts(fed.actor)
     assert [c.status for c in concepts] == ["live", "live"]
     assert len({c.slot for c in concepts}) == 2 and {c.owner for c in concepts} == {"owner-dog-a", "owner-dog-b"}
     assert ray.get(fed.actor.version.remote()) == 2
@@ -112,8 +120,8 @@ def test_two_concurrent_client_jobs(fed):
 def test_rejections_change_nothing(fed):
     actor, base, token = fed.actor, fed.base, fed.clients["dog-b"]
     adapter = ray.get(actor.info.remote()).adapter
-    other = ray.get(actor.register.remote("other")).token
-    grant = ray.get(actor.reserve.remote(token, "bad", "cat"))
+    other = enrol(actor, ADMIN_TOKEN, "other", remote=True)
+    grant = ray.get(actor.reserve.remote(token, "bad", "dog"))
     good = make_artifact(base, adapter, "bad", grant.slot, seed=9)
     before = observable(actor)
     nan = make_artifact(base, adapter, "bad", grant.slot, seed=9)
@@ -132,16 +140,16 @@ def test_rejections_change_nothing(fed):
     for error, message, who, data in cases:
         with pytest.raises(error, match=message):
             ray.get(actor.submit.remote(who, data))
-    with pytest.raises(SlotUnavailable, match=f"all {SLOTS} slots are taken"):
-        ray.get(actor.reserve.remote(other, "one-too-many", "cat"))
+    with pytest.raises(SlotUnavailable, match="'dog-a' is already live"):
+        ray.get(actor.reserve.remote(other, "DOG-A", "cat"))  # names are unique regardless of case
     assert observable(actor) == before
     ray.get(actor.remove.remote(token, "bad"))  # cancel the reservation: its slot is free again
 
 
 def test_remove_updates_residual_and_frees_slot(fed):
     actor = fed.actor
-    slot_a = next(c.slot for c in ray.get(actor.list_concepts.remote()) if c.name == "dog-a")
-    with pytest.raises(Unauthorized, match="another client"):
+    slot_a = next(c.slot for c in live_concepts(actor) if c.name == "dog-a")
+    with pytest.raises(Unauthorized, match="another person"):
         ray.get(actor.remove.remote(fed.clients["dog-b"], "dog-a"))
     done = ray.get(actor.remove.remote(fed.clients["dog-a"], "dog-a"))
     assert done.version == 3 and done.slot == slot_a
@@ -178,6 +186,30 @@ def test_restarted_actor_has_everything(fed):
     assert all(torch.equal(after[k], v) for k, v in residual.items())
     assert_residual_is_sum(actor)
     assert ray.get(actor.whoami.remote(fed.clients["dog-b"])).name == "owner-dog-b"
+
+
+def test_a_second_coordinator_on_the_folder_is_refused_naming_the_holder(fed):
+    """Issue #40.4: a second start_coordinator.py on the same --state-dir was accepted and its first
+    write dropped the first one's concepts. The folder's lock refuses it, naming who holds it."""
+    before = observable(fed.actor)
+    proc = subprocess.run([sys.executable, "jobs/start_coordinator.py", "--base-model", "tiny", "--slots", str(SLOTS),
+                           "--rank", str(RANK), "--state-dir", str(fed.root / "state"), "--address", fed.head.address,
+                           "--namespace", NAMESPACE, "--name", "other"],
+                          cwd=REPO, env=fed.head.env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert f"is in use by coordinator '{NAME}' (namespace '{NAMESPACE}')" in proc.stderr, proc.stderr[-3000:]
+    assert observable(coordinator.get(NAME, NAMESPACE)) == before
+
+
+def test_first_jobs_sharing_a_token_file_register_once(fed, tmp_path):
+    """Two first-time client jobs with one --token-file: the second used to crash (FileExistsError).
+    They take turns on the file: one registers (the invitation allows one client), both use its token."""
+    code = invite(fed.actor, ADMIN_TOKEN, "sharer")
+    path = tmp_path / "shared" / "client_token"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        tokens = list(pool.map(lambda _: load_or_register(fed.actor, path, code), range(2)))
+    assert tokens[0] == tokens[1] == path.read_text() and path.stat().st_mode & 0o077 == 0
+    assert ray.get(fed.actor.whoami.remote(tokens[0])).name == "sharer"
 
 
 def test_fresh_coordinator_on_same_state_dir(fed):

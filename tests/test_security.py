@@ -24,7 +24,7 @@ from blocklora.method.artifact import ConceptArtifact, InvalidArtifact
 from blocklora.method.slots import SlotSpace
 from blocklora.pipeline.base import load_base
 from conftest import REPO
-from core_helpers import make_artifact
+from core_helpers import enrol, make_artifact
 from devtools.local_cluster import LocalCluster
 from federation.auth import token_hash
 from federation.errors import ReservationError, SlotUnavailable, Unauthorized
@@ -86,7 +86,7 @@ def test_no_pickle_on_any_boundary():
 
 def test_tokens_stored_hashed_and_only_owner_or_admin_acts(base, tmp_path):
     reg = Registry(SlotSpace.of(base, ADAPTER), FederationConfig(), StateStore(tmp_path / "state"), token_hash(ADMIN))
-    alice, bob = (reg.register(n).token for n in ("alice", "bob"))
+    alice, bob = (enrol(reg, ADMIN, n) for n in ("alice", "bob"))
     slot = reg.reserve(alice, "pet", "dog").slot
     art = make_artifact(base, ADAPTER, "pet", slot, seed=1)
     with pytest.raises(ReservationError, match="another client"):
@@ -99,9 +99,10 @@ def test_tokens_stored_hashed_and_only_owner_or_admin_acts(base, tmp_path):
     with pytest.raises(Unauthorized, match="only its owner or the admin"):
         reg.remove(bob, "pet")
     assert reg.remove(ADMIN, "pet").removed == "concept"
-    manifest = reg.store.manifest_path.read_text()
-    assert token_hash(alice) in manifest and token_hash(ADMIN) in manifest
-    assert reg.store.manifest_path.stat().st_mode & 0o077 == 0
+    reg.close()  # the write-ahead log is checkpointed into the database file
+    db = (tmp_path / "state" / "federation.db").read_bytes()
+    assert token_hash(alice).encode() in db and token_hash(ADMIN).encode() in db
+    assert (tmp_path / "state" / "federation.db").stat().st_mode & 0o077 == 0
     for path in (tmp_path / "state").rglob("*"):
         if path.is_file():
             raw = path.read_bytes()
@@ -113,7 +114,7 @@ def test_tokens_stored_hashed_and_only_owner_or_admin_acts(base, tmp_path):
 def srv(ray_head, serve_port, base, tmp_path_factory):
     root = tmp_path_factory.mktemp("security")
     actor, client = start_in_process(ray_head, root / "state", NAMESPACE, NAME, ADAPTER, ADMIN, serve_port, API_KEY)
-    owner, other = (ray.get(actor.register.remote(n)).token for n in ("owner", "other"))
+    owner, other = (enrol(actor, ADMIN, n, remote=True) for n in ("owner", "other"))
     slot = ray.get(actor.reserve.remote(owner, "pet", "dog")).slot
     pet = make_artifact(base, ADAPTER, "pet", slot, seed=3).to_bytes()
     r = client.post("/v1/concepts", content=pet, headers={"Authorization": f"Bearer {owner}"})
@@ -142,7 +143,7 @@ def test_http_keys_and_tokens(srv):
         ("post", "/v1/concepts", bearer(ADMIN), b"x" * 64, 422, "artifact refused"),
         ("post", "/v1/concepts", bearer(srv.owner), b"x" * 64, 422, "artifact refused"),
         ("delete", "/v1/concepts/ghost", bearer(ADMIN), None, 404, "no live concept"),
-        ("post", "/v1/concepts", bearer(srv.other), srv.pet_bytes, 409, "no reservation"),  # a live name: no takeover
+        ("post", "/v1/concepts", bearer(srv.other), srv.pet_bytes, 409, "already live"),  # a live name: no takeover
         ("post", "/v1/concepts", bearer(ADMIN), srv.pet_bytes, 409, "already live"),  # nor by the admin
     ]
     before = srv.client.get("/v1/concepts").json()

@@ -18,6 +18,7 @@ import pytest
 import ray
 import torch
 from ray.util.state import list_actors
+from safetensors.torch import load
 
 from blocklora.config import AdapterConfig, GenerateConfig
 from blocklora.method.inject import find_targets
@@ -25,7 +26,7 @@ from blocklora.method.merge import LiveMerge
 from blocklora.method.slots import phrase
 from blocklora.pipeline.base import load_base
 from blocklora.pipeline.generate import generate
-from core_helpers import fused_weight, make_artifact, model_code_imported
+from core_helpers import enrol, fused_weight, make_artifact, model_code_imported
 from prerun import Runner
 from serve_helpers import pixels, serve_up, start_coordinator, stop_app
 
@@ -46,7 +47,7 @@ def srv(ray_head, serve_port, tmp_path_factory):
         started = pool.submit(start_coordinator, ray_head, root / "state", NAMESPACE, NAME, ADAPTER, ADMIN)
         client = pool.submit(serve_up, ray_head, serve_port, NAMESPACE, NAME).result()
         actor = started.result()
-    token = ray.get(actor.register.remote("serve-test")).token
+    token = enrol(actor, ADMIN, "serve-test", remote=True)
     base = load_base("tiny")
     arts = {}
     for i, name in enumerate(("a", "b")):
@@ -91,7 +92,8 @@ def test_concepts_listed_and_weights_matter(srv):
     listed = srv.client.get("/v1/concepts").json()
     assert {c["name"]: c["slot"] for c in listed["concepts"]} == {n: a.meta.slot for n, a in srv.arts.items()}
     health = srv.client.get("/v1/healthz").json()
-    assert health["status"] == "ok" and health["replica_version"] == listed["version"]
+    assert health["status"] == "ok" and health["version"] == listed["version"] and health["live"] == 2
+    assert {"hits", "misses", "hit_rate", "bytes", "budget_bytes"} <= set(health["replica_cache"])
     assert health["quarantined"] == [] and health["quarantined_count"] == 0
     full = post(srv, prompt="a photo of a dog", concepts=["a"]).content
     zero = post(srv, prompt="a photo of a dog", concepts=[{"name": "a", "weight": 0.0}]).content
@@ -130,6 +132,56 @@ def test_several_images_and_mixed_batch(srv):
     for r, a in zip(together, alone):
         assert r.status_code == 200 and np.abs(pixels(r.content) - a).max() <= 2
     assert alone[3].shape == (40, 48, 3)
+
+
+def test_a_library_slot_shared_clashes_named_collections_and_pages(srv):
+    """A third concept in a's slot (the admin's upload into the artifact's own slot): merged with a
+    it is a named 409, alone or beside a in one batch each picture is its own; a collection of it
+    and b is served as one LoRA and by name; the listing pages."""
+    slot = srv.arts["a"].meta.slot
+    srv.arts["c"] = make_artifact(srv.base, ADAPTER, "c", slot, seed=7, b_scale=0.5)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    r = srv.client.post("/v1/concepts", content=srv.arts["c"].to_bytes(), headers=admin)
+    assert r.status_code == 201 and r.json()["slot"] == slot, r.text
+    try:
+        r = post(srv, prompt="{a} and {c}")
+        assert r.status_code == 409 and f"'a' and 'c' are both in slot {slot}" in r.text, r.text
+        verdict = srv.client.get("/v1/mergeable", params={"concepts": "a,c,b,ghost"}).json()
+        assert verdict == {"mergeable": False, "slots": {"a": slot, "c": slot, "b": srv.arts["b"].meta.slot},
+                           "clashes": [{"slot": slot, "concepts": ["a", "c"]}], "unknown": ["ghost"]}
+        assert srv.client.get("/v1/mergeable", params={"concepts": "c,b"}).json()["mergeable"]
+        bodies = [{"prompt": "a photo of {a}"}, {"prompt": "a photo of {c}"}, {"prompt": "{c} and {b}"}]
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:  # a and c share a slot, not a picture
+            together = list(pool.map(lambda b: post(srv, **b), bodies))
+        for r, names, body in zip(together, (["a"], ["c"], ["c", "b"]), bodies):
+            assert r.status_code == 200, r.text
+            assert np.abs(pixels(r.content) - reference(srv, names, body["prompt"])).max() <= 2
+        owner = {"Authorization": f"Bearer {srv.token}"}
+        r = srv.client.put("/v1/collections/pair", json={"members": ["c", "b"]}, headers=owner)
+        assert r.status_code == 200 and r.json()["members"] == {"c": slot, "b": srv.arts["b"].meta.slot}, r.text
+        for body, status in (({"members": ["a", "c"]}, 409), ({"members": ["ghost"]}, 404), ({"members": "a"}, 422)):
+            assert srv.client.put("/v1/collections/pair", json=body, headers=owner).status_code == status
+        assert srv.client.put("/v1/collections/pair", json={"members": ["a"]}).status_code == 401
+        lora = srv.client.get("/v1/lora", params={"collection": "pair"})
+        tensors = load(lora.content)
+        for key in srv.arts["b"].meta.layout:
+            got = tensors[f"{key}.lora_B.weight"] @ tensors[f"{key}.lora_A.weight"]
+            torch.testing.assert_close(got, srv.arts["b"].delta(key) + srv.arts["c"].delta(key), rtol=1e-5, atol=1e-6)
+        by_name = post(srv, prompt="a photo of a dog", collection="pair")
+        assert np.abs(pixels(by_name.content) - reference(srv, ["c", "b"], "a photo of a dog")).max() <= 2
+        listed = [c["name"] for c in srv.client.get("/v1/collections").json()["collections"]]
+        assert listed == ["default", "pair"]
+        first = srv.client.get("/v1/concepts", params={"limit": 2}).json()
+        assert [c["name"] for c in first["concepts"]] == ["a", "b"] and first["total"] == 3
+        rest = srv.client.get("/v1/concepts", params={"limit": 2, "cursor": first["next_cursor"]}).json()
+        assert [c["name"] for c in rest["concepts"]] == ["c"] and rest["next_cursor"] is None
+        assert srv.client.get("/v1/concepts", params={"slot": slot}).json()["total"] == 2
+        assert srv.client.get("/v1/concepts", params={"cursor": "@@"}).status_code == 400
+        assert srv.client.get("/v1/concepts", params={"limit": 0}).status_code == 422
+        assert srv.client.delete("/v1/collections/pair", headers=owner).status_code == 200
+    finally:
+        assert srv.client.delete("/v1/concepts/c", headers=admin).status_code == 200
+        del srv.arts["c"]
 
 
 BAD = [  # (body or raw bytes, status, text the message must contain)

@@ -12,7 +12,7 @@ from ray import serve
 
 from blocklora.config import AdapterConfig
 from blocklora.pipeline.base import load_base
-from core_helpers import make_artifact
+from core_helpers import enrol, make_artifact
 from serve_helpers import pixels, start_in_process, stop_app
 
 pytestmark = pytest.mark.slow
@@ -34,15 +34,15 @@ def test_two_replicas_follow_the_coordinator_and_agree(ray_head, serve_port, tmp
     actor, client = start_in_process(ray_head, tmp_path / "state", NAMESPACE, NAME, ADAPTER, ADMIN, serve_port,
                                      replicas=2, num_cpus=0.5)
     try:
-        token = ray.get(actor.register.remote("replicas-test")).token
+        token = enrol(actor, ADMIN, "replicas-test", remote=True)
         slot = ray.get(actor.reserve.remote(token, "pet", "dog")).slot
         art = make_artifact(load_base("tiny"), ADAPTER, "pet", slot, seed=3, b_scale=0.5)
         r = client.post("/v1/concepts", content=art.to_bytes(), headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 201, r.text
 
         states = replica_states()
-        assert len(states) == 2, states  # both replicas were asked, and each synced on its own
-        assert all(s["slots"] == {"pet": slot} and s["version"] == r.json()["version"] for s in states.values())
+        assert len(states) == 2, states  # both replicas were asked; neither holds a concept before it is used
+        assert all(s["cache"]["held"] == 0 for s in states.values())
 
         body = {**SAMPLING, "prompt": "a photo of {pet}"}
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -53,11 +53,12 @@ def test_two_replicas_follow_the_coordinator_and_agree(ray_head, serve_port, tmp
         plain = pixels(client.post("/v1/generate", json={**SAMPLING, "prompt": "a photo of a dog"}).content)
         assert not np.array_equal(images[0], plain)
 
+        held = replica_states()
+        assert sum(s["cache"]["fetches"] for s in held.values()) <= 2  # each replica fetched it once at most
+        assert all(s["cache"]["held"] == s["cache"]["fetches"] for s in held.values()), held
         gone = client.delete("/v1/concepts/pet", headers={"Authorization": f"Bearer {ADMIN}"})
         assert gone.status_code == 200, gone.text
-        after = replica_states()
-        assert len(after) == 2 and all(s["slots"] == {} for s in after.values()), after
-        assert client.post("/v1/generate", json=body).status_code == 404
+        assert client.post("/v1/generate", json=body).status_code == 404  # refused at once, by the coordinator
     finally:
         client.close()
         stop_app(actor)

@@ -85,7 +85,7 @@ def test_cfg_batch_matches_merged_uncond_and_cond(setup):
     torch.testing.assert_close(got, reference(live, arts, subset, [PROMPT], cfg_doubled=True), atol=2e-5, rtol=1e-4)
 
 
-def test_remove_zeroes_the_slot_and_restores_the_base_exactly(setup):
+def test_remove_drops_the_concept_and_restores_the_base_exactly(setup):
     bank, _, cfg, arts = setup
     fresh = load_base("tiny")
     LiveMerge(fresh, cfg)  # the same slot tokens, nothing merged
@@ -98,24 +98,30 @@ def test_remove_zeroes_the_slot_and_restores_the_base_exactly(setup):
         torch.testing.assert_close(unet_out(bank.base, [PROMPT]), with_b, atol=0, rtol=0)  # b untouched
     for name in ("b", "c"):
         bank.remove(name)
-    for layer in bank.layers.values():
-        assert not layer.A_all.any() and not layer.B_all.any()
+    assert bank.factors == {} and bank.triggers == {}
     with bank.subsets([{}]):
         assert torch.equal(unet_out(bank.base, [PROMPT]), unet_out(fresh, [PROMPT]))  # tokens restored too
 
 
-def test_re_add_after_remove_and_slot_conflicts(setup):
+def test_concepts_sharing_a_slot_serve_different_samples_of_one_batch(setup):
+    """A library holds several concepts per slot: one sample may not merge two of them (named
+    refusal), but samples of one batch may each use another concept of the same slot, and each gets
+    exactly its own merged weights, its slot's trigger reading its own vectors."""
     bank, live, _, arts = setup
-    bank.remove("c")
     space = bank.slots.space
-    with pytest.raises(ValueError, match="slot 0 is already held by concept 'a'"):
-        bank.add(random_artifact("other", 0, bank.adapter, space.fingerprint, space.layout, space.hidden))
+    other = random_artifact("other", 0, bank.adapter, space.fingerprint, space.layout, space.hidden, seed=9)
+    bank.add(other)
+    with pytest.raises(ValueError, match="'a' and 'other' are both in slot 0"):
+        bank.alpha([{"a": 1.0, "other": 1.0}])
     with pytest.raises(ValueError, match="already live"):
         bank.add(arts["a"])
-    bank.add(arts["c"])
-    with bank.subsets([{"c": 1.0}]):
-        got = unet_out(bank.base, [PROMPT])
-    torch.testing.assert_close(got, reference(live, arts, {"c": 1.0}, [PROMPT]), atol=2e-5, rtol=1e-4)
+    batch = [{"a": 1.0, "b": 1.0}, {"other": 1.0, "b": 1.0}, {"other": -0.5}]
+    with bank.subsets(batch):
+        mixed = unet_out(bank.base, [PROMPT] * 3, cfg_doubled=True)
+    everything = {**arts, "other": other}
+    for i, subset in enumerate(batch):
+        torch.testing.assert_close(mixed[[i, 3 + i]], reference(live, everything, subset, [PROMPT], cfg_doubled=True,
+                                                                seeds=[i]), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -130,7 +136,7 @@ def test_mixed_batch_equals_fused_weights_per_sample_in_each_dtype(dtype, tol, k
     bank, live = ConceptBank(served, cfg, kernel=kernel), LiveMerge(merged, cfg)
     for art in arts.values():
         bank.add(art)
-    assert all(layer.A_all.dtype == dtype for layer in bank.layers.values())
+    assert all(a.dtype == dtype for f in bank.factors.values() for _, a, _ in f.values())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(len(SUBSETS), 4, 16, 16, generator=g).to(dtype)
     ctx = (torch.randn(len(SUBSETS), 8, served.pipe.unet.config.cross_attention_dim, generator=g) * 0.5).to(dtype)

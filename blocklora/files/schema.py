@@ -87,6 +87,10 @@ def _value(hint: Any, v: Any, where: str) -> Any:
         if v is not None:
             raise SchemaError(f"{where} must be null, got {_kind(v)}")
         return v
+    if origin is typing.Literal:
+        if not any(type(v) is type(a) and v == a for a in args):
+            raise SchemaError(f"{where} must be one of {list(args)}, got {_kind(v)}")
+        return v
     if origin in (typing.Union, types.UnionType):
         for option in args:
             try:
