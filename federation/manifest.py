@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
 
 from blocklora.config import AdapterConfig
@@ -23,6 +22,7 @@ from blocklora.method.artifact import ConceptArtifact, InvalidArtifact, check_cl
 from blocklora.method.slots import SlotSpace
 from blocklora.method.tokens import trigger_names
 from federation.auth import Client, Person, check_person_name, name_key
+from federation.protocol import Quarantined
 from federation.records import FORMAT, FORMAT_VERSION, Answered, ConceptRecord, Reservation
 from federation.store import StateStore
 
@@ -30,15 +30,6 @@ T = TypeVar("T")
 # what a bad record can raise while it is parsed and checked (a missing or corrupted artifact file
 # is a RuntimeError of StateStore.read_concept, an unreadable one an OSError)
 RECORD_ERRORS = (SchemaError, InvalidArtifact, ValueError, TypeError, KeyError, RuntimeError, OSError)
-
-
-@dataclass(frozen=True)
-class Quarantined:
-    """A record left out at start-up, and why."""
-
-    kind: str  # "person" | "client" | "reservation" | "concept" | "collection" | ...
-    name: str  # the record's key, ascii-escaped and bounded (it may be the malformed part)
-    reason: str
 
 
 def refused(kind: str, key: Any, reason: str) -> Quarantined:

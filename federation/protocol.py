@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from blocklora.config import AdapterConfig
-
-if TYPE_CHECKING:
-    from federation.manifest import Quarantined
 
 # In a client's final Ray Train checkpoint, the artifact: the training worker (federation/train_func.py)
 # writes it, the client's driver (federation/client.py) uploads it, and nothing else leaves the client.
@@ -108,6 +105,15 @@ class Removed(_Message):
     slot: int
     version: int
     removed: Literal["concept", "reservation"]
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A stored record left out at start-up, and why (federation/manifest.py)."""
+
+    kind: str  # "person" | "client" | "reservation" | "concept" | "collection" | ...
+    name: str  # the record's key, ascii-escaped and bounded (it may be the malformed part)
+    reason: str
 
 
 @dataclass(frozen=True)

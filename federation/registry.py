@@ -43,8 +43,8 @@ from federation.auth import (ADMIN, CODE_RE, TOKEN_RE, Accounts, Client, Person,
                              token_hash)
 from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotClash,  # noqa: F401
                                SlotUnavailable, StateUnavailable, Unauthorized, UnknownConcept)
-from federation.manifest import Quarantined, RecordChecks, refused, sift
-from federation.protocol import (Collection, ConceptPage, ConceptQuery, FederationInfo, Grant, HeldSlot, Invitation,
+from federation.manifest import RecordChecks, refused, sift
+from federation.protocol import (Quarantined, Collection, ConceptPage, ConceptQuery, FederationInfo, Grant, HeldSlot, Invitation,
                                  LiveConcept, Mergeable, Plan, Principal, Registration, Removed, Resolved)
 from federation.records import (DEFAULT, FORMAT, FORMAT_VERSION, REQUEST_TTL_S, Answered, CollectionRecord,
                                 ConceptRecord, Reservation, check_request_id, from_manifest, to_json)
