@@ -86,7 +86,7 @@ def test_trigger_rows_by_encoder_and_exact_restore(tiny_base):
     assert torch.equal(slots.table("text_encoder")[ids], vec)
     slots.restore_triggers(art, saved)
     assert torch.equal(slots.table("text_encoder"), table0)
-    assert phrases([art]) == {"pet": "<blk2> thing"}
+    assert phrases([art]) == {"pet": "<blk2> dog"}
 
 
 def test_factors_are_the_delta_rows(tiny_base):
