@@ -118,6 +118,9 @@ class TrainConfig:
                                               "the rows quiet on: the classes a merge is expected to hold beside "
                                               "this one (none: the concept's own class only; unused while "
                                               "quiet_weight is 0)")
+    merge_scale_share: float = knob(0.0, "share of steps that train the concept at the strength an Eq. 5 merge "
+                                          "of n concepts gives it: its residual scaled by 1/n, n drawn from 2..K "
+                                          "(0: every step at full strength)")
     num_class_images: int = knob(8, "base pictures of the class prompt, made when prior preservation or the "
                                     "quiet penalty is on")
     checkpoint_every: int = knob(50, "steps between resumable checkpoints (0: never)")
@@ -147,6 +150,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.quiet_weight < 0:
             raise ValueError(f"quiet_weight must be >= 0, got {self.quiet_weight}")
+        if not 0.0 <= self.merge_scale_share <= 1.0:
+            raise ValueError(f"merge_scale_share must be in [0, 1], got {self.merge_scale_share}")
         if not all(isinstance(w, str) and w.strip() for w in self.quiet_classes):
             raise ValueError(f"quiet_classes must be non-empty words, got {list(self.quiet_classes)}")
         if self.lr <= 0 or self.token_lr < 0:

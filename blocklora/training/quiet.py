@@ -38,12 +38,13 @@ class Denoising(Protocol):
 
 
 @contextmanager
-def residuals_off(layers: dict[str, BlockLoRALinear]) -> Iterator[None]:
-    """The base alone, whatever the rows hold (a resumed run's are trained): every layer's scale 0."""
+def residuals_at(layers: dict[str, BlockLoRALinear], scale: float) -> Iterator[None]:
+    """Every layer's residual at `scale` for the block, then back: 0 is the base alone whatever the
+    rows hold (a resumed run's are trained); 1/n is the strength an Eq. 5 merge of n gives it."""
     scales = {key: layer.scale for key, layer in layers.items()}
     try:
         for layer in layers.values():
-            layer.scale = 0.0
+            layer.scale = scale
         yield
     finally:
         for key, layer in layers.items():
@@ -75,7 +76,7 @@ class QuietBank:
 
         hooks = [layer.register_forward_hook(keep(key)) for key, layer in trainer.layers.items()]
         try:
-            with residuals_off(trainer.layers), torch.no_grad():
+            with residuals_at(trainer.layers, 0.0), torch.no_grad():
                 for images, word in groups:
                     current.update({key: [] for key in trainer.layers})
                     for _ in range(draws):

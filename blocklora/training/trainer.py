@@ -37,7 +37,7 @@ from blocklora.pipeline.precision import MIXED, autocast, check_mixed
 from blocklora.pipeline.prompts import class_picture_prompt
 from blocklora.training.class_pictures import Say, class_image_sets, class_pool
 from blocklora.training.data import load_concept_images
-from blocklora.training.quiet import QuietBank, residuals_off
+from blocklora.training.quiet import QuietBank, residuals_at
 
 log = logging.getLogger(__name__)
 StepCallback = Callable[["ConceptTrainer", float], None]  # called after every step with its loss
@@ -110,6 +110,14 @@ class ConceptTrainer:
                   if self.noise_scheduler.config.prediction_type == "v_prediction" else noise)
         return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
+    def merge_scale(self) -> float:
+        """1 on most steps; on `merge_scale_share` of them 1/n, n drawn from 2..K: the concept also learns
+        to be drawn at the strength an Eq. 5 merge of n concepts leaves it (docs/results: identity)."""
+        share = self.train_cfg.merge_scale_share
+        if share <= 0 or torch.rand((), generator=self.gen) >= share:
+            return 1.0
+        return 1.0 / int(torch.randint(2, self.adapter.num_slots + 1, (), generator=self.gen))
+
     def step(self, images: torch.Tensor, captions: list[str | None],
              class_images: torch.Tensor | None = None) -> float:
         """One optimizer step; with `class_images`, adds the prior-preservation loss and/or the quiet
@@ -120,7 +128,8 @@ class ConceptTrainer:
             flip = torch.rand(images.shape[0], generator=self.gen) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         prompts = [self.instance_prompt(c) for c in captions]
-        per_sample = self.loss(images, prompts)
+        with residuals_at(self.layers, self.merge_scale()):
+            per_sample = self.loss(images, prompts)
         loss = per_sample.mean()
         if class_images is not None:
             class_prompts = [class_picture_prompt(self.class_word)] * class_images.shape[0]
@@ -147,7 +156,7 @@ class ConceptTrainer:
             cfg, started = self.train_cfg, time.monotonic()
             words = cfg.quiet_others(self.class_word)
             if others is None:
-                with residuals_off(self.layers):
+                with residuals_at(self.layers, 0.0):
                     others = class_image_sets(self.base, words, cfg.num_class_images, cfg.seed, say=say)[0]
             groups = [(pictures, self.class_word), *((others[word], word) for word in words)]
             self.quiet = QuietBank.record(self, groups, cfg.seed)

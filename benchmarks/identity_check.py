@@ -1,0 +1,157 @@
+"""Is a concept recognisable alone and kept when merged? Checked on toy identities nobody here drew.
+
+The product's promise in numbers: random toy identities (a seed outside every benchmark stream) are
+trained through `python -m blocklora train`, one slot each, and drawn the way `python -m blocklora
+generate` draws (LiveMerge of the artifacts, then the pipeline), scored by the identity judge
+against fresh reference pictures:
+
+- base: the bare base on the class prompt ("a large circle on a red background");
+- alone: the concept's prompt ("a large {name} on a red background") with it merged alone;
+- Eq. 5 / sum at N: merged with the next N - 1 concepts of the list (rotating windows, so every
+  concept is scored at every N), α = 1/N (the paper's Eq. 5) and α = 1.
+
+Prints JSON (per condition: mean IA with a bootstrap interval over concepts x seeds; alone − base
+and merged / alone paired) and writes result.json and contact_sheet.png under --out.
+
+    python -m benchmarks.identity_check --base models/toy-base --count 3 --ns 3 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blocklora.config import AdapterConfig, TrainConfig, add_flags, from_args, to_argv
+from blocklora.toy.recipe import TOY_BASE_TRAIN
+
+IDENTITY_SEED = 20261207  # outside every benchmark's and the judge's identity streams
+
+
+def train_all(concepts, base: str, adapter: AdapterConfig, train: TrainConfig, work: Path) -> list[Path]:
+    """One `python -m blocklora train` per concept, slot = its index mod K; kept if trained with the same flags."""
+    from blocklora.toy.concepts import write_concept_folder
+
+    flags = [*to_argv(train), *to_argv(adapter)]
+    paths = []
+    for k, c in enumerate(concepts):
+        folder, art = write_concept_folder(c, work / "pictures" / c.name), work / "concepts" / f"{c.name}.safetensors"
+        stamp = art.with_suffix(".flags.json")
+        cmd = [sys.executable, "-m", "blocklora", "train", "--base", base, "--images", str(folder), "--name", c.name,
+               "--class-word", c.class_word, "--slot", str(k % adapter.num_slots), "--out", str(art), *flags]
+        if not (art.exists() and stamp.exists() and json.loads(stamp.read_text()) == cmd[2:]):
+            t0 = time.time()
+            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+            if done.returncode:
+                raise RuntimeError(f"training {c.name} failed:\n{done.stderr[-3000:]}")
+            stamp.write_text(json.dumps(cmd[2:]))
+            print(f"trained {c.name} ({c.class_word}, slot {k % adapter.num_slots}) in {time.time() - t0:.0f} s",
+                  flush=True)
+        paths.append(art)
+    return paths
+
+
+def bootstrap(x: np.ndarray, draws: int = 2000, seed: int = 0) -> list[float]:
+    """95% interval of the mean of a (concepts, seeds) array: concepts resampled, then seeds within."""
+    rng = np.random.default_rng(seed)
+    c, s = x.shape
+    means = [x[rng.integers(0, c, c)][:, rng.integers(0, s, s)].mean() for _ in range(draws)]
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", default="models/toy-base")
+    ap.add_argument("--count", type=int, default=3, help="random identities trained")
+    ap.add_argument("--identity-seed", type=int, default=IDENTITY_SEED)
+    ap.add_argument("--ns", type=int, nargs="+", default=[3], help="merge sizes N scored (≤ count)")
+    ap.add_argument("--seeds", type=int, default=4, help="sampling seeds per prompt")
+    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--steps-sample", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, required=True)
+    add_flags(ap, TrainConfig)
+    add_flags(ap, AdapterConfig)
+    ap.set_defaults(**{f: getattr(TOY_BASE_TRAIN, f) for f in ("steps", "lr", "token_lr", "quiet_weight",
+                                                                  "quiet_classes")})
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    train, adapter = from_args(TrainConfig, args, ap), from_args(AdapterConfig, args, ap)
+
+    from blocklora.method.artifact import ConceptArtifact
+    from blocklora.pipeline.base import load_base
+    from blocklora.config import GenerateConfig
+    from blocklora.pipeline.generate import contact_sheet, generate
+    from blocklora.method.merge import LiveMerge
+    from blocklora.pipeline.prompts import expand
+    from blocklora.toy.concepts import class_prompt, eval_attributes, instance_prompt, reference_pictures, training_pictures
+    from blocklora.toy.identity import load_identity_judge, random_identities
+
+    concepts = random_identities(args.count, args.identity_seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    arts = [ConceptArtifact.load(p) for p in train_all(concepts, args.base, adapter, train, args.out)]
+    train_s = time.time() - t0
+    base, judge = load_base(args.base), load_identity_judge()
+    gen = GenerateConfig(steps=args.steps_sample, guidance_scale=args.guidance, seed=0)
+    merge = LiveMerge(base, adapter)
+    ia: dict[str, np.ndarray] = {}
+    pictures: dict[str, list] = {}
+
+    def score(cond: str, i: int, prompt: str, images: list) -> None:
+        refs = reference_pictures(concepts[i], 8, seed=0)
+        ia.setdefault(cond, np.zeros((len(concepts), args.seeds)))[i] = judge.image_alignment(images, refs).numpy()
+        pictures.setdefault(cond, []).append(images)
+
+    for i, c in enumerate(concepts):
+        attrs = eval_attributes(c, 1)[0]
+        merge.set([])
+        score("base on class prompt", i, class_prompt(c, attrs), generate(base, class_prompt(c, attrs), gen, args.seeds))
+        conds = [("alone", [i], None), ("token only", [i], [0.0])]
+        for n in args.ns:
+            group = [(i + j) % len(concepts) for j in range(n)]
+            conds += [(f"Eq. 5, N = {n}", group, "mean"), (f"sum, N = {n}", group, None)]
+        for cond, group, rule in conds:
+            merge.set([arts[j] for j in group], rule)
+            prompt = expand(instance_prompt(c, attrs), merge.phrases())
+            score(cond, i, prompt, generate(base, prompt, gen, args.seeds))
+        n = max(args.ns)
+        merge.set([arts[(i + j) % len(concepts)] for j in range(n)], "mean")
+        score(f"class prompt, Eq. 5 N = {n}", i, class_prompt(c, attrs), generate(base, class_prompt(c, attrs), gen, args.seeds))
+        print(f"scored {c.name}: " + ", ".join(f"{k} {v[i].mean():.3f}" for k, v in ia.items()), flush=True)
+
+    alone = ia["alone"]
+    result = {"base": args.base, "identities": [c.__dict__ for c in concepts], "train": to_argv(train),
+              "adapter": to_argv(adapter), "seeds": args.seeds, "guidance": args.guidance,
+              "train_seconds": train_s, "conditions": {}}
+    for cond, x in ia.items():
+        row = {"ia": float(x.mean()), "ci": bootstrap(x), "per_concept": x.mean(1).round(4).tolist()}
+        if cond == "alone":
+            d = x - ia["base on class prompt"]
+            row["gain_over_base"], row["gain_ci"] = float(d.mean()), bootstrap(d)
+        elif cond != "base on class prompt":
+            r = x.mean() / alone.mean()
+            rng = np.random.default_rng(1)
+            draws = []
+            for _ in range(2000):
+                ci, si = rng.integers(0, len(concepts), len(concepts)), rng.integers(0, args.seeds, args.seeds)
+                draws.append(x[ci][:, si].mean() / alone[ci][:, si].mean())
+            row["kept"], row["kept_ci"] = float(r), [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+        result["conditions"][cond] = row
+    (args.out / "result.json").write_text(json.dumps(result, indent=1))
+    rows = [("training pictures", [im for c in concepts[:6] for im in training_pictures(c)[:1]])]
+    rows += [(cond, [imgs[0] for imgs in pics[:6]]) for cond, pics in pictures.items()]
+    contact_sheet(rows, cell=96).save(args.out / "contact_sheet.png")
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "per_concept"} for k, v in result["conditions"].items()},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()
