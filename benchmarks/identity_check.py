@@ -14,6 +14,7 @@ Prints JSON (per condition: mean IA with a bootstrap interval over concepts x se
 and merged / alone paired) and writes result.json and contact_sheet.png under --out.
 
     python -m benchmarks.identity_check --base models/toy-base --count 3 --ns 3 --out DIR
+    python -m benchmarks.identity_check --quick --out DIR     # CI: tiny base, 2 steps (structure only)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import emit, environment
 from blocklora.config import AdapterConfig, TrainConfig, add_flags, from_args, to_argv
 from blocklora.toy.recipe import TOY_BASE_TRAIN
 
@@ -58,12 +60,15 @@ def train_all(concepts, base: str, adapter: AdapterConfig, train: TrainConfig, w
     return paths
 
 
-def bootstrap(x: np.ndarray, draws: int = 2000, seed: int = 0) -> list[float]:
-    """95% interval of the mean of a (concepts, seeds) array: concepts resampled, then seeds within."""
+def bootstrap(stat, *xs: np.ndarray, draws: int = 2000, seed: int = 0) -> list[float]:
+    """95% interval of `stat` over (concepts, seeds) arrays resampled together: concepts, then seeds."""
     rng = np.random.default_rng(seed)
-    c, s = x.shape
-    means = [x[rng.integers(0, c, c)][:, rng.integers(0, s, s)].mean() for _ in range(draws)]
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    c, s = xs[0].shape
+    values = []
+    for _ in range(draws):
+        ci, si = rng.integers(0, c, c), rng.integers(0, s, s)
+        values.append(stat(*(x[ci][:, si] for x in xs)))
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
 def main() -> None:
@@ -77,21 +82,31 @@ def main() -> None:
     ap.add_argument("--steps-sample", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--quick", action="store_true", help="CI: the tiny base, 2 concepts, 2 training and 2 sampling "
+                                                         "steps, 1 seed (structure only)")
     add_flags(ap, TrainConfig)
     add_flags(ap, AdapterConfig)
     ap.set_defaults(**{f: getattr(TOY_BASE_TRAIN, f) for f in ("steps", "lr", "token_lr", "quiet_weight",
                                                                   "quiet_classes")})
     args = ap.parse_args()
+    if args.quick:
+        args.base, args.count, args.ns, args.seeds, args.steps, args.steps_sample = "tiny", 2, [2], 1, 2, 2
     torch.set_num_threads(args.threads)
     train, adapter = from_args(TrainConfig, args, ap), from_args(AdapterConfig, args, ap)
 
-    from blocklora.method.artifact import ConceptArtifact
-    from blocklora.pipeline.base import load_base
     from blocklora.config import GenerateConfig
-    from blocklora.pipeline.generate import contact_sheet, generate
+    from blocklora.method.artifact import ConceptArtifact
     from blocklora.method.merge import LiveMerge
+    from blocklora.pipeline.base import load_base
+    from blocklora.pipeline.generate import contact_sheet, generate
     from blocklora.pipeline.prompts import expand
-    from blocklora.toy.concepts import class_prompt, eval_attributes, instance_prompt, reference_pictures, training_pictures
+    from blocklora.toy.concepts import (
+        class_prompt,
+        eval_attributes,
+        instance_prompt,
+        reference_pictures,
+        training_pictures,
+    )
     from blocklora.toy.identity import load_identity_judge, random_identities
 
     concepts = random_identities(args.count, args.identity_seed)
@@ -113,7 +128,8 @@ def main() -> None:
     for i, c in enumerate(concepts):
         attrs = eval_attributes(c, 1)[0]
         merge.set([])
-        score("base on class prompt", i, class_prompt(c, attrs), generate(base, class_prompt(c, attrs), gen, args.seeds))
+        plain = class_prompt(c, attrs)
+        score("base on class prompt", i, plain, generate(base, plain, gen, args.seeds))
         conds = [("alone", [i], None), ("token only", [i], [0.0])]
         for n in args.ns:
             group = [(i + j) % len(concepts) for j in range(n)]
@@ -124,33 +140,28 @@ def main() -> None:
             score(cond, i, prompt, generate(base, prompt, gen, args.seeds))
         n = max(args.ns)
         merge.set([arts[(i + j) % len(concepts)] for j in range(n)], "mean")
-        score(f"class prompt, Eq. 5 N = {n}", i, class_prompt(c, attrs), generate(base, class_prompt(c, attrs), gen, args.seeds))
+        score(f"class prompt, Eq. 5 N = {n}", i, plain, generate(base, plain, gen, args.seeds))
         print(f"scored {c.name}: " + ", ".join(f"{k} {v[i].mean():.3f}" for k, v in ia.items()), flush=True)
 
     alone = ia["alone"]
-    result = {"base": args.base, "identities": [c.__dict__ for c in concepts], "train": to_argv(train),
+    result = {"benchmark": "identity_check", "quick": args.quick, "env": environment("cpu", torch.float32),
+              "base": args.base, "identities": [c.__dict__ for c in concepts], "train": to_argv(train),
               "adapter": to_argv(adapter), "seeds": args.seeds, "guidance": args.guidance,
               "train_seconds": train_s, "conditions": {}}
     for cond, x in ia.items():
-        row = {"ia": float(x.mean()), "ci": bootstrap(x), "per_concept": x.mean(1).round(4).tolist()}
+        row = {"ia": float(x.mean()), "ci": bootstrap(np.mean, x), "per_concept": x.mean(1).round(4).tolist()}
         if cond == "alone":
             d = x - ia["base on class prompt"]
-            row["gain_over_base"], row["gain_ci"] = float(d.mean()), bootstrap(d)
+            row["gain_over_base"], row["gain_ci"] = float(d.mean()), bootstrap(np.mean, d)
         elif cond != "base on class prompt":
-            r = x.mean() / alone.mean()
-            rng = np.random.default_rng(1)
-            draws = []
-            for _ in range(2000):
-                ci, si = rng.integers(0, len(concepts), len(concepts)), rng.integers(0, args.seeds, args.seeds)
-                draws.append(x[ci][:, si].mean() / alone[ci][:, si].mean())
-            row["kept"], row["kept_ci"] = float(r), [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+            row["kept"] = float(x.mean() / alone.mean())
+            row["kept_ci"] = bootstrap(lambda m, a: m.mean() / a.mean(), x, alone, seed=1)
         result["conditions"][cond] = row
     (args.out / "result.json").write_text(json.dumps(result, indent=1))
     rows = [("training pictures", [im for c in concepts[:6] for im in training_pictures(c)[:1]])]
     rows += [(cond, [imgs[0] for imgs in pics[:6]]) for cond, pics in pictures.items()]
     contact_sheet(rows, cell=96).save(args.out / "contact_sheet.png")
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "per_concept"} for k, v in result["conditions"].items()},
-                     indent=1))
+    emit(result)
 
 
 if __name__ == "__main__":

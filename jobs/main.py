@@ -6,8 +6,9 @@ Starts a Ray head on 127.0.0.1 (token authentication on), the coordinator and th
 replicas look the coordinator up, and starting it beside the clients' jobs overran Serve's proxy
 start timeout on 2 cores); submits one `ray job submit` client training job per bundled toy concept
 (MAIN_CONCEPTS), concurrently; waits until they are live; asks the HTTP API (four requests
-in flight, so different subsets share a batch) for each concept's prompt with no concept, alone and
-with all merged, and for its class prompt with all merged (plus one prompt that names two);
+in flight, so different subsets share a batch) for each concept's class prompt on the bare base, its
+prompt alone, with all merged by the paper's Eq. 5 (α = 1/N) and summed (α = 1), and its class prompt
+with all merged by Eq. 5 (plus one prompt that names two);
 removes one concept at runtime and shows it is refused; writes `contact_sheet.png`
 (every generated picture labelled with its image and shape alignment to the concept, by the identity judge)
 and `report.json` to --out; stops the cluster (unless --keep).
@@ -198,16 +199,20 @@ def generate(http: httpx.Client, body: dict) -> tuple[int, list[Image.Image], di
 
 def query_subsets(http: httpx.Client, concepts: list[ToyConcept], out: Path, num_images: int, steps: int,
                   guidance: float) -> tuple[list[dict], list[tuple[str, list[Image.Image]]], list[list[str]]]:
-    """Per concept: its class prompt on the bare base, its prompt with it alone, with all merged, and the
-    class prompt with all merged; then one prompt that names two concepts (the subset it implies).
+    """Per concept: its class prompt on the bare base, its prompt with it alone, with all merged by Eq. 5
+    (α = 1/N) and summed (α = 1), and the class prompt with all merged by Eq. 5 (what merging leaks into
+    the class); then one prompt that names two concepts (the subset it implies).
 
     Returns the report's request records, the contact sheet's rows (training pictures first) and each
     generated picture's image and shape alignment to the concept's reference pictures, as the sheet's notes."""
     judge = load_identity_judge()
     names = [c.name for c in concepts]
     refs = {c.name: reference_pictures(c, REFERENCES, seed=0) for c in concepts}
+    eq5 = [{"name": n, "weight": 1 / len(names)} for n in names]
     stages = (("base, class prompt", [], class_prompt), ("each concept alone", None, instance_prompt),
-              ("all merged", names, instance_prompt), ("all merged, class prompt", names, class_prompt))
+              (f"all merged, Eq. 5 (α = 1/{len(names)})", eq5, instance_prompt),
+              ("all summed (α = 1)", names, instance_prompt),
+              ("class prompt, all merged by Eq. 5", eq5, class_prompt))
     cells = [(label, c, {"prompt": make_prompt(c, eval_attributes(c, 1)[0]),
                          "concepts": [c.name] if subset is None else subset})
              for label, subset, make_prompt in stages for c in concepts]
@@ -237,7 +242,7 @@ def query_subsets(http: httpx.Client, concepts: list[ToyConcept], out: Path, num
 
 def row_means(requests: list[dict]) -> dict[str, dict[str, float]]:
     """Sheet row -> the judge's mean image and shape alignment over its pictures: what the sheet says in
-    four lines (alone vs all merged is what merging keeps; the class prompt after merging, what it leaks)."""
+    five lines (alone vs merged is what merging keeps; the class prompt after merging, what it leaks)."""
     rows: dict[str, dict[str, list[float]]] = {}
     for r in requests:
         if "sheet_row" in r:
@@ -257,7 +262,8 @@ def _request(http: httpx.Client, body: dict, index: int, out: Path, num_images: 
         p = out / "images" / f"{index:02d}-{j}.png"
         img.save(p)
         paths.append(str(p.relative_to(out)))
-    print(f"      {code} {body['prompt']!r} concepts={body['concepts']} -> {len(images)} image(s)", flush=True)
+    subset = ", ".join(c if isinstance(c, str) else f"{c['name']} x{c['weight']:.2f}" for c in body["concepts"])
+    print(f"      {code} {body['prompt']!r} concepts=[{subset}] -> {len(images)} image(s)", flush=True)
     return code, images, {"prompt": body["prompt"], "concepts": body["concepts"], "status": code, "images": paths,
                           **extra}
 
@@ -328,8 +334,9 @@ def main() -> None:
             report["requests"], rows, notes = query_subsets(http, toys, out, args.num_images, sampling.steps,
                                                             sampling.guidance_scale)
             report["identity"] = row_means(report["requests"])
+            width = max(map(len, report["identity"]))
             for label, m in report["identity"].items():
-                print(f"      {label:<26} IA {m.get('image_alignment', float('nan')):.2f}  "
+                print(f"      {label:<{width}} IA {m.get('image_alignment', float('nan')):.2f}  "
                       f"shape {m.get('shape_alignment', float('nan')):.2f}")
 
         removed = names[-1]

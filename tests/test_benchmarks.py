@@ -258,6 +258,22 @@ def test_concept_capacity_quick_scores_each_recipe(prerun):
     assert (folder / "out" / "sheet.png").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.prerun(job=quick_job("identity_check"))
+def test_identity_check_quick_scores_every_condition_with_intervals(prerun):
+    """Two random identities trained through `python -m blocklora train`, drawn alone, with only their
+    token, merged by Eq. 5 and by sum, and the class prompt after merging; every mean has an interval."""
+    r, out = prerun
+    conds = r["conditions"]
+    assert set(conds) == {"base on class prompt", "alone", "token only", "Eq. 5, N = 2", "sum, N = 2",
+                          "class prompt, Eq. 5 N = 2"}
+    for row in conds.values():
+        assert row["ci"][0] <= row["ia"] <= row["ci"][1] and len(row["per_concept"]) == 2
+    assert conds["alone"]["gain_ci"][0] <= conds["alone"]["gain_over_base"] <= conds["alone"]["gain_ci"][1]
+    assert all("kept" in row for cond, row in conds.items() if cond not in ("alone", "base on class prompt"))
+    assert len(r["identities"]) == 2 and (out / "contact_sheet.png").is_file()
+
+
 BASE = ROOT / "models" / "toy-base"
 
 

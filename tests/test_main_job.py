@@ -3,6 +3,7 @@
 concepts (on 2 cores a third concurrent job only adds its start-up); the flow is the real one."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,15 +26,18 @@ def test_main_job_report(tmp_path):
     slots = [c["slot"] for c in report["concepts"]]
     assert len(names) == 2 and len(set(slots)) == 2  # two live concepts on disjoint slots, trained concurrently
     assert set(report["jobs"].values()) == {"SUCCEEDED"}
-    asked = [sorted(r["concepts"]) for r in report["requests"]]
-    for subset in ([], *[[n] for n in names], sorted(names)):
+    asked = [sorted((c, 1.0) if isinstance(c, str) else (c["name"], c["weight"]) for c in r["concepts"])
+             for r in report["requests"]]
+    for subset in ([], *[[(n, 1.0)] for n in names], sorted((n, 1.0) for n in names),
+                   sorted((n, 0.5) for n in names)):  # alone, summed and Eq. 5's α = 1/N
         assert subset in asked
     assert all(r["status"] == 200 and r["images"] for r in report["requests"])
     assert all((out / p).exists() for r in report["requests"] for p in r["images"])
-    rows = ["base, class prompt", "each concept alone", "all merged", "all merged, class prompt"]
-    assert list(report["identity"]) == rows  # the sheet's rows in four lines, each a judge mean in [-1, 1]
+    rows = ["base, class prompt", "each concept alone", "all merged, Eq. 5 (α = 1/2)", "all summed (α = 1)",
+            "class prompt, all merged by Eq. 5"]
+    assert list(report["identity"]) == rows  # the sheet's rows in five lines, each a judge mean in [-1, 1]
     assert all(-1 <= m[k] <= 1 for m in report["identity"].values() for k in ("image_alignment", "shape_alignment"))
-    assert "all merged, class prompt   IA " in proc.stdout
+    assert re.search(r"class prompt, all merged by Eq\. 5 +IA ", proc.stdout)
     removal = report["removal"]
     assert removal["generate_after_removal_status"] == 404 and removal["name"] not in removal["live_after"]
     assert (out / "contact_sheet.png").stat().st_size > 0

@@ -157,3 +157,27 @@ def test_loss_target_follows_the_schedulers_prediction_type(spec, target):
     torch.testing.assert_close(loss.detach(), per_target[target])
     assert not torch.allclose(per_target["noise"], per_target["velocity"])  # the two targets do differ here
     trainer.close()
+
+
+def test_merge_scale_share_trains_some_steps_at_an_eq5_strength(tmp_path):
+    """With merge_scale_share 1 every step's forward sees the residual at 1/n, n in 2..K (the strength an
+    Eq. 5 merge of n leaves it); afterwards every layer is back at full strength; 0 changes nothing."""
+    from blocklora.pipeline.base import load_base
+    from blocklora.training.data import load_concept_images
+    from blocklora.training.trainer import ConceptTrainer
+
+    x, caps = load_concept_images(write_images(tmp_path / "img"), 32)
+    seen: list[float] = []
+    trainer = ConceptTrainer(load_base("tiny"), CFG, TrainConfig(resolution=32, merge_scale_share=1.0), 2, "pet", "dog")
+    layer = next(iter(trainer.layers.values()))
+    layer.register_forward_hook(lambda mod, args, out: seen.append(mod.scale))
+    for _ in range(12):
+        trainer.step(*trainer.sample_batch(x, caps))
+    trainer.close()
+    assert seen and set(seen) <= {1 / n for n in range(2, CFG.num_slots + 1)} and len(set(seen)) > 1, set(seen)
+    assert all(layer.scale == 1.0 for layer in trainer.layers.values())
+    full = _train(load_base("tiny"), write_images(tmp_path / "img2"), steps=2)
+    same = _train(load_base("tiny"), write_images(tmp_path / "img2"), steps=2, merge_scale_share=0.0)
+    assert all(torch.equal(full.tensors[k], same.tensors[k]) for k in full.tensors)
+    with pytest.raises(ValueError, match="merge_scale_share"):
+        TrainConfig(merge_scale_share=1.5)
