@@ -32,8 +32,10 @@ class AppArgs(BaseModel):
     ingress_resource: str | None = Field(None, description="custom resource the ingress takes a sliver of, e.g. "
                                                            "head_services to keep it on the head (default: any node)")
     dtype: str = Field(PrecisionConfig.dtype, description=dataclasses.fields(PrecisionConfig)[0].metadata["help"])
-    max_pixel_steps: int = Field(MAX_PIXEL_STEPS, ge=1, description="most width x height x steps x images "
-                                                                     "one /v1/generate request may ask for")
+    max_pixel_steps: int = Field(MAX_PIXEL_STEPS, ge=1, description="most one /v1/generate request may cost: "
+                                                                     "width x height x steps x images, each "
+                                                                     "image-step weighted by how many native-size "
+                                                                     "images it holds (attention is quadratic)")
     concept_cache_mb: float = Field(DEFAULT_CACHE_MB, ge=0, description="MiB of concept factors each generator "
                                                                         "replica holds (least recently used out)")
 

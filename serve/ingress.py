@@ -13,6 +13,7 @@ signatures, and string annotations would turn the request body into a query para
 """
 
 
+import asyncio
 import base64
 import dataclasses
 import email.message
@@ -143,7 +144,8 @@ def _source(request: Request) -> str:
 @serve.ingress(app)
 class Ingress:
     """`api_key` None: /v1/generate and /v1/lora are open; otherwise they need 'Authorization: Bearer <api_key>'.
-    `max_pixel_steps`: the most width x height x steps x images one request may ask for."""
+    `max_pixel_steps`: the most one request may cost (`GenerateRequest.cost`: width x height x steps x
+    images, weighted above the base's native size)."""
 
     def __init__(self, generator: DeploymentHandle, coordinator: str, namespace: str,
                  api_key: str | None = None, max_pixel_steps: int = MAX_PIXEL_STEPS) -> None:
@@ -180,9 +182,11 @@ class Ingress:
     async def generate(self, req: GenerateRequest, request: Request,
                        authorization: str | None = Header(None)) -> Response:
         self._check_api_key(request, authorization)
-        cost = (req.width or self.resolution) * (req.height or self.resolution) * req.steps * req.num_images
+        cost = req.cost(self.resolution)
         if cost > self.max_pixel_steps:
-            raise HTTPException(422, f"request costs {cost:,} pixel-steps (width x height x steps x num_images); "
+            raise HTTPException(422, f"request costs {cost:,} pixel-steps (width x height x steps x num_images, "
+                                     f"each image-step weighted by how many {self.resolution}x{self.resolution} "
+                                     "images, the base's native size, it holds: attention is quadratic in pixels); "
                                      f"this server allows at most {self.max_pixel_steps:,} per request "
                                      "(max_pixel_steps): use fewer steps, images or pixels")
         plan: Plan = await self._call("resolve", req.subset(), req.collection)
@@ -190,11 +194,12 @@ class Ingress:
             out = await self.generator.generate.remote(req, plan)  # Serve cancels it if the client goes away
         except ConceptUnavailable as err:  # removed between our check and the replica's sync
             raise HTTPException(404, _message(err)) from None
+        pngs = await asyncio.to_thread(lambda: [_png(p) for p in out.pixels])  # not on the event loop
         if req.num_images == 1:
-            return Response(_png(out.pixels[0]), media_type="image/png",
+            return Response(pngs[0], media_type="image/png",
                             headers={"X-BlockLoRA-Version": str(out.version), "X-BlockLoRA-Seed": str(out.seeds[0])})
         return JSONResponse(Images(version=out.version, seeds=out.seeds,
-                                   images=[base64.b64encode(_png(p)).decode() for p in out.pixels]).model_dump())
+                                   images=[base64.b64encode(p).decode() for p in pngs]).model_dump())
 
     @app.get("/v1/concepts", response_model=Concepts)
     async def concepts(self, limit: int = Query(100, ge=1, le=1000), cursor: str | None = Query(None, max_length=100),
@@ -262,12 +267,13 @@ class Ingress:
 
     @app.get("/v1/healthz")
     async def healthz(self) -> dict:
-        """Coordinator reachable and a generator replica up (it loads the base once) with its concept
-        cache, and the records the coordinator set aside when it loaded its state (federation/manifest.py)."""
+        """Coordinator reachable and a generator replica up (it loads the base once; a busy replica
+        answers at once) with its concept cache, denoising steps and abandoned loops so far, and the
+        records the coordinator set aside when it loaded its state (federation/manifest.py)."""
         replica, info = await self.generator.status.remote(), await self.coordinator.info.remote()
         return {"status": "ok", "version": info.version, "live": info.live, "collections": info.collections,
-                "slot_use": list(info.slot_use), "replica_cancelled_loops": replica["cancelled_loops"],
-                "replica_cache": replica["cache"],
+                "slot_use": list(info.slot_use), "replica_busy": replica["busy"], "replica_steps": replica["steps"],
+                "replica_cancelled_loops": replica["cancelled_loops"], "replica_cache": replica["cache"],
                 "quarantined": [dataclasses.asdict(q) for q in info.quarantined[:20]],
                 "quarantined_count": len(info.quarantined)}
 
