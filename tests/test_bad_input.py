@@ -35,6 +35,7 @@ from federation.protocol import ConceptQuery, Grant
 from federation.registry import Registry
 from federation.store import StateStore
 from serve.body_limit import json_depth
+from serve.multipart import MalformedMultipart, file_part, header_params
 from serve.schemas import MAX_PIXEL_STEPS, GenerateRequest
 from serve.throttle import FailureThrottle
 from serve_helpers import start_in_process, stop_app, wait_until
@@ -138,6 +139,16 @@ def forge(header: dict, payload: bytes = b"\0" * 8) -> bytes:
 def many_parts(n: int) -> bytes:
     """A multipart body of `n` empty parts (boundary `xx`): 6 MB for 120,000."""
     return b"".join(b"--xx\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\n\r\n" for _ in range(n)) + b"--xx--\r\n"
+
+
+def multipart(heads: list[bytes], end: bytes = b"--xx--\r\n"):
+    """An upload by alice of one multipart part per header block in `heads` (boundary `xx`), each
+    holding a valid artifact."""
+    def act(c: Ctx):
+        body = b"".join(b"--xx\r\n" + head + b"\r\n\r\n" + c.good.to_bytes() + b"\r\n" for head in heads) + end
+        return c.http.post("/v1/concepts", content=body, headers={
+            **auth(c.alice), "content-type": "multipart/form-data; boundary=xx"})
+    return act
 
 
 def raw_meta(art: ConceptArtifact, edit: Callable[[dict], None]) -> bytes:
@@ -399,6 +410,12 @@ CASES = [
         **auth(c.alice), "content-type": "multipart/form-data; boundary=xx"}), 400, "at most 8"),
     ("http-multipart-no-boundary", "http", lambda c: c.http.post("/v1/concepts", content=b"x", headers={
         **auth(c.alice), "content-type": "multipart/form-data"}), 400, "boundary"),
+    # issue #40.5: part headers once went to email.parser: 187 s for these eight parts, a 500 for the parentheses
+    ("http-multipart-8-long-quoted-headers", "http", multipart(8 * [b'Content-Disposition: form-data; name="a' + b'"a' * 30_000 + b'"']), 400, "longer than 2,048 bytes"),
+    ("http-multipart-parentheses", "http", multipart([b'Content-Disposition: form-data; name="artifact"\r\nContent-Type: ' + b"(" * 30_000]), 400, "longer than 2,048 bytes"),
+    ("http-multipart-short-parentheses", "http", multipart([b"Content-Disposition: form-data; name=" + b"(" * 1_000]), 400, "no file part"),
+    ("http-multipart-unterminated-quote", "http", multipart([b'Content-Disposition: form-data; name="artifact']), 400, "unterminated quoted value"),
+    ("http-multipart-unclosed-body", "http", multipart([b'Content-Disposition: form-data; name="artifact"'], end=b""), 400, "no closing boundary"),
     ("http-surrogate-prompt", "http", generate(b'{"prompt": "a photo \\ud800"}'), 422, "unable to parse raw data as a unicode string"),
     ("http-surrogate-negative-prompt", "http", generate(b'{"prompt": "x", "negative_prompt": "\\udfff"}'), 422, "unable to parse raw data as a unicode string"),
     ("http-surrogate-concept-name", "http", generate(b'{"prompt": "x", "concepts": ["\\ud800"]}'), 422, "unicode"),
@@ -591,3 +608,33 @@ def test_cost_counts_attention_above_the_native_size():
     assert cost(width=128, height=128, steps=1) == 16 * cost(width=64, height=64, steps=1)
     assert cost(width=128, height=64, steps=1) == 4 * cost(width=64, height=64, steps=1)
     assert GenerateRequest(prompt="x", width=1024, height=1024, steps=2).cost(512) > MAX_PIXEL_STEPS
+
+
+def test_multipart_parser_reads_what_clients_send_and_refuses_the_rest():
+    """The upload's multipart reader without a server: the body httpx (as curl -F, requests) sends,
+    with a payload that looks like a delimiter and another form field; a preamble and transport
+    padding; and a table of refusals, each a MalformedMultipart naming the problem."""
+    sent = httpx.Request("POST", "http://x/", data={"note": "hi"},
+                         files={"artifact": ('my "pet".safetensors', b"DATA\r\n--not-the-boundary")})
+    body = sent.read()
+    start, end = file_part(body, sent.headers["content-type"])
+    assert body[start:end] == b"DATA\r\n--not-the-boundary"
+    padded = b"preamble\r\n--xx \t\r\nContent-Disposition: form-data; name=artifact\r\n\r\nDATA\r\n--xx--\r\n"
+    assert padded[slice(*file_part(padded, "multipart/form-data; boundary=xx"))] == b"DATA"
+    assert header_params('form-data; name="a\\"b"; filename=x.bin') == ("form-data", {"name": 'a"b', "filename": "x.bin"})
+    refused = [
+        ("multipart/form-data", b"--xx\r\n", "boundary parameter"),
+        ("multipart/form-data; boundary=" + "b" * 71, b"", "boundary parameter"),
+        ("multipart/form-data; boundary=xx", b"no delimiter here", "does not contain its boundary"),
+        ("multipart/form-data; boundary=xx", b"--xx\r\nno colon\r\n\r\nDATA\r\n--xx--", "is not 'Name: value'"),
+        ("multipart/form-data; boundary=xx", b"--xx\nContent-Disposition: form-data\n\nDATA\n--xx--", "line break"),
+        ("multipart/form-data; boundary=xx", b"--xx\r\nContent-Disposition: form-data; name\r\n\r\nD\r\n--xx--",
+         "has no value"),
+        ("multipart/form-data; boundary=xx", b'--xx\r\nContent-Disposition: form-data; name="a"b\r\n\r\nD\r\n--xx--',
+         "text after its quoted value"),
+        ("multipart/form-data; boundary=xx", b"".join(b"--xx\r\n\r\nD\r\n" for _ in range(9)) + b"--xx--",
+         "more than 8 parts"),
+    ]
+    for ctype, bad, fragment in refused:
+        with pytest.raises(MalformedMultipart, match=fragment):
+            file_part(bad, ctype)
