@@ -46,6 +46,11 @@ class AppArgs(BaseModel):
 
 
 INGRESS_SHARE = 0.01  # of `ingress_resource`: the ingress is light, and the head's services share one unit
+# glibc raises its mmap and trim thresholds (up to 32 MiB) each time a large block is freed, after which
+# freed blocks stay in the heap: the ingress, which receives upload bodies as ~256 KB messages, kept
+# hundreds of MB after a burst of uploads. Pinned at their defaults, every freed message goes back to
+# the system (docs/security.md, issue #40.8); other C libraries ignore these variables.
+INGRESS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 # Serve's replica life cycle, tuned for a small federation's few replicas (both are cheap polls):
 # a stopping replica checks whether its requests are done every SHUTDOWN_POLL_S (Serve's 2 s is slept
 # once even when none is left), and the controller pings each replica every HEALTH_POLL_S (Serve's
@@ -62,6 +67,7 @@ def build(args: AppArgs) -> Application:
                                   user_config={**Generator.user_config, "concept_cache_mb": args.concept_cache_mb},
                                   ray_actor_options={"num_cpus": args.num_cpus, **on(args.generator_resource, 1)})
     ingress = Ingress.options(**LIFE_CYCLE,
-                              ray_actor_options={"num_cpus": 0, **on(args.ingress_resource, INGRESS_SHARE)})
+                              ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": INGRESS_ENV},
+                                                 **on(args.ingress_resource, INGRESS_SHARE)})
     return ingress.bind(generator.bind(args.coordinator, args.namespace, args.device, args.dtype),
                         args.coordinator, args.namespace, args.api_key, args.max_pixel_steps)

@@ -39,11 +39,11 @@ from federation.coordinator import START_WAIT_S, get as coordinator_named
 from federation.protocol import ConceptQuery, FederationInfo, Plan
 from federation.records import DEFAULT
 from serve.body_limit import BodyLimit
-from serve.multipart import MalformedMultipart, file_part
 from serve.replies import ConceptUnavailable
 from serve.schemas import (MAX_BODY_BYTES, MAX_PIXEL_STEPS, CollectionBody, Concept, Concepts, GenerateRequest, Images,
                            InvitationBody)
 from serve.throttle import FailureThrottle
+from serve.uploads import Uploads
 
 app = FastAPI(title="blocklora", summary="Stable Diffusion with any live subset of a federation's concepts",
               docs_url="/v1/docs", openapi_url="/v1/openapi.json", redoc_url=None)
@@ -71,8 +71,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     """Every refusal through `_json`: details may quote names and prompts the client sent."""
     return _json(exc.status_code, {"detail": exc.detail}, exc.headers)
 
-
-MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and part headers around the artifact
 
 # federation errors -> HTTP status; the coordinator's message is passed through as the detail
 STATUS = ((Unauthorized, 403), (UnknownConcept, 404), (ArtifactRejected, 422), (ReservationError, 409),
@@ -127,7 +125,7 @@ class Ingress:
         self.generator, self.api_key, self.max_pixel_steps = generator, api_key, max_pixel_steps
         self.coordinator = coordinator_named(coordinator, namespace, wait_s=START_WAIT_S)
         info: FederationInfo = ray.get(self.coordinator.info.remote())
-        self.max_upload, self.resolution = info.max_artifact_bytes, info.resolution
+        self.resolution, self.uploads = info.resolution, Uploads(info.max_artifact_bytes)
         self.throttle = FailureThrottle()
 
     def _check_api_key(self, request: Request, authorization: str | None) -> None:
@@ -259,28 +257,9 @@ class Ingress:
         that reserved its slot; the coordinator validates it and makes it live."""
         token = _bearer(authorization)
         await self._call("whoami", token, source=_source(request))  # before a byte of the body is read
-        declared = request.headers.get("content-length", "")
-        size = int(declared) if declared.isdigit() else 0
-        if size > self.max_upload:
-            raise HTTPException(413, f"artifact is {size:,} bytes; this federation accepts at most {self.max_upload:,}")
-        body = bytearray()
-        async for chunk in request.stream():  # a chunked body declares no length: count while reading
-            body += chunk
-            if len(body) > self.max_upload + MULTIPART_SLACK:
-                raise HTTPException(413, f"upload exceeds {self.max_upload:,} bytes, the most this federation accepts")
-        body = bytes(body)
-        ctype = request.headers.get("content-type", "")
-        data = body
-        if ctype.startswith("multipart/form-data"):
-            try:
-                start, end = file_part(body, ctype)
-            except MalformedMultipart as err:
-                raise HTTPException(400, str(err)) from None
-            data = body[start:end]
-        if not data:
-            raise HTTPException(400, "empty upload: send the artifact's bytes (ConceptArtifact.save file)")
-        return (await self._call("submit", token, data, _request_id(idempotency_key),
-                                 source=_source(request))).to_dict()
+        async with self.uploads.artifact(request) as data:  # spooled to disk while it arrives
+            return (await self._call("submit", token, data, _request_id(idempotency_key),
+                                     source=_source(request))).to_dict()
 
     @app.delete("/v1/concepts/{name}")
     async def remove(self, name: str, request: Request, authorization: str | None = Header(None),
