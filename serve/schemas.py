@@ -1,7 +1,10 @@
 """The HTTP API's request and response bodies, with every bound a client can hit spelled out.
 
 Bounds live on the fields so that FastAPI's 422 names the bound that was broken ("Input should be
-less than or equal to 50") and the OpenAPI docs show it before anyone sends a request.
+less than or equal to 50") and the OpenAPI docs show it before anyone sends a request. Request bodies
+are read strictly: an integer field takes only a JSON integer (`"seed": true` and `"steps": 7.0`
+are refused, as the artifact metadata's schema refuses them), a number field any JSON number but a
+boolean.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ ConceptName = Annotated[str, Field(min_length=1, max_length=64)]  # as blocklora
 class ConceptWeight(BaseModel):
     """A live concept and its weight α in W0 + Σ α_i dW_i."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: ConceptName
     weight: float = Field(1.0, ge=-MAX_CONCEPT_WEIGHT, le=MAX_CONCEPT_WEIGHT)
 
@@ -40,7 +43,7 @@ class ConceptWeight(BaseModel):
 class GenerateRequest(BaseModel):
     """One prompt, any subset of the live concepts; `{name}` in the prompt also adds `name`."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"prompt": "a photo of {my-dog} on a beach", "concepts": [{"name": "my-dog", "weight": 1.0}],
          "steps": 20, "seed": 7}]})
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)

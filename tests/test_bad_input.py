@@ -392,6 +392,11 @@ CASES = [
     ("http-negative-steps", "http", generate({"prompt": "x", "steps": -1}), 422, "greater than or equal to 1"),
     ("http-huge-seed", "http", generate({"prompt": "x", "seed": 2**64}), 422, "less than or equal to"),
     ("http-negative-seed", "http", generate({"prompt": "x", "seed": -5}), 422, "greater than or equal to 0"),
+    # issue #40: an integer is a JSON integer (these were read as seed 1, seed 7, 2 steps, weight 1.0)
+    ("http-seed-true", "http", generate({"prompt": "x", "seed": True}), 422, "valid integer.*\"input\": true"),
+    ("http-seed-float", "http", generate({"prompt": "x", "seed": 7.0}), 422, "valid integer.*\"input\": 7.0"),
+    ("http-steps-float", "http", generate({"prompt": "x", "steps": 2.0}), 422, "valid integer"),
+    ("http-weight-true", "http", generate({"prompt": "x", "concepts": [{"name": "pet", "weight": True}]}), 422, "valid number"),
     ("http-huge-width", "http", generate({"prompt": "x", "width": 2**31}), 422, "less than or equal to 1024"),
     ("http-huge-weight", "http", generate({"prompt": "x", "concepts": [{"name": "pet", "weight": 1e308}]}), 422, "less than or equal to 4"),
     ("http-nan-guidance", "http", generate(b'{"prompt": "x", "guidance_scale": NaN}'), 422, "less than or equal to 30"),
