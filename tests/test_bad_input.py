@@ -15,6 +15,8 @@ import socket
 import struct
 import threading
 import time
+import zlib
+from pathlib import Path
 from typing import Any, Callable
 
 import httpx
@@ -23,10 +25,12 @@ import pytest
 from fastapi import HTTPException
 import ray
 import torch
+from PIL import Image
 from ray.util.state import list_actors
 
 from blocklora.method.artifact import ConceptArtifact, InvalidArtifact
 from blocklora.pipeline.base import load_base
+from blocklora.training.data import load_concept_images
 from blocklora.config import AdapterConfig, FederationConfig
 from blocklora.files.safefile import write_safetensors
 from blocklora.method.slots import SlotSpace
@@ -681,3 +685,34 @@ def test_multipart_parser_reads_what_clients_send_and_refuses_the_rest():
     for ctype, bad, fragment in refused:
         with pytest.raises(MalformedMultipart, match=fragment):
             file_part(bad, ctype)
+
+
+def test_training_pictures_of_extreme_size_are_refused_before_decoding(tmp_path):
+    """A client job's pictures are sized from their headers first (issue #40.11: a 1,248-byte PNG of
+    400,000 x 1 grew to 2.2 GB in the resize; 2,000,000 x 1 ran out of memory): extreme aspect ratios,
+    too many pixels and files that are not pictures are each a ValueError naming the file; a small
+    picture of any ordinary shape loads."""
+    def folder_with(name: str, write: Callable[[Path], None]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        write(folder / f"{name}.png")
+        return folder
+    refused = {
+        "strip": (lambda p: Image.new("RGB", (400_000, 1)).save(p), "400,000 x 1 pixels.*long side at most 8x"),
+        "tower": (lambda p: Image.new("L", (1, 2_000_000)).save(p), "1 x 2,000,000 pixels"),
+        "huge": (lambda p: p.write_bytes(png_header(10_000, 8_000)), "10,000 x 8,000 pixels.*at most 64,000,000"),
+        "not-a-picture": (lambda p: p.write_bytes(b"GIF89a, or so it says"), "cannot identify"),
+    }
+    for name, (write, fragment) in refused.items():
+        with pytest.raises(ValueError, match=f"{name}\\.png (is|could).*{fragment}"):
+            load_concept_images(folder_with(name, write), 8)
+    images, _ = load_concept_images(folder_with("wide", lambda p: Image.new("RGB", (80, 10)).save(p)), 8)
+    assert images.shape == (1, 3, 8, 8)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares `width` x `height` RGB pixels and holds none (an empty IDAT)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
