@@ -17,6 +17,7 @@ import asyncio
 import base64
 import dataclasses
 import io
+import ipaddress
 import json
 import re
 import secrets
@@ -42,7 +43,7 @@ from serve.body_limit import BodyLimit
 from serve.replies import ConceptUnavailable
 from serve.schemas import (MAX_BODY_BYTES, MAX_PIXEL_STEPS, CollectionBody, Concept, Concepts, GenerateRequest, Images,
                            InvitationBody)
-from serve.throttle import FailureThrottle
+from serve.throttle import GuessThrottle, client_address
 from serve.uploads import Uploads
 
 app = FastAPI(title="blocklora", summary="Stable Diffusion with any live subset of a federation's concepts",
@@ -107,11 +108,6 @@ def _png(pixels) -> bytes:
     return buf.getvalue()
 
 
-def _source(request: Request) -> str:
-    """The address failed authentications are counted against."""
-    return request.client.host if request.client else "unknown"
-
-
 # many ongoing requests: each costs the ingress only memory, and slow bodies time out (BodyLimit)
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)
 @serve.ingress(app)
@@ -121,31 +117,53 @@ class Ingress:
     images, weighted above the base's native size)."""
 
     def __init__(self, generator: DeploymentHandle, coordinator: str, namespace: str,
-                 api_key: str | None = None, max_pixel_steps: int = MAX_PIXEL_STEPS) -> None:
+                 api_key: str | None = None, max_pixel_steps: int = MAX_PIXEL_STEPS,
+                 trusted_proxies: tuple[str, ...] = ()) -> None:
         self.generator, self.api_key, self.max_pixel_steps = generator, api_key, max_pixel_steps
+        self.proxies = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
         self.coordinator = coordinator_named(coordinator, namespace, wait_s=START_WAIT_S)
         info: FederationInfo = ray.get(self.coordinator.info.remote())
         self.resolution, self.uploads = info.resolution, Uploads(info.max_artifact_bytes)
-        self.throttle = FailureThrottle()
+        self.throttle = GuessThrottle()
+
+    def _source(self, request: Request) -> str:
+        """The address failed authentications are counted against (serve/throttle.py)."""
+        return client_address(request.client.host if request.client else "unknown",
+                              request.headers.getlist("x-forwarded-for"), self.proxies)
 
     def _check_api_key(self, request: Request, authorization: str | None) -> None:
         if self.api_key is not None:
-            self.throttle.check(_source(request))
-            if not secrets.compare_digest(_bearer(authorization), self.api_key):
-                self.throttle.failed(_source(request))
+            key, source = _bearer(authorization), self._source(request)
+            self.throttle.check(source, key)
+            if not secrets.compare_digest(key.encode("utf-8", "surrogatepass"), self.api_key.encode()):
+                self.throttle.failed(source, key)
                 raise HTTPException(403, "API key not accepted")
+            self.throttle.succeeded(key)
 
-    async def _call(self, method: str, *args, source: str | None = None):
-        """A coordinator call; with `source`, a token-bearing one: refused while the source is
-        throttled, and an Unauthorized answer counts against it."""
-        if source is not None:
-            self.throttle.check(source)
+    async def _authenticate(self, request: Request, token: str) -> None:
+        """`token` checked by the coordinator (`whoami`), under the throttle: refused unheard while
+        a budget is spent (unless it worked here lately), an Unauthorized answer counted."""
+        source = self._source(request)
+        self.throttle.check(source, token)
+        try:
+            await self.coordinator.whoami.remote(token)
+        except Unauthorized as err:
+            self.throttle.failed(source, token)
+            raise HTTPException(403, _message(err)) from None
+        self.throttle.succeeded(token)
+
+    async def _call(self, method: str, *args):
+        """A coordinator call; its refusal as the HTTP status of `STATUS`, with its message."""
         try:
             return await getattr(self.coordinator, method).remote(*args)
         except FederationError as err:
-            if source is not None and isinstance(err, Unauthorized):
-                self.throttle.failed(source)
             raise HTTPException(next(s for cls, s in STATUS if isinstance(err, cls)), _message(err)) from None
+
+    async def _as(self, request: Request, authorization: str | None, method: str, *args):
+        """A coordinator call made with the caller's bearer token, once `_authenticate` let it through."""
+        token = _bearer(authorization)
+        await self._authenticate(request, token)
+        return await self._call(method, token, *args)
 
     @app.post("/v1/generate", response_model=Images,
               responses={200: {"content": {"image/png": {}},
@@ -206,20 +224,20 @@ class Ingress:
                              idempotency_key: str | None = Header(None)) -> dict:
         """Create a collection or set its members (its owner or the admin); the coordinator keeps
         its merged residual by the members that come and go."""
-        return (await self._call("put_collection", _bearer(authorization), name, tuple(body.members),
-                                 _request_id(idempotency_key), source=_source(request))).to_dict()
+        return (await self._as(request, authorization, "put_collection", name, tuple(body.members),
+                               _request_id(idempotency_key))).to_dict()
 
     @app.delete("/v1/collections/{name}")
     async def delete_collection(self, name: str, request: Request, authorization: str | None = Header(None),
                                 idempotency_key: str | None = Header(None)) -> dict:
-        return (await self._call("delete_collection", _bearer(authorization), name, _request_id(idempotency_key),
-                                 source=_source(request))).to_dict()
+        return (await self._as(request, authorization, "delete_collection", name,
+                               _request_id(idempotency_key))).to_dict()
 
     @app.post("/v1/invitations", status_code=201)
     async def invite(self, body: InvitationBody, request: Request, authorization: str | None = Header(None)) -> dict:
         """The admin invites a person: the code (shown this once) registers their first client."""
-        return (await self._call("invite", _bearer(authorization), body.name, new_invitation_code(), body.quota,
-                                 body.uses, source=_source(request))).to_dict()
+        return (await self._as(request, authorization, "invite", body.name, new_invitation_code(), body.quota,
+                               body.uses)).to_dict()
 
     @app.get("/v1/lora", responses={200: {"content": {"application/octet-stream": {}},
                                           "description": "pytorch_lora_weights.safetensors of the live set "
@@ -256,15 +274,13 @@ class Ingress:
         """Submit an artifact (raw body, or multipart field 'artifact') with the token of the client
         that reserved its slot; the coordinator validates it and makes it live."""
         token = _bearer(authorization)
-        await self._call("whoami", token, source=_source(request))  # before a byte of the body is read
+        await self._authenticate(request, token)  # before a byte of the body is read
         async with self.uploads.artifact(request) as data:  # spooled to disk while it arrives
-            return (await self._call("submit", token, data, _request_id(idempotency_key),
-                                     source=_source(request))).to_dict()
+            return (await self._call("submit", token, data, _request_id(idempotency_key))).to_dict()
 
     @app.delete("/v1/concepts/{name}")
     async def remove(self, name: str, request: Request, authorization: str | None = Header(None),
                      idempotency_key: str | None = Header(None)) -> dict:
         """Take a live concept out (owner or admin token): it leaves every collection, and
         /v1/generate refuses it at once."""
-        return (await self._call("remove", _bearer(authorization), name, _request_id(idempotency_key),
-                                 source=_source(request))).to_dict()
+        return (await self._as(request, authorization, "remove", name, _request_id(idempotency_key))).to_dict()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import ipaddress
 import json
 import random
 import re
@@ -41,10 +42,11 @@ from federation.errors import (ArtifactRejected, FederationError, ReservationErr
 from federation.protocol import ConceptQuery, Grant
 from federation.registry import Registry
 from federation.store import StateStore
+from serve.app import AppArgs
 from serve.body_limit import json_depth
 from serve.multipart import MalformedMultipart, file_part, header_params
 from serve.schemas import MAX_PIXEL_STEPS, GenerateRequest
-from serve.throttle import FailureThrottle
+from serve.throttle import GuessThrottle, client_address
 from serve_helpers import start_in_process, stop_app, wait_until
 
 ADAPTER = AdapterConfig(rank=2, num_slots=4)
@@ -603,17 +605,25 @@ def test_large_uploads_hold_little_of_the_ingress_and_give_it_back(http_ctx, ray
 
 
 @pytest.mark.slow
-def test_token_failures_are_throttled_per_source(http_ctx):
-    """The last HTTP test in this module: it leaves 127.0.0.1 throttled on this app for a minute."""
+def test_guessing_is_throttled_without_locking_out_the_tokens_that_work(http_ctx):
+    """The last HTTP test in this module: it leaves 127.0.0.1 throttled on this app for a minute.
+    Issue #40.7: forty bad tokens, each with another X-Forwarded-For, from 127.0.0.1 were forty 403s
+    (the HTTP proxy took each header for a new address); without the header the 21st failure was a
+    429, and then the admin's valid token was a 429 too. Now a forwarded header from a peer nobody
+    named is ignored, so the address's budget (30) runs out, and tokens that worked here still work."""
     before = http_ctx.http.get("/v1/concepts").json()
-    statuses = [http_ctx.http.delete("/v1/concepts/pet", headers=auth(f"c0123456789abcdef.guess{i}")).status_code
-                for i in range(21)]
-    first = statuses.index(429)  # 20 failures in all, some spent by the corpus above
-    assert 10 <= first <= 20 and set(statuses[:first]) == {403} and set(statuses[first:]) == {429}, statuses
-    for r in (http_ctx.http.delete("/v1/concepts/pet", headers=auth(http_ctx.alice)),  # even a good token, now
-              http_ctx.http.post("/v1/concepts", content=b"x" * 1024, headers=auth("c0123456789abcdef.guess"))):
-        assert r.status_code == 429 and "too many failed authentications" in r.text, r.text
-        assert 1 <= int(r.headers["retry-after"]) <= 61
+    assert http_ctx.http.delete("/v1/concepts/ghost", headers=auth(ADMIN)).status_code == 404  # it works here
+    statuses = [http_ctx.http.delete("/v1/concepts/pet", headers={**auth(f"c0123456789abcdef.guess{i}"),
+                                                                  "X-Forwarded-For": f"10.0.{i}.1"}).status_code
+                for i in range(40)]
+    first = statuses.index(429)  # 30 failures in all, a few spent by the corpus above
+    assert 20 <= first <= 30 and set(statuses[:first]) == {403} and set(statuses[first:]) == {429}, statuses
+    for token in (ADMIN, http_ctx.alice):  # both authenticated here before: answered, not held back
+        r = http_ctx.http.delete("/v1/concepts/ghost", headers=auth(token))
+        assert r.status_code == 404 and "no live concept" in r.text, r.text
+    r = http_ctx.http.post("/v1/concepts", content=b"x" * 1024, headers=auth("c0123456789abcdef.guess"))
+    assert r.status_code == 429 and "too many failed authentications from this address" in r.text, r.text
+    assert 1 <= int(r.headers["retry-after"]) <= 61
     assert http_ctx.http.get("/v1/concepts").json() == before  # reads are never throttled
 
 
@@ -621,28 +631,55 @@ def ctx_port(c: Ctx) -> int:
     return c.http.base_url.port
 
 
-def test_throttle_window_and_json_depth_without_a_server():
-    """The two request bounds that are plain functions, with an injected clock: the window slides
-    (a source is free again once its oldest failure ages out), memory stays bounded, and brackets
-    inside JSON strings do not count as nesting."""
+def test_throttle_budgets_and_json_depth_without_a_server():
+    """The request bounds that are plain functions, with an injected clock: each of the throttle's
+    three budgets (one stale token, one address, all addresses) holds back only what it counts, a
+    credential that worked is never held back, windows slide, memory stays bounded; forwarded headers
+    count only from a named proxy; brackets inside JSON strings do not count as nesting."""
     now = [0.0]
-    throttle = FailureThrottle(limit=3, window_s=60, max_sources=2, clock=lambda: now[0])
-    for t in (0, 10, 20):
-        now[0] = t
-        throttle.check("a")
-        throttle.failed("a")
-    with pytest.raises(HTTPException) as refused:
-        throttle.check("a")
-    assert refused.value.status_code == 429 and refused.value.headers["Retry-After"] == "41"
-    throttle.check("b")  # another source is not affected
-    now[0] = 60.5  # the failure at t=0 aged out
-    throttle.check("a")
-    throttle.failed("b")
-    throttle.failed("c")
-    assert len(throttle._failures) == 2  # the least recently failing source ("a") was dropped
+    throttle = GuessThrottle(per_credential=2, per_source=4, overall=6, window_s=60, max_keys=8,
+                             clock=lambda: now[0])
+
+    def held_back(source: str, credential: str) -> str:
+        with pytest.raises(HTTPException) as refused:
+            throttle.check(source, credential)
+        assert refused.value.status_code == 429 and refused.value.headers["Retry-After"] == "61"
+        return refused.value.detail
+    throttle.succeeded("good")
+    for _ in range(2):
+        throttle.check("a", "stale")
+        throttle.failed("a", "stale")
+    assert "with this token from this address" in held_back("a", "stale")
+    throttle.check("a", "fresh")  # the address itself is not held back yet
+    throttle.failed("a", "g1")
+    throttle.failed("a", "g2")
+    assert "from this address" in held_back("a", "g3")
+    throttle.check("a", "good")  # worked here: never held back
+    throttle.check("b", "g3")  # another address is not
+    throttle.failed("b", "x")
+    throttle.failed("c", "y")
+    assert "from all addresses together" in held_back("d", "z")
+    throttle.check("d", "good")
+    throttle.failed("d", "good")  # a credential that fails is no longer one that worked
+    now[0] = 60.5  # every failure aged out
+    for source, credential in (("a", "stale"), ("a", "g3"), ("d", "z")):
+        throttle.check(source, credential)
+    for i in range(20):
+        throttle.failed(f"spray{i}", "x")
+        throttle.succeeded(f"token{i}")
+    assert len(throttle.failures.times) <= 8 and len(throttle.worked) <= 8
+    proxies = [ipaddress.ip_network("127.0.0.1"), ipaddress.ip_network("10.0.0.0/8")]
+    assert client_address("127.0.0.1", ["1.2.3.4"], []) == "127.0.0.1"  # nobody named: the header is ignored
+    assert client_address("127.0.0.1", ["6.6.6.6, 1.2.3.4", "10.1.1.1"], proxies) == "1.2.3.4"
+    assert client_address("5.5.5.5", ["1.2.3.4"], proxies) == "5.5.5.5"  # not a named proxy
+    assert client_address("127.0.0.1", [], proxies) == "127.0.0.1"
+    assert client_address("127.0.0.1", ["10.0.0.1"], proxies) == "10.0.0.1"
+    with pytest.raises(ValueError, match="at least 32 characters"):
+        AppArgs(api_key="secret123")  # the throttle lets a working credential through: it must not be guessable
+    with pytest.raises(ValueError, match="does not appear to be an IPv4 or IPv6 network"):
+        AppArgs(trusted_proxies=["proxy.example"])
     assert json_depth(b'{"prompt": "[[[[[[[[[[{{{{{{"}') == 1
     assert json_depth(b'{"a": [[{"b": "\\"]"}]]}') == 4
-    assert json_depth(b"") == 0
 
 
 def test_cost_counts_attention_above_the_native_size():
