@@ -43,7 +43,7 @@ from serve.body_limit import BodyLimit
 from serve.replies import ConceptUnavailable
 from serve.schemas import (MAX_BODY_BYTES, MAX_PIXEL_STEPS, CollectionBody, Concept, Concepts, GenerateRequest, Images,
                            InvitationBody)
-from serve.throttle import GuessThrottle, client_address
+from serve.throttle import GuessThrottle, client_address, digest
 from serve.uploads import Uploads
 
 app = FastAPI(title="blocklora", summary="Stable Diffusion with any live subset of a federation's concepts",
@@ -275,7 +275,7 @@ class Ingress:
         that reserved its slot; the coordinator validates it and makes it live."""
         token = _bearer(authorization)
         await self._authenticate(request, token)  # before a byte of the body is read
-        async with self.uploads.artifact(request) as data:  # spooled to disk while it arrives
+        async with self.uploads.artifact(request, digest(token)) as data:  # spooled to disk while it arrives
             return (await self._call("submit", token, data, _request_id(idempotency_key))).to_dict()
 
     @app.delete("/v1/concepts/{name}")

@@ -2,7 +2,8 @@
 
 An upload's body is written to a temporary file as it arrives, so a slow or large body costs disk,
 not memory, for as long as it takes to arrive; at most `ARRIVING` bodies are spooled at once (disk
-bounded too: more get 503 with Retry-After). Only then are the artifact's bytes read into memory, by
+bounded too: more get 503 with Retry-After), one per token, so a client that trickles its bytes
+holds one of the places, not all of them. Only then are the artifact's bytes read into memory, by
 at most `IN_MEMORY` uploads at once, for the coordinator call. Reading every body whole into a
 growing buffer, as before, made the ingress's memory grow with the uploads in flight and keep much of
 it (docs/security.md, issue #40.8).
@@ -43,23 +44,27 @@ class Uploads:
     """Where upload bodies wait: `artifact(request)` spools one, then lends its artifact's bytes."""
 
     def __init__(self, max_bytes: int, arriving: int = ARRIVING, in_memory: int = IN_MEMORY) -> None:
-        self.max_bytes, self.arriving, self.free = max_bytes, arriving, arriving
+        self.max_bytes, self.arriving = max_bytes, arriving
+        self.senders: set[str] = set()  # who has a body arriving: a digest of its token
         self.in_memory = asyncio.Semaphore(in_memory)
 
     @asynccontextmanager
-    async def artifact(self, request: Request) -> AsyncIterator[bytes]:
+    async def artifact(self, request: Request, sender: str) -> AsyncIterator[bytes]:
         """The artifact's bytes of `request` (its raw body, or the multipart file part), held only
         inside the `async with` block: 413 past the federation's limit (declared, or counted while a
-        chunked body arrives), 503 while ARRIVING bodies are spooled already, 400 for a malformed
-        multipart body or an empty artifact."""
+        chunked body arrives), 503 while ARRIVING bodies are spooled already, 429 while `sender` has
+        another one arriving, 400 for a malformed multipart body or an empty artifact."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
             raise HTTPException(413, f"artifact is {int(declared):,} bytes; this federation accepts at most "
                                      f"{self.max_bytes:,}")
-        if self.free == 0:
+        if sender in self.senders:
+            raise HTTPException(429, "another upload with this token is still arriving; send one at a time",
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+        if len(self.senders) >= self.arriving:
             raise HTTPException(503, f"{self.arriving} uploads are arriving already; retry in {RETRY_AFTER_S} s",
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
-        self.free -= 1
+        self.senders.add(sender)
         try:
             with tempfile.TemporaryFile(prefix="blocklora-upload-") as spool:
                 size = 0
@@ -79,4 +84,4 @@ class Uploads:
                         raise HTTPException(400, "empty upload: send the artifact's bytes (ConceptArtifact.save file)")
                     yield data
         finally:
-            self.free += 1
+            self.senders.discard(sender)

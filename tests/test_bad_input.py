@@ -571,11 +571,11 @@ def test_a_busy_replica_answers_health_and_abandoned_work_stops_within_a_step(ht
 
 @pytest.mark.slow
 def test_large_uploads_hold_little_of_the_ingress_and_give_it_back(http_ctx, ray_head):
-    """Eight concurrent 60 MiB garbage uploads with a valid token (issue #40.8: the ingress's private
-    memory peaked 0.55 GB higher and kept 0.12-0.25 GB of it): bodies are spooled to disk as they
-    arrive (more than four at once get 503 with Retry-After), one artifact at a time is in memory,
-    and freed memory goes back to the system: the peak stays under six bodies' worth, and soon after
-    the ingress is within 48 MiB of where it started."""
+    """Eight concurrent 60 MiB garbage uploads with valid tokens, three clients' (issue #40.8: the
+    ingress's private memory peaked 0.55 GB higher and kept 0.12-0.25 GB of it): bodies are spooled to
+    disk as they arrive (one per token, at most four: the others get 429 or 503 with Retry-After),
+    one artifact at a time is in memory, and freed memory goes back to the system: the peak stays
+    under six bodies' worth, and soon after the ingress is within 48 MiB of where it started."""
     mib = 1024 * 1024
     [pid] = [a.pid for a in list_actors(address=ray_head.dashboard_url, filters=[("state", "=", "ALIVE")])
              if "Ingress" in (a.class_name or "")]
@@ -594,13 +594,13 @@ def test_large_uploads_hold_little_of_the_ingress_and_give_it_back(http_ctx, ray
     with concurrent.futures.ThreadPoolExecutor(9) as pool:
         pool.submit(sample)
         try:
-            answers = list(pool.map(lambda _: httpx.post(url, content=junk, headers=auth(http_ctx.alice), timeout=300),
-                                    range(8)))
+            tokens = [(http_ctx.alice, http_ctx.bob, ADMIN)[i % 3] for i in range(8)]
+            answers = list(pool.map(lambda t: httpx.post(url, content=junk, headers=auth(t), timeout=300), tokens))
             wait_until(lambda: private() - start < 48 * mib, 60, "the ingress's memory back where it started")
         finally:
             done.set()
-    assert {r.status_code for r in answers} <= {422, 503} and 422 in {r.status_code for r in answers}, answers
-    assert all(r.headers["retry-after"] == "5" for r in answers if r.status_code == 503)
+    assert {r.status_code for r in answers} <= {422, 429, 503} and 422 in {r.status_code for r in answers}, answers
+    assert all(r.headers["retry-after"] == "5" for r in answers if r.status_code != 422)
     assert peak[0] - start < 6 * 60 * mib, (start, peak)
 
 
