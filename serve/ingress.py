@@ -28,21 +28,28 @@ import ray
 from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from federation import errors
 from federation.auth import new_invitation_code
-from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotClash, SlotUnavailable,
-                               StateUnavailable, Unauthorized, UnknownConcept)
 from federation.coordinator import START_WAIT_S, get as coordinator_named
 from federation.protocol import ConceptQuery, FederationInfo, Plan
 from federation.records import DEFAULT
 from serve.body_limit import BodyLimit
 from serve.replies import ConceptUnavailable
-from serve.schemas import (MAX_BODY_BYTES, MAX_PIXEL_STEPS, CollectionBody, Concept, Concepts, GenerateRequest, Images,
-                           InvitationBody)
+from serve.schemas import (
+    MAX_BODY_BYTES,
+    MAX_PIXEL_STEPS,
+    CollectionBody,
+    Concept,
+    Concepts,
+    GenerateRequest,
+    Images,
+    InvitationBody,
+)
 from serve.throttle import GuessThrottle, client_address, digest
 from serve.uploads import Uploads
 
@@ -74,8 +81,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 
 
 # federation errors -> HTTP status; the coordinator's message is passed through as the detail
-STATUS = ((Unauthorized, 403), (UnknownConcept, 404), (ArtifactRejected, 422), (ReservationError, 409),
-          (SlotUnavailable, 409), (SlotClash, 409), (StateUnavailable, 503), (FederationError, 400))
+STATUS = ((errors.Unauthorized, 403), (errors.UnknownConcept, 404), (errors.ArtifactRejected, 422),
+          (errors.ReservationError, 409), (errors.SlotUnavailable, 409), (errors.SlotClash, 409),
+          (errors.StateUnavailable, 503), (errors.FederationError, 400))
 IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
@@ -147,7 +155,7 @@ class Ingress:
         self.throttle.check(source, token)
         try:
             await self.coordinator.whoami.remote(token)
-        except Unauthorized as err:
+        except errors.Unauthorized as err:
             self.throttle.failed(source, token)
             raise HTTPException(403, _message(err)) from None
         self.throttle.succeeded(token)
@@ -156,7 +164,7 @@ class Ingress:
         """A coordinator call; its refusal as the HTTP status of `STATUS`, with its message."""
         try:
             return await getattr(self.coordinator, method).remote(*args)
-        except FederationError as err:
+        except errors.FederationError as err:
             raise HTTPException(next(s for cls, s in STATUS if isinstance(err, cls)), _message(err)) from None
 
     async def _as(self, request: Request, authorization: str | None, method: str, *args):

@@ -23,22 +23,28 @@ from typing import Any, Callable
 import httpx
 import psutil
 import pytest
-from fastapi import HTTPException
 import ray
 import torch
+from fastapi import HTTPException
 from PIL import Image
 from ray.util.state import list_actors
 
-from blocklora.method.artifact import ConceptArtifact, InvalidArtifact
-from blocklora.pipeline.base import load_base
-from blocklora.training.data import load_concept_images
 from blocklora.config import AdapterConfig, FederationConfig
 from blocklora.files.safefile import write_safetensors
+from blocklora.method.artifact import ConceptArtifact, InvalidArtifact
 from blocklora.method.slots import SlotSpace
+from blocklora.pipeline.base import load_base
+from blocklora.training.data import load_concept_images
 from core_helpers import enrol, make_artifact
 from federation.auth import new_client_token, new_invitation_code, token_hash
-from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
-                               UnknownConcept)
+from federation.errors import (
+    ArtifactRejected,
+    FederationError,
+    ReservationError,
+    SlotUnavailable,
+    Unauthorized,
+    UnknownConcept,
+)
 from federation.protocol import ConceptQuery, Grant
 from federation.registry import Registry
 from federation.store import StateStore
