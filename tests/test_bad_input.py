@@ -13,6 +13,7 @@ import json
 import random
 import re
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -47,7 +48,7 @@ from federation.errors import (
 )
 from federation.protocol import ConceptQuery, Grant
 from federation.registry import Registry
-from federation.store import StateStore
+from federation.store import DATABASE, StateStore
 from serve.app import AppArgs
 from serve.body_limit import json_depth
 from serve.multipart import MalformedMultipart, file_part, header_params
@@ -71,6 +72,7 @@ class Ctx:
     pet: ConceptArtifact
     reg: Registry | None = None
     http: httpx.Client | None = None
+    state: Path | None = None  # the HTTP federation's state folder
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +96,14 @@ def reg_ctx(base, tmp_path_factory) -> Ctx:
 @pytest.fixture(scope="module")
 def http_ctx(ray_head, serve_port, base, tmp_path_factory) -> Ctx:
     """The same starting state behind the real app (its own coordinator on the session cluster)."""
-    actor, client = start_in_process(ray_head, tmp_path_factory.mktemp("bad-http") / "state", NAMESPACE, NAME,
-                                     ADAPTER, ADMIN, serve_port)
+    state = tmp_path_factory.mktemp("bad-http") / "state"
+    actor, client = start_in_process(ray_head, state, NAMESPACE, NAME, ADAPTER, ADMIN, serve_port)
     alice, bob = (enrol(actor, ADMIN, n, remote=True) for n in ("alice", "bob"))
     pet = make_artifact(base, ADAPTER, "pet", ray.get(actor.reserve.remote(alice, "pet", "dog")).slot, seed=1)
     assert client.post("/v1/concepts", content=pet.to_bytes(), headers=auth(alice)).status_code == 201
     good = make_artifact(base, ADAPTER, "held", ray.get(actor.reserve.remote(alice, "held", "cat")).slot, seed=2,
                          class_word="cat")
-    yield Ctx(base, alice, bob, good, pet, http=client)
+    yield Ctx(base, alice, bob, good, pet, http=client, state=state)
     client.close()
     stop_app(actor)
     ray.shutdown()
@@ -611,6 +613,31 @@ def test_large_uploads_hold_little_of_the_ingress_and_give_it_back(http_ctx, ray
 
 
 @pytest.mark.slow
+def test_a_state_folder_that_refuses_writes_is_a_json_503_and_reads_go_on(http_ctx):
+    """Issue #40.9 over HTTP: a change the state folder refused was a plain-text 500. Here another
+    process holds a write lock on the federation's database (an operator's sqlite3 shell mid-change;
+    a full or read-only disk refuses the same way, tests/test_state_store.py): a change is a JSON 503
+    naming the folder, nothing changed, listings are served meanwhile; once the lock goes, the same
+    request goes through."""
+    before = http_ctx.http.get("/v1/concepts").json()
+    put = ("/v1/collections/alices", {"json": {"members": ["pet"]}, "headers": auth(http_ctx.alice)})
+    db = sqlite3.connect(http_ctx.state / DATABASE, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")  # the write lock, until ROLLBACK
+        r = http_ctx.http.put(put[0], **put[1])
+        assert r.status_code == 503 and r.headers["content-type"] == "application/json", (r.status_code, r.text)
+        detail = r.json()["detail"]
+        assert detail.startswith(f"the state folder {http_ctx.state} cannot be written (another process holds "
+                                 f"a write lock on {DATABASE})") and "Nothing changed" in detail, detail
+        assert http_ctx.http.get("/v1/concepts").json() == before
+        assert http_ctx.http.get("/v1/collections/alices").status_code == 404
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    assert list(http_ctx.http.put(put[0], **put[1]).json()["members"]) == ["pet"]
+    assert http_ctx.http.delete(put[0], headers=auth(http_ctx.alice)).status_code == 200
+
+
 def test_guessing_is_throttled_without_locking_out_the_tokens_that_work(http_ctx):
     """The last HTTP test in this module: it leaves 127.0.0.1 throttled on this app for a minute.
     Issue #40.7: forty bad tokens, each with another X-Forwarded-For, from 127.0.0.1 were forty 403s
