@@ -32,22 +32,55 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from blocklora.method.artifact import ConceptArtifact, InvalidArtifact, check_class_word, check_name
 from blocklora.config import FederationConfig
-from blocklora.method.export import MergedFactors
 from blocklora.files.safefile import write_safetensors
 from blocklora.files.schema import parse
+from blocklora.method.artifact import ConceptArtifact, InvalidArtifact, check_class_word, check_name
+from blocklora.method.export import MergedFactors
 from blocklora.method.slots import SlotSpace
 from federation import library
-from federation.auth import (ADMIN, CODE_RE, TOKEN_RE, Accounts, Client, Person, check_person_name, name_key,
-                             token_hash)
-from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotClash,  # noqa: F401
-                               SlotUnavailable, StateUnavailable, Unauthorized, UnknownConcept)
+from federation.auth import ADMIN, CODE_RE, TOKEN_RE, Accounts, Client, Person, check_person_name, name_key, token_hash
+from federation.errors import (
+    ArtifactRejected,
+    FederationError,
+    ReservationError,
+    SlotClash,
+    SlotUnavailable,
+    StateUnavailable,
+    Unauthorized,
+    UnknownConcept,
+)
 from federation.manifest import RecordChecks, refused, sift
-from federation.protocol import (Quarantined, Collection, ConceptPage, ConceptQuery, FederationInfo, Grant, HeldSlot, Invitation,
-                                 LiveConcept, Mergeable, Plan, Principal, Registration, Removed, Resolved)
-from federation.records import (DEFAULT, FORMAT, FORMAT_VERSION, REQUEST_TTL_S, Answered, CollectionRecord,
-                                ConceptRecord, Reservation, check_request_id, from_manifest, to_json)
+from federation.protocol import (
+    Collection,
+    ConceptPage,
+    ConceptQuery,
+    FederationInfo,
+    Grant,
+    HeldSlot,
+    Invitation,
+    LiveConcept,
+    Mergeable,
+    Plan,
+    Principal,
+    Quarantined,
+    Registration,
+    Removed,
+    Resolved,
+)
+from federation.records import (
+    DEFAULT,
+    FORMAT,
+    FORMAT_VERSION,
+    REQUEST_TTL_S,
+    Answered,
+    CollectionRecord,
+    ConceptRecord,
+    Reservation,
+    check_request_id,
+    from_manifest,
+    to_json,
+)
 from federation.store import Key, StateStore
 
 MERGE_RULES = ("sum", "mean")  # α = 1 each, or the paper's α = 1/|S|

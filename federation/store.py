@@ -58,6 +58,8 @@ def _reason(err: BaseException) -> str:
         return "it is read-only"
     if code == errno.EFBIG:
         return "a file there may not grow (file size limit)"
+    if "database is locked" in str(err):  # past the connection's wait: e.g. an operator's sqlite3 shell mid-change
+        return f"another process holds a write lock on {DATABASE}"
     return f"{type(err).__name__}: {err}"
 
 

@@ -4,6 +4,7 @@
         [--coordinator blocklora-coordinator] [--replicas 1] [--api-key-file FILE] [--dtype float16] \
         [--concept-cache-mb 1024] \
         [--generator-resource serve_gpu --ingress-resource head_services]   # on a cluster.yaml cluster
+        [--trusted-proxy 10.0.0.5]   # a reverse proxy whose X-Forwarded-For is believed
 
 Needs a running cluster and the coordinator (jobs/start_coordinator.py), or one starting: its replicas
 wait up to federation.coordinator.START_WAIT_S for the coordinator's name. The app keeps running after
@@ -28,7 +29,7 @@ import federation  # noqa: E402
 import serve as serve_pkg  # noqa: E402
 from blocklora.config import PrecisionConfig, add_flags, from_args  # noqa: E402
 from federation.coordinator import DEFAULT_NAME, DEFAULT_NAMESPACE  # noqa: E402
-from serve.app import AppArgs, build  # noqa: E402
+from serve.app import AppArgs, build, start_http  # noqa: E402
 
 APP_NAME = "blocklora"
 
@@ -47,6 +48,8 @@ def main() -> None:
                        ("concept_cache_mb", float)):
         field = AppArgs.model_fields[name]
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=field.default, help=field.description)
+    p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS_OR_CIDR",
+                   help=AppArgs.model_fields["trusted_proxies"].description + "; repeat for several")
     add_flags(p, PrecisionConfig)
     args = p.parse_args()
 
@@ -54,9 +57,9 @@ def main() -> None:
     # the code travels with the job (Serve replicas inherit its runtime_env): no install on the nodes
     code = [str(Path(m.__file__).parent) for m in (blocklora, federation, serve_pkg)]
     ray.init(address=args.address, log_to_driver=False, runtime_env={"py_modules": code})
-    serve.start(http_options={"host": args.host, "port": args.port})
+    start_http(args.host, args.port)
     serve.run(build(AppArgs(coordinator=args.coordinator, namespace=args.namespace, api_key=api_key,
-                            replicas=args.replicas, num_cpus=args.num_cpus,
+                            replicas=args.replicas, num_cpus=args.num_cpus, trusted_proxies=args.trusted_proxy,
                             generator_resource=args.generator_resource, ingress_resource=args.ingress_resource,
                             max_pixel_steps=args.max_pixel_steps, concept_cache_mb=args.concept_cache_mb,
                             dtype=from_args(PrecisionConfig, args, p).dtype)),

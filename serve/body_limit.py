@@ -8,31 +8,38 @@
   64 clients that send a few bytes and stop once stalled the whole API. Each chunk must arrive
   within `idle_s`, and the whole body within `total_s` (`upload_total_s` on exempt routes): 408.
 - Nesting: Python's JSON reader recurses; a 64 KiB body of `[[[[…` raised RecursionError (a 500).
-  JSON bodies nested deeper than `max_depth` are refused with a 422 before they are parsed.
+  JSON bodies nested deeper than `max_depth` are refused with a 422 before they are parsed. The
+  check is one linear scan, run in a worker thread: the event loop serves every other request
+  meanwhile (its first version backtracked quadratically on an unterminated string, docs/security.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import re
 from typing import Any, Awaitable, Callable
 
+import numpy as np
 from fastapi import HTTPException
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# A string, its closing quote optional: an unterminated one runs to the end instead of failing, so
+# the match never backtracks and every byte is read a bounded number of times.
+_STRING = re.compile(rb'"(?:[^"\\]+|\\.)*"?', re.DOTALL)
 _NOT_BRACKET = re.compile(rb"[^\[\]{}]")
+_STEP = np.full(256, -1, dtype=np.int32)
+_STEP[list(b"[{")] = 1  # an opening bracket nests one level deeper, a closing one leaves it
 
 
 def json_depth(body: bytes) -> int:
-    """How deeply a JSON text nests arrays and objects (brackets inside strings do not count)."""
+    """How deeply a JSON text nests arrays and objects (brackets inside strings do not count), in
+    time linear in its length."""
     brackets = _NOT_BRACKET.sub(b"", _STRING.sub(b"", body))
-    return max(itertools.accumulate(1 if c in b"[{" else -1 for c in brackets), default=0)
+    return int(np.cumsum(_STEP[np.frombuffer(brackets, dtype=np.uint8)]).max(initial=0))
 
 
 class BodyTimeout(HTTPException):
@@ -73,7 +80,7 @@ class BodyLimit:
             if len(body) > self.limit:
                 return await self._refuse(send, 413, f"request body exceeds the limit; this endpoint accepts at "
                                                      f"most {self.limit:,} bytes")
-        if body and json_depth(bytes(body)) > self.max_depth:
+        if body and await asyncio.to_thread(json_depth, bytes(body)) > self.max_depth:
             return await self._refuse(send, 422, f"JSON nests deeper than {self.max_depth} levels")
         replayed = False
 

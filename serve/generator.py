@@ -6,14 +6,19 @@ with its plan (the coordinator's resolution of its concepts to exact artifacts);
 used out past `--concept-cache-mb`) before the request joins a batch, so a batch never waits on a
 fetch. Requests with different subsets of concepts, prompts and seeds share one denoising loop; only
 requests with the same steps, guidance and size can share it, so a batch runs one loop per group.
+
+A loop whose callers have all gone (their HTTP clients disconnected) is stopped from inside the model:
+every block of the UNet and of the VAE's decoder first checks, so the work ends within the block in
+progress instead of after the step, or the whole loop and its decode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import ray
@@ -46,6 +51,25 @@ class _Job:
     cancelled: bool = False
 
 
+class Abandoned(Exception):
+    """Raised inside the model when every caller of the loop in progress has gone."""
+
+
+@contextmanager
+def stop_points(modules: list[torch.nn.Module], abandoned: Callable[[], bool]) -> Iterator[None]:
+    """Raise Abandoned before any of `modules` runs once `abandoned()` is true (a forward pre-hook
+    on each, removed on exit)."""
+    def check(module: torch.nn.Module, args: tuple) -> None:
+        if abandoned():
+            raise Abandoned
+    handles = [m.register_forward_pre_hook(check) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16,
                   user_config={"max_batch_size": 4, "batch_wait_timeout_s": 0.05, "concept_cache_mb": DEFAULT_CACHE_MB})
 class Generator:
@@ -70,6 +94,9 @@ class Generator:
                                   lambda hit: lookups.inc(tags={"result": "hit" if hit else "miss"}))
         self.lock = asyncio.Lock()  # one denoising loop at a time: the bank's per-batch weights are shared
         self.cancelled_loops = 0  # denoising loops skipped or stopped because every caller had gone
+        self.steps = 0  # denoising steps completed, all loops together
+        unet, decoder = base.pipe.unet, base.pipe.vae.decoder
+        self.blocks = [*unet.down_blocks, *filter(None, [unet.mid_block]), *unet.up_blocks, *decoder.up_blocks]
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Runtime knobs (Serve's user_config): batch size, how long a batch waits to fill, and the
@@ -85,9 +112,11 @@ class Generator:
             raise ConceptUnavailable([name], -1) from None
 
     async def status(self) -> dict[str, Any]:
-        """This replica: who it is, its concept cache (held, bytes, hits and misses) and cancelled loops."""
+        """This replica: who it is, its concept cache (held, bytes, hits and misses), whether a loop is
+        running, its denoising steps and cancelled loops so far. It answers at once, also while a loop
+        runs (a health check must not wait for a loop)."""
         return {"replica": serve.get_replica_context().replica_id.unique_id, "cache": self.cache.stats(),
-                "cancelled_loops": self.cancelled_loops}
+                "busy": self.lock.locked(), "steps": self.steps, "cancelled_loops": self.cancelled_loops}
 
     async def generate(self, request: GenerateRequest, plan: Plan) -> DrawnImages:
         """Images for one request and its plan; raises ConceptUnavailable naming a concept that was
@@ -130,7 +159,7 @@ class Generator:
     def _run(self, jobs: list[_Job]) -> list[np.ndarray] | None:
         """One denoising loop for requests of equal steps/guidance/size; image j of a request is
         drawn from its own generator seeded `seed + j`, so it does not depend on its batch mates.
-        None: every caller went away and the loop was stopped between two steps."""
+        None: every caller went away and the loop was stopped (within the model block in progress)."""
         requests = [j.request for j in jobs]
         prompts, negatives, subsets, gens = [], [], [], []
         for job, req in zip(jobs, requests):
@@ -144,17 +173,17 @@ class Generator:
                 gens.append(torch.Generator(device="cpu").manual_seed(req.seed + j))
         first, res = requests[0], self.bank.base.resolution
 
-        def stop_when_abandoned(pipe, step: int, timestep, kwargs: dict) -> dict:
-            if all(j.cancelled for j in jobs):
-                pipe._interrupt = True  # diffusers skips the remaining steps
+        def count_step(pipe, step: int, timestep, kwargs: dict) -> dict:
+            self.steps += 1
             return kwargs
 
-        with self.bank.subsets(subsets):
-            out = self.bank.base.pipe(prompts, negative_prompt=negatives, num_inference_steps=first.steps,
-                                      guidance_scale=first.guidance_scale, width=first.width or res,
-                                      height=first.height or res, generator=gens, output_type="np",
-                                      callback_on_step_end=stop_when_abandoned).images
-        if all(j.cancelled for j in jobs):
+        try:
+            with self.bank.subsets(subsets), stop_points(self.blocks, lambda: all(j.cancelled for j in jobs)):
+                out = self.bank.base.pipe(prompts, negative_prompt=negatives, num_inference_steps=first.steps,
+                                          guidance_scale=first.guidance_scale, width=first.width or res,
+                                          height=first.height or res, generator=gens, output_type="np",
+                                          callback_on_step_end=count_step).images
+        except Abandoned:
             self.cancelled_loops += 1
             return None
         pixels = (out * 255).round().clip(0, 255).astype(np.uint8)  # as diffusers' numpy_to_pil

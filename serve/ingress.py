@@ -13,12 +13,11 @@ signatures, and string annotations would turn the request body into a query para
 """
 
 
+import asyncio
 import base64
 import dataclasses
-import email.message
-import email.parser
-import email.policy
 import io
+import ipaddress
 import json
 import re
 import secrets
@@ -29,22 +28,30 @@ import ray
 from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from federation import errors
 from federation.auth import new_invitation_code
-from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotClash, SlotUnavailable,
-                               StateUnavailable, Unauthorized, UnknownConcept)
 from federation.coordinator import START_WAIT_S, get as coordinator_named
 from federation.protocol import ConceptQuery, FederationInfo, Plan
 from federation.records import DEFAULT
 from serve.body_limit import BodyLimit
 from serve.replies import ConceptUnavailable
-from serve.schemas import (MAX_BODY_BYTES, MAX_PIXEL_STEPS, CollectionBody, Concept, Concepts, GenerateRequest, Images,
-                           InvitationBody)
-from serve.throttle import FailureThrottle
+from serve.schemas import (
+    MAX_BODY_BYTES,
+    MAX_PIXEL_STEPS,
+    CollectionBody,
+    Concept,
+    Concepts,
+    GenerateRequest,
+    Images,
+    InvitationBody,
+)
+from serve.throttle import GuessThrottle, client_address, digest
+from serve.uploads import Uploads
 
 app = FastAPI(title="blocklora", summary="Stable Diffusion with any live subset of a federation's concepts",
               docs_url="/v1/docs", openapi_url="/v1/openapi.json", redoc_url=None)
@@ -73,12 +80,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     return _json(exc.status_code, {"detail": exc.detail}, exc.headers)
 
 
-MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and part headers around the artifact
-MAX_PARTS = 8  # multipart parts of an upload: the artifact and a few form fields at most
-
 # federation errors -> HTTP status; the coordinator's message is passed through as the detail
-STATUS = ((Unauthorized, 403), (UnknownConcept, 404), (ArtifactRejected, 422), (ReservationError, 409),
-          (SlotUnavailable, 409), (SlotClash, 409), (StateUnavailable, 503), (FederationError, 400))
+STATUS = ((errors.Unauthorized, 403), (errors.UnknownConcept, 404), (errors.ArtifactRejected, 422),
+          (errors.ReservationError, 409), (errors.SlotUnavailable, 409), (errors.SlotClash, 409),
+          (errors.StateUnavailable, 503), (errors.FederationError, 400))
 IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
@@ -111,66 +116,62 @@ def _png(pixels) -> bytes:
     return buf.getvalue()
 
 
-def _multipart_file(content_type: str, body: bytes) -> bytes:
-    """The file part of a multipart/form-data body. The parts are split on the boundary and only
-    their headers parsed (no MIME tree is built): at most MAX_PARTS parts, nested multiparts are
-    not opened, so a body of 120,000 tiny parts costs one `split`, not 39 s of parsing."""
-    ctype = email.message.Message()
-    ctype["content-type"] = content_type
-    boundary = ctype.get_param("boundary")
-    if not isinstance(boundary, str) or not 0 < len(boundary) <= 70:
-        raise HTTPException(400, "multipart/form-data needs a boundary parameter of 1-70 characters")
-    pieces = body.split(b"--" + boundary.encode("latin-1", "replace"))
-    if len(pieces) - 2 > MAX_PARTS:
-        raise HTTPException(400, f"multipart body has {len(pieces) - 2:,} parts; an upload may have at most "
-                                 f"{MAX_PARTS} (send the artifact as field 'artifact', or as the raw body)")
-    for piece in pieces[1:-1]:
-        head, _, payload = piece.removeprefix(b"\r\n").partition(b"\r\n\r\n")
-        part = email.parser.BytesHeaderParser(policy=email.policy.HTTP).parsebytes(head[:MULTIPART_SLACK])
-        if part.get_filename() is not None or part.get_param("name", header="content-disposition") == "artifact":
-            return payload.removesuffix(b"\r\n")
-    raise HTTPException(400, "multipart body has no file part; send the artifact as field 'artifact' "
-                             "(curl -F artifact=@concept.safetensors) or as the raw request body")
-
-
-def _source(request: Request) -> str:
-    """The address failed authentications are counted against."""
-    return request.client.host if request.client else "unknown"
-
-
 # many ongoing requests: each costs the ingress only memory, and slow bodies time out (BodyLimit)
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)
 @serve.ingress(app)
 class Ingress:
     """`api_key` None: /v1/generate and /v1/lora are open; otherwise they need 'Authorization: Bearer <api_key>'.
-    `max_pixel_steps`: the most width x height x steps x images one request may ask for."""
+    `max_pixel_steps`: the most one request may cost (`GenerateRequest.cost`: width x height x steps x
+    images, weighted above the base's native size)."""
 
     def __init__(self, generator: DeploymentHandle, coordinator: str, namespace: str,
-                 api_key: str | None = None, max_pixel_steps: int = MAX_PIXEL_STEPS) -> None:
+                 api_key: str | None = None, max_pixel_steps: int = MAX_PIXEL_STEPS,
+                 trusted_proxies: tuple[str, ...] = ()) -> None:
         self.generator, self.api_key, self.max_pixel_steps = generator, api_key, max_pixel_steps
+        self.proxies = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
         self.coordinator = coordinator_named(coordinator, namespace, wait_s=START_WAIT_S)
         info: FederationInfo = ray.get(self.coordinator.info.remote())
-        self.max_upload, self.resolution = info.max_artifact_bytes, info.resolution
-        self.throttle = FailureThrottle()
+        self.resolution, self.uploads = info.resolution, Uploads(info.max_artifact_bytes)
+        self.throttle = GuessThrottle()
+
+    def _source(self, request: Request) -> str:
+        """The address failed authentications are counted against (serve/throttle.py)."""
+        return client_address(request.client.host if request.client else "unknown",
+                              request.headers.getlist("x-forwarded-for"), self.proxies)
 
     def _check_api_key(self, request: Request, authorization: str | None) -> None:
         if self.api_key is not None:
-            self.throttle.check(_source(request))
-            if not secrets.compare_digest(_bearer(authorization), self.api_key):
-                self.throttle.failed(_source(request))
+            key, source = _bearer(authorization), self._source(request)
+            self.throttle.check(source, key)
+            if not secrets.compare_digest(key.encode("utf-8", "surrogatepass"), self.api_key.encode()):
+                self.throttle.failed(source, key)
                 raise HTTPException(403, "API key not accepted")
+            self.throttle.succeeded(key)
 
-    async def _call(self, method: str, *args, source: str | None = None):
-        """A coordinator call; with `source`, a token-bearing one: refused while the source is
-        throttled, and an Unauthorized answer counts against it."""
-        if source is not None:
-            self.throttle.check(source)
+    async def _authenticate(self, request: Request, token: str) -> None:
+        """`token` checked by the coordinator (`whoami`), under the throttle: refused unheard while
+        a budget is spent (unless it worked here lately), an Unauthorized answer counted."""
+        source = self._source(request)
+        self.throttle.check(source, token)
+        try:
+            await self.coordinator.whoami.remote(token)
+        except errors.Unauthorized as err:
+            self.throttle.failed(source, token)
+            raise HTTPException(403, _message(err)) from None
+        self.throttle.succeeded(token)
+
+    async def _call(self, method: str, *args):
+        """A coordinator call; its refusal as the HTTP status of `STATUS`, with its message."""
         try:
             return await getattr(self.coordinator, method).remote(*args)
-        except FederationError as err:
-            if source is not None and isinstance(err, Unauthorized):
-                self.throttle.failed(source)
+        except errors.FederationError as err:
             raise HTTPException(next(s for cls, s in STATUS if isinstance(err, cls)), _message(err)) from None
+
+    async def _as(self, request: Request, authorization: str | None, method: str, *args):
+        """A coordinator call made with the caller's bearer token, once `_authenticate` let it through."""
+        token = _bearer(authorization)
+        await self._authenticate(request, token)
+        return await self._call(method, token, *args)
 
     @app.post("/v1/generate", response_model=Images,
               responses={200: {"content": {"image/png": {}},
@@ -180,9 +181,11 @@ class Ingress:
     async def generate(self, req: GenerateRequest, request: Request,
                        authorization: str | None = Header(None)) -> Response:
         self._check_api_key(request, authorization)
-        cost = (req.width or self.resolution) * (req.height or self.resolution) * req.steps * req.num_images
+        cost = req.cost(self.resolution)
         if cost > self.max_pixel_steps:
-            raise HTTPException(422, f"request costs {cost:,} pixel-steps (width x height x steps x num_images); "
+            raise HTTPException(422, f"request costs {cost:,} pixel-steps (width x height x steps x num_images, "
+                                     f"each image-step weighted by how many {self.resolution}x{self.resolution} "
+                                     "images, the base's native size, it holds: attention is quadratic in pixels); "
                                      f"this server allows at most {self.max_pixel_steps:,} per request "
                                      "(max_pixel_steps): use fewer steps, images or pixels")
         plan: Plan = await self._call("resolve", req.subset(), req.collection)
@@ -190,11 +193,12 @@ class Ingress:
             out = await self.generator.generate.remote(req, plan)  # Serve cancels it if the client goes away
         except ConceptUnavailable as err:  # removed between our check and the replica's sync
             raise HTTPException(404, _message(err)) from None
+        pngs = await asyncio.to_thread(lambda: [_png(p) for p in out.pixels])  # not on the event loop
         if req.num_images == 1:
-            return Response(_png(out.pixels[0]), media_type="image/png",
+            return Response(pngs[0], media_type="image/png",
                             headers={"X-BlockLoRA-Version": str(out.version), "X-BlockLoRA-Seed": str(out.seeds[0])})
         return JSONResponse(Images(version=out.version, seeds=out.seeds,
-                                   images=[base64.b64encode(_png(p)).decode() for p in out.pixels]).model_dump())
+                                   images=[base64.b64encode(p).decode() for p in pngs]).model_dump())
 
     @app.get("/v1/concepts", response_model=Concepts)
     async def concepts(self, limit: int = Query(100, ge=1, le=1000), cursor: str | None = Query(None, max_length=100),
@@ -228,20 +232,20 @@ class Ingress:
                              idempotency_key: str | None = Header(None)) -> dict:
         """Create a collection or set its members (its owner or the admin); the coordinator keeps
         its merged residual by the members that come and go."""
-        return (await self._call("put_collection", _bearer(authorization), name, tuple(body.members),
-                                 _request_id(idempotency_key), source=_source(request))).to_dict()
+        return (await self._as(request, authorization, "put_collection", name, tuple(body.members),
+                               _request_id(idempotency_key))).to_dict()
 
     @app.delete("/v1/collections/{name}")
     async def delete_collection(self, name: str, request: Request, authorization: str | None = Header(None),
                                 idempotency_key: str | None = Header(None)) -> dict:
-        return (await self._call("delete_collection", _bearer(authorization), name, _request_id(idempotency_key),
-                                 source=_source(request))).to_dict()
+        return (await self._as(request, authorization, "delete_collection", name,
+                               _request_id(idempotency_key))).to_dict()
 
     @app.post("/v1/invitations", status_code=201)
     async def invite(self, body: InvitationBody, request: Request, authorization: str | None = Header(None)) -> dict:
         """The admin invites a person: the code (shown this once) registers their first client."""
-        return (await self._call("invite", _bearer(authorization), body.name, new_invitation_code(), body.quota,
-                                 body.uses, source=_source(request))).to_dict()
+        return (await self._as(request, authorization, "invite", body.name, new_invitation_code(), body.quota,
+                               body.uses)).to_dict()
 
     @app.get("/v1/lora", responses={200: {"content": {"application/octet-stream": {}},
                                           "description": "pytorch_lora_weights.safetensors of the live set "
@@ -262,12 +266,13 @@ class Ingress:
 
     @app.get("/v1/healthz")
     async def healthz(self) -> dict:
-        """Coordinator reachable and a generator replica up (it loads the base once) with its concept
-        cache, and the records the coordinator set aside when it loaded its state (federation/manifest.py)."""
+        """Coordinator reachable and a generator replica up (it loads the base once; a busy replica
+        answers at once) with its concept cache, denoising steps and abandoned loops so far, and the
+        records the coordinator set aside when it loaded its state (federation/manifest.py)."""
         replica, info = await self.generator.status.remote(), await self.coordinator.info.remote()
         return {"status": "ok", "version": info.version, "live": info.live, "collections": info.collections,
-                "slot_use": list(info.slot_use), "replica_cancelled_loops": replica["cancelled_loops"],
-                "replica_cache": replica["cache"],
+                "slot_use": list(info.slot_use), "replica_busy": replica["busy"], "replica_steps": replica["steps"],
+                "replica_cancelled_loops": replica["cancelled_loops"], "replica_cache": replica["cache"],
                 "quarantined": [dataclasses.asdict(q) for q in info.quarantined[:20]],
                 "quarantined_count": len(info.quarantined)}
 
@@ -277,28 +282,13 @@ class Ingress:
         """Submit an artifact (raw body, or multipart field 'artifact') with the token of the client
         that reserved its slot; the coordinator validates it and makes it live."""
         token = _bearer(authorization)
-        await self._call("whoami", token, source=_source(request))  # before a byte of the body is read
-        declared = request.headers.get("content-length", "")
-        size = int(declared) if declared.isdigit() else 0
-        if size > self.max_upload:
-            raise HTTPException(413, f"artifact is {size:,} bytes; this federation accepts at most {self.max_upload:,}")
-        body = bytearray()
-        async for chunk in request.stream():  # a chunked body declares no length: count while reading
-            body += chunk
-            if len(body) > self.max_upload + MULTIPART_SLACK:
-                raise HTTPException(413, f"upload exceeds {self.max_upload:,} bytes, the most this federation accepts")
-        body = bytes(body)
-        ctype = request.headers.get("content-type", "")
-        data = _multipart_file(ctype, body) if ctype.startswith("multipart/form-data") else body
-        if not data:
-            raise HTTPException(400, "empty upload: send the artifact's bytes (ConceptArtifact.save file)")
-        return (await self._call("submit", token, data, _request_id(idempotency_key),
-                                 source=_source(request))).to_dict()
+        await self._authenticate(request, token)  # before a byte of the body is read
+        async with self.uploads.artifact(request, digest(token)) as data:  # spooled to disk while it arrives
+            return (await self._call("submit", token, data, _request_id(idempotency_key))).to_dict()
 
     @app.delete("/v1/concepts/{name}")
     async def remove(self, name: str, request: Request, authorization: str | None = Header(None),
                      idempotency_key: str | None = Header(None)) -> dict:
         """Take a live concept out (owner or admin token): it leaves every collection, and
         /v1/generate refuses it at once."""
-        return (await self._call("remove", _bearer(authorization), name, _request_id(idempotency_key),
-                                 source=_source(request))).to_dict()
+        return (await self._as(request, authorization, "remove", name, _request_id(idempotency_key))).to_dict()

@@ -1,7 +1,10 @@
 """The HTTP API's request and response bodies, with every bound a client can hit spelled out.
 
 Bounds live on the fields so that FastAPI's 422 names the bound that was broken ("Input should be
-less than or equal to 50") and the OpenAPI docs show it before anyone sends a request.
+less than or equal to 50") and the OpenAPI docs show it before anyone sends a request. Request bodies
+are read strictly: an integer field takes only a JSON integer (`"seed": true` and `"steps": 7.0`
+are refused, as the artifact metadata's schema refuses them), a number field any JSON number but a
+boolean.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ MIN_SIDE = 16
 MAX_IMAGES = 4  # per request; each image is a sample of the batched denoising loop
 MAX_BODY_BYTES = 64 * 1024  # JSON bodies: a request at every bound below, all \u-escaped, is ~40 kB
 MAX_CONCEPT_WEIGHT = 4.0  # |α|; merged concepts past a few units only produce noise
-# width x height x steps x num_images of one request. Each bound above alone is harmless, together
-# they are not: cost grows ~12x per doubling of the side (256² took 32 s per step on a CPU replica).
-# 2^21 keeps the tiny base at its 64² at every other bound (1.6 M) and allows 512² x 8 steps;
-# a GPU deployment raises it (jobs/serve_up.py --max-pixel-steps).
+# What one request may cost, in `GenerateRequest.cost` units (pixel-steps, weighted above the base's
+# native size). Each bound above alone is harmless, together they are not. 2^21 lets the tiny base
+# (native 32²) draw at its size at every other bound (0.4 M), or 128² for 8 image-steps; SD1.5 (native
+# 512²) 8 image-steps; a GPU deployment raises it (jobs/serve_up.py --max-pixel-steps).
 MAX_PIXEL_STEPS = 2**21
 _DEFAULTS = GenerateConfig()
 ConceptName = Annotated[str, Field(min_length=1, max_length=64)]  # as blocklora.method.artifact.NAME_RE allows
@@ -32,7 +35,7 @@ ConceptName = Annotated[str, Field(min_length=1, max_length=64)]  # as blocklora
 class ConceptWeight(BaseModel):
     """A live concept and its weight α in W0 + Σ α_i dW_i."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: ConceptName
     weight: float = Field(1.0, ge=-MAX_CONCEPT_WEIGHT, le=MAX_CONCEPT_WEIGHT)
 
@@ -40,7 +43,7 @@ class ConceptWeight(BaseModel):
 class GenerateRequest(BaseModel):
     """One prompt, any subset of the live concepts; `{name}` in the prompt also adds `name`."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"prompt": "a photo of {my-dog} on a beach", "concepts": [{"name": "my-dog", "weight": 1.0}],
          "steps": 20, "seed": 7}]})
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
@@ -66,6 +69,16 @@ class GenerateRequest(BaseModel):
         if self.seed + self.num_images - 1 > 2**63 - 1:
             raise ValueError(f"seed + num_images - 1 must be <= {2**63 - 1}")
         return self
+
+    def cost(self, native: int) -> int:
+        """What the request costs, in pixel-steps weighted for attention, on a base of native side
+        `native`: width x height x steps x num_images, each image-step multiplied by how many native
+        images its pixels hold when that is more than one. A UNet's convolutions cost in proportion to
+        the pixels P, its self-attention to P²; at the native P0 the two together cost c per pixel, so a
+        step costs at most c·P·(1 + P/P0) ≤ 2c·P·max(1, P/P0): the weighted count bounds real cost within
+        a factor of 2, where plain pixel-steps let 1024² x 2 (minutes a step) pass as cheap."""
+        pixels, native_pixels = (self.width or native) * (self.height or native), native * native
+        return pixels * max(pixels, native_pixels) // native_pixels * self.steps * self.num_images
 
     def subset(self) -> dict[str, float]:
         """name -> α of every concept the request uses: those listed (a bare name weighs 1.0) and

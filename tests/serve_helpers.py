@@ -24,7 +24,7 @@ from conftest import REPO, VENV_BIN
 from core_helpers import write_images
 from federation import coordinator
 from federation.auth import new_invitation_code, token_hash
-from serve.app import AppArgs, build
+from serve.app import AppArgs, build, start_http
 
 CODE = [str(Path(m.__file__).parent) for m in (blocklora, federation, serve_pkg)]  # shipped to the workers
 
@@ -65,7 +65,7 @@ def start_in_process(head, state_dir: Path, namespace: str, name: str, adapter: 
     from ray import serve
     connect(head, namespace)
     actor = coordinator.start(state_dir, adapter, FederationConfig(), token_hash(admin_token), name, namespace)
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    start_http("127.0.0.1", port, proxy_location="HeadOnly")
     serve.run(build(AppArgs(coordinator=name, namespace=namespace, api_key=api_key, replicas=replicas,
                             num_cpus=num_cpus, **app)), name="blocklora", route_prefix="/")
     return actor, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)

@@ -30,7 +30,7 @@ from blocklora.training.trainer import train_concept
 from core_helpers import enrol, fused_weight, write_images
 from federation import coordinator
 from federation.auth import token_hash
-from serve.app import AppArgs, build
+from serve.app import AppArgs, build, start_http
 from serve_helpers import connect, pixels, stop_app
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def federations(ray_head, serve_port, tmp_path_factory) -> dict[str, tuple[ray.a
 
     with concurrent.futures.ThreadPoolExecutor(len(FAMILIES)) as pool:
         actors = dict(zip(FAMILIES, pool.map(start, FAMILIES)))
-    serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
+    start_http("127.0.0.1", serve_port)
     serve.run_many([serve.RunTarget(build(AppArgs(coordinator=f"{NAME}-{f}", namespace=NAMESPACE, num_cpus=0.5)),
                                     name=f"families-{f}", route_prefix=f"/{f}") for f in FAMILIES])
     clients = {f: httpx.Client(base_url=f"http://127.0.0.1:{serve_port}/{f}", timeout=120) for f in FAMILIES}

@@ -11,15 +11,15 @@ import threading
 import pytest
 import torch
 
-from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig, FederationConfig, TrainConfig
 from blocklora.files.safefile import read_safetensors
 from blocklora.method.slots import SlotSpace
+from blocklora.pipeline.base import load_base
 from blocklora.training.trainer import train_concept
 from core_helpers import enrol, make_artifact, model_code_imported, write_images
+from federation import errors
 from federation.auth import token_hash
-from federation.errors import (ArtifactRejected, FederationError, ReservationError, SlotUnavailable, Unauthorized,
-                               UnknownConcept)
+from federation.errors import ArtifactRejected, ReservationError, SlotUnavailable, Unauthorized, UnknownConcept
 from federation.protocol import Removed
 from federation.registry import Registry
 from federation.store import StateStore
@@ -283,7 +283,7 @@ def test_base_untouched_and_live_set_served_as_one_lora(base, tmp_path, clock):
         reg.merged_lora()
     alice = enrol(reg, ADMIN, "alice")
     arts = [submit_new(reg, base, alice, name, seed=i)[0] for i, name in enumerate(("a", "b"))]
-    with pytest.raises(FederationError, match="'ties' is not offered"):
+    with pytest.raises(errors.FederationError, match="'ties' is not offered"):
         reg.merged_lora("ties")
     version, data = reg.merged_lora("mean")
     tensors, header = read_safetensors(data, len(data))
