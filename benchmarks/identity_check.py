@@ -84,15 +84,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true", help="CI: the tiny base, 2 concepts, 2 training and 2 sampling "
                                                          "steps, 1 seed (structure only)")
-    add_flags(ap, TrainConfig)
+    add_flags(ap, TrainConfig, TOY_BASE_TRAIN)  # the main job's recipe unless a flag says otherwise
     add_flags(ap, AdapterConfig)
-    ap.set_defaults(**{f: getattr(TOY_BASE_TRAIN, f) for f in ("steps", "lr", "token_lr", "quiet_weight",
-                                                                  "quiet_classes")})
     args = ap.parse_args()
     if args.quick:
-        args.base, args.count, args.ns, args.seeds, args.steps, args.steps_sample = "tiny", 2, [2], 1, 2, 2
+        args.base, args.count, args.ns, args.seeds, args.steps_sample = "tiny", 2, [2], 1, 2
     torch.set_num_threads(args.threads)
-    train, adapter = from_args(TrainConfig, args, ap), from_args(AdapterConfig, args, ap)
+    train = from_args(TrainConfig, args, ap, **({"steps": 2, "num_class_images": 1} if args.quick else {}))
+    adapter = from_args(AdapterConfig, args, ap)
 
     from blocklora.config import GenerateConfig
     from blocklora.method.artifact import ConceptArtifact
