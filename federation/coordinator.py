@@ -96,6 +96,10 @@ class Coordinator:
     def remove(self, token: str, name: str, request_id: str | None = None) -> Removed:
         return self.registry.remove(token, name, request_id)
 
+    def progress(self, name: str, reservation_id: str, step: int, steps: int, eta_s: float | None) -> bool:
+        """A training job's step report (fire-and-forget from its rank-0 worker; memory only)."""
+        return self.registry.progress(name, reservation_id, step, steps, eta_s)
+
     def list_concepts(self, query: ConceptQuery = ConceptQuery()) -> ConceptPage:
         return self.registry.list_concepts(query)
 

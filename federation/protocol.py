@@ -87,7 +87,18 @@ class LiveConcept(_SlotConcept):
     owner: str
     version: int  # the federation version at which it went live
     sha256: str  # of the artifact's bytes: a replica sees a re-upload under the same name by it
+    live_at: float = 0.0  # wall-clock seconds it went live (0: before the registry recorded it)
     status: ClassVar[str] = "live"
+
+
+@dataclass(frozen=True)
+class TrainingProgress(_Message):
+    """Where the client job training for a reservation says it is: a display hint, never a decision."""
+
+    step: int
+    steps: int
+    eta_s: float | None  # None until the job has timed a step after its first
+    at: float  # wall-clock seconds the coordinator received it
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,8 @@ class HeldSlot(_SlotConcept):
 
     owner: str
     expires_at: float
+    reserved_at: float = 0.0  # wall-clock seconds of the first reservation (0: before it was recorded)
+    progress: TrainingProgress | None = None  # the training job's latest report, if it sent one
     status: ClassVar[str] = "reserved"
 
 

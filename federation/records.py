@@ -32,6 +32,7 @@ class Reservation:
     class_word: str
     expires_at: float  # wall-clock seconds, so expiry survives a coordinator restart
     id: str  # kept across renewals: names the client's training run, so only a retry of it resumes
+    reserved_at: float = 0.0  # wall-clock seconds of the first reservation; 0 in records from before it
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class ConceptRecord:
     file: str
     sha256: str
     version: int  # the federation version at which it went live
+    live_at: float = 0.0  # wall-clock seconds it went live; 0 in records from before it
 
 
 @dataclass(frozen=True)

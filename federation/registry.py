@@ -67,6 +67,7 @@ from federation.protocol import (
     Registration,
     Removed,
     Resolved,
+    TrainingProgress,
 )
 from federation.records import (
     DEFAULT,
@@ -85,6 +86,7 @@ from federation.store import Key, StateStore
 
 MERGE_RULES = ("sum", "mean")  # α = 1 each, or the paper's α = 1/|S|
 MAX_QUOTA, MAX_USES = 100_000, 100
+MAX_STEPS = 10**9  # the most steps a training progress report may claim
 log = logging.getLogger(__name__)
 
 
@@ -123,6 +125,8 @@ class Registry:
         self._merged: dict[str, MergedFactors] = {}  # collection key -> its members' factors
         self._arts: dict[str, ConceptArtifact] = {}  # concept key -> artifact, while a collection holds it
         self.quarantined: list[Quarantined] = []  # records set aside when the state was loaded
+        # reservation key -> (its run's id, the training job's latest report): shown, never stored
+        self._progress: dict[str, tuple[str, TrainingProgress]] = {}
         self.checks = RecordChecks(space, store, config.base, config.max_artifact_bytes)
         self._load(admin_token_sha256)
 
@@ -223,7 +227,7 @@ class Registry:
             slot = held.slot if held else library.choose_slot(self.adapter.num_slots, self._use(now),
                                                               self._own(person, now), avoid)
             res = Reservation(name, client, slot, class_word, now + self.config.reservation_ttl_s,
-                              held.id if held else secrets.token_hex(6))
+                              held.id if held else secrets.token_hex(6), held.reserved_at if held else now)
             peers = [c.name for c in self.concepts.values() if c.slot == slot]
             grant = Grant(name=name, slot=slot, class_word=class_word, triggers=self._triggers(slot),
                           adapter=self.adapter, base_spec=self.config.base, base_fingerprint=self.space.fingerprint,
@@ -303,7 +307,7 @@ class Registry:
                 return self._live_concept(key)  # a retry of a submit that went live (its reply lost in a restart)
             held = self._held(key, now)
             if held is None and client == ADMIN and live is None:
-                held = Reservation(art.name, ADMIN, art.meta.slot, art.meta.class_word, now, "admin")
+                held = Reservation(art.name, ADMIN, art.meta.slot, art.meta.class_word, now, "admin", now)
             if live is not None:
                 raise SlotUnavailable(f"concept {live.name!r} is already live; remove it first to replace it")
             if held is None:
@@ -328,7 +332,7 @@ class Registry:
                 raise ArtifactRejected(f"artifact refused: {err}") from None
             file, digest = self.store.write_concept(art.name, data)
             concept = ConceptRecord(art.name, client, art.meta.slot, art.meta.class_word, art.meta.triggers, file,
-                                    digest, self.version + 1)
+                                    digest, self.version + 1, now)
             put: dict[Key, Any] = {("concept", key): concept}
             default = self.collections[DEFAULT]
             joins = all(self.concepts[m].slot != concept.slot for m in default.members)
@@ -337,13 +341,14 @@ class Registry:
                                                                    version=self.version + 1)
             answer = LiveConcept(name=art.name, slot=concept.slot, triggers=concept.triggers,
                                  class_word=concept.class_word, owner=self.accounts.name(client),
-                                 version=concept.version, sha256=digest)
+                                 version=concept.version, sha256=digest, live_at=now)
             try:
                 self._commit(put, [("reservation", key), ("file", file)], bump=True,
                              answer=(client, "submit", request_id, answer))
             except BaseException:
                 self._discard(file)
                 raise
+            self._progress.pop(key, None)
             if joins:
                 self._arts[key] = art
                 self._merged[DEFAULT].add(art)  # its own factors: the other members' are untouched
@@ -377,6 +382,7 @@ class Registry:
             if key not in self.concepts:
                 answer = Removed(name, entry.slot, self.version, "reservation")
                 self._commit(delete=[("reservation", key)], answer=(who, "remove", request_id, answer))
+                self._progress.pop(key, None)
                 return answer
             version = self.version + 1
             holding = {c: r for c, r in self.collections.items() if key in r.members}
@@ -390,6 +396,29 @@ class Registry:
             self._arts.pop(key, None)
             self.store.delete_concept(entry.file)  # after the record: a crash leaves an intent, finished at start
             return answer
+
+    def progress(self, name: str, reservation_id: str, step: int, steps: int, eta_s: float | None) -> bool:
+        """Note the step a client job training for reservation `name` has reached, for listings.
+
+        The reservation id (in the grant, never in a listing) stands in for the token: the report
+        changes nothing but what listings show, and is kept in memory only. False, and nothing kept,
+        when the reservation is gone or was made again for another run (a late report is not an
+        error to its sender)."""
+        if not (type(step) is int and type(steps) is int and 0 <= step <= steps <= MAX_STEPS):
+            raise FederationError(f"progress needs integers 0 <= step <= steps <= {MAX_STEPS}, "
+                                  f"got step={ascii(step)[:40]}, steps={ascii(steps)[:40]}")
+        if eta_s is not None and not (type(eta_s) in (int, float) and math.isfinite(eta_s) and eta_s >= 0):
+            raise FederationError(f"progress: eta_s must be a finite number of seconds >= 0 or None, got "
+                                  f"{ascii(eta_s)[:40]}")
+        with self._lock:
+            now = self.clock()
+            key = name_key(name) if type(name) is str else ""
+            held = self._held(key, now)
+            self._progress = {k: p for k, p in self._progress.items() if self._held(k, now) is not None}
+            if held is None or held.name != name or held.id != reservation_id:
+                return False
+            self._progress[key] = (held.id, TrainingProgress(step, steps, None if eta_s is None else float(eta_s), now))
+            return True
 
     # -- collections ---------------------------------------------------------------------------
     def put_collection(self, token: str, name: str, members: list[str] | tuple[str, ...],
@@ -622,12 +651,19 @@ class Registry:
     def _live_concept(self, key: str) -> LiveConcept:
         c = self.concepts[key]
         return LiveConcept(name=c.name, slot=c.slot, triggers=c.triggers, class_word=c.class_word,
-                           owner=self.accounts.name(c.client), version=c.version, sha256=c.sha256)
+                           owner=self.accounts.name(c.client), version=c.version, sha256=c.sha256,
+                           live_at=c.live_at)
 
     def _held_slot(self, key: str) -> HeldSlot:
         r = self.reservations[key]
         return HeldSlot(name=r.name, slot=r.slot, triggers=self._triggers(r.slot), class_word=r.class_word,
-                        owner=self.accounts.name(r.client), expires_at=r.expires_at)
+                        owner=self.accounts.name(r.client), expires_at=r.expires_at, reserved_at=r.reserved_at,
+                        progress=self._reported(key, r))
+
+    def _reported(self, key: str, held: Reservation) -> TrainingProgress | None:
+        """The latest progress of the run behind this reservation (not of an earlier one of the name)."""
+        run, progress = self._progress.get(key, ("", None))
+        return progress if run == held.id else None
 
     # -- commits -----------------------------------------------------------------------------------
     def _replay(self, principal: str, method: str, request_id: str | None, cls: type) -> Any:

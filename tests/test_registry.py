@@ -121,6 +121,58 @@ def test_reservation_expires_and_slot_returns(reg, base, clock):
     assert reg.reserve(enrol(reg, ADMIN, "other-one"), "other", "cat").slot == slot
 
 
+def test_training_progress_is_listed_for_its_own_run_only(reg, base, clock):
+    """A client job's step reports show on its held slot (with when it was reserved, kept across a
+    renewal); a report for another run of the name, or for a slot no longer held, is dropped, and
+    nothing of it reaches the state store. Going live stamps the concept's time."""
+    tok = enrol(reg, ADMIN, "alice")
+    grant = reg.reserve(tok, "pup", "dog")
+    clock.now += 5
+    stored = reg.store.load()
+    assert reg.progress("pup", grant.reservation_id, 3, 10, 42.5)
+    assert not reg.progress("pup", "another-run", 4, 10, 1.0)
+    assert not reg.progress("ghost", grant.reservation_id, 1, 2, None)
+    assert not reg.progress("PUP", grant.reservation_id, 4, 10, 1.0)  # the reserved spelling only
+    assert reg.store.load() == stored
+    reg.reserve(tok, "pup", "dog")  # a renewal: the same run
+    (held,) = reg.list_concepts().items
+    assert (held.status, held.reserved_at, held.expires_at) == ("reserved", 1_000.0, 1_005.0 + 60)
+    assert (held.progress.step, held.progress.steps, held.progress.eta_s, held.progress.at) == (3, 10, 42.5, 1_005.0)
+    assert held.to_dict()["progress"] == {"step": 3, "steps": 10, "eta_s": 42.5, "at": 1_005.0}
+    for bad in ((11, 10, None), (-1, 10, None), (1, 10, float("nan")), (1, 10, -2.0), (True, 10, None),
+                (1.0, 10, None)):
+        with pytest.raises(errors.FederationError, match="progress"):
+            reg.progress("pup", grant.reservation_id, *bad)
+    clock.now += 1
+    art = make_artifact(base, ADAPTER, "pup", grant.slot)
+    assert reg.submit(tok, art.to_bytes()).live_at == 1_006.0 == reg.list_concepts().items[0].live_at
+    assert not reg.progress("pup", grant.reservation_id, 10, 10, 0.0)
+    again = reg.reserve(tok, "pup2", "dog")
+    assert reg.progress("pup2", again.reservation_id, 1, 5, None)
+    reg.remove(tok, "pup2")
+    assert reg.reserve(tok, "pup2", "dog").reservation_id != again.reservation_id
+    assert [c.progress for c in reg.list_concepts().items if c.status == "reserved"] == [None]
+    assert "progress" not in json.dumps(reg.store.load())
+
+
+def test_records_from_before_the_timestamps_load(base, tmp_path, clock):
+    """Concepts and reservations stored before they recorded their times load with time 0."""
+    reg = make_registry(base, tmp_path, clock)
+    alice = enrol(reg, ADMIN, "alice")
+    submit_new(reg, base, alice, "a")
+    reg.reserve(alice, "pending", "cat")
+    raw = reg.store.load()
+    older = {("concept", "a"): {k: v for k, v in raw["concept"]["a"].items() if k != "live_at"},
+             ("reservation", "pending"): {k: v for k, v in raw["reservation"]["pending"].items() if k != "reserved_at"}}
+    reg.store.commit(older)
+    reg.close()
+    again = make_registry(base, tmp_path, clock)
+    times = [(c.name, getattr(c, "live_at", None), getattr(c, "reserved_at", None))
+             for c in again.list_concepts().items]
+    assert times == [("a", 0.0, None), ("pending", None, 0.0)] and again.quarantined == []
+    again.close()
+
+
 def test_residual_is_exact_sum_and_remove_restores(reg, base):
     alice, bob = enrol(reg, ADMIN, "alice"), enrol(reg, ADMIN, "bob")
     a, ra = submit_new(reg, base, alice, "dog-a", seed=1)
