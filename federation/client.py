@@ -132,12 +132,15 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 def train_artifact(grant: Grant, images_dir: str | Path, train: TrainConfig, workers: int = 1,
                    use_gpu: bool = False, storage_path: str | Path = DEFAULT_STORAGE,
-                   marks: dict[str, float] | None = None, verbose: bool = False) -> bytes:
+                   marks: dict[str, float] | None = None, verbose: bool = False,
+                   report_to: tuple[str, str] | None = None) -> bytes:
     """Train the concept for a reservation (`grant` from `reserve`) and return the artifact's bytes.
 
     The run is named after the reservation, so a client job re-submitted for the same reservation
     resumes from its latest checkpoint under `storage_path` (Ray Train restores a run of the same
-    name), while a new reservation trains from scratch; worker failures retry from checkpoints."""
+    name), while a new reservation trains from scratch; worker failures retry from checkpoints.
+    `report_to` (coordinator name, namespace): rank 0 tells that coordinator its step and ETA as
+    often as it prints them, so listings (and the page) show how far the training is."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     marks = {} if marks is None else marks
@@ -152,7 +155,10 @@ def train_artifact(grant: Grant, images_dir: str | Path, train: TrainConfig, wor
         train_loop_config={"base_spec": grant.base_spec, "base_fingerprint": grant.base_fingerprint,
                            "adapter": dataclasses.asdict(grant.adapter), "train": dataclasses.asdict(train),
                            "slot": grant.slot, "name": grant.name, "class_word": grant.class_word,
-                           "ray_log_level": "INFO" if verbose else "WARNING"},
+                           "ray_log_level": "INFO" if verbose else "WARNING",
+                           "progress": None if report_to is None else {
+                               "coordinator": report_to[0], "namespace": report_to[1],
+                               "reservation_id": grant.reservation_id}},
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # a few images: every worker sees all
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
@@ -173,10 +179,12 @@ def train_artifact(grant: Grant, images_dir: str | Path, train: TrainConfig, wor
 def train_and_submit(coordinator, token: str, images_dir: str | Path, name: str, class_word: str,
                      train: TrainConfig, workers: int = 1, use_gpu: bool = False,
                      storage_path: str | Path = DEFAULT_STORAGE, marks: dict[str, float] | None = None,
-                     verbose: bool = False, with_: tuple[str, ...] = ()) -> LiveConcept:
+                     verbose: bool = False, with_: tuple[str, ...] = (),
+                     report_to: tuple[str, str] | None = None) -> LiveConcept:
     """Reserve a slot (apart from the concepts in `with_`), train for it at the base's resolution,
     submit: the live concept's record. Each call carries a request id, so a retry Ray makes after a
-    coordinator restart gets the first answer."""
+    coordinator restart gets the first answer. `report_to`: the coordinator's (name, namespace), for
+    step reports (see `train_artifact`)."""
     marks = {} if marks is None else marks
     grant: Grant = ray.get(coordinator.reserve.remote(token, name, class_word, tuple(with_), uuid.uuid4().hex))
     marks["t_reserved"] = time.time()
@@ -184,7 +192,7 @@ def train_and_submit(coordinator, token: str, images_dir: str | Path, name: str,
           f"training {train.steps} steps on {workers} worker(s)", flush=True)
     print(slot_line(grant.slot, grant.slot_peers, grant.peer_names), flush=True)
     train = dataclasses.replace(train, resolution=grant.resolution)
-    data = train_artifact(grant, images_dir, train, workers, use_gpu, storage_path, marks, verbose)
+    data = train_artifact(grant, images_dir, train, workers, use_gpu, storage_path, marks, verbose, report_to)
     print(f"uploading {len(data):,} bytes", flush=True)
     marks["t_upload_start"] = time.time()
     live = ray.get(coordinator.submit.remote(token, data, uuid.uuid4().hex))

@@ -15,7 +15,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import ray.train  # Ray
@@ -30,6 +30,7 @@ from blocklora.pipeline.base import load_base
 from blocklora.pipeline.precision import base_dtype
 from blocklora.training.class_pictures import class_pool
 from blocklora.training.trainer import ConceptTrainer, Progress, checkpoint_due, run_steps
+from federation.coordinator import get as coordinator_named
 from federation.protocol import ARTIFACT_FILE
 
 
@@ -100,9 +101,21 @@ class RayReport:
             self.spent["s_report"] += time.time() - t0
 
 
+def progress_reporter(config: dict[str, Any]) -> Callable[[int, int, float | None], None] | None:
+    """Rank 0's step reports to the coordinator (None: the job asked for none). Fire-and-forget: the
+    call is queued and never awaited, so a slow or restarting coordinator never holds a step up."""
+    target = config["progress"]
+    if target is None:
+        return None
+    coordinator = coordinator_named(target["coordinator"], target["namespace"])  # Ray
+    return lambda step, steps, eta: coordinator.progress.remote(  # Ray: the reply is never fetched
+        config["name"], target["reservation_id"], step, steps, eta)
+
+
 def train_func(config: dict[str, Any]) -> None:
     """config: base_spec, base_fingerprint, adapter (dict), train (dict), slot, name, class_word,
-    ray_log_level (Ray Train's own INFO lines, e.g. one per report, only when the user asked)."""
+    ray_log_level (Ray Train's own INFO lines, e.g. one per report, only when the user asked),
+    progress (where rank 0 sends its step reports, or None)."""
     marks = {"t_worker_start": time.time()}
     for name in ("", "ray.train"):  # Ray: Train logs through both (one INFO line per report, at the root)
         logging.getLogger(name).setLevel(config["ray_log_level"])
@@ -124,7 +137,8 @@ def train_func(config: dict[str, Any]) -> None:
     marks["t_base_loaded"] = time.time()
     images, captions = shard_tensors(ray.train.get_dataset_shard("train"))  # Ray
     marks["t_shard_read"] = time.time()
-    shown = Progress(config["name"], train.steps, out=print if rank == 0 else None)
+    shown = Progress(config["name"], train.steps, out=print if rank == 0 else None,
+                     report=progress_reporter(config) if rank == 0 else None)
     prior, others = class_pool(base, train, config["class_word"], shown.say)
     trainer = ConceptTrainer(base, adapter, train, config["slot"], config["name"], config["class_word"])
     checkpoint = ray.train.get_checkpoint()  # Ray: set when this run is a retry or a resumed run

@@ -65,7 +65,8 @@ def main() -> None:
     coord = coordinator.get(args.coordinator, args.namespace)
     token = load_or_register(coord, args.token_file, args.invitation)
     live = train_and_submit(coord, token, args.images, args.name, args.class_word, train, args.workers,
-                            args.use_gpu, args.storage_path, marks, args.verbose, tuple(args.with_))
+                            args.use_gpu, args.storage_path, marks, args.verbose, tuple(args.with_),
+                            report_to=(args.coordinator, args.namespace))
     print(f"concept {live.name!r} is live in slot {live.slot}: prompt with "
           f"'{' '.join(live.triggers)} {live.class_word}'; federation version {live.version}")
     marks["t_driver_end"] = time.time()

@@ -83,14 +83,30 @@ def observable(actor) -> tuple:
     return ray.get([actor.version.remote(), actor.list_concepts.remote(), actor.info.remote()])
 
 
+def watch_progress(actor, jobs, reported: dict[str, set[tuple[int, int]]]) -> None:
+    """Poll the listing until every job has exited, noting each held slot's reported (step, steps)."""
+    while any(job.poll() is None for job in jobs):
+        for held in ray.get(actor.list_concepts.remote()).items:
+            if held.status == "reserved" and held.progress is not None:
+                reported.setdefault(held.name, set()).add((held.progress.step, held.progress.steps))
+        time.sleep(0.1)
+
+
 def test_two_concurrent_client_jobs(fed):
     # dog-b trains data-parallel on 2 workers (gradients all-reduced) in bf16 mixed precision (each worker
     # loads the base in bf16), beside dog-a's one worker in float32 with the quiet penalty over one more class
     quiet = ("--quiet-weight", "0.1", "--quiet-classes", "cat", "--num-class-images", "1")
     jobs = {name: submit_job(fed, name, seed, workers, *flags) for name, seed, workers, flags in
             (("dog-a", 1, 1, quiet), ("dog-b", 2, 2, ("--mixed-precision", "bf16")))}
+    reported: dict[str, set[tuple[int, int]]] = {}  # what listings showed of each job's step reports
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        watching = pool.submit(watch_progress, fed.actor, jobs.values(), reported)
+        outs = {name: job.communicate(timeout=540)[0] for name, job in jobs.items()}
+        watching.result()
+    # rank 0 reports at its first step and its last (3 steps are far shorter than the report interval)
+    assert all(seen <= {(1, 3), (3, 3)} for seen in reported.values()) and reported, reported
     for name, job in jobs.items():
-        out, _ = job.communicate(timeout=540)
+        out = outs[name]
         assert job.returncode == 0, out[-4000:]
         assert f"concept '{name}' is live in slot" in out, out[-4000:]
         # the wait before the first step is announced, not silent (each line behind Ray's worker prefix);

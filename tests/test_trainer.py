@@ -132,6 +132,21 @@ def test_progress_lines_a_person_can_follow(tmp_path, capsys, monkeypatch):
                      r"\d+ torch thread\(s\)$", out, re.M), out
 
 
+def test_progress_reports_as_rarely_as_its_lines():
+    """`report` (the client job's note to the coordinator) gets (step, total, ETA) exactly when a line
+    is due: the first step (no ETA yet), then at most every interval, and the last step."""
+    from types import SimpleNamespace
+
+    from blocklora.training.trainer import Progress
+
+    lines, reports = [], []
+    shown = Progress("pet", 50, interval_s=3600, out=lines.append, report=lambda *r: reports.append(r))
+    for step in range(1, 51):
+        shown(SimpleNamespace(step_count=step), 0.5)
+    assert len(lines) == len(reports) == 2
+    assert reports[0] == (1, 50, None) and reports[1][:2] == (50, 50) and reports[1][2] == 0.0
+
+
 @pytest.mark.parametrize("spec, target", [("tiny", "noise"), ("tiny-sd2", "velocity")])
 def test_loss_target_follows_the_schedulers_prediction_type(spec, target):
     """SD 2.x's v-prediction UNet learns v = √ᾱ ε − √(1−ᾱ) x0 (diffusers' get_velocity); SD 1.x the noise.
