@@ -97,6 +97,8 @@ class Generator:
         self.steps = 0  # denoising steps completed, all loops together
         unet, decoder = base.pipe.unet, base.pipe.vae.decoder
         self.blocks = [*unet.down_blocks, *filter(None, [unet.mid_block]), *unet.up_blocks, *decoder.up_blocks]
+        self.waiting = 0  # generate calls not yet answered: while any is, no thumbnail is drawn
+        self.background: _Job | None = None  # the thumbnail being drawn, which gives way to them
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Runtime knobs (Serve's user_config): batch size, how long a batch waits to fill, and the
@@ -123,6 +125,9 @@ class Generator:
         removed or replaced since the plan was made."""
         keys = await self.cache.acquire(plan.concepts)  # before the batch: no batch waits on a fetch
         job = _Job(request, plan, keys)
+        self.waiting += 1
+        if self.background is not None:
+            self.background.cancelled = True  # a thumbnail's loop stops at its next step
         try:
             result = await self._batched(job)
         except asyncio.CancelledError:
@@ -130,9 +135,29 @@ class Generator:
             raise
         finally:
             self.cache.release(keys)
+            self.waiting -= 1
         if isinstance(result, Exception):
             raise result
         return result
+
+    async def thumbnail(self, request: GenerateRequest, plan: Plan) -> DrawnImages | None:
+        """A picture for the page's concept card, drawn only while no generate call waits here: one
+        that arrives stops it between two denoising steps, so it delays nobody by more than a step.
+        None: it gave way, ask again later. Raises ConceptUnavailable like `generate`."""
+        keys = await self.cache.acquire(plan.concepts)
+        job = _Job(request, plan, keys)
+        try:
+            async with self.lock:
+                if self.waiting:
+                    return None
+                loops, self.background = self.cancelled_loops, job
+                try:
+                    pixels = await asyncio.to_thread(self._run, [job])
+                finally:
+                    self.cancelled_loops, self.background = loops, None  # giving way is not being abandoned
+        finally:
+            self.cache.release(keys)
+        return None if pixels is None else DrawnImages(plan.version, [request.seed], pixels[0])
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def _batched(self, jobs: list[_Job]) -> list[DrawnImages | Exception]:

@@ -16,7 +16,6 @@ signatures, and string annotations would turn the request body into a query para
 import asyncio
 import base64
 import dataclasses
-import io
 import ipaddress
 import json
 import re
@@ -28,7 +27,6 @@ import ray
 from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,6 +37,7 @@ from federation.coordinator import START_WAIT_S, get as coordinator_named
 from federation.protocol import ConceptQuery, FederationInfo, Plan
 from federation.records import DEFAULT
 from serve.body_limit import BodyLimit
+from serve.page import PageRoutes, router as page_router
 from serve.replies import ConceptUnavailable
 from serve.schemas import (
     MAX_BODY_BYTES,
@@ -56,6 +55,7 @@ from serve.uploads import Uploads
 app = FastAPI(title="blocklora", summary="Stable Diffusion with any live subset of a federation's concepts",
               docs_url="/v1/docs", openapi_url="/v1/openapi.json", redoc_url=None)
 app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, exempt=(("POST", "/v1/concepts"),))  # uploads cap themselves
+app.include_router(page_router)  # the page at / and its JSON routes (serve/page.py)
 
 
 def _json(status: int, content, headers: dict | None = None) -> Response:
@@ -110,16 +110,10 @@ def _message(err: Exception) -> str:
     return str(getattr(err, "cause", None) or err)
 
 
-def _png(pixels) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 # many ongoing requests: each costs the ingress only memory, and slow bodies time out (BodyLimit)
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)
 @serve.ingress(app)
-class Ingress:
+class Ingress(PageRoutes):
     """`api_key` None: /v1/generate and /v1/lora are open; otherwise they need 'Authorization: Bearer <api_key>'.
     `max_pixel_steps`: the most one request may cost (`GenerateRequest.cost`: width x height x steps x
     images, weighted above the base's native size)."""
@@ -193,7 +187,7 @@ class Ingress:
             out = await self.generator.generate.remote(req, plan)  # Serve cancels it if the client goes away
         except ConceptUnavailable as err:  # removed between our check and the replica's sync
             raise HTTPException(404, _message(err)) from None
-        pngs = await asyncio.to_thread(lambda: [_png(p) for p in out.pixels])  # not on the event loop
+        pngs = await asyncio.to_thread(lambda: [out.png(j) for j in range(len(out.seeds))])  # off the event loop
         if req.num_images == 1:
             return Response(pngs[0], media_type="image/png",
                             headers={"X-BlockLoRA-Version": str(out.version), "X-BlockLoRA-Seed": str(out.seeds[0])})

@@ -4,9 +4,11 @@ needs (seconds of a core per ingress replica, at its start or at its first reque
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 
 @dataclass
@@ -16,6 +18,12 @@ class DrawnImages:
     version: int  # the federation version whose concepts drew them
     seeds: list[int]
     pixels: np.ndarray  # (num_images, H, W, 3) uint8
+
+    def png(self, j: int) -> bytes:
+        """Image j as PNG bytes (done by the ingress, so a replica's time goes to denoising)."""
+        buf = io.BytesIO()
+        Image.fromarray(self.pixels[j]).save(buf, format="PNG")
+        return buf.getvalue()
 
 
 class ConceptUnavailable(KeyError):

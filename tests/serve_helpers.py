@@ -58,13 +58,13 @@ def connect(head, namespace: str) -> None:
 
 def start_in_process(head, state_dir: Path, namespace: str, name: str, adapter: AdapterConfig, admin_token: str,
                      port: int, api_key: str | None = None, replicas: int = 1, num_cpus: float = 1.0,
-                     **app: Any) -> tuple[ray.actor.ActorHandle, httpx.Client]:
-    """What the two scripts do, from this process (connects it, with the code as py_modules); `app`:
-    further AppArgs. One HTTP proxy, on the head: on a multi-node test cluster every raylet shares
-    127.0.0.1, where a proxy per node would fight over the port."""
+                     base: str = "tiny", **app: Any) -> tuple[ray.actor.ActorHandle, httpx.Client]:
+    """What the two scripts do, from this process (connects it, with the code as py_modules), for a
+    federation on `base`; `app`: further AppArgs. One HTTP proxy, on the head: on a multi-node test
+    cluster every raylet shares 127.0.0.1, where a proxy per node would fight over the port."""
     from ray import serve
     connect(head, namespace)
-    actor = coordinator.start(state_dir, adapter, FederationConfig(), token_hash(admin_token), name, namespace)
+    actor = coordinator.start(state_dir, adapter, FederationConfig(base=base), token_hash(admin_token), name, namespace)
     start_http("127.0.0.1", port, proxy_location="HeadOnly")
     serve.run(build(AppArgs(coordinator=name, namespace=namespace, api_key=api_key, replicas=replicas,
                             num_cpus=num_cpus, **app)), name="blocklora", route_prefix="/")

@@ -1,0 +1,61 @@
+"""One picture per live concept for the page's cards: drawn once per artifact, one at a time, in
+the background, and only when the generator replica has nothing else to do.
+
+The ingress asks `get` on every thumbnail request; the first ask for an artifact queues it and
+answers None ("being drawn"). A single background task draws the queue through `draw`, which gives
+way (None) while any generate call waits on the replica; it then tries again after `retry_s`.
+Pictures are kept by the artifact's sha256, so a concept re-uploaded under its name gets a new one,
+and `keep` drops those of concepts no longer live: memory stays bounded by the live set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable
+
+from serve.replies import ConceptUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Thumbnails:
+    """`draw(name)`: the concept's picture as PNG bytes, or None if the replica was busy."""
+
+    def __init__(self, draw: Callable[[str], Awaitable[bytes | None]], retry_s: float = 2.0) -> None:
+        self.draw, self.retry_s = draw, retry_s
+        self.pictures: dict[str, bytes] = {}  # artifact sha256 -> PNG
+        self.wanted: dict[str, str] = {}  # artifact sha256 -> concept name, in the order first asked
+        self.task: asyncio.Task | None = None
+
+    def get(self, name: str, sha256: str) -> bytes | None:
+        """The picture of `name`'s artifact, or None while it is still to be drawn (this starts it)."""
+        if sha256 in self.pictures:
+            return self.pictures[sha256]
+        self.wanted.setdefault(sha256, name)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._work())
+        return None
+
+    def keep(self, live: set[str]) -> None:
+        """Forget every artifact (sha256) not in `live`, drawn or still wanted."""
+        for table in (self.pictures, self.wanted):
+            for sha in [s for s in table if s not in live]:
+                del table[sha]
+
+    async def _work(self) -> None:
+        while self.wanted:
+            sha, name = next(iter(self.wanted.items()))
+            try:
+                png = await self.draw(name)
+            except ConceptUnavailable:  # removed meanwhile
+                self.wanted.pop(sha, None)
+                continue
+            except Exception:  # noqa: BLE001 - a failed picture must not stop the others; the next ask retries
+                log.exception("thumbnail of %r failed", name)
+                self.wanted.pop(sha, None)
+                continue
+            if png is None:  # the replica had requests to serve: they go first
+                await asyncio.sleep(self.retry_s)
+            elif self.wanted.pop(sha, None) is not None:  # still live with these bytes
+                self.pictures[sha] = png

@@ -1,0 +1,240 @@
+"""The page at `/`, in a real browser: Debian's headless Chromium driven by Playwright (no browser
+download), over the real Serve app on the toy base, with an API key, two live concepts and a slot
+held by a client job that reported its step.
+
+The tests of this module run in order on one browser tab, as a person would use it: look, generate
+with a subset, compare side by side, remove a concept, upload one. Markup can only be carried by the
+fields that are free text (concept names are [A-Za-z0-9_.-]): a class word and an owner's display
+name are `<img src=x onerror=alert(1)>` and must show as text. Screenshots at 1280 and 390 px go to
+the module's tmp folder (printed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from blocklora.pipeline.base import load_base
+from blocklora.config import AdapterConfig
+from blocklora.toy.base import TOY_BASE_DIR
+from core_helpers import make_artifact
+from serve_helpers import pixels, start_in_process, stop_app, wait_until
+
+pytestmark = pytest.mark.slow
+
+NAMESPACE, NAME = "blocklora-page-test", "coordinator-page-test"
+ADAPTER = AdapterConfig(rank=2, num_slots=4)
+ADMIN, API_KEY = "page-test-admin-token", "page-test-api-key"
+MARKUP = "<img src=x onerror=alert(1)>"
+CHROMIUM = Path("/usr/bin/chromium")
+WIDE, NARROW = 1280, 390
+STEPS = 3  # denoising steps of the page's requests: enough to see the concepts, cheap on 2 cores
+
+
+def browser_or_fail():
+    """Playwright driving Debian's chromium; a failure that says how to install what is missing."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the browser test needs Playwright's Python package: pip install -e '.[dev]' (no browser "
+                    "download: it drives Debian's chromium)")
+    if not CHROMIUM.is_file():
+        pytest.fail(f"the browser test needs Debian's chromium at {CHROMIUM}: apt-get install chromium "
+                    "(.ci/run installs it)")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def site(ray_head, serve_port, tmp_path_factory):
+    """The app with an API key, two live concepts (one of them owned by a client whose name is markup,
+    with markup as its class word), a third slot held by a client job at step 3 of 10, and the
+    artifact that client will upload from the page."""
+    root = tmp_path_factory.mktemp("page")
+    actor, http = start_in_process(ray_head, root / "state", NAMESPACE, NAME, ADAPTER, ADMIN, serve_port, API_KEY,
+                                   base=str(TOY_BASE_DIR))
+    base = load_base(str(TOY_BASE_DIR))
+    owners = {"ember": ray.get(actor.register.remote("ada")).token,
+              "mark": ray.get(actor.register.remote(MARKUP)).token}
+    words = {"ember": "star", "mark": MARKUP}
+    for seed, (name, token) in enumerate(owners.items(), start=1):
+        slot = ray.get(actor.reserve.remote(token, name, words[name])).slot
+        art = make_artifact(base, ADAPTER, name, slot, seed=seed, b_scale=0.6, class_word=words[name])
+        r = http.post("/v1/concepts", content=art.to_bytes(), headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 201, r.text
+    trainer = ray.get(actor.register.remote("grace")).token
+    grant = ray.get(actor.reserve.remote(trainer, "lagoon", "circle"))
+    assert ray.get(actor.progress.remote("lagoon", grant.reservation_id, 3, 10, 42.0))
+    artifact = root / "lagoon.safetensors"
+    artifact.write_bytes(make_artifact(base, ADAPTER, "lagoon", grant.slot, seed=3, b_scale=0.6,
+                                       class_word="circle").to_bytes())
+    yield dataclasses.make_dataclass("Site", ["http", "actor", "trainer", "artifact", "root", "url"])(
+        http, actor, trainer, artifact, root, f"http://127.0.0.1:{serve_port}/")
+    http.close()
+    stop_app(actor)
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tab(site):
+    """One Chromium tab on the page, with the API key typed in; records dialogs and console errors."""
+    with browser_or_fail()() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": WIDE, "height": 900})
+        page.dialogs, page.errors = [], []
+        page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: page.errors.append(str(e)))
+
+        def answer(dialog):
+            page.dialogs.append(dialog.message)
+            dialog.accept()
+        page.on("dialog", answer)
+        response = page.goto(site.url)
+        page.csp = response.headers["content-security-policy"]
+        page.get_by_label("API key").fill(API_KEY)
+        page.get_by_label("API key").press("Tab")
+        yield page
+        browser.close()
+
+
+def shoot(page, site, name: str) -> None:
+    """Full-page screenshots of the tab at both widths, into the module's tmp folder."""
+    for width in (WIDE, NARROW):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.screenshot(path=str(site.root / f"{name}-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": WIDE, "height": 900})
+    print(f"screenshots: {site.root}/{name}-{{{WIDE},{NARROW}}}.png")
+
+
+def version(site) -> int:
+    return site.http.get("/v1/concepts").json()["version"]
+
+
+def test_the_federation_at_a_glance(tab, site):
+    """Version, base, slots, a card per live concept (thumbnail drawn, markup shown as text), the held
+    slot with its owner and reported step; and a policy that allows no inline script and no other origin."""
+    assert "script-src 'self'" in tab.csp and "default-src 'none'" in tab.csp and "unsafe-inline" not in tab.csp
+    expect = _expect()
+    expect(tab.locator("#fact-version")).to_have_text(str(version(site)))
+    expect(tab.locator("#fact-slots")).to_have_text("1 free · 1 held · 2 live (of 4)")
+    expect(tab.locator("#fact-resolution")).to_have_text("64 px")
+    assert tab.locator("#fact-base").text_content().endswith("toy-base")
+    cards = tab.locator("#cards > li")
+    expect(cards).to_have_count(2)
+    mark = tab.locator('#cards > li[data-concept="mark"]')
+    expect(mark.locator(".class-word")).to_have_text(MARKUP)
+    expect(mark.locator(".owner")).to_have_text(MARKUP)
+    expect(tab.locator('#cards > li[data-concept="ember"] .owner')).to_have_text("ada")
+    held = tab.locator('#held > li[data-concept="lagoon"]')
+    expect(held).to_contain_text("grace")
+    expect(held).to_contain_text("step 3/10")
+    for name in ("ember", "mark"):  # drawn once while the replica is idle, then served from the cache
+        thumb = tab.locator(f'#cards > li[data-concept="{name}"] img.thumb')
+        wait_until(lambda: thumb.evaluate("img => img.complete && img.naturalWidth") == 64, 120, f"{name}'s thumbnail")
+    assert tab.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
+    assert tab.dialogs == [] and not [e for e in tab.errors if "Content Security Policy" in e], tab.errors
+
+
+def test_generate_with_a_subset(tab, site):
+    """{ completes a concept name from the keyboard; the picture appears with the version and seed
+    that made it, and is the very PNG the API gives for the same request (the page's curl line)."""
+    expect = _expect()
+    prompt = tab.get_by_label("Prompt", exact=True)
+    prompt.fill("")
+    prompt.press_sequentially("a large {em")
+    expect(tab.locator("#suggestions li")).to_have_text(["{ember}"])
+    prompt.press("Enter")
+    prompt.press_sequentially(" on a purple background")
+    assert prompt.input_value() == "a large {ember} on a purple background"
+    assert tab.locator('#picker input[type=checkbox][data-name="ember"]').is_checked()
+    tab.get_by_label("Steps").fill(str(STEPS))
+    tab.get_by_label("Seed").fill("7")
+    tab.get_by_role("button", name="Generate", exact=True).click()
+    shown = tab.locator("#results figure")
+    expect(shown).to_have_count(1, timeout=120_000)
+    v = version(site)
+    assert (shown.get_attribute("data-version"), shown.get_attribute("data-seed")) == (str(v), "7")
+    expect(shown.locator(".result-meta")).to_have_text(f"version {v} · seed 7")
+    curl = tab.locator("#curl").input_value()
+    body = re.search(r"-d '(\{.*\})'", curl).group(1)
+    assert "Authorization: Bearer $BLOCKLORA_API_KEY" in curl and API_KEY not in curl
+    same = site.http.post("/v1/generate", content=body, headers={"Content-Type": "application/json",
+                                                                  "Authorization": f"Bearer {API_KEY}"})
+    assert same.status_code == 200 and same.headers["x-blocklora-version"] == str(v), same.text
+    rgba = shown.locator("img").evaluate("""img => { const c = document.createElement('canvas');
+        c.width = img.naturalWidth; c.height = img.naturalHeight; const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+        return Array.from(g.getImageData(0, 0, c.width, c.height).data); }""")
+    shown_pixels = np.array(rgba, dtype=np.int16).reshape(64, 64, 4)[..., :3]
+    assert np.array_equal(shown_pixels, pixels(same.content))
+
+
+def test_errors_read_as_the_api_words_them(tab):
+    expect = _expect()
+    tab.get_by_label("Steps").fill("101")
+    tab.get_by_role("button", name="Generate", exact=True).click()
+    expect(tab.locator("#generate-error")).to_have_text("422: steps: Input should be less than or equal to 100")
+    tab.get_by_label("Steps").fill(str(STEPS))
+    tab.get_by_label("Prompt", exact=True).fill("a {ghost} " + MARKUP)
+    tab.get_by_role("button", name="Generate", exact=True).click()
+    expect(tab.locator("#generate-error")).to_contain_text("404: concept(s) ['ghost'] are not live")
+    assert tab.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0 and tab.dialogs == []
+
+
+def test_side_by_side(tab, site):
+    """No concept, each alone, all merged: same prompt and seed, one batch; concepts left out of a
+    picture are named by their class word. Screenshots of this state at both widths."""
+    expect = _expect()
+    tab.get_by_label("Prompt", exact=True).fill("a large {ember} on a purple background")
+    tab.locator('#picker input[type=checkbox][data-name="mark"]').check()
+    tab.get_by_role("button", name="Side by side").click()
+    figures = tab.locator("#results figure")
+    expect(figures).to_have_count(4, timeout=180_000)
+    expect(figures.locator(".result-title")).to_have_text(["no concept", "ember alone", "mark alone", "all merged"])
+    assert {figures.nth(i).get_attribute("data-seed") for i in range(4)} == {"7"}
+    assert {figures.nth(i).get_attribute("data-version") for i in range(4)} == {str(version(site))}
+    expect(tab.locator("#generate-error")).to_have_text("")
+    figures.nth(0).get_by_role("button").click()  # its own curl line: the class word, no concept
+    assert '"prompt":"a large star on a purple background","concepts":[]' in tab.locator("#curl").input_value()
+    shoot(tab, site, "side-by-side")
+
+
+def test_remove_a_concept(tab, site):
+    """The admin token removes a card; the concept is then refused by /v1/generate."""
+    expect = _expect()
+    tab.get_by_label("Token").fill(ADMIN)
+    tab.get_by_role("button", name="Remove mark").click()
+    expect(tab.locator('#cards > li[data-concept="mark"]')).to_have_count(0)
+    expect(tab.locator("#manage-status")).to_contain_text("mark removed")
+    assert tab.dialogs == ["Remove mark from the federation? Requests naming it will be refused."]
+    r = site.http.post("/v1/generate", json={"prompt": "a {mark}", "steps": 1},
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 404 and "mark" in r.json()["detail"]
+
+
+def test_upload_an_artifact(tab, site):
+    """A wrong token is refused as the API says; the reserving client's token makes it live, its
+    held slot becomes a card. Screenshots of the final state at both widths."""
+    expect = _expect()
+    tab.get_by_label("Token").fill("not-a-token")
+    tab.get_by_label("Artifact file").set_input_files(str(site.artifact))
+    tab.get_by_role("button", name="Upload").click()
+    expect(tab.locator("#manage-error")).to_contain_text("403: token not recognised")
+    tab.get_by_label("Token").fill(site.trainer)
+    tab.get_by_label("Artifact file").set_input_files(str(site.artifact))
+    tab.get_by_role("button", name="Upload").click()
+    expect(tab.locator("#manage-status")).to_contain_text("lagoon is live in slot")
+    expect(tab.locator('#cards > li[data-concept="lagoon"]')).to_have_count(1)
+    expect(tab.locator("#held > li")).to_have_count(0)
+    expect(tab.locator("#fact-slots")).to_have_text("2 free · 0 held · 2 live (of 4)")
+    shoot(tab, site, "final")
+    assert not [e for e in tab.errors if "Content Security Policy" in e], tab.errors
+
+
+def _expect():
+    from playwright.sync_api import expect
+    return expect
