@@ -360,6 +360,7 @@ def main() -> None:
         if args.keep:
             print(f"cluster kept running: RAY_ADDRESS={cluster.address}, dashboard {cluster.dashboard_url}, "
                   f"token in {out / 'state' / 'ray_auth_token'}; stop it with: kill -- -{cluster.proc.pid}")
+            print(f"the page: http://127.0.0.1:{port}/  (admin token for Remove: {out / 'state' / 'admin_token'})")
         else:
             cluster.stop()
     print(f"\nreport:        {out / 'report.json'}\ncontact sheet: {out / 'contact_sheet.png'}\n"

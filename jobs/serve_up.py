@@ -64,8 +64,8 @@ def main() -> None:
                             max_pixel_steps=args.max_pixel_steps, concept_cache_mb=args.concept_cache_mb,
                             dtype=from_args(PrecisionConfig, args, p).dtype)),
               name=APP_NAME, route_prefix="/")
-    print(f"serving on http://{args.host}:{args.port}/v1 (docs: /v1/docs), following coordinator "
-          f"{args.coordinator!r} in namespace {args.namespace!r}")
+    print(f"serving on http://{args.host}:{args.port}/v1 (docs: /v1/docs; the page: http://{args.host}:{args.port}/), "
+          f"following coordinator {args.coordinator!r} in namespace {args.namespace!r}")
 
 
 if __name__ == "__main__":

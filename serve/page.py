@@ -25,14 +25,15 @@ from serve.schemas import GenerateRequest
 from serve.thumbnails import Thumbnails
 
 ASSETS = Path(__file__).with_name("page")
-TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+         ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
 FILES = {p.name: (p.read_bytes(), TYPES[p.suffix]) for p in sorted(ASSETS.iterdir()) if p.suffix in TYPES}
 # the page's own files and this API only: no inline script or style, no other origin, no framing
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
            "Cache-Control": "no-cache"}
-THUMBNAIL_PROMPT = "a {%s}"  # % name: the concept's trigger and class word, nothing else
+THUMBNAIL_PROMPT = "a large {%s} on a white background"  # % name: a plain product shot of the concept
 THUMBNAIL_RETRY_S = 2  # Retry-After while a thumbnail waits for an idle replica
 
 router = APIRouter()
@@ -137,7 +138,7 @@ class PageRoutes:
                            202: {"description": "not drawn yet: it is drawn while no request waits; retry"},
                            404: {"description": "no live concept has this name"}})
     async def thumbnail(self, name: str, request: Request, authorization: str | None = Header(None)) -> Response:
-        """The concept's picture ("a {name}", default settings, seed 0), drawn once per artifact and
+        """The concept's picture (THUMBNAIL_PROMPT, default settings, seed 0), drawn once per artifact and
         only while the generator has no request waiting: asking never delays anyone's images."""
         self._check_api_key(request, authorization)
         version, live = await self._live()

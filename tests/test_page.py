@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +134,8 @@ def test_the_federation_at_a_glance(tab, site):
     expect(held).to_contain_text("step 3/10")
     for name in ("ember", "mark"):  # drawn once while the replica is idle, then served from the cache
         thumb = tab.locator(f'#cards > li[data-concept="{name}"] img.thumb')
-        wait_until(lambda: thumb.evaluate("img => img.complete && img.naturalWidth") == 64, 120, f"{name}'s thumbnail")
+        wait_until(lambda thumb=thumb: thumb.evaluate("img => img.complete && img.naturalWidth") == 64, 120,
+                   f"{name}'s thumbnail")
     assert tab.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
     assert tab.dialogs == [] and not [e for e in tab.errors if "Content Security Policy" in e], tab.errors
 
