@@ -231,6 +231,8 @@ def test_upload_an_artifact(tab, site):
     expect(tab.locator('#cards > li[data-concept="lagoon"]')).to_have_count(1)
     expect(tab.locator("#held > li")).to_have_count(0)
     expect(tab.locator("#fact-slots")).to_have_text("2 free · 0 held · 2 live (of 4)")
+    expect(tab.locator("#results-note")).to_have_text(  # the side-by-side pictures are from before both changes
+        f"These pictures were drawn at version {version(site) - 2}; the federation is at version {version(site)} now.")
     shoot(tab, site, "final")
     assert not [e for e in tab.errors if "Content Security Policy" in e], tab.errors
 

@@ -15,6 +15,7 @@ const state = {
   thumbWaits: new Set(),
   cardsKey: "",         // what the cards were last drawn from, so a refresh keeps focus where it is
   pickerKey: "",
+  resultsVersion: null, // the federation version the pictures shown were drawn at
   active: -1,           // the highlighted {name} suggestion
 };
 
@@ -132,6 +133,14 @@ function render(o) {
   renderPicker(o.live);
   renderCards(o);
   renderHeld(o);
+  noteStaleResults();
+}
+
+function noteStaleResults() {
+  const v = state.resultsVersion;
+  const now = state.overview && state.overview.version;
+  say("results-note", v !== null && now !== null && v !== now
+    ? `These pictures were drawn at version ${v}; the federation is at version ${now} now.` : "");
 }
 
 function renderCards(o) {
@@ -377,6 +386,8 @@ async function run(cells) {
       else errors.push(cells.length > 1 ? `${cells[i].title}: ${a.reason.message}` : a.reason.message);
     });
     $("results").replaceChildren(...figures);
+    state.resultsVersion = figures.length ? Number(figures[0].dataset.version) : null;
+    noteStaleResults();
     $("results").classList.toggle("compare", cells.length > 1);
     showCurl(cells[cells.length - 1].body);
     say("generate-error", errors.join("\n"));
