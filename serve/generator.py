@@ -148,10 +148,10 @@ class Generator:
         job = _Job(request, plan, keys)
         try:
             async with self.lock:
-                if self.waiting:
-                    return None
-                loops, self.background = self.cancelled_loops, job
+                loops, self.background = self.cancelled_loops, job  # from here on, a generate call stops it
                 try:
+                    if self.waiting or job.cancelled:
+                        return None
                     pixels = await asyncio.to_thread(self._run, [job])
                 finally:
                     self.cancelled_loops, self.background = loops, None  # giving way is not being abandoned

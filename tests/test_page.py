@@ -11,8 +11,10 @@ the module's tmp folder (printed).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig
 from blocklora.toy.base import TOY_BASE_DIR
 from core_helpers import make_artifact
+from serve.schemas import GenerateRequest
 from serve_helpers import pixels, start_in_process, stop_app, wait_until
 
 pytestmark = pytest.mark.slow
@@ -138,6 +141,27 @@ def test_the_federation_at_a_glance(tab, site):
                    f"{name}'s thumbnail")
     assert tab.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
     assert tab.dialogs == [] and not [e for e in tab.errors if "Content Security Policy" in e], tab.errors
+
+
+def test_a_thumbnail_gives_way_to_a_request(site):
+    """A long thumbnail loop on the replica stops for a generate request that arrives meanwhile (or
+    never starts): the request is answered, the thumbnail call says "ask again" (None), and the
+    replica does not count it as a loop abandoned by its caller."""
+    from ray import serve
+
+    def handle_calls() -> tuple:  # in a thread of its own: the tab's Playwright runs an event loop in this one
+        generator = serve.get_deployment_handle("Generator", app_name="blocklora")
+        before = generator.status.remote().result(timeout_s=60)["cancelled_loops"]  # also readies the handle
+        thumbnail = generator.thumbnail.remote(GenerateRequest(prompt="a large {ember}", steps=100))
+        time.sleep(1)  # most likely mid-loop by now (100 steps take seconds); before it started is fine too
+        r = site.http.post("/v1/generate", json={"prompt": "a {ember}", "steps": 1},
+                           headers={"Authorization": f"Bearer {API_KEY}"})
+        return r, thumbnail.result(timeout_s=300), before, generator.status.remote().result(timeout_s=60)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        r, drawn, before, status = pool.submit(handle_calls).result()
+    assert r.status_code == 200, r.text
+    assert drawn is None and status["cancelled_loops"] == before
 
 
 def test_generate_with_a_subset(tab, site):
