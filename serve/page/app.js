@@ -9,10 +9,8 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   overview: null,       // the last GET /v1/federation
-  bounds: {},           // GenerateRequest's field bounds, read from the API's own OpenAPI schema
   weightBound: 4,       // |weight| allowed per concept (ConceptWeight.weight)
   thumbs: new Map(),    // thumbnail URL -> blob: URL of the picture
-  thumbWaits: new Set(),
   cardsKey: "",         // what the cards were last drawn from, so a refresh keeps focus where it is
   pickerKey: "",
   resultsVersion: null, // the federation version the pictures shown were drawn at
@@ -86,7 +84,7 @@ async function call(method, path, { json, body, secret } = {}) {
   return response;
 }
 
-// -- bounds from the OpenAPI schema ------------------------------------------------------------------
+// -- bounds from the OpenAPI schema: the inputs allow what GenerateRequest allows ---------------------------
 async function loadBounds() {
   const schema = await (await call("GET", "/v1/openapi.json")).json();
   const props = schema.components.schemas.GenerateRequest.properties;
@@ -95,7 +93,6 @@ async function loadBounds() {
   for (const [id, key] of Object.entries(fields)) {
     const p = props[key];
     const range = (p.anyOf || [p]).find((x) => x.type === "integer" || x.type === "number") || p;
-    state.bounds[key] = range;
     const input = $(id);
     if (range.minimum !== undefined) input.min = range.minimum;
     if (range.maximum !== undefined) input.max = Math.min(range.maximum, Number.MAX_SAFE_INTEGER);
