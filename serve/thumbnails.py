@@ -4,13 +4,15 @@ the background, and only when the generator replica has nothing else to do.
 The ingress asks `get` on every thumbnail request; the first ask for an artifact queues it and
 answers None ("being drawn"). A single background task draws the queue through `draw`, which gives
 way (None) while any generate call waits on the replica; it then tries again after `retry_s`.
-Pictures are kept by the artifact's sha256, so a concept re-uploaded under its name gets a new one,
-and `keep` drops those of concepts no longer live: memory stays bounded by the live set.
+Pictures are kept by the artifact's sha256, so a concept re-uploaded under its name gets a new one;
+`keep` drops those of concepts no longer live, and past `max_pictures` the least recently asked for
+goes (it is drawn again if asked again): a 512 px picture is a few hundred kB.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Awaitable, Callable
 
@@ -22,15 +24,17 @@ log = logging.getLogger(__name__)
 class Thumbnails:
     """`draw(name)`: the concept's picture as PNG bytes, or None if the replica was busy."""
 
-    def __init__(self, draw: Callable[[str], Awaitable[bytes | None]], retry_s: float = 2.0) -> None:
-        self.draw, self.retry_s = draw, retry_s
-        self.pictures: dict[str, bytes] = {}  # artifact sha256 -> PNG
+    def __init__(self, draw: Callable[[str], Awaitable[bytes | None]], retry_s: float = 2.0,
+                 max_pictures: int = 256) -> None:
+        self.draw, self.retry_s, self.max_pictures = draw, retry_s, max_pictures
+        self.pictures: collections.OrderedDict[str, bytes] = collections.OrderedDict()  # sha256 -> PNG, LRU first
         self.wanted: dict[str, str] = {}  # artifact sha256 -> concept name, in the order first asked
         self.task: asyncio.Task | None = None
 
     def get(self, name: str, sha256: str) -> bytes | None:
         """The picture of `name`'s artifact, or None while it is still to be drawn (this starts it)."""
         if sha256 in self.pictures:
+            self.pictures.move_to_end(sha256)
             return self.pictures[sha256]
         self.wanted.setdefault(sha256, name)
         if self.task is None or self.task.done():
@@ -59,3 +63,5 @@ class Thumbnails:
                 await asyncio.sleep(self.retry_s)
             elif self.wanted.pop(sha, None) is not None:  # still live with these bytes
                 self.pictures[sha] = png
+                while len(self.pictures) > self.max_pictures:
+                    self.pictures.popitem(last=False)
