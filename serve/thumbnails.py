@@ -4,9 +4,10 @@ the background, and only when the generator replica has nothing else to do.
 The ingress asks `get` on every thumbnail request; the first ask for an artifact queues it and
 answers None ("being drawn"). A single background task draws the queue through `draw`, which gives
 way (None) while any generate call waits on the replica; it then tries again after `retry_s`.
-Pictures are kept by the artifact's sha256, so a concept re-uploaded under its name gets a new one;
-`keep` drops those of concepts no longer live, and past `max_pictures` the least recently asked for
-goes (it is drawn again if asked again): a 512 px picture is a few hundred kB.
+Pictures are kept by the artifact's sha256, so a concept re-uploaded under its name gets a new one
+(the ingress asks for the digest the coordinator resolves the name to: a removed concept's picture is
+never served, and ages out). Past `max_pictures` the least recently asked for goes (it is drawn again
+if asked again): a 512 px picture is a few hundred kB, and a library may hold thousands of concepts.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ log = logging.getLogger(__name__)
 
 
 class Thumbnails:
-    """`draw(name)`: the concept's picture as PNG bytes, or None if the replica was busy."""
+    """`draw(name, sha256)`: the picture of that artifact as PNG bytes, or None if the replica was busy;
+    ConceptUnavailable if the name no longer holds that artifact."""
 
-    def __init__(self, draw: Callable[[str], Awaitable[bytes | None]], retry_s: float = 2.0,
+    def __init__(self, draw: Callable[[str, str], Awaitable[bytes | None]], retry_s: float = 2.0,
                  max_pictures: int = 256) -> None:
         self.draw, self.retry_s, self.max_pictures = draw, retry_s, max_pictures
         self.pictures: collections.OrderedDict[str, bytes] = collections.OrderedDict()  # sha256 -> PNG, LRU first
@@ -41,18 +43,12 @@ class Thumbnails:
             self.task = asyncio.get_running_loop().create_task(self._work())
         return None
 
-    def keep(self, live: set[str]) -> None:
-        """Forget every artifact (sha256) not in `live`, drawn or still wanted."""
-        for table in (self.pictures, self.wanted):
-            for sha in [s for s in table if s not in live]:
-                del table[sha]
-
     async def _work(self) -> None:
         while self.wanted:
             sha, name = next(iter(self.wanted.items()))
             try:
-                png = await self.draw(name)
-            except ConceptUnavailable:  # removed meanwhile
+                png = await self.draw(name, sha)
+            except ConceptUnavailable:  # removed or replaced meanwhile
                 self.wanted.pop(sha, None)
                 continue
             except Exception:  # noqa: BLE001 - a failed picture must not stop the others; the next ask retries
@@ -61,7 +57,8 @@ class Thumbnails:
                 continue
             if png is None:  # the replica had requests to serve: they go first
                 await asyncio.sleep(self.retry_s)
-            elif self.wanted.pop(sha, None) is not None:  # still live with these bytes
+            else:
+                self.wanted.pop(sha, None)
                 self.pictures[sha] = png
                 while len(self.pictures) > self.max_pictures:
                     self.pictures.popitem(last=False)

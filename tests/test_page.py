@@ -1,18 +1,20 @@
 """The page at `/`, in a real browser: Debian's headless Chromium driven by Playwright (no browser
-download), over the real Serve app on the toy base, with an API key, two live concepts and a slot
-held by a client job that reported its step.
+download), over the real Serve app on the toy base, with an API key, three live concepts in three
+slots, two of them sharing one (a library: they cannot be merged), a collection, and a slot held by
+a client job that reported its step.
 
-The tests of this module run in order on one browser tab, as a person would use it: look, generate
-with a subset, compare side by side, remove a concept, upload one. Markup can only be carried by the
-fields that are free text (concept names are [A-Za-z0-9_.-]): a class word and an owner's display
-name are `<img src=x onerror=alert(1)>` and must show as text. Screenshots at 1280 and 390 px go to
-the module's tmp folder (printed).
+The tests of this module run in order on one browser tab, as a person would use it: look, find a
+concept, generate with a subset, see a clash refused, generate with a collection, compare side by
+side, remove a concept, upload one. Markup can only be carried by the fields that are free text
+(concept and person names are restricted): a class word is `<img src=x onerror=alert(1)>` and must
+show as text, as must a prompt. Screenshots at 1280 and 390 px go to the module's tmp folder (printed).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import re
 import time
 from pathlib import Path
@@ -21,19 +23,20 @@ import numpy as np
 import pytest
 import ray
 
-from blocklora.pipeline.base import load_base
 from blocklora.config import AdapterConfig
+from blocklora.pipeline.base import load_base
 from blocklora.toy.base import TOY_BASE_DIR
-from core_helpers import make_artifact
+from core_helpers import enrol, make_artifact
 from serve.schemas import GenerateRequest
 from serve_helpers import pixels, start_in_process, stop_app, wait_until
 
 pytestmark = pytest.mark.slow
 
 NAMESPACE, NAME = "blocklora-page-test", "coordinator-page-test"
-ADAPTER = AdapterConfig(rank=2, num_slots=4)
+ADAPTER = AdapterConfig(rank=2, num_slots=3)
 ADMIN, API_KEY = "page-test-admin-token", "page-test-api-key"
 MARKUP = "<img src=x onerror=alert(1)>"
+OWNER = "Mark O'Neil"  # a display name, shown as written
 CHROMIUM = Path("/usr/bin/chromium")
 WIDE, NARROW = 1280, 390
 STEPS = 3  # denoising steps of the page's requests: enough to see the concepts, cheap on 2 cores
@@ -54,24 +57,33 @@ def browser_or_fail():
 
 @pytest.fixture(scope="module")
 def site(ray_head, serve_port, tmp_path_factory):
-    """The app with an API key, two live concepts (one of them owned by a client whose name is markup,
-    with markup as its class word), a third slot held by a client job at step 3 of 10, and the
-    artifact that client will upload from the page."""
+    """The app with an API key; live: ember (slot 0), mark (slot 1, markup as its class word) and fern,
+    reserved 'with' mark, so in slot 0 beside ember (they clash); the collection duo = ember + mark; a
+    third person's slot held for lagoon by a client job at step 3 of 10, and the artifact that client
+    will upload from the page."""
     root = tmp_path_factory.mktemp("page")
     actor, http = start_in_process(ray_head, root / "state", NAMESPACE, NAME, ADAPTER, ADMIN, serve_port, API_KEY,
                                    base=str(TOY_BASE_DIR))
     base = load_base(str(TOY_BASE_DIR))
-    owners = {"ember": ray.get(actor.register.remote("ada")).token,
-              "mark": ray.get(actor.register.remote(MARKUP)).token}
-    words = {"ember": "star", "mark": MARKUP}
-    for seed, (name, token) in enumerate(owners.items(), start=1):
-        slot = ray.get(actor.reserve.remote(token, name, words[name])).slot
-        art = make_artifact(base, ADAPTER, name, slot, seed=seed, b_scale=0.6, class_word=words[name])
-        r = http.post("/v1/concepts", content=art.to_bytes(), headers={"Authorization": f"Bearer {token}"})
+    people = {who: enrol(actor, ADMIN, who, remote=True) for who in ("ada", OWNER, "grace")}
+
+    def make_live(name: str, who: str, word: str, seed: int, with_: tuple[str, ...] = ()) -> None:
+        slot = ray.get(actor.reserve.remote(people[who], name, word, with_)).slot
+        art = make_artifact(base, ADAPTER, name, slot, seed=seed, b_scale=0.6, class_word=word)
+        r = http.post("/v1/concepts", content=art.to_bytes(), headers={"Authorization": f"Bearer {people[who]}"})
         assert r.status_code == 201, r.text
-    trainer = ray.get(actor.register.remote("grace")).token
-    grant = ray.get(actor.reserve.remote(trainer, "lagoon", "circle"))
+
+    make_live("ember", "ada", "star", 1)  # slot 0
+    make_live("mark", OWNER, MARKUP, 2)  # slot 1, the least used
+    trainer = people["grace"]
+    grant = ray.get(actor.reserve.remote(trainer, "lagoon", "circle"))  # slot 2
     assert ray.get(actor.progress.remote("lagoon", grant.reservation_id, 3, 10, 42.0))
+    make_live("fern", OWNER, "leaf", 4, with_=("mark",))  # apart from mark; of the rest, the lowest: ember's
+    assert {c["name"]: c["slot"] for c in http.get("/v1/concepts").json()["concepts"]} == {
+        "ember": 0, "fern": 0, "mark": 1}
+    r = http.put("/v1/collections/duo", json={"members": ["ember", "mark"]},
+                 headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200, r.text
     artifact = root / "lagoon.safetensors"
     artifact.write_bytes(make_artifact(base, ADAPTER, "lagoon", grant.slot, seed=3, b_scale=0.6,
                                        class_word="circle").to_bytes())
@@ -118,29 +130,51 @@ def version(site) -> int:
 
 
 def test_the_federation_at_a_glance(tab, site):
-    """Version, base, slots, a card per live concept (thumbnail drawn, markup shown as text), the held
+    """Version, base, counts, a card per live concept (thumbnail drawn, markup shown as text), the held
     slot with its owner and reported step; and a policy that allows no inline script and no other origin."""
     assert "script-src 'self'" in tab.csp and "default-src 'none'" in tab.csp and "unsafe-inline" not in tab.csp
     expect = _expect()
     expect(tab.locator("#fact-version")).to_have_text(str(version(site)))
-    expect(tab.locator("#fact-slots")).to_have_text("1 free · 1 held · 2 live (of 4)")
+    expect(tab.locator("#fact-slots")).to_have_text("3 live · 1 held · 0 of 3 slots free")
+    expect(tab.locator("#fact-collections")).to_have_text("2")  # the default one and duo
     expect(tab.locator("#fact-resolution")).to_have_text("64 px")
     assert tab.locator("#fact-base").text_content().endswith("toy-base")
     cards = tab.locator("#cards > li")
-    expect(cards).to_have_count(2)
+    expect(cards).to_have_count(3)
+    expect(tab.locator("#cards-count")).to_have_text("3 of 3 shown, in name order")
     mark = tab.locator('#cards > li[data-concept="mark"]')
     expect(mark.locator(".class-word")).to_have_text(MARKUP)
-    expect(mark.locator(".owner")).to_have_text(MARKUP)
+    expect(mark.locator(".owner")).to_have_text(OWNER)
     expect(tab.locator('#cards > li[data-concept="ember"] .owner')).to_have_text("ada")
     held = tab.locator('#held > li[data-concept="lagoon"]')
     expect(held).to_contain_text("grace")
     expect(held).to_contain_text("step 3/10")
-    for name in ("ember", "mark"):  # drawn once while the replica is idle, then served from the cache
+    for name in ("ember", "fern", "mark"):  # drawn once while the replica is idle, then served from the cache
         thumb = tab.locator(f'#cards > li[data-concept="{name}"] img.thumb')
         wait_until(lambda thumb=thumb: thumb.evaluate("img => img.complete && img.naturalWidth") == 64, 120,
                    f"{name}'s thumbnail")
     assert tab.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
     assert tab.dialogs == [] and not [e for e in tab.errors if "Content Security Policy" in e], tab.errors
+
+
+def test_cards_come_a_page_at_a_time(tab, site):
+    """The page never asks for the whole library: its cards route pages in name order through the
+    coordinator's cursor, and the filter box asks for the names that start with what is typed."""
+    expect = _expect()
+    first = site.http.get("/v1/federation/concepts", params={"limit": 2}).json()
+    assert [c["name"] for c in first["cards"]] == ["ember", "fern"] and first["total"] == 3
+    rest = site.http.get("/v1/federation/concepts", params={"limit": 2, "cursor": first["next_cursor"]}).json()
+    assert [c["name"] for c in rest["cards"]] == ["mark"] and rest["next_cursor"] is None
+    assert site.http.get("/v1/federation/concepts", params={"limit": 101}).status_code == 422
+    assert site.http.get("/v1/federation/concepts", params={"cursor": "nonsense"}).status_code == 400
+    find = tab.get_by_label("Find a concept (name starts with)")
+    find.fill("FE")  # names match regardless of case
+    expect(tab.locator("#cards > li")).to_have_count(1)
+    expect(tab.locator("#cards > li")).to_have_attribute("data-concept", "fern")
+    expect(tab.locator("#cards-count")).to_have_text("1 of 1 shown, in name order")
+    find.fill("")
+    expect(tab.locator("#cards > li")).to_have_count(3)
+    expect(tab.locator("#cards-more")).to_be_hidden()
 
 
 def test_a_thumbnail_gives_way_to_a_request(site):
@@ -152,7 +186,8 @@ def test_a_thumbnail_gives_way_to_a_request(site):
     def handle_calls() -> tuple:  # in a thread of its own: the tab's Playwright runs an event loop in this one
         generator = serve.get_deployment_handle("Generator", app_name="blocklora")
         before = generator.status.remote().result(timeout_s=60)["cancelled_loops"]  # also readies the handle
-        thumbnail = generator.thumbnail.remote(GenerateRequest(prompt="a large {ember}", steps=100))
+        request = GenerateRequest(prompt="a large {ember}", steps=100)
+        thumbnail = generator.thumbnail.remote(request, ray.get(site.actor.resolve.remote(request.subset())))
         time.sleep(1)  # most likely mid-loop by now (100 steps take seconds); before it started is fine too
         r = site.http.post("/v1/generate", json={"prompt": "a {ember}", "steps": 1},
                            headers={"Authorization": f"Bearer {API_KEY}"})
@@ -184,6 +219,11 @@ def test_generate_with_a_subset(tab, site):
     v = version(site)
     assert (shown.get_attribute("data-version"), shown.get_attribute("data-seed")) == (str(v), "7")
     expect(shown.locator(".result-meta")).to_have_text(f"version {v} · seed 7")
+    assert_same_as_the_curl_line(tab, site, shown, v)
+
+
+def assert_same_as_the_curl_line(tab, site, shown, v: int) -> dict:
+    """The picture shown is the very PNG the API gives for the page's curl request: its body."""
     curl = tab.locator("#curl").input_value()
     body = re.search(r"-d '(\{.*\})'", curl).group(1)
     assert "Authorization: Bearer $BLOCKLORA_API_KEY" in curl and API_KEY not in curl
@@ -195,6 +235,7 @@ def test_generate_with_a_subset(tab, site):
         return Array.from(g.getImageData(0, 0, c.width, c.height).data); }""")
     shown_pixels = np.array(rgba, dtype=np.int16).reshape(64, 64, 4)[..., :3]
     assert np.array_equal(shown_pixels, pixels(same.content))
+    return json.loads(body)
 
 
 def test_errors_read_as_the_api_words_them(tab):
@@ -207,6 +248,41 @@ def test_errors_read_as_the_api_words_them(tab):
     tab.get_by_role("button", name="Generate", exact=True).click()
     expect(tab.locator("#generate-error")).to_contain_text("404: concept(s) ['ghost'] are not live")
     assert tab.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0 and tab.dialogs == []
+
+
+def test_a_clash_is_named_before_and_refused_as_the_api_words_it(tab):
+    """ember and fern share slot 0: ticked together, the picker says so (GET /v1/mergeable), and
+    Generate shows the API's 409."""
+    expect = _expect()
+    tab.get_by_label("Prompt", exact=True).fill("a large {ember} on a purple background")
+    fern = tab.locator('#picker input[type=checkbox][data-name="fern"]')
+    fern.check()
+    expect(tab.locator("#picker-clash")).to_have_text("One picture cannot merge these: ember and fern are both in "
+                                                      "slot 0. Untick one of each pair (or choose another collection).")
+    tab.get_by_role("button", name="Generate", exact=True).click()
+    expect(tab.locator("#generate-error")).to_have_text(
+        "409: 'ember' and 'fern' are both in slot 0, so one picture cannot hold both: concepts merge exactly only "
+        "in pairwise different slots. Drop one (GET /v1/mergeable?concepts=... names every clash)")
+    fern.uncheck()
+    expect(tab.locator("#picker-clash")).to_have_text("")
+
+
+def test_generate_with_a_collection(tab, site):
+    """Picking the collection duo lists its members with their slots; the request names it, and the
+    picture is the API's answer to that request. duo and fern clash in slot 0, which the picker says."""
+    expect = _expect()
+    tab.get_by_label("Collection", exact=True).select_option("duo")
+    expect(tab.locator("#collection-members")).to_have_text(f"Members: ember star (slot 0), mark {MARKUP} (slot 1)")
+    tab.locator('#picker input[type=checkbox][data-name="fern"]').check()
+    expect(tab.locator("#picker-clash")).to_contain_text("ember and fern are both in slot 0")
+    tab.locator('#picker input[type=checkbox][data-name="fern"]').uncheck()
+    tab.get_by_role("button", name="Generate", exact=True).click()
+    shown = tab.locator("#results figure")
+    expect(shown.locator(".result-title")).to_have_text("collection duo + ember ×1", timeout=120_000)
+    body = assert_same_as_the_curl_line(tab, site, shown, version(site))
+    assert body["collection"] == "duo" and body["concepts"] == [{"name": "ember", "weight": 1}]
+    tab.get_by_label("Collection", exact=True).select_option("")
+    expect(tab.locator("#collection-members")).to_have_text("")
 
 
 def test_side_by_side(tab, site):
@@ -228,7 +304,7 @@ def test_side_by_side(tab, site):
 
 
 def test_remove_a_concept(tab, site):
-    """The admin token removes a card; the concept is then refused by /v1/generate."""
+    """The admin token removes a card; the concept is then refused by /v1/generate, and has left duo."""
     expect = _expect()
     tab.get_by_label("Token").fill(ADMIN)
     tab.get_by_role("button", name="Remove mark").click()
@@ -238,6 +314,7 @@ def test_remove_a_concept(tab, site):
     r = site.http.post("/v1/generate", json={"prompt": "a {mark}", "steps": 1},
                        headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 404 and "mark" in r.json()["detail"]
+    assert site.http.get("/v1/collections/duo").json()["members"] == {"ember": 0}
 
 
 def test_upload_an_artifact(tab, site):
@@ -254,7 +331,7 @@ def test_upload_an_artifact(tab, site):
     expect(tab.locator("#manage-status")).to_contain_text("lagoon is live in slot")
     expect(tab.locator('#cards > li[data-concept="lagoon"]')).to_have_count(1)
     expect(tab.locator("#held > li")).to_have_count(0)
-    expect(tab.locator("#fact-slots")).to_have_text("2 free · 0 held · 2 live (of 4)")
+    expect(tab.locator("#fact-slots")).to_have_text("3 live · 0 held · 1 of 3 slots free")
     expect(tab.locator("#results-note")).to_have_text(  # the side-by-side pictures are from before both changes
         f"These pictures were drawn at version {version(site) - 2}; the federation is at version {version(site)} now.")
     shoot(tab, site, "final")

@@ -1,7 +1,7 @@
 """The ingress's thumbnail cache without Ray: `draw` is a plain async function standing for the
 generator replica (the real one is driven in tests/test_page.py). Each artifact is drawn once, one
-at a time; a replica that gives way is asked again; removed concepts and, past the bound, the least
-recently asked-for pictures are forgotten."""
+at a time, by the digest it was asked for; a replica that gives way is asked again; past the bound the
+least recently asked-for pictures are forgotten."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from serve.thumbnails import Thumbnails
 
 
 def test_drawn_once_retried_when_the_replica_gives_way_and_bounded():
-    calls: list[str] = []
+    calls: list[tuple[str, str]] = []
     busy = {"a": 2}  # the replica gives way twice while drawing a
 
-    async def draw(name: str) -> bytes | None:
-        calls.append(name)
+    async def draw(name: str, sha256: str) -> bytes | None:
+        calls.append((name, sha256))
         await asyncio.sleep(0)
         if busy.get(name):
             busy[name] -= 1
@@ -30,14 +30,14 @@ def test_drawn_once_retried_when_the_replica_gives_way_and_bounded():
         assert [cache.get(n, f"sha-{n}") for n in ("a", "b", "gone")] == [None, None, None]
         assert cache.get("a", "sha-a") is None  # asked again while queued: not queued twice
         await cache.task
-        assert calls == ["a", "a", "a", "b", "gone"]
+        assert calls == [(n, f"sha-{n}") for n in ("a", "a", "a", "b", "gone")]
         assert cache.get("a", "sha-a") == b"png of a" and cache.get("b", "sha-b") == b"png of b"
         assert cache.get("gone", "sha-gone") is None  # removed meanwhile: asked again, queued again
-        cache.keep({"sha-a", "sha-c"})
-        assert "sha-b" not in cache.pictures and cache.wanted == {}
+        await cache.task
+        assert cache.wanted == {}
         for n in ("c", "d"):
             cache.get(n, f"sha-{n}")
             await cache.task
-        assert list(cache.pictures) == ["sha-c", "sha-d"]  # a, least recently asked for, made room
+        assert list(cache.pictures) == ["sha-c", "sha-d"]  # a and b, least recently asked for, made room
 
     asyncio.run(scenario())

@@ -4,15 +4,27 @@
 // their input fields (this tab's memory) and travel only in the Authorization header.
 "use strict";
 
+// A federation is a library that may hold thousands of concepts: the page asks for them a page at a
+// time (cards, completions), never for the whole listing, and reloads cards only when the version moves.
 const REFRESH_MS = 4000;
+const PAGE = 24;        // cards asked for at a time ("Show more" asks for the next page)
+const MAX_PAGE = 100;   // the most cards one /v1/federation/concepts call gives
+const SUGGEST = 8;      // {name} completions asked for at a time
 const $ = (id) => document.getElementById(id);
 
 const state = {
   overview: null,       // the last GET /v1/federation
+  cards: null,          // the last /v1/federation/concepts answer, with the cards of every page shown
+  cardsVersion: null,   // the federation version the cards were loaded at
+  collections: [],      // the last GET /v1/collections
+  known: new Map(),     // name -> {class_word, slot} of the concepts the page has seen (picker rows, prompts)
+  suggested: [],        // the names in the {name} list
   weightBound: 4,       // |weight| allowed per concept (ConceptWeight.weight)
   thumbs: new Map(),    // thumbnail URL -> blob: URL of the picture
   cardsKey: "",         // what the cards were last drawn from, so a refresh keeps focus where it is
   pickerKey: "",
+  collectionsKey: "",
+  seq: { cards: 0, suggest: 0, clash: 0 },  // the latest call of each kind: an older answer is dropped
   resultsVersion: null, // the federation version the pictures shown were drawn at
   active: -1,           // the highlighted {name} suggestion
 };
@@ -108,9 +120,12 @@ async function loadBounds() {
 // -- the federation at a glance ------------------------------------------------------------------------
 async function refresh() {
   try {
-    const overview = await (await call("GET", "/v1/federation")).json();
+    const [overview, collections] = await Promise.all([
+      call("GET", "/v1/federation").then((r) => r.json()), call("GET", "/v1/collections").then((r) => r.json())]);
     state.overview = overview;
+    state.collections = collections.collections;
     say("connection", "");
+    if (overview.version !== state.cardsVersion) await loadCards(false);
     render(overview);
   } catch (err) {
     say("connection", `Cannot reach the federation: ${err.message}`);
@@ -124,11 +139,13 @@ function render(o) {
   say("fact-fingerprint", o.base.fingerprint.slice(0, 12));
   $("fact-fingerprint").title = o.base.fingerprint;
   say("fact-resolution", `${o.base.resolution} px`);
-  say("fact-slots", `${o.slots.free} free · ${o.slots.held} held · ${o.slots.live} live (of ${o.slots.total})`);
+  say("fact-slots", `${o.slots.live} live · ${o.slots.held} held · ${o.slots.free} of ${o.slots.total} slots free`);
+  say("fact-collections", String(o.collections));
   $("api-key-field").hidden = !o.api_key_required;
   $("width").placeholder = $("height").placeholder = String(o.base.resolution);
-  renderPicker(o.live);
-  renderCards(o);
+  renderCollections();
+  renderPicker();
+  renderCards();
   renderHeld(o);
   noteStaleResults();
 }
@@ -140,15 +157,48 @@ function noteStaleResults() {
     ? `These pictures were drawn at version ${v}; the federation is at version ${now} now.` : "");
 }
 
-function renderCards(o) {
-  const key = JSON.stringify([o.version, o.live.map((c) => c.thumbnail)]);
-  $("cards-empty").hidden = o.live.length > 0;
+// The live cards in name order, whose names start with the filter: `more` adds the next page; otherwise
+// the pages shown so far are asked for again (after a change of version or filter).
+async function loadCards(more) {
+  const seq = ++state.seq.cards;
+  const shown = state.cards ? state.cards.cards.length : 0;
+  const params = new URLSearchParams({ limit: String(more ? PAGE : Math.min(MAX_PAGE, Math.max(PAGE, shown))) });
+  const prefix = $("cards-filter").value.trim();
+  if (prefix) params.set("prefix", prefix);
+  if (more) params.set("cursor", state.cards.next_cursor);
+  try {
+    const page = await (await call("GET", `/v1/federation/concepts?${params}`)).json();
+    if (seq !== state.seq.cards) return;
+    for (const c of page.cards) state.known.set(c.name, c);
+    const added = more ? page.cards : null;
+    if (more) page.cards = state.cards.cards.concat(page.cards);
+    state.cards = page;
+    state.cardsVersion = page.version;
+    renderCards(added);
+    renderPicker();
+  } catch (err) {
+    if (seq === state.seq.cards) say("cards-count", err.message);
+  }
+}
+
+// `added`: cards of a page just appended (drawn below the others, so focus and thumbnails stay).
+function renderCards(added) {
+  const page = state.cards;
+  if (!page) return;
+  const now = state.overview ? state.overview.now : page.now;
+  const filtered = $("cards-filter").value.trim() !== "";
+  $("cards-empty").hidden = page.total > 0 || filtered;
+  say("cards-count", page.total === 0 ? (filtered ? "No live concept's name starts so." : "")
+    : `${page.cards.length} of ${page.total} shown, in name order`);
+  $("cards-more").hidden = page.next_cursor === null;
+  const key = JSON.stringify([page.version, page.cards.map((c) => c.thumbnail)]);
   if (key === state.cardsKey) {  // the same cards: keep them (and the focus), move only the "… ago" texts
-    retime($("cards"), o.now);
+    retime($("cards"), now);
     return;
   }
   state.cardsKey = key;
-  $("cards").replaceChildren(...o.live.map((c) => card(c, o.now)));
+  if (added) $("cards").append(...added.map((c) => card(c, now)));
+  else $("cards").replaceChildren(...page.cards.map((c) => card(c, now)));
 }
 
 function card(c, now) {
@@ -204,6 +254,7 @@ async function loadThumbnail(c, img, box) {
 
 function renderHeld(o) {
   $("held-empty").hidden = o.held.length > 0;
+  say("held-more", o.held_total > o.held.length ? `and ${o.held_total - o.held.length} more (first ${o.held.length} by name shown)` : "");
   $("held").replaceChildren(...o.held.map((h) => {
     const p = h.progress;
     const done = p ? el("progress", { max: p.steps, value: p.step }) : null;
@@ -220,26 +271,77 @@ function renderHeld(o) {
   }));
 }
 
-// -- concept picker and {name} completion ----------------------------------------------------------------
-function renderPicker(live) {
-  const key = JSON.stringify(live.map((c) => c.name));
-  $("picker-empty").hidden = live.length > 0;
+// -- collection, concept picker and {name} completion -----------------------------------------------------
+function chosenCollection() {
+  return state.collections.find((c) => c.name === $("collection").value) || null;
+}
+
+function memberNames() {
+  const c = chosenCollection();
+  return c ? Object.keys(c.members) : [];
+}
+
+function renderCollections() {
+  const key = JSON.stringify(state.collections.map((c) => [c.name, c.owner, c.members]));
+  if (key === state.collectionsKey) return;
+  state.collectionsKey = key;
+  const select = $("collection");
+  const chosen = select.value;
+  select.replaceChildren(el("option", { value: "", text: "none" }), ...state.collections.map((c) =>
+    el("option", { value: c.name, text: `${c.name} (${Object.keys(c.members).length} concepts; ${c.owner})` })));
+  select.value = state.collections.some((c) => c.name === chosen) ? chosen : "";
+  showMembers();
+}
+
+// The chosen collection's members, with their class words (asked for once: the side-by-side prompts
+// name a left-out concept by its class word).
+async function showMembers() {
+  const c = chosenCollection();
+  const members = () => Object.entries(c.members).map(([n, slot]) => {
+    const word = state.known.has(n) ? ` ${state.known.get(n).class_word}` : "";
+    return `${n}${word} (slot ${slot})`;
+  }).join(", ") || "none";
+  say("collection-members", c ? `Members: ${members()}` : "");
+  checkClash();
+  if (!c || memberNames().every((n) => state.known.has(n))) return;
+  try {
+    const params = new URLSearchParams({ collection: c.name, status: "live", limit: "1000" });
+    const page = await (await call("GET", `/v1/concepts?${params}`)).json();
+    for (const m of page.concepts) state.known.set(m.name, m);
+    if (chosenCollection() === c) say("collection-members", `Members: ${members()}`);
+  } catch (_) { /* the names and slots shown are enough */ }
+}
+
+// Rows: ticked concepts not listed under Live concepts, then those listed there, in their order (rows
+// do not move when one is ticked; the page never lists the whole library).
+function renderPicker() {
+  const listed = state.cards ? state.cards.cards.map((c) => c.name) : [];
+  const names = [...new Set([...picked().map((p) => p.name).filter((n) => !listed.includes(n)), ...listed])];
+  const total = state.cards ? state.cards.total : 0;
+  $("picker-empty").hidden = names.length > 0 || total > 0;
+  say("picker-more", total > listed.length ? "Listed: the ticked concepts and those shown under Live concepts; " +
+    "type { and a name in the prompt, or find it there, for any other." : "");
+  const key = JSON.stringify(names);
   if (key === state.pickerKey) return;
   state.pickerKey = key;
   const before = new Map(picked().map((p) => [p.name, p.weight]));
-  $("picker").replaceChildren(...live.map((c, i) => {
-    const id = `pick-${i}`;
-    const box = el("input", { type: "checkbox", id, checked: before.has(c.name), "data-name": c.name });
-    const weight = el("input", { type: "range", id: `${id}-w`, min: -state.weightBound, max: state.weightBound,
-                                 step: 0.05, value: before.get(c.name) ?? 1, "data-name": c.name });
-    const shown = el("output", { for: `${id}-w`, text: Number(weight.value).toFixed(2) });
-    weight.addEventListener("input", () => { shown.textContent = Number(weight.value).toFixed(2); });
-    return el("li", { class: "pick" },
-      el("label", { for: id }, box, " ", el("span", { class: "pick-name", text: c.name }),
-         el("span", { class: "help", text: ` ${c.class_word}` })),
-      el("label", { for: `${id}-w`, class: "visually-hidden", text: `Weight of ${c.name}` }),
-      weight, shown);
-  }));
+  $("picker").replaceChildren(...names.map((n) => pickRow(n, before.has(n), before.get(n) ?? 1)));
+}
+
+function pickRow(name, checked, weightValue) {
+  const id = `pick-${[...name].map((ch) => ch.charCodeAt(0).toString(16)).join("")}`;
+  const box = el("input", { type: "checkbox", id, checked, "data-name": name });
+  box.addEventListener("change", checkClash);
+  const weight = el("input", { type: "range", id: `${id}-w`, min: -state.weightBound, max: state.weightBound,
+                               step: 0.05, value: weightValue, "data-name": name });
+  const shown = el("output", { for: `${id}-w`, text: Number(weight.value).toFixed(2) });
+  weight.addEventListener("input", () => { shown.textContent = Number(weight.value).toFixed(2); });
+  const known = state.known.get(name);
+  return el("li", { class: "pick" },
+    el("label", { for: id }, box, " ", el("span", { class: "pick-name", text: name }),
+       el("span", { class: "help", text: known ? ` ${known.class_word}` : "" })),
+    el("label", { for: `${id}-w`, class: "visually-hidden", text: `Weight of ${name}` }),
+    weight, shown);
 }
 
 function picked() {
@@ -252,23 +354,60 @@ function picked() {
 function tick(name) {
   const box = $("picker").querySelector(`input[type=checkbox][data-name="${CSS.escape(name)}"]`);
   if (box) box.checked = true;
+  else $("picker").prepend(pickRow(name, true, 1));  // a concept found by {name}: it joins the rows, ticked
+  state.pickerKey = "";
+  checkClash();
 }
 
-function suggestions() {
+// One picture merges concepts of pairwise different slots only: say so before Generate is refused (409).
+async function checkClash() {
+  const names = [...new Set([...memberNames(), ...picked().map((p) => p.name)])];
+  const seq = ++state.seq.clash;
+  if (names.length < 2) { say("picker-clash", ""); return; }
+  try {
+    const answer = await (await call("GET", `/v1/mergeable?concepts=${encodeURIComponent(names.join(","))}`)).json();
+    if (seq !== state.seq.clash) return;
+    const problems = answer.clashes.map((c) => `${c.concepts[0]} and ${c.concepts[1]} are both in slot ${c.slot}`);
+    if (answer.unknown.length) problems.push(`not live: ${answer.unknown.join(", ")}`);
+    say("picker-clash", answer.mergeable ? ""
+      : `One picture cannot merge these: ${problems.join("; ")}. Untick one of each pair (or choose another collection).`);
+  } catch (err) {
+    if (seq === state.seq.clash) say("picker-clash", err.message);
+  }
+}
+
+function typedName() {
   const input = $("prompt");
   const m = /\{([A-Za-z0-9_.-]*)$/.exec(input.value.slice(0, input.selectionStart));
-  if (!m || !state.overview) return null;
-  const names = state.overview.live.map((c) => c.name).filter((n) => n.toLowerCase().startsWith(m[1].toLowerCase()));
-  return { typed: m[1], names };
+  return m ? m[1] : null;
+}
+
+// Live names starting with what follows the last "{": asked of the server, a few at a time.
+async function suggest() {
+  const typed = typedName();
+  const seq = ++state.seq.suggest;
+  if (typed === null) { closeSuggestions(); return; }
+  const params = new URLSearchParams({ status: "live", limit: String(SUGGEST) });
+  if (typed) params.set("prefix", typed);
+  try {
+    const page = await (await call("GET", `/v1/concepts?${params}`)).json();
+    if (seq !== state.seq.suggest) return;
+    for (const c of page.concepts) state.known.set(c.name, c);
+    state.suggested = page.concepts.map((c) => c.name);
+  } catch (_) {
+    if (seq !== state.seq.suggest) return;
+    state.suggested = [];
+  }
+  showSuggestions();
 }
 
 function showSuggestions() {
-  const found = suggestions();
+  const names = state.suggested;
   const list = $("suggestions");
   const input = $("prompt");
-  if (!found || found.names.length === 0) { closeSuggestions(); return; }
-  state.active = Math.min(Math.max(state.active, 0), found.names.length - 1);
-  list.replaceChildren(...found.names.map((n, i) => {
+  if (typedName() === null || names.length === 0) { closeSuggestions(); return; }
+  state.active = Math.min(Math.max(state.active, 0), names.length - 1);
+  list.replaceChildren(...names.map((n, i) => {
     const option = el("li", { role: "option", id: `suggestion-${i}`, "aria-selected": String(i === state.active),
                               "data-name": n, text: `{${n}}` });
     option.addEventListener("mousedown", (e) => { e.preventDefault(); complete(n); });
@@ -288,9 +427,9 @@ function closeSuggestions() {
 
 function complete(name) {
   const input = $("prompt");
-  const found = suggestions();
-  if (!found) return;
-  const start = input.selectionStart - found.typed.length - 1;
+  const typed = typedName();
+  if (typed === null) return;
+  const start = input.selectionStart - typed.length - 1;
   const end = input.selectionStart;
   input.setRangeText(`{${name}}`, start, end, "end");
   tick(name);
@@ -398,23 +537,33 @@ async function run(cells) {
 function generate(e) {
   e.preventDefault();
   const concepts = picked();
-  const body = { prompt: $("prompt").value, concepts, ...settings() };
-  const title = concepts.length ? concepts.map((c) => `${c.name} ×${c.weight}`).join(" + ") : "no concept ticked";
-  run([{ title, body }]);
+  const collection = $("collection").value;
+  const body = { prompt: $("prompt").value, concepts, ...(collection ? { collection } : {}), ...settings() };
+  const parts = [...(collection ? [`collection ${collection}`] : []), ...concepts.map((c) => `${c.name} ×${c.weight}`)];
+  run([{ title: parts.length ? parts.join(" + ") : "no concept ticked", body }]);
 }
 
 // Side by side: no concept, each concept alone, all merged — same prompt, same seed, one image each.
+// With a collection: its members count as ticked (weight 1 unless ticked with another), and "all merged"
+// names the collection, as a request of the API would.
 function compare() {
-  const concepts = picked();
-  if (concepts.length === 0) { say("generate-error", "Tick at least one concept to compare."); return; }
-  const classWord = new Map(state.overview.live.map((c) => [c.name, c.class_word]));
+  const ticked = picked();
+  const collection = $("collection").value;
+  const weights = new Map(memberNames().map((n) => [n, 1]));
+  for (const c of ticked) weights.set(c.name, c.weight);
+  const concepts = [...weights].map(([name, weight]) => ({ name, weight }));
+  if (concepts.length === 0) {
+    say("generate-error", "Tick at least one concept (or choose a collection) to compare.");
+    return;
+  }
   const prompt = $("prompt").value;
   const only = (names) => prompt.replace(/\{([A-Za-z0-9_.-]+)\}/g, (whole, n) =>
-    names.includes(n) || !classWord.has(n) ? whole : classWord.get(n));
+    names.includes(n) || !state.known.has(n) ? whole : state.known.get(n).class_word);
   const base = { ...settings(), num_images: 1 };
-  const cell = (title, chosen) => ({ title, body: { ...base, prompt: only(chosen.map((c) => c.name)), concepts: chosen } });
+  const cell = (title, chosen, extra) => ({ title, body: { ...base, prompt: only(chosen.map((c) => c.name)),
+                                                           concepts: extra ? ticked : chosen, ...extra } });
   const cells = [cell("no concept", []), ...concepts.map((c) => cell(`${c.name} alone`, [c]))];
-  if (concepts.length > 1) cells.push(cell("all merged", concepts));
+  if (concepts.length > 1) cells.push(cell("all merged", concepts, collection ? { collection } : null));
   run(cells);
 }
 
@@ -455,6 +604,9 @@ async function removeConcept(name) {
   try {
     const removed = await (await call("DELETE", `/v1/concepts/${encodeURIComponent(name)}`, { secret })).json();
     say("manage-status", `${removed.name} removed (version ${removed.version}).`);
+    state.known.delete(name);
+    const row = $("picker").querySelector(`input[type=checkbox][data-name="${CSS.escape(name)}"]`);
+    if (row) row.closest("li").remove();
     await refresh();
   } catch (err) {
     say("manage-error", err.message);
@@ -464,15 +616,22 @@ async function removeConcept(name) {
 
 // -- start ---------------------------------------------------------------------------------------------------
 async function start() {
-  $("prompt").addEventListener("input", showSuggestions);
+  $("prompt").addEventListener("input", suggest);
   $("prompt").addEventListener("keydown", onPromptKey);
   $("prompt").addEventListener("blur", closeSuggestions);
   $("generate-form").addEventListener("submit", generate);
   $("compare-button").addEventListener("click", compare);
   $("upload-form").addEventListener("submit", upload);
+  $("collection").addEventListener("change", showMembers);
+  $("cards-more").addEventListener("click", () => loadCards(true));
+  let typing = null;  // the filter asks once typing pauses
+  $("cards-filter").addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => loadCards(false), 250);
+  });
   $("api-key").addEventListener("change", () => {  // thumbnails need the key where the server wants one
     state.cardsKey = "";
-    if (state.overview) renderCards(state.overview);
+    renderCards();
   });
   $("copy-curl").addEventListener("click", async () => {
     $("curl").select();
