@@ -145,7 +145,7 @@ class PageRoutes:
         if plan.concepts[0].sha256 != sha256:  # replaced since it was asked for: the new one has its own
             raise ConceptUnavailable([name], plan.version)
         drawn = await self.generator.thumbnail.remote(request, plan)
-        return None if drawn is None else drawn.png(0)
+        return None if drawn is None else await asyncio.to_thread(drawn.png, 0)  # off the event loop
 
     @router.get("/v1/federation", response_model=Overview)
     async def overview(self) -> Overview:
