@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 NAMESPACE, NAME = "blocklora-page-test", "coordinator-page-test"
 ADAPTER = AdapterConfig(rank=2, num_slots=3)
-ADMIN, API_KEY = "page-test-admin-token", "page-test-api-key"
+ADMIN, API_KEY = "page-test-admin-token", "page-test-api-key-of-at-least-32-characters"
 MARKUP = "<img src=x onerror=alert(1)>"
 OWNER = "Mark O'Neil"  # a display name, shown as written
 CHROMIUM = Path("/usr/bin/chromium")
