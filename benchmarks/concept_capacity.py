@@ -5,17 +5,16 @@
     python -m benchmarks.concept_capacity --recipes default --full-finetune-lr 1e-4,1e-3 \
         --out docs/results/concept-capacity/full-finetune   # the upper bound
 
-Each recipe trains each concept alone (the main job's recipe otherwise: 300 steps, lr 5e-3, token lr
-5e-2, batch 2, its own slot), then samples its prompt ("a large {trigger} star on a … background") with
-8 seeds and scores image alignment (the identity judge: colours by ring) and shape alignment (the
-silhouette) against drawn reference pictures; beside them the base on the class prompt and the default
-recipe's trigger embedding with no weights. `--full-finetune-lr` adds the default recipe with every
-weight of the UNet trained too, at that lr: not an adapter and not mergeable, but what no adapter can
-exceed in the same steps, so it tells a base that cannot learn the concept from an adapter too small.
-Intervals are paired bootstraps over (concept, seed).
-Rows per slot: the smallest and largest block of rows one concept owns in a target layer.
-Writes docs/results/concept-capacity/{sheet.png, result.json}.
-"""
+Each recipe trains each concept alone (the main job's recipe otherwise, TOY_BASE_TRAIN: lr 5e-3, token
+lr 5e-2, batch 2, its own slot; the recorded runs used 300 steps, the recipe's count then: `--steps
+300`), then samples its prompt ("a large {trigger} star on a … background") with 8 seeds and scores
+image alignment (the identity judge: colours by ring) and shape alignment (the silhouette) against drawn
+reference pictures; beside them the base on the class prompt and the default recipe's trigger embedding
+with no weights. `--full-finetune-lr` adds the default recipe with every weight of the UNet trained too,
+at that lr: not an adapter and not mergeable, but what no adapter can exceed in the same steps, so it
+tells a base that cannot learn the concept from an adapter too small. Intervals are paired bootstraps
+over (concept, seed). Rows per slot: the smallest and largest block of rows one concept owns in a target
+layer. Writes docs/results/concept-capacity/{sheet.png, result.json}. """
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The main job: the whole federated flow on one machine, from an empty cluster to a contact sheet.
 
-    python jobs/main.py [--out outputs/main] [--steps 300] [--keep]
+    python jobs/main.py [--out outputs/main] [--steps 600] [--keep]
 
 Starts a Ray head on 127.0.0.1 (token authentication on), the coordinator and the Serve app (its
 replicas look the coordinator up, and starting it beside the clients' jobs overran Serve's proxy
@@ -210,8 +210,8 @@ def query_subsets(http: httpx.Client, concepts: list[ToyConcept], out: Path, num
     refs = {c.name: reference_pictures(c, REFERENCES, seed=0) for c in concepts}
     eq5 = [{"name": n, "weight": 1 / len(names)} for n in names]
     stages = (("base, class prompt", [], class_prompt), ("each concept alone", None, instance_prompt),
-              (f"all merged, Eq. 5 (α = 1/{len(names)})", eq5, instance_prompt),
-              ("all summed (α = 1)", names, instance_prompt),
+              (f"all merged, Eq. 5 (weights 1/{len(names)})", eq5, instance_prompt),  # the sheet's font has no α
+              ("all summed (weights 1)", names, instance_prompt),
               ("class prompt, all merged by Eq. 5", eq5, class_prompt))
     cells = [(label, c, {"prompt": make_prompt(c, eval_attributes(c, 1)[0]),
                          "concepts": [c.name] if subset is None else subset})

@@ -33,7 +33,7 @@ def test_main_job_report(tmp_path):
         assert subset in asked
     assert all(r["status"] == 200 and r["images"] for r in report["requests"])
     assert all((out / p).exists() for r in report["requests"] for p in r["images"])
-    rows = ["base, class prompt", "each concept alone", "all merged, Eq. 5 (α = 1/2)", "all summed (α = 1)",
+    rows = ["base, class prompt", "each concept alone", "all merged, Eq. 5 (weights 1/2)", "all summed (weights 1)",
             "class prompt, all merged by Eq. 5"]
     assert list(report["identity"]) == rows  # the sheet's rows in five lines, each a judge mean in [-1, 1]
     assert all(-1 <= m[k] <= 1 for m in report["identity"].values() for k in ("image_alignment", "shape_alignment"))
