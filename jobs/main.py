@@ -56,6 +56,7 @@ from devtools.local_cluster import LocalCluster, free_port  # noqa: E402
 
 EXAMPLES = REPO / "examples" / "concepts"
 RAY_PREFIX = re.compile(r"^(\x1b\[[\d;]*m)*\([^)]*\)(\x1b\[[\d;]*m)*\s*")  # "(RayTrainWorker pid=…) ", coloured
+RAY_CORE_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] \w+\.cc:\d+:")  # Ray's C++ logging
 # In-distribution toy concepts (blocklora.toy.concepts), in the order --concepts takes them: two stars
 # first, so the sheet shows whether two concepts of one class word stay apart when merged.
 MAIN_CONCEPTS: tuple[str, ...] = ("ember", "frost", "lagoon", "rosa")
@@ -145,7 +146,8 @@ def newest_line(log: str) -> str:
     """A client job's newest line, without Ray's process prefix: its step progress while it trains
     (`[name] step k/N  loss …  steps/s  ETA …`), else its own messages (reserved, uploading, live)."""
     lines = [RAY_PREFIX.sub("", ln).strip() for ln in log.splitlines()]
-    lines = [ln for ln in lines if ln and "WARNING" not in ln and not ln.startswith(MARKS_LINE)]
+    lines = [ln for ln in lines
+             if ln and "WARNING" not in ln and not ln.startswith(MARKS_LINE) and not RAY_CORE_LOG.match(ln)]
     if not lines:
         return "starting"
     return lines[-1] if len(lines[-1]) <= 110 else lines[-1][:109] + "…"  # its start says whose and what
@@ -294,6 +296,9 @@ def main() -> None:
     timings: dict[str, float] = {}
     stage = Stage(timings, total=7)
     t_start = time.monotonic()
+    print(f"the main job: {len(names)} clients train {train.steps} steps each (what a concept nobody drew needs to "
+          "show alone), then the federation serves every subset; on 2 CPU cores about 8-9 minutes, most of it "
+          "training (docs/results/main-job.md#time)", flush=True)
     report: dict = {"base_model": base, "steps": train.steps, "lr": train.lr, "token_lr": train.token_lr,
                     "guidance": sampling.guidance_scale, "timings_s": timings}
 

@@ -53,7 +53,8 @@ def test_live_view_shows_each_jobs_own_newest_line_from_its_start():
     long = ("[ember] drawing 8 base pictures each of 5 more classes (circle, square, triangle, cross, heart) "
             "for the quiet penalty")
     log = ("reserved slot 0 for 'ember'\n\x1b[36m(RayTrainWorker pid=42)\x1b[0m " + long + "\n"
-           "2026-11-28 05:33:08,236\tWARNING worker.py:1 -- something of Ray's\n" + MARKS_LINE + "{}\n")
+           "2026-11-28 05:33:08,236\tWARNING worker.py:1 -- something of Ray's\n" + MARKS_LINE + "{}\n"
+           "[2026-12-07 19:03:39,623 I 29279 29279] logging.cc:303: Set ray log level from environment variable\n")
     shown = newest_line(log)
     assert shown.startswith("[ember] drawing 8 base pictures each of 5 more classes") and shown.endswith("…"), shown
     assert len(shown) == 110
