@@ -339,3 +339,23 @@ def test_suite_cpu_records_each_phase_and_the_cpu_it_took(prerun):
     assert phases["test_sleeps", "call"][0] >= 0.3 and phases["test_spins", "call"][1] >= 0.25
     assert abs(result["floor_s"] - result["cpu_s"] / result["cores"]) <= 0.1 and 0 < result["busy"]
     assert len(result["modules"]) == 1 and "suite_cpu: " in done.stdout
+
+
+@pytest.mark.slow
+def test_library_scale_quick_uploads_serves_and_checks_every_picture(tmp_path):
+    """The library benchmark end to end on a small library (8 then 24 concepts, 4 clients over HTTP, Ray
+    and Serve on 127.0.0.1): every upload accepted, every request answered, no picture wrong, each cache
+    budget exercised (its evictions counted), and its files written."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.library_scale", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["sizes"] == [8, 24] and [row["concepts"] for row in r["curve"]] == [8, 24]
+    served = [row["serve_full_budget"] for row in r["curve"]] + r["budgets"]
+    assert r["wrong_pictures"] == 0 and all(s["wrong_pictures"] == 0 and s["checked_pictures"] > 0 for s in served)
+    assert all(s["non_200"] == 0 and s["ok"] == s["requests"] > 0 for s in served)
+    assert all(row["upload_per_s"] > 0 for row in r["curve"])
+    by_budget = {b["budget_pct"]: b for b in r["budgets"]}
+    assert by_budget[100]["cache_evictions"] == 0 and by_budget[10]["cache_evictions"] > 0
+    assert {"README.md", "library_scale.png", "results.json"} <= {p.name for p in tmp_path.iterdir()}
