@@ -216,7 +216,9 @@ def test_retention_refuses_an_arm_the_base_cannot_hold_before_training(tmp_path)
 
 
 def gpu_suite_quick(out: Path, run: Runner) -> None:
-    proc = run([sys.executable, "-m", "benchmarks.gpu_suite", "--quick", "--device", "cpu",
+    # the 70 s default guards a GPU lease; here each part runs at idle priority beside the Ray tests (a
+    # CI run timed mixed_bf16 out under the library benchmark's load), and only the structure is checked
+    proc = run([sys.executable, "-m", "benchmarks.gpu_suite", "--quick", "--device", "cpu", "--part-timeout", "600",
                 "--parts", "layer_fp32", "mixed_bf16", "e2e_fp16", "--out", str(out)], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -228,6 +230,7 @@ def test_gpu_suite_quick_writes_json_and_table(prerun):
     _, out = prerun
     suite = json.loads((out / "suite.json").read_text())
     assert suite["quick"] is True and [p["part"] for p in suite["parts"]] == ["layer_fp32", "mixed_bf16", "e2e_fp16"]
+    assert [p.get("error") for p in suite["parts"]] == [None, None, None]  # a failed part says why here
     layer = json.loads((out / "layer_fp32.json").read_text())["result"]
     assert layer["env"]["dtype"] == "float32" and [row["tokens"] for row in layer["rows"]] == [16]
     e2e = json.loads((out / "e2e_fp16.json").read_text())["result"]
