@@ -8,7 +8,9 @@ against fresh reference pictures:
 - base: the bare base on the class prompt ("a large circle on a red background");
 - alone: the concept's prompt ("a large {name} on a red background") with it merged alone;
 - Eq. 5 / sum at N: merged with the next N - 1 concepts of the list (rotating windows, so every
-  concept is scored at every N), α = 1/N (the paper's Eq. 5) and α = 1.
+  concept is scored at every N), α = 1/N (the paper's Eq. 5) and α = 1;
+- alone at 1/N (--diluted): the concept alone at Eq. 5's weight, so the loss under Eq. 5 splits into
+  dilution and neighbours.
 
 Prints JSON (per condition: mean IA with a bootstrap interval over concepts x seeds; alone − base
 and merged / alone paired) and writes result.json and contact_sheet.png under --out.
@@ -77,6 +79,8 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=3, help="random identities trained")
     ap.add_argument("--identity-seed", type=int, default=IDENTITY_SEED)
     ap.add_argument("--ns", type=int, nargs="+", default=[3], help="merge sizes N scored (≤ count)")
+    ap.add_argument("--diluted", type=int, nargs="*", default=[],
+                    help="also score each concept alone at α = 1/N for these N: what Eq. 5 costs without neighbours")
     ap.add_argument("--seeds", type=int, default=4, help="sampling seeds per prompt")
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--steps-sample", type=int, default=20)
@@ -88,7 +92,7 @@ def main() -> None:
     add_flags(ap, AdapterConfig)
     args = ap.parse_args()
     if args.quick:
-        args.base, args.count, args.ns, args.seeds, args.steps_sample = "tiny", 2, [2], 1, 2
+        args.base, args.count, args.ns, args.diluted, args.seeds, args.steps_sample = "tiny", 2, [2], [2], 1, 2
     torch.set_num_threads(args.threads)
     train = from_args(TrainConfig, args, ap, **({"steps": 2, "num_class_images": 1} if args.quick else {}))
     adapter = from_args(AdapterConfig, args, ap)
@@ -130,6 +134,7 @@ def main() -> None:
         plain = class_prompt(c, attrs)
         score("base on class prompt", i, plain, generate(base, plain, gen, args.seeds))
         conds = [("alone", [i], None), ("token only", [i], [0.0])]
+        conds += [(f"alone at 1/{n}", [i], [1 / n]) for n in args.diluted]
         for n in args.ns:
             group = [(i + j) % len(concepts) for j in range(n)]
             conds += [(f"Eq. 5, N = {n}", group, "mean"), (f"sum, N = {n}", group, None)]

@@ -265,10 +265,11 @@ def test_concept_capacity_quick_scores_each_recipe(prerun):
 @pytest.mark.prerun(job=quick_job("identity_check"))
 def test_identity_check_quick_scores_every_condition_with_intervals(prerun):
     """Two random identities trained through `python -m blocklora train`, drawn alone, with only their
-    token, merged by Eq. 5 and by sum, and the class prompt after merging; every mean has an interval."""
+    token, alone at Eq. 5's weight, merged by Eq. 5 and by sum, and the class prompt after merging; every
+    mean has an interval."""
     r, out = prerun
     conds = r["conditions"]
-    assert set(conds) == {"base on class prompt", "alone", "token only", "Eq. 5, N = 2", "sum, N = 2",
+    assert set(conds) == {"base on class prompt", "alone", "token only", "alone at 1/2", "Eq. 5, N = 2", "sum, N = 2",
                           "class prompt, Eq. 5 N = 2"}
     for row in conds.values():
         assert row["ci"][0] <= row["ia"] <= row["ci"][1] and len(row["per_concept"]) == 2
