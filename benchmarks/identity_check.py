@@ -34,7 +34,7 @@ import torch
 
 from benchmarks.common import emit, environment
 from blocklora.config import AdapterConfig, TrainConfig, add_flags, from_args, to_argv
-from blocklora.toy.recipe import TOY_BASE_TRAIN
+from blocklora.toy.recipe import TOY_BASE_ADAPTER, TOY_BASE_TRAIN
 
 IDENTITY_SEED = 20261207  # outside every benchmark's and the judge's identity streams
 
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CI: the tiny base, 2 concepts, 2 training and 2 sampling "
                                                          "steps, 1 seed (structure only)")
     add_flags(ap, TrainConfig, TOY_BASE_TRAIN)  # the main job's recipe unless a flag says otherwise
-    add_flags(ap, AdapterConfig)
+    add_flags(ap, AdapterConfig, TOY_BASE_ADAPTER)
     args = ap.parse_args()
     if args.quick:
         args.base, args.count, args.ns, args.diluted, args.seeds, args.steps_sample = "tiny", 2, [2], [2], 1, 2

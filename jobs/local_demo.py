@@ -26,6 +26,7 @@ from blocklora.pipeline.generate import contact_sheet, generate  # noqa: E402
 from blocklora.pipeline.precision import base_dtype  # noqa: E402
 from blocklora.pipeline.prompts import expand  # noqa: E402
 from blocklora.toy.recipe import (  # noqa: E402
+    TOY_BASE_ADAPTER,
     TOY_BASE_GENERATE,
     TOY_BASE_TRAIN,
     default_base_spec,  # noqa: E402
@@ -43,7 +44,7 @@ def main() -> None:
     ap.add_argument("--slot", type=int, default=0, help="which row block the concept owns")
     ap.add_argument("--out", default="outputs/local")
     add_flags(ap, TrainConfig, TOY_BASE_TRAIN, skip=("resolution",))  # trains at the base's resolution
-    add_flags(ap, AdapterConfig)
+    add_flags(ap, AdapterConfig, TOY_BASE_ADAPTER)
     add_flags(ap, GenerateConfig, TOY_BASE_GENERATE, only=("guidance_scale",))
     args = ap.parse_args()
     adapter = from_args(AdapterConfig, args, ap)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from blocklora.config import GenerateConfig, PrecisionConfig, TrainConfig, add_flags, from_args, to_argv  # noqa: E402
+from blocklora.config import AdapterConfig, GenerateConfig, PrecisionConfig, TrainConfig, add_flags, from_args, to_argv  # noqa: E402
 from blocklora.pipeline.generate import contact_sheet  # noqa: E402
 from blocklora.toy.concepts import (  # noqa: E402
     ToyConcept,
@@ -47,6 +47,7 @@ from blocklora.toy.concepts import (  # noqa: E402
 )
 from blocklora.toy.identity import load_identity_judge  # noqa: E402
 from blocklora.toy.recipe import (  # noqa: E402
+    TOY_BASE_ADAPTER,
     TOY_BASE_GENERATE,
     TOY_BASE_TRAIN,
     default_base_spec,  # noqa: E402
@@ -276,6 +277,7 @@ def main() -> None:
     ap.add_argument("--base-model", default=None, help="default: the project's pretrained toy base (else 'tiny')")
     ap.add_argument("--concepts", type=int, default=3, help="how many bundled example concepts to train")
     add_flags(ap, TrainConfig, TOY_BASE_TRAIN, skip=("resolution",))  # clients train at the base's resolution
+    add_flags(ap, AdapterConfig, TOY_BASE_ADAPTER, only=("num_slots", "erasure"))  # the coordinator hands it out
     add_flags(ap, GenerateConfig, TOY_BASE_GENERATE, only=("guidance_scale",))
     add_flags(ap, PrecisionConfig)  # the coordinator's and the Serve replicas' base
     ap.add_argument("--gen-steps", type=int, default=TOY_BASE_GENERATE.steps,
@@ -285,6 +287,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="leave the cluster, coordinator and HTTP app running")
     args = ap.parse_args()
     train = from_args(TrainConfig, args, ap)
+    adapter = from_args(AdapterConfig, args, ap)
     sampling = from_args(GenerateConfig, args, ap, steps=args.gen_steps)
     precision = to_argv(from_args(PrecisionConfig, args, ap))
 
@@ -310,9 +313,11 @@ def main() -> None:
         port = free_port()
         # side by side: the app's replicas wait for the coordinator's name (it reads the base first), and
         # each script's start-up (imports, Serve's controller and replicas) overlaps the other's
-        with stage(f"start the coordinator (base {base}, 16 slots) and the Serve app on http://127.0.0.1:{port}/v1"):
+        with stage(f"start the coordinator (base {base}, {adapter.num_slots} slots, erasure {adapter.erasure}) and "
+                   f"the Serve app on http://127.0.0.1:{port}/v1"):
             run_side_by_side({
-                "coordinator": [sys.executable, "jobs/start_coordinator.py", "--base-model", base, "--slots", "16",
+                "coordinator": [sys.executable, "jobs/start_coordinator.py", "--base-model", base,
+                                *to_argv(adapter, skip=("blockwise", "freeze_a")),
                                 "--state-dir", str(out / "state"), "--address", cluster.address, *precision],
                 "serve": [sys.executable, "jobs/serve_up.py", "--address", cluster.address, "--port", str(port),
                           *precision]}, cluster.env, out / "logs")

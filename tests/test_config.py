@@ -18,7 +18,7 @@ from blocklora.config import (
     to_argv,
     to_json,
 )
-from blocklora.toy.recipe import TOY_BASE_TRAIN
+from blocklora.toy.recipe import TOY_BASE_ADAPTER, TOY_BASE_TRAIN
 
 CONFIGS = (TrainConfig, AdapterConfig, GenerateConfig, FederationConfig, PretrainConfig)
 
@@ -46,6 +46,7 @@ def test_defaults_round_trip(cls):
 def test_presets_and_every_type_round_trip():
     """A preset's values become the defaults; bools, tuples, floats and strings survive to_argv."""
     assert from_args(TrainConfig, parser(TrainConfig, TOY_BASE_TRAIN).parse_args([])) == TOY_BASE_TRAIN
+    assert from_args(AdapterConfig, parser(AdapterConfig, TOY_BASE_ADAPTER).parse_args([])) == TOY_BASE_ADAPTER
     odd = AdapterConfig(rank=2, num_slots=3, erasure=0.25, unet_targets=("to_q",), text_targets=("q_proj", "v_proj"),
                         blockwise=False, freeze_a="orthogonal")
     assert from_args(AdapterConfig, parser(AdapterConfig).parse_args(to_argv(odd))) == odd

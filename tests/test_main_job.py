@@ -10,15 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from blocklora.method.artifact import ConceptArtifact
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_main_job_report(tmp_path):
     out = tmp_path / "main"
-    # the toy recipe's quiet penalty draws class pictures of every toy shape: 2 each here, not 8
+    # the toy recipe's quiet penalty draws class pictures of every toy shape: 2 each here, not 8; an
+    # erasure rate of neither the library's nor the toy recipe's, to see the flag reach the clients
     proc = subprocess.run([sys.executable, "jobs/main.py", "--out", str(out), "--steps", "3", "--gen-steps", "2",
-                           "--num-images", "1", "--concepts", "2",
+                           "--num-images", "1", "--concepts", "2", "--erasure", "0.25",
                            "--num-class-images", "2"], cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -26,6 +29,8 @@ def test_main_job_report(tmp_path):
     slots = [c["slot"] for c in report["concepts"]]
     assert len(names) == 2 and len(set(slots)) == 2  # two live concepts on disjoint slots, trained concurrently
     assert set(report["jobs"].values()) == {"SUCCEEDED"}
+    kept = [ConceptArtifact.load(p) for p in (out / "state" / "concepts").glob("*.safetensors")]  # after the removal
+    assert [a.meta.adapter.erasure for a in kept] == [0.25]  # the coordinator handed the rate out with the slot
     asked = [sorted((c, 1.0) if isinstance(c, str) else (c["name"], c["weight"]) for c in r["concepts"])
              for r in report["requests"]]
     for subset in ([], *[[(n, 1.0)] for n in names], sorted((n, 1.0) for n in names),
