@@ -300,7 +300,7 @@ def main() -> None:
     stage = Stage(timings, total=7)
     t_start = time.monotonic()
     print(f"the main job: {len(names)} clients train {train.steps} steps each (what a concept nobody drew needs to "
-          "show alone), then the federation serves every subset; on 2 CPU cores about 8-9 minutes, most of it "
+          "show alone), then the federation serves every subset; on 2 CPU cores about 8 minutes, most of it "
           "training (docs/results/main-job.md#time)", flush=True)
     report: dict = {"base_model": base, "steps": train.steps, "lr": train.lr, "token_lr": train.token_lr,
                     "guidance": sampling.guidance_scale, "timings_s": timings}
