@@ -34,7 +34,15 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from blocklora.config import AdapterConfig, GenerateConfig, PrecisionConfig, TrainConfig, add_flags, from_args, to_argv  # noqa: E402
+from blocklora.config import (  # noqa: E402
+    AdapterConfig,
+    GenerateConfig,
+    PrecisionConfig,
+    TrainConfig,
+    add_flags,
+    from_args,
+    to_argv,
+)
 from blocklora.pipeline.generate import contact_sheet  # noqa: E402
 from blocklora.toy.concepts import (  # noqa: E402
     ToyConcept,

@@ -18,10 +18,10 @@ from blocklora.toy.vocabulary import SHAPES
 # at which a concept alone clears +0.20 image alignment over the base, and the best merged picture of the
 # recipes screened (docs/results/identity.md).
 TOY_BASE_TRAIN = TrainConfig(steps=600, lr=5e-3, token_lr=5e-2, quiet_weight=0.1, quiet_classes=SHAPES)
-# Randomized output erasure at λ = 0.3 (the library's default is 0.1): on concepts nobody drew it kept 95%
-# of a concept under an Eq. 5 merge of three against 92% at 0.1, with the concept as strong alone and its
-# trigger token carrying more (docs/results/identity.md). Erasure acts in training only; the federation's
-# coordinator hands it to every client with the slot.
+# Randomized output erasure at λ = 0.3 (the library's default is 0.1): on 15 concepts nobody drew, paired
+# with 0.1, the sum of three keeps +0.029 IA more and Eq. 5 of fifteen +0.009, the concept as strong alone
+# (docs/results/identity.md#fifteen-concepts). Erasure acts in training only; the federation's coordinator
+# hands it to every client with the slot.
 TOY_BASE_ADAPTER = AdapterConfig(erasure=0.3)
 TOY_BASE_GENERATE = GenerateConfig(guidance_scale=2.0)  # at the default 5 the toy base's pictures oversaturate
 

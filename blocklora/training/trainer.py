@@ -73,8 +73,8 @@ class ConceptTrainer:
         groups = [{"params": lora, "lr": train.lr}]
         if train.token_lr > 0:
             groups.append({"params": [t.vectors for t in self.tokens.values()], "lr": train.token_lr})
-        # fused: one kernel over all ~160 small tensors instead of a dozen ops each (on one CPU thread
-        # 49 -> 10 ms a step on one loaded thread: docs/results/main-job.md#time)
+        # fused: one kernel over all ~160 small tensors instead of a dozen ops each (49 -> 10 ms a step on
+        # one loaded CPU thread: docs/results/main-job.md#time)
         self.opt = torch.optim.AdamW(groups, weight_decay=0.0, fused=True)
         self.base.pipe.unet.train()
         for te in base.text_encoders.values():
