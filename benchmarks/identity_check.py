@@ -13,10 +13,12 @@ against fresh reference pictures:
   dilution and neighbours.
 
 Prints JSON (per condition: mean IA with a bootstrap interval over concepts x seeds; alone − base
-and merged / alone paired) and writes result.json and contact_sheet.png under --out.
+and merged / alone paired; every (concept, seed) score, so that `benchmarks.identity_compare` can pair
+two runs) and writes result.json and contact_sheet.png under --out.
 
     python -m benchmarks.identity_check --base models/toy-base --count 3 --ns 3 --out DIR
     python -m benchmarks.identity_check --quick --out DIR     # CI: tiny base, 2 steps (structure only)
+    python -m benchmarks.identity_compare DIR_A DIR_B          # paired: what a change did, same identities
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import emit, environment
+from benchmarks.stats import mean, mean_diff, mean_ratio, paired_bootstrap
 from blocklora.config import AdapterConfig, TrainConfig, add_flags, from_args, to_argv
-from blocklora.toy.recipe import TOY_BASE_ADAPTER, TOY_BASE_TRAIN
+from blocklora.toy.recipe import TOY_BASE_ADAPTER, TOY_BASE_GENERATE, TOY_BASE_TRAIN
 
 IDENTITY_SEED = 20261207  # outside every benchmark's and the judge's identity streams
 
@@ -62,17 +65,6 @@ def train_all(concepts, base: str, adapter: AdapterConfig, train: TrainConfig, w
     return paths
 
 
-def bootstrap(stat, *xs: np.ndarray, draws: int = 2000, seed: int = 0) -> list[float]:
-    """95% interval of `stat` over (concepts, seeds) arrays resampled together: concepts, then seeds."""
-    rng = np.random.default_rng(seed)
-    c, s = xs[0].shape
-    values = []
-    for _ in range(draws):
-        ci, si = rng.integers(0, c, c), rng.integers(0, s, s)
-        values.append(stat(*(x[ci][:, si] for x in xs)))
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", default="models/toy-base")
@@ -82,7 +74,7 @@ def main() -> None:
     ap.add_argument("--diluted", type=int, nargs="*", default=[],
                     help="also score each concept alone at α = 1/N for these N: what Eq. 5 costs without neighbours")
     ap.add_argument("--seeds", type=int, default=4, help="sampling seeds per prompt")
-    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--guidance", type=float, default=TOY_BASE_GENERATE.guidance_scale)
     ap.add_argument("--steps-sample", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
@@ -153,13 +145,15 @@ def main() -> None:
               "adapter": to_argv(adapter), "seeds": args.seeds, "guidance": args.guidance,
               "train_seconds": train_s, "conditions": {}}
     for cond, x in ia.items():
-        row = {"ia": float(x.mean()), "ci": bootstrap(np.mean, x), "per_concept": x.mean(1).round(4).tolist()}
+        ci = paired_bootstrap([x], mean)
+        row = {"ia": ci.estimate, "ci": [ci.low, ci.high], "per_concept": x.mean(1).round(4).tolist(),
+               "per_seed": x.round(4).tolist()}
         if cond == "alone":
-            d = x - ia["base on class prompt"]
-            row["gain_over_base"], row["gain_ci"] = float(d.mean()), bootstrap(np.mean, d)
+            gain = paired_bootstrap([x, ia["base on class prompt"]], mean_diff)
+            row["gain_over_base"], row["gain_ci"] = gain.estimate, [gain.low, gain.high]
         elif cond != "base on class prompt":
-            row["kept"] = float(x.mean() / alone.mean())
-            row["kept_ci"] = bootstrap(lambda m, a: m.mean() / a.mean(), x, alone, seed=1)
+            kept = paired_bootstrap([x, alone], mean_ratio, seed=1)
+            row["kept"], row["kept_ci"] = kept.estimate, [kept.low, kept.high]
         result["conditions"][cond] = row
     (args.out / "result.json").write_text(json.dumps(result, indent=1))
     rows = [("training pictures", [im for c in concepts[:6] for im in training_pictures(c)[:1]])]

@@ -311,7 +311,8 @@ def main() -> None:
           "show alone), then the federation serves every subset; on 2 CPU cores about 8 minutes, most of it "
           "training (docs/results/main-job.md#time)", flush=True)
     report: dict = {"base_model": base, "steps": train.steps, "lr": train.lr, "token_lr": train.token_lr,
-                    "guidance": sampling.guidance_scale, "timings_s": timings}
+                    "slots": adapter.num_slots, "erasure": adapter.erasure, "guidance": sampling.guidance_scale,
+                    "timings_s": timings}
 
     with stage("start a Ray head on 127.0.0.1 (token auth on)"):
         cluster = LocalCluster(num_cpus=args.num_cpus, auth_token_path=out / "state" / "ray_auth_token",

@@ -261,8 +261,11 @@ def test_concept_capacity_quick_scores_each_recipe(prerun):
     assert (folder / "out" / "sheet.png").exists()
 
 
+IDENTITY_QUICK = quick_job("identity_check")  # one run, read by the two tests below
+
+
 @pytest.mark.slow
-@pytest.mark.prerun(job=quick_job("identity_check"))
+@pytest.mark.prerun(job=IDENTITY_QUICK)
 def test_identity_check_quick_scores_every_condition_with_intervals(prerun):
     """Two random identities trained through `python -m blocklora train`, drawn alone, with only their
     token, alone at Eq. 5's weight, merged by Eq. 5 and by sum, and the class prompt after merging; every
@@ -275,7 +278,30 @@ def test_identity_check_quick_scores_every_condition_with_intervals(prerun):
         assert row["ci"][0] <= row["ia"] <= row["ci"][1] and len(row["per_concept"]) == 2
     assert conds["alone"]["gain_ci"][0] <= conds["alone"]["gain_over_base"] <= conds["alone"]["gain_ci"][1]
     assert all("kept" in row for cond, row in conds.items() if cond not in ("alone", "base on class prompt"))
+    assert all(len(row["per_seed"]) == 2 and len(row["per_seed"][0]) == r["seeds"] for row in conds.values())
     assert len(r["identities"]) == 2 and (out / "contact_sheet.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.prerun(job=IDENTITY_QUICK)
+def test_identity_compare_pairs_runs_of_the_same_identities_only(prerun, tmp_path):
+    """A run paired with itself differs by exactly 0 in every condition; a run of other identities is
+    refused by name, since its pictures pair with nothing."""
+    _, out = prerun
+    compare = [sys.executable, "-m", "benchmarks.identity_compare", str(out)]
+    same = subprocess.run([*compare, str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert same.returncode == 0, same.stderr[-3000:]
+    result = json.loads(same.stdout.strip().splitlines()[-1])
+    assert result["paired_over"] == "concepts x seeds"
+    rows = result["minus_first"][str(out)]
+    assert set(rows) == set(json.loads((out / "result.json").read_text())["conditions"])
+    assert all(v == [0.0, 0.0, 0.0] for row in rows.values() for v in row.values())
+    assert rows["alone"]["gain_over_base"] == [0.0, 0.0, 0.0] and "kept" in rows["Eq. 5, N = 2"]
+    other = json.loads((out / "result.json").read_text())
+    other["identities"][0]["outline"] = "a colour nobody drew"
+    (tmp_path / "result.json").write_text(json.dumps(other))
+    refused = subprocess.run([*compare, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and "scored other identities or seeds" in refused.stderr
 
 
 BASE = ROOT / "models" / "toy-base"

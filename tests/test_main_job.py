@@ -31,6 +31,7 @@ def test_main_job_report(tmp_path):
     assert set(report["jobs"].values()) == {"SUCCEEDED"}
     kept = [ConceptArtifact.load(p) for p in (out / "state" / "concepts").glob("*.safetensors")]  # after the removal
     assert [a.meta.adapter.erasure for a in kept] == [0.25]  # the coordinator handed the rate out with the slot
+    assert report["erasure"] == 0.25 and report["slots"] == 16
     asked = [sorted((c, 1.0) if isinstance(c, str) else (c["name"], c["weight"]) for c in r["concepts"])
              for r in report["requests"]]
     for subset in ([], *[[(n, 1.0)] for n in names], sorted((n, 1.0) for n in names),
