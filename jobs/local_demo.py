@@ -1,6 +1,6 @@
 """Single-process quickstart (no Ray): train one bundled example concept, merge it, generate.
 
-    python jobs/local_demo.py --concept chelsea --out outputs/local [--steps 600] [--guidance 2]
+    python jobs/local_demo.py --concept chelsea --out outputs/local [--steps 600] [--guidance 4]
 
 Training and sampling start from the settings measured on the pretrained toy base (blocklora/toy/recipe.py:
 TOY_BASE_TRAIN / TOY_BASE_GENERATE); every TrainConfig and AdapterConfig field has a flag.
