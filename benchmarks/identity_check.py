@@ -17,6 +17,7 @@ and merged / alone paired; every (concept, seed) score, so that `benchmarks.iden
 two runs) and writes result.json and contact_sheet.png under --out.
 
     python -m benchmarks.identity_check --base models/toy-base --count 3 --ns 3 --out DIR
+    python -m benchmarks.identity_check --named ember frost lagoon --ns 3 --out DIR   # the main job's three
     python -m benchmarks.identity_check --quick --out DIR     # CI: tiny base, 2 steps (structure only)
     python -m benchmarks.identity_compare DIR_A DIR_B          # paired: what a change did, same identities
 """
@@ -70,6 +71,9 @@ def main() -> None:
     ap.add_argument("--base", default="models/toy-base")
     ap.add_argument("--count", type=int, default=3, help="random identities trained")
     ap.add_argument("--identity-seed", type=int, default=IDENTITY_SEED)
+    ap.add_argument("--named", nargs="+", default=None, metavar="NAME",
+                    help="these concepts of blocklora.toy.concepts.CONCEPTS instead of --count random identities "
+                         "(e.g. the main job's: ember frost lagoon)")
     ap.add_argument("--ns", type=int, nargs="+", default=[3], help="merge sizes N scored (≤ count)")
     ap.add_argument("--diluted", type=int, nargs="*", default=[],
                     help="also score each concept alone at α = 1/N for these N: what Eq. 5 costs without neighbours")
@@ -96,6 +100,7 @@ def main() -> None:
     from blocklora.pipeline.generate import contact_sheet, generate
     from blocklora.pipeline.prompts import expand
     from blocklora.toy.concepts import (
+        CONCEPTS,
         class_prompt,
         eval_attributes,
         instance_prompt,
@@ -104,7 +109,16 @@ def main() -> None:
     )
     from blocklora.toy.identity import load_identity_judge, random_identities
 
-    concepts = random_identities(args.count, args.identity_seed)
+    if args.named:
+        known = {c.name: c for c in CONCEPTS}
+        unknown = [n for n in args.named if n not in known]
+        if unknown:
+            ap.error(f"--named: no concept(s) {unknown} in blocklora.toy.concepts.CONCEPTS ({', '.join(known)})")
+        concepts = [known[n] for n in args.named]
+    else:
+        concepts = random_identities(args.count, args.identity_seed)
+    if max(args.ns) > len(concepts):
+        ap.error(f"--ns up to {max(args.ns)}: larger than the {len(concepts)} concepts scored")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     arts = [ConceptArtifact.load(p) for p in train_all(concepts, args.base, adapter, train, args.out)]

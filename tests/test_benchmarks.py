@@ -282,6 +282,19 @@ def test_identity_check_quick_scores_every_condition_with_intervals(prerun):
     assert len(r["identities"]) == 2 and (out / "contact_sheet.png").is_file()
 
 
+def test_identity_check_refuses_unknown_named_concepts_and_merges_larger_than_its_set(tmp_path):
+    """Bad --named / --ns are refused by name before anything trains or writes."""
+    check = [sys.executable, "-m", "benchmarks.identity_check", "--out", str(tmp_path / "out")]
+    def run(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*check, *flags], cwd=ROOT, capture_output=True, text=True)
+
+    unknown = run("--named", "ember", "nobody")
+    assert unknown.returncode == 2 and "no concept(s) ['nobody']" in unknown.stderr
+    too_many = run("--named", "ember", "frost", "--ns", "3")
+    assert too_many.returncode == 2 and "larger than the 2 concepts scored" in too_many.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.prerun(job=IDENTITY_QUICK)
 def test_identity_compare_pairs_runs_of_the_same_identities_only(prerun, tmp_path):
