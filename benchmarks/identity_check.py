@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--named", nargs="+", default=None, metavar="NAME",
                     help="these concepts of blocklora.toy.concepts.CONCEPTS instead of --count random identities "
                          "(e.g. the main job's: ember frost lagoon)")
-    ap.add_argument("--ns", type=int, nargs="+", default=[3], help="merge sizes N scored (≤ count)")
+    ap.add_argument("--ns", type=int, nargs="+", default=[3], help="merge sizes N scored (≤ the concepts scored)")
     ap.add_argument("--diluted", type=int, nargs="*", default=[],
                     help="also score each concept alone at α = 1/N for these N: what Eq. 5 costs without neighbours")
     ap.add_argument("--seeds", type=int, default=4, help="sampling seeds per prompt")
