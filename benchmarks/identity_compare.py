@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -45,20 +46,22 @@ def interval(i: Interval) -> list[float]:
     return [round(i.estimate, 4), round(i.low, 4), round(i.high, 4)]
 
 
+def moved(stat: Callable, first: dict, other: dict, cond: str, ref: str, per_seed: bool, seed: int = 0) -> list[float]:
+    """How far `stat(condition, reference condition)` moved from the first run to the other, paired."""
+    arrays = [scores(r, c, per_seed) for r in (other, first) for c in (cond, ref)]
+    return interval(paired_bootstrap(arrays, lambda x, y, z, w: stat(x, y) - stat(z, w), seed=seed))
+
+
 def compare(first: dict, other: dict, per_seed: bool) -> dict[str, dict[str, list[float]]]:
     """Per condition both runs scored: `other` minus `first`, paired."""
     out: dict[str, dict[str, list[float]]] = {}
     for cond in [c for c in first["conditions"] if c in other["conditions"]]:
-        a, b = scores(first, cond, per_seed), scores(other, cond, per_seed)
-        row = {"ia": interval(paired_bootstrap([b, a], mean_diff))}
+        row = {"ia": interval(paired_bootstrap([scores(other, cond, per_seed), scores(first, cond, per_seed)],
+                                               mean_diff))}
         if cond == ALONE:
-            base_a, base_b = scores(first, BASE, per_seed), scores(other, BASE, per_seed)
-            row["gain_over_base"] = interval(paired_bootstrap(
-                [b, base_b, a, base_a], lambda x, y, z, w: mean_diff(x, y) - mean_diff(z, w)))
+            row["gain_over_base"] = moved(mean_diff, first, other, cond, BASE, per_seed)
         elif cond != BASE:
-            alone_a, alone_b = scores(first, ALONE, per_seed), scores(other, ALONE, per_seed)
-            row["kept"] = interval(paired_bootstrap(
-                [b, alone_b, a, alone_a], lambda x, y, z, w: mean_ratio(x, y) - mean_ratio(z, w), seed=1))
+            row["kept"] = moved(mean_ratio, first, other, cond, ALONE, per_seed, seed=1)
         out[cond] = row
     return out
 
