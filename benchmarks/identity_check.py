@@ -6,15 +6,20 @@ generate` draws (LiveMerge of the artifacts, then the pipeline), scored by the i
 against fresh reference pictures:
 
 - base: the bare base on the class prompt ("a large circle on a red background");
+- drawn, VAE round trip: fresh drawn pictures of the concept as that prompt asks for it, encoded and
+  decoded by the base's VAE: the most any generated picture can score, so "alone" reads against it;
 - alone: the concept's prompt ("a large {name} on a red background") with it merged alone;
+- alone, training background: the same on the background of its first training picture: a concept
+  that scores well here and not on the unseen background above has learned its pictures, not itself;
 - Eq. 5 / sum at N: merged with the next N - 1 concepts of the list (rotating windows, so every
   concept is scored at every N), α = 1/N (the paper's Eq. 5) and α = 1;
 - alone at 1/N (--diluted): the concept alone at Eq. 5's weight, so the loss under Eq. 5 splits into
   dilution and neighbours.
 
-Prints JSON (per condition: mean IA with a bootstrap interval over concepts x seeds; alone − base
-and merged / alone paired; every (concept, seed) score, so that `benchmarks.identity_compare` can pair
-two runs) and writes result.json and contact_sheet.png under --out.
+Prints JSON (per condition: mean IA with a bootstrap interval over concepts x seeds; alone − base,
+its share of the attainable gain (drawn − base) and merged / alone paired; every (concept, seed)
+score, so that `benchmarks.identity_compare` can pair two runs) and writes result.json and
+contact_sheet.png under --out.
 
     python -m benchmarks.identity_check --base models/toy-base --count 3 --ns 3 --out DIR
     python -m benchmarks.identity_check --named ember frost lagoon --ns 3 --out DIR   # the main job's three
@@ -41,6 +46,13 @@ from blocklora.config import AdapterConfig, TrainConfig, add_flags, from_args, t
 from blocklora.toy.recipe import TOY_BASE_ADAPTER, TOY_BASE_GENERATE, TOY_BASE_TRAIN
 
 IDENTITY_SEED = 20261207  # outside every benchmark's and the judge's identity streams
+BASE, ALONE, DRAWN = "base on class prompt", "alone", "drawn, VAE round trip"  # what other conditions read against
+
+
+def share_of_attainable(alone: np.ndarray, base: np.ndarray, drawn: np.ndarray) -> float | np.ndarray:
+    """(alone − base) / (drawn − base) over the last two axes: how much of what a perfect concept would
+    add over the bare base this one adds."""
+    return mean_diff(alone, base) / mean_diff(drawn, base)
 
 
 def train_all(concepts, base: str, adapter: AdapterConfig, train: TrainConfig, work: Path) -> list[Path]:
@@ -97,15 +109,17 @@ def main() -> None:
     from blocklora.method.artifact import ConceptArtifact
     from blocklora.method.merge import LiveMerge
     from blocklora.pipeline.base import load_base
-    from blocklora.pipeline.generate import contact_sheet, generate
+    from blocklora.pipeline.generate import contact_sheet, generate, vae_roundtrip
     from blocklora.pipeline.prompts import expand
     from blocklora.toy.concepts import (
         CONCEPTS,
         class_prompt,
+        drawn_pictures,
         eval_attributes,
         instance_prompt,
         reference_pictures,
         training_pictures,
+        training_samples,
     )
     from blocklora.toy.identity import load_identity_judge, random_identities
 
@@ -138,8 +152,12 @@ def main() -> None:
         attrs = eval_attributes(c, 1)[0]
         merge.set([])
         plain = class_prompt(c, attrs)
-        score("base on class prompt", i, plain, generate(base, plain, gen, args.seeds))
-        conds = [("alone", [i], None), ("token only", [i], [0.0])]
+        score(BASE, i, plain, generate(base, plain, gen, args.seeds))
+        score(DRAWN, i, plain, vae_roundtrip(base, drawn_pictures(c, attrs, args.seeds)))
+        merge.set([arts[i]])
+        seen = instance_prompt(c, training_samples(c)[0].attributes)
+        score("alone, training background", i, seen, generate(base, expand(seen, merge.phrases()), gen, args.seeds))
+        conds = [(ALONE, [i], None), ("token only", [i], [0.0])]
         conds += [(f"alone at 1/{n}", [i], [1 / n]) for n in args.diluted]
         for n in args.ns:
             group = [(i + j) % len(concepts) for j in range(n)]
@@ -153,7 +171,7 @@ def main() -> None:
         score(f"class prompt, Eq. 5 N = {n}", i, plain, generate(base, plain, gen, args.seeds))
         print(f"scored {c.name}: " + ", ".join(f"{k} {v[i].mean():.3f}" for k, v in ia.items()), flush=True)
 
-    alone = ia["alone"]
+    alone = ia[ALONE]
     result = {"benchmark": "identity_check", "quick": args.quick, "env": environment("cpu", torch.float32),
               "base": args.base, "identities": [c.__dict__ for c in concepts], "train": to_argv(train),
               "adapter": to_argv(adapter), "seeds": args.seeds, "guidance": args.guidance,
@@ -162,10 +180,13 @@ def main() -> None:
         ci = paired_bootstrap([x], mean)
         row = {"ia": ci.estimate, "ci": [ci.low, ci.high], "per_concept": x.mean(1).round(4).tolist(),
                "per_seed": x.round(4).tolist()}
-        if cond == "alone":
-            gain = paired_bootstrap([x, ia["base on class prompt"]], mean_diff)
+        if cond in (ALONE, DRAWN):
+            gain = paired_bootstrap([x, ia[BASE]], mean_diff)
             row["gain_over_base"], row["gain_ci"] = gain.estimate, [gain.low, gain.high]
-        elif cond != "base on class prompt":
+        if cond == ALONE:
+            share = paired_bootstrap([x, ia[BASE], ia[DRAWN]], share_of_attainable)
+            row["share_of_attainable"], row["share_ci"] = share.estimate, [share.low, share.high]
+        elif cond not in (BASE, DRAWN):
             kept = paired_bootstrap([x, alone], mean_ratio, seed=1)
             row["kept"], row["kept_ci"] = kept.estimate, [kept.low, kept.high]
         result["conditions"][cond] = row

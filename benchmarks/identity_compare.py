@@ -3,9 +3,9 @@
 Runs of the same identities with the same sampling seeds (one recipe or sampling setting changed) score
 the same prompts from the same noise, so each of their conditions pairs cell by cell. Per condition
 scored in the first run and in another: that run's IA minus the first's, the change in what a merge keeps
-(merged / alone), and for "alone" the change in its gain over the bare base, each with a paired bootstrap
-(`benchmarks.stats`: concepts, then seeds within a concept). Runs written before identity_check kept
-every seed's score pair over concepts only, and say so.
+(merged / alone), and for "alone" and the drawn ceiling the change in the gain over the bare base, each
+with a paired bootstrap (`benchmarks.stats`: concepts, then seeds within a concept). Runs written before
+identity_check kept every seed's score pair over concepts only, and say so.
 
     python -m benchmarks.identity_compare docs/results/identity/n15-erasure-0.1 docs/results/identity/n15-erasure-0.3
 """
@@ -20,9 +20,8 @@ from typing import Callable
 import numpy as np
 
 from benchmarks.common import emit
+from benchmarks.identity_check import ALONE, BASE, DRAWN
 from benchmarks.stats import Interval, mean_diff, mean_ratio, paired_bootstrap
-
-BASE, ALONE = "base on class prompt", "alone"
 
 
 def load(run: Path) -> dict:
@@ -58,7 +57,7 @@ def compare(first: dict, other: dict, per_seed: bool) -> dict[str, dict[str, lis
     for cond in [c for c in first["conditions"] if c in other["conditions"]]:
         row = {"ia": interval(paired_bootstrap([scores(other, cond, per_seed), scores(first, cond, per_seed)],
                                                mean_diff))}
-        if cond == ALONE:
+        if cond in (ALONE, DRAWN):
             row["gain_over_base"] = moved(mean_diff, first, other, cond, BASE, per_seed)
         elif cond != BASE:
             row["kept"] = moved(mean_ratio, first, other, cond, ALONE, per_seed, seed=1)

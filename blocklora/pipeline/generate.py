@@ -19,6 +19,16 @@ def generate(base: Base, prompt: str, cfg: GenerateConfig = GenerateConfig(), nu
     return out.images
 
 
+@torch.no_grad()
+def vae_roundtrip(base: Base, images: list[Image.Image]) -> list[Image.Image]:
+    """The pictures encoded and decoded by the base's VAE: what any picture the base decodes can keep of
+    them at best, so a judge's score of these is the ceiling of a generated picture's score."""
+    vae = base.pipe.vae
+    x = base.pipe.image_processor.preprocess(images).to(vae.device, vae.dtype)  # [-1, 1], as the VAE trained
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return base.pipe.image_processor.postprocess(y, output_type="pil")
+
+
 def contact_sheet(rows: list[tuple[str, list[Image.Image]]], cell: int = 128,
                   notes: list[list[str]] | None = None, columns: list[str] | None = None) -> Image.Image:
     """One labelled row per entry; images upscaled (nearest) to `cell` pixels so tiny ones are visible.

@@ -164,6 +164,12 @@ def heldout_picture(c: ToyConcept) -> Image.Image:
     return heldout_sample(c).image
 
 
+def drawn_pictures(c: ToyConcept, attrs: Attributes, count: int) -> list[Image.Image]:
+    """Fresh pictures of the concept as a prompt with `attrs` asks for it, in a stream of their own:
+    what a model that had learned the concept perfectly would draw for that prompt."""
+    return [draw_picture(c, _rng(c, "drawn", k), attrs.size, attrs.background).image for k in range(count)]
+
+
 def reference_pictures(c: ToyConcept, count: int, seed: int = 0) -> list[Image.Image]:
     """Fresh pictures of the concept, disjoint from the training stream: image alignment's references."""
     return [draw_picture(c, _rng(c, f"reference-{seed}", k)).image for k in range(count)]
