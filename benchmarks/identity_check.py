@@ -9,8 +9,6 @@ against fresh reference pictures:
 - drawn, VAE round trip: fresh drawn pictures of the concept as that prompt asks for it, encoded and
   decoded by the base's VAE: the most any generated picture can score, so "alone" reads against it;
 - alone: the concept's prompt ("a large {name} on a red background") with it merged alone;
-- alone, training background: the same on the background of its first training picture: a concept
-  that scores well here and not on the unseen background above has learned its pictures, not itself;
 - Eq. 5 / sum at N: merged with the next N - 1 concepts of the list (rotating windows, so every
   concept is scored at every N), α = 1/N (the paper's Eq. 5) and α = 1;
 - alone at 1/N (--diluted): the concept alone at Eq. 5's weight, so the loss under Eq. 5 splits into
@@ -119,7 +117,6 @@ def main() -> None:
         instance_prompt,
         reference_pictures,
         training_pictures,
-        training_samples,
     )
     from blocklora.toy.identity import load_identity_judge, random_identities
 
@@ -154,9 +151,6 @@ def main() -> None:
         plain = class_prompt(c, attrs)
         score(BASE, i, plain, generate(base, plain, gen, args.seeds))
         score(DRAWN, i, plain, vae_roundtrip(base, drawn_pictures(c, attrs, args.seeds)))
-        merge.set([arts[i]])
-        seen = instance_prompt(c, training_samples(c)[0].attributes)
-        score("alone, training background", i, seen, generate(base, expand(seen, merge.phrases()), gen, args.seeds))
         conds = [(ALONE, [i], None), ("token only", [i], [0.0])]
         conds += [(f"alone at 1/{n}", [i], [1 / n]) for n in args.diluted]
         for n in args.ns:

@@ -99,7 +99,8 @@ def class_prompt(c: ToyConcept, attrs: Attributes) -> str:
 
 def eval_attributes(c: ToyConcept, count: int) -> list[Attributes]:
     """`count` evaluation prompts' attributes: large first, backgrounds cycling through the free colours
-    from the far end, so the first ones differ from the training pictures' backgrounds."""
+    from the far end. A concept of four colours has four free ones and its training pictures show all
+    four, so these backgrounds are seen ones: what is asked of the concept is itself, not a new scene."""
     free = c.backgrounds[::-1]
     return [Attributes("large" if k % 3 != 2 else "small", free[k % len(free)]) for k in range(count)]
 
