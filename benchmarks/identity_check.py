@@ -7,7 +7,7 @@ against fresh reference pictures:
 
 - base: the bare base on the class prompt ("a large circle on a red background");
 - drawn, VAE round trip: fresh drawn pictures of the concept as that prompt asks for it, encoded and
-  decoded by the base's VAE: the most any generated picture can score, so "alone" reads against it;
+  decoded by the base's VAE: what a perfectly learned concept would score, so "alone" reads against it;
 - alone: the concept's prompt ("a large {name} on a red background") with it merged alone;
 - Eq. 5 / sum at N: merged with the next N - 1 concepts of the list (rotating windows, so every
   concept is scored at every N), α = 1/N (the paper's Eq. 5) and α = 1;

@@ -21,8 +21,8 @@ def generate(base: Base, prompt: str, cfg: GenerateConfig = GenerateConfig(), nu
 
 @torch.no_grad()
 def vae_roundtrip(base: Base, images: list[Image.Image]) -> list[Image.Image]:
-    """The pictures encoded and decoded by the base's VAE: what any picture the base decodes can keep of
-    them at best, so a judge's score of these is the ceiling of a generated picture's score."""
+    """The pictures encoded and decoded by the base's VAE: what a base that had learned them perfectly
+    would still lose in its decoder, so a judge's score of these is a generated picture's practical ceiling."""
     vae = base.pipe.vae
     x = base.pipe.image_processor.preprocess(images).to(vae.device, vae.dtype)  # [-1, 1], as the VAE trained
     y = vae.decode(vae.encode(x).latent_dist.mean).sample
